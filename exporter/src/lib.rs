@@ -1,0 +1,19 @@
+//! Kestrel's exporter: the ONNX format (protobuf types, read/write, a graph builder, shape
+//! inference), the GELAN / YOLOv9 model family as data, ONNX export from a spec plus weights, and
+//! model inspection (parameters, FLOPs, operators).
+
+pub mod builder;
+pub mod error;
+pub mod export;
+pub mod inspect;
+pub mod onnx;
+pub mod shapes;
+pub mod spec;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use export::{ExportOptions, INPUT_NAME, OUTPUT_NAME, export};
+pub use inspect::{ModelSummary, summarize};
+pub use onnx::{pb, read_model, write_model};
+pub use spec::{Activation, ModelConfig, ModelSpec};
+pub use weights::{WeightFile, WeightSource};

@@ -1,0 +1,398 @@
+//! The engine abstraction every backend implements: build an engine from ONNX for a backend,
+//! precision and batch profile; run batches.
+//!
+//! Front ends (CLI, service, GStreamer) only see [`Engine`] and [`EngineInfo`], never a backend type.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use kestrel_exporter::onnx::{decode_model, pb};
+use kestrel_exporter::shapes::Dim;
+
+use crate::error::{Error, Result};
+
+/// Where an engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// tract-onnx on the CPU: the embedded default, needs nothing installed.
+    Cpu,
+}
+
+impl Backend {
+    /// Backends compiled into this build.
+    pub const AVAILABLE: [Backend; 1] = [Backend::Cpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Backend::Cpu),
+            "cuda" | "tensorrt" => Err(Error::InvalidArgument(format!(
+                "backend '{s}' is not part of this build yet; available backends: cpu"
+            ))),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown backend '{s}'; available backends: cpu"
+            ))),
+        }
+    }
+}
+
+/// Numeric precision an engine is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    Fp32,
+    Fp16,
+    Int8,
+    /// INT8 where the graph has Q/DQ, FP16 elsewhere.
+    Best,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Best => "best",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "fp16" => Ok(Precision::Fp16),
+            "int8" => Ok(Precision::Int8),
+            "best" => Ok(Precision::Best),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown precision '{s}'; give fp32, fp16, int8 or best"
+            ))),
+        }
+    }
+}
+
+/// The batch sizes an engine accepts: `min ≤ opt ≤ max` images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BatchProfile {
+    pub min: usize,
+    pub opt: usize,
+    pub max: usize,
+}
+
+impl BatchProfile {
+    /// Exactly `n` images.
+    pub fn fixed(n: usize) -> Self {
+        Self {
+            min: n,
+            opt: n,
+            max: n,
+        }
+    }
+
+    /// Whether `n` images fit the profile.
+    pub fn contains(&self, n: usize) -> bool {
+        (self.min..=self.max).contains(&n)
+    }
+}
+
+impl fmt::Display for BatchProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.min, self.opt, self.max)
+    }
+}
+
+impl FromStr for BatchProfile {
+    type Err = Error;
+    /// `N` (1:N:N) or `MIN:OPT:MAX`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "batch profile '{s}' is not N or MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (e.g. 1:8:32)"
+            ))
+        };
+        let parts: Vec<usize> = s
+            .split(':')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad())?;
+        let p = match parts.as_slice() {
+            [n] => Self {
+                min: 1,
+                opt: *n,
+                max: *n,
+            },
+            [a, b, c] => Self {
+                min: *a,
+                opt: *b,
+                max: *c,
+            },
+            _ => return Err(bad()),
+        };
+        if p.min == 0 || p.min > p.opt || p.opt > p.max {
+            return Err(bad());
+        }
+        Ok(p)
+    }
+}
+
+/// How to build an engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOptions {
+    pub backend: Backend,
+    pub precision: Precision,
+    pub profile: BatchProfile,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Cpu,
+            precision: Precision::Fp32,
+            profile: BatchProfile {
+                min: 1,
+                opt: 1,
+                max: 32,
+            },
+        }
+    }
+}
+
+/// What a caller needs to know about a built engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineInfo {
+    /// Model name from the ONNX metadata (or the file stem).
+    pub model_name: String,
+    pub backend: Backend,
+    pub precision: Precision,
+    pub profile: BatchProfile,
+    pub input_name: String,
+    /// Input height and width in pixels.
+    pub input_hw: [usize; 2],
+    pub output_name: String,
+    /// Rows of `output0`: 4 + classes (+ mask coefficients).
+    pub output_channels: usize,
+    /// Columns of `output0`.
+    pub anchors: usize,
+    pub num_classes: usize,
+    pub class_names: Vec<String>,
+}
+
+impl EngineInfo {
+    /// Values of one image's input (3 × H × W).
+    pub fn input_len(&self) -> usize {
+        3 * self.input_hw[0] * self.input_hw[1]
+    }
+
+    /// Values of one image's `output0` (channels × anchors).
+    pub fn output_len(&self) -> usize {
+        self.output_channels * self.anchors
+    }
+}
+
+/// A built engine. `run` takes `batch` letterboxed images, NCHW float32 in [0, 1], and returns
+/// `output0` for them, `[batch, channels, anchors]` row-major. The returned slice lives in the
+/// engine's own buffer until the next call.
+pub trait Engine: Send {
+    fn info(&self) -> &EngineInfo;
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]>;
+}
+
+/// The model facts the runtime reads from an ONNX file before handing it to a backend: checks that
+/// the model is a detector Kestrel understands, with a message naming the problem otherwise.
+pub fn describe_model(
+    model: &pb::ModelProto,
+    path: &Path,
+    options: &BuildOptions,
+) -> Result<EngineInfo> {
+    let err = |message: String| Error::Model {
+        path: path.to_path_buf(),
+        message,
+    };
+    let graph = model.graph();
+    let inits: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<&pb::ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !inits.contains(i.name.as_str()))
+        .collect();
+    let [input] = inputs.as_slice() else {
+        return Err(err(format!(
+            "the model has {} inputs; Kestrel runs detectors with one image input [batch, 3, H, W]",
+            inputs.len()
+        )));
+    };
+    let (elem, dims) = input
+        .tensor_shape()
+        .ok_or_else(|| err(format!("input '{}' has no tensor shape", input.name)))?;
+    if elem != pb::data_type::FLOAT {
+        return Err(err(format!(
+            "input '{}' is not float32; export the model with a float32 image input",
+            input.name
+        )));
+    }
+    if dims.len() != 4 {
+        return Err(err(format!(
+            "input '{}' has rank {} but an image input must be [batch, 3, H, W]",
+            input.name,
+            dims.len()
+        )));
+    }
+    if dims[1] != Dim::Fixed(3) {
+        return Err(err(format!(
+            "input '{}' has {} channels but Kestrel feeds RGB images (3 channels)",
+            input.name, dims[1]
+        )));
+    }
+    let (Some(h), Some(w)) = (dims[2].fixed(), dims[3].fixed()) else {
+        return Err(err(format!(
+            "input '{}' has a dynamic height or width; export with a fixed --imgsz",
+            input.name
+        )));
+    };
+    if let Dim::Fixed(b) = dims[0] {
+        let b = b as usize;
+        if options.profile.min != b || options.profile.max != b {
+            return Err(err(format!(
+                "the model has a fixed batch of {b}; build with --batch {b}:{b}:{b} or export with --dynamic"
+            )));
+        }
+    }
+    let output = graph
+        .output
+        .first()
+        .ok_or_else(|| err("the model has no outputs".into()))?;
+    let (_, odims) = output
+        .tensor_shape()
+        .ok_or_else(|| err(format!("output '{}' has no tensor shape", output.name)))?;
+    let (Some(channels), Some(anchors)) = (
+        odims.get(1).and_then(Dim::fixed),
+        odims.get(2).and_then(Dim::fixed),
+    ) else {
+        return Err(err(format!(
+            "output '{}' is not [batch, 4 + classes, anchors]; export a YOLOv9/GELAN detector",
+            output.name
+        )));
+    };
+    if odims.len() != 3 || channels < 5 {
+        return Err(err(format!(
+            "output '{}' is not [batch, 4 + classes, anchors]; export a YOLOv9/GELAN detector",
+            output.name
+        )));
+    }
+    let names: Option<Vec<String>> = model
+        .metadata("names")
+        .and_then(|n| serde_json::from_str(n).ok());
+    let num_classes = model
+        .metadata("num_classes")
+        .and_then(|n| n.parse().ok())
+        .or(names.as_ref().map(Vec::len))
+        .unwrap_or(channels as usize - 4);
+    if num_classes + 4 > channels as usize {
+        return Err(err(format!(
+            "metadata says {num_classes} classes but output '{}' has only {channels} rows",
+            output.name
+        )));
+    }
+    let class_names = names
+        .filter(|n| n.len() == num_classes)
+        .unwrap_or_else(|| (0..num_classes).map(|i| format!("class{i}")).collect());
+    let model_name = model
+        .metadata("model")
+        .map(str::to_string)
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    Ok(EngineInfo {
+        model_name,
+        backend: options.backend,
+        precision: options.precision,
+        profile: options.profile,
+        input_name: input.name.clone(),
+        input_hw: [h as usize, w as usize],
+        output_name: output.name.clone(),
+        output_channels: channels as usize,
+        anchors: anchors as usize,
+        num_classes,
+        class_names,
+    })
+}
+
+/// Build an engine from ONNX bytes. `path` names the model in messages.
+pub fn build_engine_from_bytes(
+    bytes: &[u8],
+    path: &Path,
+    options: &BuildOptions,
+) -> Result<Box<dyn Engine>> {
+    let model = decode_model(bytes, path).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: e.to_string().replace(&format!("{}: ", path.display()), ""),
+    })?;
+    let info = describe_model(&model, path, options)?;
+    match options.backend {
+        Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
+    }
+}
+
+/// Build an engine from an ONNX file.
+pub fn build_engine(path: &Path, options: &BuildOptions) -> Result<Box<dyn Engine>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    build_engine_from_bytes(&bytes, path, options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_parse() {
+        assert_eq!(
+            "1:8:32".parse::<BatchProfile>().unwrap(),
+            BatchProfile {
+                min: 1,
+                opt: 8,
+                max: 32
+            }
+        );
+        assert_eq!(
+            "4".parse::<BatchProfile>().unwrap(),
+            BatchProfile {
+                min: 1,
+                opt: 4,
+                max: 4
+            }
+        );
+        for bad in ["0", "8:4:16", "1:2", "x", ""] {
+            assert!(bad.parse::<BatchProfile>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backend_names() {
+        assert_eq!("cpu".parse::<Backend>().unwrap(), Backend::Cpu);
+        let e = "cuda".parse::<Backend>().unwrap_err().to_string();
+        assert!(e.contains("not part of this build"), "{e}");
+        assert!("tpu".parse::<Backend>().is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! The runtime's error type. Every variant names what went wrong and, where the user can act, what to do.
+
+use std::path::PathBuf;
+
+/// Result with the runtime's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An image could not be decoded or encoded.
+    #[error("{}: cannot read the image ({message}); give a PNG or JPEG file", path.display())]
+    Image { path: PathBuf, message: String },
+
+    /// A dataset file (data YAML, label txt, COCO json) is malformed; `line` is 1-based when known.
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Dataset {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+
+    /// The model file is not something the runtime can use.
+    #[error("{}: {message}", path.display())]
+    Model { path: PathBuf, message: String },
+
+    /// An input tensor or batch has the wrong shape for the engine.
+    #[error("wrong input shape: {0}")]
+    Shape(String),
+
+    /// A backend failed while building or running an engine.
+    #[error("{backend} backend: {message}")]
+    Backend {
+        backend: &'static str,
+        message: String,
+    },
+
+    /// A caller passed an argument outside its valid range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Kestrel runtime: engines (the `cpu` backend on tract), letterbox pre-processing, decoding of the
+//! YOLOv9 head, NMS, datasets (YOLO txt, COCO json, synthetic scenes) and COCO-style evaluation.
+//!
+//! The CPU implementations here are the reference every GPU kernel is tested against.
+
+pub mod dataset;
+pub mod detection;
+pub mod engine;
+pub mod error;
+pub mod eval;
+pub mod letterbox;
+pub mod nms;
+pub mod synth;
+
+mod cpu;
+
+pub use detection::{BoxXyxy, Detection, GroundTruth};
+pub use error::{Error, Result};

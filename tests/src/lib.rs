@@ -1,0 +1,55 @@
+//! Helpers for Kestrel's workspace-level tests: where the workspace is, the reference Python
+//! (onnx, onnxruntime, pycocotools in the project venv), and scratch directories.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root (the folder holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The Python interpreter with the reference tools: `$KESTREL_PYTHON`, else the project's `.venv`.
+/// Panics with the fix when it is missing: these tests must not pass silently without their oracle.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KESTREL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the reference Python is missing at {}: run `bash scripts/setup.sh` first",
+        venv.display()
+    );
+    venv
+}
+
+/// Run `scripts/py/<script>` with the reference Python and `args`; returns stdout.
+/// Panics with the script's stderr when it fails.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let path = workspace_root().join("scripts/py").join(script);
+    let out = Command::new(python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start python for {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// A fresh scratch directory under the target folder, named after the test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = workspace_root().join("target/test-scratch").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}

@@ -1,0 +1,133 @@
+//! Exported models against the ONNX reference tools: the checker accepts every size, and the CPU
+//! backend computes what onnxruntime computes.
+
+use std::path::Path;
+
+use kestrel_exporter::weights::{SplitMix64, WeightFile, save_safetensors};
+use kestrel_exporter::{ExportOptions, ModelConfig, WeightSource, export, inspect, onnx};
+use kestrel_runtime::engine::{BatchProfile, BuildOptions, build_engine};
+use kestrel_tests::{run_python, scratch_dir};
+
+fn export_to(name: &str, nc: usize, imgsz: usize, path: &Path) {
+    let cfg = ModelConfig::new(name, nc, imgsz).unwrap();
+    let model = export(
+        &cfg,
+        &mut WeightSource::Random { seed: 1 },
+        &ExportOptions::dynamic(nc),
+    )
+    .unwrap();
+    onnx::write_model(&model, path).unwrap();
+}
+
+fn write_f32(path: &Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn every_size_passes_the_onnx_checker() {
+    let dir = scratch_dir("checker");
+    let mut paths = Vec::new();
+    for name in kestrel_exporter::spec::MODEL_NAMES {
+        let p = dir.join(format!("{name}.onnx"));
+        export_to(name, 80, 640, &p);
+        paths.push(p.to_string_lossy().into_owned());
+    }
+    let args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let out = run_python("check_onnx.py", &args);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok ")).count(),
+        5,
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn compare_with_onnxruntime(name: &str) {
+    let dir = scratch_dir(&format!("ort-{name}"));
+    let model_path = dir.join(format!("{name}.onnx"));
+    let nc = 80;
+    export_to(name, nc, 640, &model_path);
+    let options = BuildOptions {
+        profile: BatchProfile {
+            min: 1,
+            opt: 2,
+            max: 2,
+        },
+        ..Default::default()
+    };
+    let mut engine = build_engine(&model_path, &options).unwrap();
+    let per_image = engine.info().input_len();
+    let mut rng = SplitMix64::new(42);
+    let input: Vec<f32> = (0..2 * per_image).map(|_| rng.next_f32()).collect();
+    let ours = engine.run(&input, 2).unwrap().to_vec();
+    let in_path = dir.join("input.f32");
+    let out_path = dir.join("ours.f32");
+    write_f32(&in_path, &input);
+    write_f32(&out_path, &ours);
+    let report = run_python(
+        "ort_compare.py",
+        &[
+            model_path.to_str().unwrap(),
+            in_path.to_str().unwrap(),
+            "2,3,640,640",
+            out_path.to_str().unwrap(),
+            &nc.to_string(),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    println!("{name}: {v}");
+    assert_eq!(v["shape"], serde_json::json!([2, 84, 8400]));
+    for key in ["rel_l2", "rel_l2_boxes", "rel_l2_scores"] {
+        let e = v[key].as_f64().unwrap();
+        assert!(e < 1e-4, "{name}: {key} = {e}");
+    }
+    // Batch 1 on the second image gives that image's rows of the batch-2 run.
+    let single = engine.run(&input[per_image..], 1).unwrap().to_vec();
+    let len = engine.info().output_len();
+    let diff = single
+        .iter()
+        .zip(&ours[len..])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "{name}: batch 1 vs batch 2 differ by {diff}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn gelan_t_cpu_matches_onnxruntime() {
+    compare_with_onnxruntime("gelan-t");
+}
+
+#[test]
+fn gelan_s_cpu_matches_onnxruntime() {
+    compare_with_onnxruntime("gelan-s");
+}
+
+/// Weights written with `--save-weights` load back by name and give the identical model.
+#[test]
+fn safetensors_weights_round_trip() {
+    let dir = scratch_dir("weights");
+    let cfg = ModelConfig::new("gelan-t", 6, 320).unwrap();
+    let opts = ExportOptions::dynamic(6);
+    let random = export(&cfg, &mut WeightSource::Random { seed: 9 }, &opts).unwrap();
+    let w = dir.join("w.safetensors");
+    save_safetensors(&w, &inspect::conv_parameters(&random)).unwrap();
+    let file = WeightFile::load(&w).unwrap();
+    let loaded = export(&cfg, &mut WeightSource::File(file), &opts).unwrap();
+    assert_eq!(onnx::encode_model(&random), onnx::encode_model(&loaded));
+    // The same file does not fit another class count: the message names the tensor.
+    let cfg80 = ModelConfig::new("gelan-t", 80, 320).unwrap();
+    let err = export(
+        &cfg80,
+        &mut WeightSource::File(WeightFile::load(&w).unwrap()),
+        &ExportOptions::dynamic(80),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.22.cv3.0.") && err.contains("--classes"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
