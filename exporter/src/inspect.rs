@@ -217,7 +217,10 @@ impl fmt::Display for ModelSummary {
                 .unwrap_or_else(|| "?".into())
         )?;
         for (k, v) in &self.metadata {
-            writeln!(f, "meta {k:<7} {v}")?;
+            // Long values (class lists) are cut for the terminal; --json has them whole.
+            let shown: String = v.chars().take(100).collect();
+            let more = if shown.len() < v.len() { " ..." } else { "" };
+            writeln!(f, "meta {k:<7} {shown}{more}")?;
         }
         writeln!(f, "inputs:")?;
         for t in &self.inputs {

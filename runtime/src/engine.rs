@@ -17,15 +17,18 @@ use crate::error::{Error, Result};
 pub enum Backend {
     /// tract-onnx on the CPU: the embedded default, needs nothing installed.
     Cpu,
+    /// Kestrel's own GPU engine (cuDNN + NVRTC kernels, CUDA graphs); needs an NVIDIA GPU.
+    Cuda,
 }
 
 impl Backend {
     /// Backends compiled into this build.
-    pub const AVAILABLE: [Backend; 1] = [Backend::Cpu];
+    pub const AVAILABLE: [Backend; 2] = [Backend::Cpu, Backend::Cuda];
 
     pub fn name(self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
         }
     }
 }
@@ -41,11 +44,13 @@ impl FromStr for Backend {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "cpu" => Ok(Backend::Cpu),
-            "cuda" | "tensorrt" => Err(Error::InvalidArgument(format!(
-                "backend '{s}' is not part of this build yet; available backends: cpu"
-            ))),
+            "cuda" => Ok(Backend::Cuda),
+            "tensorrt" => Err(Error::InvalidArgument(
+                "backend 'tensorrt' is not part of this build yet; available backends: cpu, cuda"
+                    .into(),
+            )),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown backend '{s}'; available backends: cpu"
+                "unknown backend '{s}'; available backends: cpu, cuda"
             ))),
         }
     }
@@ -352,6 +357,7 @@ pub fn build_engine_from_bytes(
     let info = describe_model(&model, path, options)?;
     match options.backend {
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
+        Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(&model, info, path)?)),
     }
 }
 
@@ -391,7 +397,8 @@ mod tests {
     #[test]
     fn backend_names() {
         assert_eq!("cpu".parse::<Backend>().unwrap(), Backend::Cpu);
-        let e = "cuda".parse::<Backend>().unwrap_err().to_string();
+        assert_eq!("cuda".parse::<Backend>().unwrap(), Backend::Cuda);
+        let e = "tensorrt".parse::<Backend>().unwrap_err().to_string();
         assert!(e.contains("not part of this build"), "{e}");
         assert!("tpu".parse::<Backend>().is_err());
     }

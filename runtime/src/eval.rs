@@ -132,24 +132,26 @@ fn coco_iou(dt: &Xywh, gt: &Xywh, crowd: bool) -> f64 {
     inter / union
 }
 
-/// One detection's outcome for one class and area range: what `accumulate` needs from `evaluateImg`.
+/// One detection's outcome for every area range: what `accumulate` needs from `evaluateImg`.
+/// Kept compact (24 bytes) because a COCO-sized run holds over a million of them.
 #[derive(Clone, Copy)]
 struct DetRecord {
-    score: f64,
+    /// The detection's score (an `f32`, so nothing is lost against the `f64` pycocotools reads).
+    score: f32,
     /// Rank of the detection among its image's detections of this class (0 = highest score).
-    rank: u32,
-    /// Bit `t` set: matched at IoU threshold `t`.
-    matched: u16,
-    /// Bit `t` set: ignored at threshold `t` (matched to an ignored object, or unmatched and outside
-    /// the area range).
-    ignored: u16,
+    rank: u8,
+    /// Per area range, bit `t` set: matched at IoU threshold `t`.
+    matched: [u16; NUM_AREAS],
+    /// Per area range, bit `t` set: ignored at threshold `t` (matched to an ignored object, or
+    /// unmatched and outside the area range).
+    ignored: [u16; NUM_AREAS],
 }
 
-/// Everything accumulated for one class and one area range.
+/// Everything accumulated for one class.
 #[derive(Clone, Default)]
-struct AreaAccum {
-    /// Non-ignored ground-truth objects (pycocotools' `npig`).
-    npig: usize,
+struct ClassAccum {
+    /// Non-ignored ground-truth objects per area range (pycocotools' `npig`).
+    npig: [usize; NUM_AREAS],
     /// Detections in image order, then score order within the image.
     dets: Vec<DetRecord>,
 }
@@ -157,8 +159,8 @@ struct AreaAccum {
 /// YOLO-style statistics of one detection: confidence, class, true positive at IoU 0.5.
 #[derive(Clone, Copy)]
 struct YoloDet {
-    score: f64,
-    class_id: usize,
+    score: f32,
+    class_id: u32,
     tp: bool,
 }
 
@@ -177,8 +179,8 @@ struct YoloDet {
 pub struct Evaluator {
     num_classes: usize,
     images: usize,
-    /// `[class][area range]`.
-    accum: Vec<[AreaAccum; NUM_AREAS]>,
+    /// Per class.
+    accum: Vec<ClassAccum>,
     /// Non-crowd ground-truth objects per class.
     instances: Vec<usize>,
     /// Images holding at least one non-crowd object of the class.
@@ -260,7 +262,6 @@ impl Evaluator {
             .iter()
             .map(|&i| Xywh::from_xyxy(&dets[i].bbox))
             .collect();
-        let dt_scores: Vec<f64> = order.iter().map(|&i| f64::from(dets[i].score)).collect();
         let gt_boxes: Vec<Xywh> = gts.iter().map(|g| Xywh::from_xyxy(&g.bbox)).collect();
         let (nd, ng) = (dt_boxes.len(), gt_boxes.len());
 
@@ -272,6 +273,18 @@ impl Evaluator {
             }
         }
 
+        let mut records: Vec<DetRecord> = order
+            .iter()
+            .enumerate()
+            .map(|(rank, &i)| DetRecord {
+                score: dets[i].score,
+                // rank < MAX_DET = 100, so it fits.
+                rank: rank as u8,
+                matched: [0; NUM_AREAS],
+                ignored: [0; NUM_AREAS],
+            })
+            .collect();
+        let acc = &mut self.accum[class_id];
         for (a, &(lo, hi)) in AREA_RANGES.iter().enumerate() {
             let area = |g: &GroundTruth| {
                 let v = f64::from(g.area);
@@ -284,8 +297,9 @@ impl Evaluator {
 
             let mut matched = vec![0u16; nd];
             let mut ignored = vec![0u16; nd];
+            let iou_thrs = &self.iou_thrs;
             if nd > 0 && ng > 0 {
-                for (t, &thr) in self.iou_thrs.iter().enumerate() {
+                for (t, &thr) in iou_thrs.iter().enumerate() {
                     let mut gt_matched = vec![false; ng];
                     for d in 0..nd {
                         let mut best = thr.min(1.0 - 1e-10);
@@ -328,16 +342,13 @@ impl Evaluator {
                 }
             }
 
-            let acc = &mut self.accum[class_id][a];
-            acc.npig += gt_ignore.iter().filter(|&&i| !i).count();
-            acc.dets.extend((0..nd).map(|d| DetRecord {
-                score: dt_scores[d],
-                // nd <= MAX_DET, so the rank fits.
-                rank: d as u32,
-                matched: matched[d],
-                ignored: ignored[d],
-            }));
+            acc.npig[a] += gt_ignore.iter().filter(|&&i| !i).count();
+            for (r, (m, i)) in records.iter_mut().zip(matched.iter().zip(&ignored)) {
+                r.matched[a] = *m;
+                r.ignored[a] = *i;
+            }
         }
+        acc.dets.extend(records);
     }
 
     /// YOLO's `process_batch` at IoU 0.5: candidate pairs of the same class sorted by IoU, each
@@ -378,8 +389,9 @@ impl Evaluator {
         }
         self.yolo_dets
             .extend(dets.iter().zip(&tp).map(|(d, &tp)| YoloDet {
-                score: f64::from(d.score),
-                class_id: d.class_id,
+                score: d.score,
+                // Class ids were checked against num_classes, which fits any realistic u32.
+                class_id: d.class_id as u32,
                 tp,
             }));
     }
@@ -390,7 +402,7 @@ impl Evaluator {
         let (yolo_p, yolo_r) = self.yolo_precision_recall();
 
         let valid: Vec<usize> = (0..self.num_classes)
-            .filter(|&k| self.accum[k][0].npig > 0)
+            .filter(|&k| self.accum[k].npig[0] > 0)
             .collect();
         let per_class = valid
             .iter()
@@ -448,11 +460,11 @@ impl Evaluator {
         let rec_thrs = recall_thresholds();
         for k in 0..k_n {
             for a in 0..NUM_AREAS {
-                let acc = &self.accum[k][a];
-                if acc.npig == 0 {
+                let acc = &self.accum[k];
+                if acc.npig[a] == 0 {
                     continue;
                 }
-                let npig = acc.npig as f64;
+                let npig = acc.npig[a] as f64;
                 for (m, &max_det) in MAX_DETS.iter().enumerate() {
                     let mut dets: Vec<DetRecord> = acc
                         .dets
@@ -461,7 +473,7 @@ impl Evaluator {
                         .copied()
                         .collect();
                     // Stable: ties keep image order, then in-image order (numpy mergesort).
-                    dets.sort_by(|x, y| by_score_desc(x.score, y.score));
+                    dets.sort_by(|x, y| by_score_desc(f64::from(x.score), f64::from(y.score)));
                     let nd = dets.len();
                     for t in 0..NUM_IOU_THRESHOLDS {
                         let bit = 1u16 << t;
@@ -469,8 +481,8 @@ impl Evaluator {
                         let mut pr = Vec::with_capacity(nd);
                         let (mut tp, mut fp) = (0.0f64, 0.0f64);
                         for d in &dets {
-                            if d.ignored & bit == 0 {
-                                if d.matched & bit != 0 {
+                            if d.ignored[a] & bit == 0 {
+                                if d.matched[a] & bit != 0 {
                                     tp += 1.0;
                                 } else {
                                     fp += 1.0;
@@ -511,13 +523,13 @@ impl Evaluator {
             return (p_out, r_out);
         }
         let mut dets = self.yolo_dets.clone();
-        dets.sort_by(|a, b| by_score_desc(a.score, b.score));
+        dets.sort_by(|a, b| by_score_desc(f64::from(a.score), f64::from(b.score)));
         let px: [f64; YOLO_GRID] = linspace(0.0, 1.0);
         // p[ci][x], r[ci][x]: zero rows for classes without detections, as in YOLO.
         let mut p = vec![[0.0f64; YOLO_GRID]; classes.len()];
         let mut r = vec![[0.0f64; YOLO_GRID]; classes.len()];
         for (ci, &c) in classes.iter().enumerate() {
-            let cls: Vec<&YoloDet> = dets.iter().filter(|d| d.class_id == c).collect();
+            let cls: Vec<&YoloDet> = dets.iter().filter(|d| d.class_id as usize == c).collect();
             if cls.is_empty() {
                 continue;
             }
@@ -532,7 +544,7 @@ impl Evaluator {
                 } else {
                     fpc += 1.0;
                 }
-                neg_conf.push(-d.score);
+                neg_conf.push(-f64::from(d.score));
                 recall.push(tpc / (n_l + YOLO_EPS));
                 precision.push(tpc / (tpc + fpc));
             }

@@ -5,6 +5,7 @@
 
 pub mod dataset;
 pub mod detection;
+pub mod detector;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -13,6 +14,8 @@ pub mod nms;
 pub mod synth;
 
 mod cpu;
+pub mod cuda;
 
 pub use detection::{BoxXyxy, Detection, GroundTruth};
+pub use detector::Detector;
 pub use error::{Error, Result};

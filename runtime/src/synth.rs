@@ -1123,34 +1123,3 @@ mod tests {
         assert!(per < std::time::Duration::from_millis(500), "{per:?}");
     }
 }
-#[cfg(test)]
-mod tmp_preview {
-    #[test]
-    #[ignore]
-    fn preview() {
-        let dir = std::path::Path::new("/tmp/synth_preview");
-        let _ = std::fs::remove_dir_all(dir);
-        let cfg = super::SynthConfig {
-            images: 6,
-            seed: 3,
-            ..Default::default()
-        };
-        let t = std::time::Instant::now();
-        super::generate(&cfg, dir, &mut |_, _| {}).unwrap();
-        eprintln!("generate 6: {:?}", t.elapsed());
-        let (img, objs) = super::render_scene(11, 1283, 721);
-        let mut img = img;
-        for o in &objs {
-            let b = o.bbox;
-            for x in b.x1 as u32..(b.x2 as u32).min(1282) {
-                img.put_pixel(x, b.y1 as u32, image::Rgb([255, 0, 0]));
-                img.put_pixel(x, (b.y2 as u32).min(720), image::Rgb([255, 0, 0]));
-            }
-            for y in b.y1 as u32..(b.y2 as u32).min(720) {
-                img.put_pixel(b.x1 as u32, y, image::Rgb([255, 0, 0]));
-                img.put_pixel((b.x2 as u32).min(1282), y, image::Rgb([255, 0, 0]));
-            }
-        }
-        img.save(dir.join("boxes.png")).unwrap();
-    }
-}

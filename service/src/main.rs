@@ -1,1 +1,60 @@
-fn main() {}
+//! `kestrel`: export, inspect, run, evaluate and benchmark YOLOv9 / GELAN detectors.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+mod draw;
+mod util;
+
+/// Kestrel: deploy quantized YOLOv9 detectors. Runs on the CPU backend out of the box.
+#[derive(Debug, Parser)]
+#[command(name = "kestrel", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a GELAN model (t, s, m, c, e) to ONNX, with weights from safetensors or seeded random ones.
+    Export(commands::export::Args),
+    /// Show a model's inputs, outputs, operators, Q/DQ pairs, parameters and GFLOPs.
+    Inspect(commands::inspect::Args),
+    /// Detect objects in images: annotated PNGs and one JSON per image.
+    Infer(commands::infer::Args),
+    /// Evaluate a model on a labelled dataset: P, R, mAP50 and mAP50-95.
+    Val(commands::val::Args),
+    /// Measure engine latency and throughput, trtexec style.
+    Bench(commands::bench::Args),
+    /// Generate the synthetic shapes dataset (images, YOLO labels, COCO json).
+    Synth(commands::synth::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KESTREL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Export(a) => commands::export::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Infer(a) => commands::infer::run(a),
+        Command::Val(a) => commands::val::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Synth(a) => commands::synth::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, most general first.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

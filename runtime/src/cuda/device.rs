@@ -1,0 +1,312 @@
+//! Small RAII wrappers over the CUDA driver, NVRTC and cuDNN through cudarc's `result`/`sys`
+//! layers: device and pinned buffers, a stream, the compiled kernel module, kernel launches.
+//! Every call's status is checked; nothing here panics on a CUDA error.
+
+use std::ffi::{CString, c_void};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, result as drv, sys as dsys};
+
+use crate::error::{Error, Result};
+
+/// A `cuda` backend error with context.
+pub fn cuda_error(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: format!("{what}: {e:?}"),
+    }
+}
+
+/// Why the `cuda` backend cannot run here, if it cannot: the driver, NVRTC or cuDNN is missing,
+/// or there is no GPU. Never panics (cudarc panics when a library is absent, so look first).
+pub fn unavailable_reason() -> Option<String> {
+    // SAFETY: these only try to open the shared libraries.
+    let (driver, nvrtc, cudnn) = unsafe {
+        (
+            dsys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cudnn::sys::is_culib_present(),
+        )
+    };
+    if !driver {
+        return Some(
+            "no NVIDIA driver on this machine (libcuda.so.1 not found); use --backend cpu".into(),
+        );
+    }
+    if !nvrtc {
+        return Some(
+            "NVRTC (libnvrtc.so, CUDA 13) not found; install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` \
+             and add its lib folder to LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    if !cudnn {
+        return Some(
+            "cuDNN 9 (libcudnn.so.9) not found; install it (e.g. `pip install nvidia-cudnn-cu13`) and add its \
+             lib folder to LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    if let Err(e) = drv::init() {
+        return Some(format!("the NVIDIA driver failed to initialise ({e:?})"));
+    }
+    match drv::device::get_count() {
+        Ok(0) => Some("the NVIDIA driver reports no GPU".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot count GPUs ({e:?})")),
+    }
+}
+
+/// Device memory (`cuMemAlloc`), freed on drop.
+pub struct DeviceBuffer {
+    pub ptr: dsys::CUdeviceptr,
+    pub bytes: usize,
+}
+
+impl DeviceBuffer {
+    pub fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: plain allocation; a zero-byte request allocates one byte so the pointer is valid.
+        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }
+            .map_err(|e| cuda_error(&format!("allocating {bytes} bytes"), e))?;
+        Ok(Self { ptr, bytes })
+    }
+
+    /// A buffer holding `values`.
+    pub fn from_slice<T: Copy>(values: &[T]) -> Result<Self> {
+        let buf = Self::new(std::mem::size_of_val(values))?;
+        if !values.is_empty() {
+            // SAFETY: the buffer holds exactly `values`' bytes; the copy is synchronous.
+            unsafe { drv::memcpy_htod_sync(buf.ptr, values) }
+                .map_err(|e| cuda_error("uploading constants", e))?;
+        }
+        Ok(buf)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_sync and freed once; an error here cannot be acted on.
+        let _ = unsafe { drv::free_sync(self.ptr) };
+    }
+}
+
+// SAFETY: a device pointer is an address in the context's memory, usable from any thread that
+// binds the context.
+unsafe impl Send for DeviceBuffer {}
+
+/// Page-locked host memory for asynchronous copies, freed on drop.
+pub struct PinnedBuffer {
+    ptr: *mut c_void,
+    bytes: usize,
+}
+
+impl PinnedBuffer {
+    pub fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: plain allocation of page-locked memory.
+        let ptr = unsafe { drv::malloc_host(bytes.max(4), 0) }
+            .map_err(|e| cuda_error("allocating pinned memory", e))?;
+        Ok(Self { ptr, bytes })
+    }
+
+    pub fn as_f32_mut(&mut self) -> &mut [f32] {
+        // SAFETY: the allocation is at least `bytes` long, 4-aligned (page-aligned), and exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<f32>(), self.bytes / 4) }
+    }
+
+    pub fn as_f32(&self) -> &[f32] {
+        // SAFETY: as above, shared borrow.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<f32>(), self.bytes / 4) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host and freed once.
+        let _ = unsafe { drv::free_host(self.ptr) };
+    }
+}
+
+// SAFETY: host memory owned by this value alone.
+unsafe impl Send for PinnedBuffer {}
+
+/// A non-blocking stream, destroyed on drop.
+pub struct Stream(pub dsys::CUstream);
+
+impl Stream {
+    pub fn new() -> Result<Self> {
+        drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map(Stream)
+            .map_err(|e| cuda_error("creating a stream", e))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live stream.
+        unsafe { drv::stream::synchronize(self.0) }.map_err(|e| cuda_error("running the engine", e))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: created by stream::create, destroyed once.
+        let _ = unsafe { drv::stream::destroy(self.0) };
+    }
+}
+
+// SAFETY: streams may be used from any thread bound to their context.
+unsafe impl Send for Stream {}
+
+/// The context: the device's primary context, bound to the calling thread before each use.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if let Some(reason) = unavailable_reason() {
+        return Err(Error::Backend {
+            backend: "cuda",
+            message: reason,
+        });
+    }
+    CudaContext::new(ordinal).map_err(|e| cuda_error(&format!("opening GPU {ordinal}"), e))
+}
+
+/// The kernels of `kernels.cu`, compiled by NVRTC for the device, loaded as a module.
+pub struct Kernels {
+    module: dsys::CUmodule,
+}
+
+/// Kernel source, compiled at engine build.
+pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+
+/// Compile the kernel source to PTX with NVRTC (no GPU needed; CI uses this to check the source).
+pub fn compile_kernels(arch: Option<&'static str>) -> Result<String> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch,
+        use_fast_math: Some(false),
+        name: Some("kestrel_kernels.cu".into()),
+        ..Default::default()
+    };
+    let ptx =
+        cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
+            backend: "cuda",
+            message: match e {
+                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                    format!("NVRTC rejected kernels.cu:\n{}", log.to_string_lossy())
+                }
+                other => format!("NVRTC failed: {other:?}"),
+            },
+        })?;
+    Ok(ptx.to_src())
+}
+
+impl Kernels {
+    pub fn load(ptx: &str) -> Result<Self> {
+        let image = CString::new(ptx).map_err(|_| cuda_error("PTX", "embedded NUL"))?;
+        // SAFETY: `image` is a NUL-terminated PTX text that lives through the call.
+        let module = unsafe { drv::module::load_data(image.as_ptr().cast()) }
+            .map_err(|e| cuda_error("loading PTX", e))?;
+        Ok(Self { module })
+    }
+
+    pub fn function(&self, name: &str) -> Result<dsys::CUfunction> {
+        let cname = CString::new(name).map_err(|_| cuda_error("kernel name", name))?;
+        // SAFETY: the module is loaded and outlives the returned handle (both live in the engine).
+        unsafe { drv::module::get_function(self.module, cname) }
+            .map_err(|e| cuda_error(&format!("kernel {name}"), e))
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        // SAFETY: loaded once, unloaded once.
+        let _ = unsafe { drv::module::unload(self.module) };
+    }
+}
+
+// SAFETY: module handles are context-wide.
+unsafe impl Send for Kernels {}
+
+/// One kernel argument, by value.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Ptr(dsys::CUdeviceptr),
+    I64(i64),
+    I32(i32),
+}
+
+/// Launch `f` over `total` elements (grid-stride kernels) on `stream`.
+pub fn launch(
+    f: dsys::CUfunction,
+    stream: dsys::CUstream,
+    total: usize,
+    args: &[Arg],
+) -> Result<()> {
+    if total == 0 {
+        return Ok(());
+    }
+    let block = 256u32;
+    let grid = total.div_ceil(block as usize).min(65_535) as u32;
+    let mut values: Vec<Arg> = args.to_vec();
+    let mut params: Vec<*mut c_void> = values
+        .iter_mut()
+        .map(|a| match a {
+            Arg::Ptr(p) => (p as *mut dsys::CUdeviceptr).cast(),
+            Arg::I64(v) => (v as *mut i64).cast(),
+            Arg::I32(v) => (v as *mut i32).cast(),
+        })
+        .collect();
+    // SAFETY: `params` points at `values`, alive through the call (the driver copies them); the
+    // argument list matches the kernel's signature, which the executor's callers guarantee.
+    unsafe { drv::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream, &mut params) }
+        .map_err(|e| cuda_error("launching a kernel", e))
+}
+
+/// f32 → IEEE half bits, round to nearest even (weights conversion on the host).
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let mant = bits & 0x007f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = mant | 0x0080_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rest = m & ((1u32 << shift) - 1);
+        let mut v = m >> shift;
+        if rest > half || (rest == half && (v & 1) == 1) {
+            v += 1;
+        }
+        return sign | v as u16;
+    }
+    let mut v = ((e as u32) << 10) | (mant >> 13);
+    let rest = mant & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && (v & 1) == 1) {
+        v += 1;
+    }
+    sign | v as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_conversion_rounds_to_nearest_even() {
+        assert_eq!(f32_to_f16_bits(1.0), 0x3c00);
+        assert_eq!(f32_to_f16_bits(-2.0), 0xc000);
+        assert_eq!(f32_to_f16_bits(65504.0), 0x7bff);
+        assert_eq!(f32_to_f16_bits(1e6), 0x7c00);
+        assert_eq!(f32_to_f16_bits(5.960_464_5e-8), 0x0001);
+        assert_eq!(f32_to_f16_bits(0.0), 0);
+        // 1 + 2^-11 is halfway between 1 and the next half: ties to even (1.0).
+        assert_eq!(f32_to_f16_bits(1.0 + 1.0 / 2048.0), 0x3c00);
+        assert_eq!(f32_to_f16_bits(1.0 + 3.0 / 2048.0), 0x3c02);
+        assert!(f32_to_f16_bits(f32::NAN) & 0x7c00 == 0x7c00);
+    }
+}

@@ -1,0 +1,781 @@
+//! The `cuda` backend: Kestrel's own GPU engine on cudarc (driver, NVRTC, cuDNN).
+//!
+//! Build: the ONNX is lowered to an [`plan::EnginePlan`] (NHWC trunk with Conv + bias + activation
+//! + residual fused, a row-major float32 tail), weights are uploaded once in the trunk's precision,
+//! cuDNN descriptors and algorithms are fixed for each batch bucket, and each bucket's whole
+//! sequence of launches is captured once as a CUDA graph on a non-default stream. Run: copy the
+//! batch into a pinned buffer, upload, replay the bucket's graph, download, synchronise.
+//!
+//! What is not done yet (see the README): INT8 (Q/DQ folding), concat elimination, timing-based
+//! algorithm choice, the engine-file container.
+#![allow(unsafe_code)]
+
+mod conv;
+mod device;
+pub mod plan;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, result as drv, sys as dsys};
+use kestrel_exporter::onnx::pb;
+
+use crate::engine::{Engine, EngineInfo, Precision};
+use crate::error::{Error, Result};
+use conv::{ConvPlan, ConvShape, Dnn};
+use device::{
+    Arg, DeviceBuffer, Kernels, PinnedBuffer, Stream, cuda_error, f32_to_f16_bits, launch,
+};
+use plan::{EnginePlan, Layout, Step, ValueId};
+
+pub use device::{KERNEL_SOURCE, compile_kernels, unavailable_reason};
+
+/// Batch sizes with their own CUDA graph: powers of two within the profile, plus its maximum.
+pub fn batch_buckets(min: usize, max: usize) -> Vec<usize> {
+    let mut b: Vec<usize> = (0..usize::BITS)
+        .map(|i| 1usize << i)
+        .take_while(|&v| v < max)
+        .filter(|&v| v >= min)
+        .collect();
+    b.push(max);
+    b
+}
+
+/// The bucket a batch of `n` runs in: the smallest bucket that holds it.
+pub fn bucket_for(buckets: &[usize], n: usize) -> Option<usize> {
+    buckets.iter().copied().find(|&b| b >= n)
+}
+
+struct GraphExec(dsys::CUgraphExec);
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: instantiated once, destroyed once.
+        let _ = unsafe { drv::graph::exec_destroy(self.0) };
+    }
+}
+
+/// An engine on the GPU.
+pub struct CudaEngine {
+    // Field order is drop order: graphs and plans before the memory they point into.
+    graphs: HashMap<usize, GraphExec>,
+    conv_plans: HashMap<(usize, usize), ConvPlan>,
+    meta: HashMap<(usize, usize), DeviceBuffer>,
+    weights: HashMap<usize, DeviceBuffer>,
+    constants: Vec<DeviceBuffer>,
+    buffers: Vec<Option<DeviceBuffer>>,
+    workspace: DeviceBuffer,
+    pinned_in: PinnedBuffer,
+    pinned_out: PinnedBuffer,
+    functions: HashMap<&'static str, dsys::CUfunction>,
+    _kernels: Kernels,
+    dnn: Dnn,
+    stream: Stream,
+    ctx: Arc<CudaContext>,
+    plan: EnginePlan,
+    half: bool,
+    buckets: Vec<usize>,
+    info: EngineInfo,
+    output: Vec<f32>,
+    device_name: String,
+}
+
+// SAFETY: every handle inside is used only through `&mut self`, after binding the context to the
+// calling thread.
+unsafe impl Send for CudaEngine {}
+
+const KERNEL_NAMES: [&str; 20] = [
+    "nchw_f32_to_nhwc_f16",
+    "nchw_f32_to_nhwc_f32",
+    "nhwc_f16_to_nchw_f32",
+    "nhwc_f32_to_nchw_f32",
+    "bias_act_f16",
+    "bias_act_f32",
+    "bias_act_nchw_f32",
+    "pool_nhwc_f16",
+    "pool_nhwc_f32",
+    "resize_nearest_nhwc_f16",
+    "resize_nearest_nhwc_f32",
+    "copy_axis_f16",
+    "copy_axis_f32",
+    "unary_f16",
+    "unary_f32",
+    "binary_same_f16",
+    "binary_same_f32",
+    "binary_bcast_f32",
+    "transpose_f32",
+    "softmax_f32",
+];
+
+fn prod(v: &[usize]) -> usize {
+    v.iter().product()
+}
+
+impl CudaEngine {
+    /// Build an engine for `model` on GPU 0.
+    pub fn new(model: &pb::ModelProto, info: EngineInfo, _path: &Path) -> Result<Self> {
+        let half = match info.precision {
+            Precision::Fp16 => true,
+            Precision::Fp32 => false,
+            p => {
+                return Err(Error::InvalidArgument(format!(
+                    "the cuda backend builds fp16 and fp32 engines; {p} (INT8 from Q/DQ) is not implemented yet"
+                )));
+            }
+        };
+        let ctx = device::context(0)?;
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_error("compute capability", e))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let ptx = compile_kernels(Some(arch))?;
+        let kernels = Kernels::load(&ptx)?;
+        let mut functions = HashMap::new();
+        for name in KERNEL_NAMES {
+            functions.insert(name, kernels.function(name)?);
+        }
+        let plan = plan::lower(model)?;
+        let stream = Stream::new()?;
+        let dnn = Dnn::new(stream.0)?;
+        let buckets = batch_buckets(info.profile.min, info.profile.max);
+        let max_b = info.profile.max;
+
+        // Memory: one buffer per stored value, sized for the largest bucket.
+        let mut buffers = Vec::with_capacity(plan.values.len());
+        for (i, v) in plan.values.iter().enumerate() {
+            if v.alias_of.is_some() || v.constant.is_some() || plan.storage_of(i) != i {
+                buffers.push(None);
+                continue;
+            }
+            let elem = if v.layout == Layout::Nhwc && half {
+                2
+            } else {
+                4
+            };
+            buffers.push(Some(DeviceBuffer::new(v.numel(max_b) * elem)?));
+        }
+        let constants = plan
+            .constants
+            .iter()
+            .map(|c| DeviceBuffer::from_slice(&c.values))
+            .collect::<Result<Vec<_>>>()?;
+        // Trunk convolution weights in KRSC (channels-last filters) and the trunk's precision.
+        let mut weights = HashMap::new();
+        for (i, s) in plan.steps.iter().enumerate() {
+            if let Step::Conv {
+                weight,
+                layout: Layout::Nhwc,
+                ..
+            } = s
+            {
+                let c = &plan.constants[*weight];
+                let [k, cin, r, sdim] = [c.dims[0], c.dims[1], c.dims[2], c.dims[3]];
+                let mut krsc = vec![0f32; c.values.len()];
+                for ko in 0..k {
+                    for ci in 0..cin {
+                        for y in 0..r {
+                            for x in 0..sdim {
+                                krsc[((ko * r + y) * sdim + x) * cin + ci] =
+                                    c.values[((ko * cin + ci) * r + y) * sdim + x];
+                            }
+                        }
+                    }
+                }
+                let buf = if half {
+                    let bits: Vec<u16> = krsc.iter().map(|&v| f32_to_f16_bits(v)).collect();
+                    DeviceBuffer::from_slice(&bits)?
+                } else {
+                    DeviceBuffer::from_slice(&krsc)?
+                };
+                weights.insert(i, buf);
+            }
+        }
+        let per_in = info.input_len();
+        let per_out = info.output_len();
+        let mut engine = Self {
+            graphs: HashMap::new(),
+            conv_plans: HashMap::new(),
+            meta: HashMap::new(),
+            weights,
+            constants,
+            buffers,
+            workspace: DeviceBuffer::new(0)?,
+            pinned_in: PinnedBuffer::new(max_b * per_in * 4)?,
+            pinned_out: PinnedBuffer::new(max_b * per_out * 4)?,
+            functions,
+            _kernels: kernels,
+            dnn,
+            stream,
+            ctx,
+            plan,
+            half,
+            buckets: buckets.clone(),
+            info,
+            output: Vec::new(),
+            device_name,
+        };
+        engine.prepare_buckets()?;
+        let graphs_on = std::env::var("KESTREL_CUDA_GRAPHS")
+            .map(|v| v != "0")
+            .unwrap_or(true);
+        for &b in &buckets {
+            // Warm up eagerly (module and cuDNN lazy initialisation), then capture.
+            engine.enqueue(b)?;
+            engine.stream.synchronize()?;
+            if graphs_on {
+                let exec = engine.capture(b)?;
+                engine.graphs.insert(b, exec);
+            }
+        }
+        Ok(engine)
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    fn shape(&self, v: ValueId, b: usize) -> Vec<usize> {
+        self.plan.values[v].shape(b)
+    }
+
+    /// Convolution plans and kernel metadata for every bucket; the shared workspace.
+    fn prepare_buckets(&mut self) -> Result<()> {
+        let mut workspace = 0;
+        for &b in &self.buckets.clone() {
+            for (i, s) in self.plan.steps.iter().enumerate() {
+                match s {
+                    Step::Conv {
+                        x,
+                        y,
+                        geometry,
+                        layout,
+                        ..
+                    } => {
+                        let xs = self.shape(*x, b);
+                        let ys = self.shape(*y, b);
+                        let shape = ConvShape {
+                            x: [xs[0], xs[1], xs[2], xs[3]],
+                            y: [ys[0], ys[1], ys[2], ys[3]],
+                        };
+                        let half = self.half && *layout == Layout::Nhwc;
+                        let cp = ConvPlan::new(&self.dnn, shape, geometry, *layout, half)?;
+                        workspace = workspace.max(cp.workspace);
+                        self.conv_plans.insert((i, b), cp);
+                    }
+                    Step::Binary { a, b: bb, y, .. } => {
+                        let (sa, sb, sy) =
+                            (self.shape(*a, b), self.shape(*bb, b), self.shape(*y, b));
+                        if sa != sb || self.plan.values[*a].layout != self.plan.values[*bb].layout {
+                            let meta = broadcast_meta(&sa, &sb, &sy);
+                            self.meta.insert((i, b), DeviceBuffer::from_slice(&meta)?);
+                        }
+                    }
+                    Step::Transpose { x, perm, .. } => {
+                        let sx = self.shape(*x, b);
+                        let meta = transpose_meta(&sx, perm);
+                        self.meta.insert((i, b), DeviceBuffer::from_slice(&meta)?);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.workspace = DeviceBuffer::new(workspace)?;
+        Ok(())
+    }
+
+    fn ptr(&self, v: ValueId) -> Result<u64> {
+        let v = self.plan.storage_of(v);
+        if let Some(c) = self.plan.values[v].constant {
+            return Ok(self.constants[c].ptr);
+        }
+        self.buffers[v].as_ref().map(|b| b.ptr).ok_or_else(|| {
+            cuda_error(
+                "executor",
+                format!("value {} has no memory", self.plan.values[v].name),
+            )
+        })
+    }
+
+    fn f(&self, name: &str) -> Result<dsys::CUfunction> {
+        self.functions
+            .get(name)
+            .copied()
+            .ok_or_else(|| cuda_error("executor", format!("kernel {name} not loaded")))
+    }
+
+    fn dt(&self, layout: Layout) -> &'static str {
+        if layout == Layout::Nhwc && self.half {
+            "f16"
+        } else {
+            "f32"
+        }
+    }
+
+    /// Enqueue every step for a batch of `b` on the stream.
+    fn enqueue(&self, b: usize) -> Result<()> {
+        let s = self.stream.0;
+        for (i, step) in self.plan.steps.iter().enumerate() {
+            match step {
+                Step::InputToNhwc { x, y } => {
+                    let d = self.shape(*x, b);
+                    let f = self.f(&format!("nchw_f32_to_nhwc_{}", self.dt(Layout::Nhwc)))?;
+                    launch(
+                        f,
+                        s,
+                        prod(&d),
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            Arg::I64(prod(&d) as i64),
+                            Arg::I32(d[1] as i32),
+                            Arg::I64((d[2] * d[3]) as i64),
+                        ],
+                    )?;
+                }
+                Step::Conv {
+                    x,
+                    y,
+                    weight,
+                    bias,
+                    act,
+                    residual,
+                    layout,
+                    ..
+                } => {
+                    let cp = self
+                        .conv_plans
+                        .get(&(i, b))
+                        .ok_or_else(|| cuda_error("executor", "missing convolution plan"))?;
+                    let w = match self.weights.get(&i) {
+                        Some(w) => w.ptr,
+                        None => self.constants[*weight].ptr,
+                    };
+                    let yp = self.ptr(*y)?;
+                    cp.run(
+                        &self.dnn,
+                        self.ptr(*x)?,
+                        w,
+                        yp,
+                        self.workspace.ptr,
+                        self.workspace.bytes,
+                    )?;
+                    let d = self.shape(*y, b);
+                    let bias_ptr = match bias {
+                        Some(c) => self.constants[*c].ptr,
+                        None => 0,
+                    };
+                    if bias.is_some() || *act != plan::Act::None || residual.is_some() {
+                        if *layout == Layout::Nhwc {
+                            let res = match residual {
+                                Some(r) => self.ptr(*r)?,
+                                None => 0,
+                            };
+                            let f = self.f(&format!("bias_act_{}", self.dt(Layout::Nhwc)))?;
+                            launch(
+                                f,
+                                s,
+                                prod(&d),
+                                &[
+                                    Arg::Ptr(yp),
+                                    Arg::Ptr(bias_ptr),
+                                    Arg::Ptr(res),
+                                    Arg::I64(prod(&d) as i64),
+                                    Arg::I32(d[1] as i32),
+                                    Arg::I32(*act as i32),
+                                ],
+                            )?;
+                        } else {
+                            let f = self.f("bias_act_nchw_f32")?;
+                            launch(
+                                f,
+                                s,
+                                prod(&d),
+                                &[
+                                    Arg::Ptr(yp),
+                                    Arg::Ptr(bias_ptr),
+                                    Arg::I64(prod(&d) as i64),
+                                    Arg::I32(d[1] as i32),
+                                    Arg::I64((d[2] * d[3]) as i64),
+                                    Arg::I32(*act as i32),
+                                ],
+                            )?;
+                        }
+                    }
+                }
+                Step::Pool {
+                    x,
+                    y,
+                    max,
+                    kernel,
+                    stride,
+                    pads,
+                    count_include_pad,
+                } => {
+                    let dx = self.shape(*x, b);
+                    let dy = self.shape(*y, b);
+                    let f = self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?;
+                    let i32s = |v: usize| Arg::I32(v as i32);
+                    launch(
+                        f,
+                        s,
+                        prod(&dy),
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            i32s(dx[0]),
+                            i32s(dx[2]),
+                            i32s(dx[3]),
+                            i32s(dx[1]),
+                            i32s(dy[2]),
+                            i32s(dy[3]),
+                            i32s(kernel[0]),
+                            i32s(kernel[1]),
+                            i32s(stride[0]),
+                            i32s(stride[1]),
+                            i32s(pads[0]),
+                            i32s(pads[1]),
+                            Arg::I32(if *max { 0 } else { 1 }),
+                            Arg::I32(i32::from(*count_include_pad)),
+                        ],
+                    )?;
+                }
+                Step::ResizeNearest { x, y } => {
+                    let dx = self.shape(*x, b);
+                    let dy = self.shape(*y, b);
+                    let f = self.f(&format!("resize_nearest_nhwc_{}", self.dt(Layout::Nhwc)))?;
+                    let i32s = |v: usize| Arg::I32(v as i32);
+                    launch(
+                        f,
+                        s,
+                        prod(&dy),
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            i32s(dx[0]),
+                            i32s(dx[2]),
+                            i32s(dx[3]),
+                            i32s(dx[1]),
+                            i32s(dy[2]),
+                            i32s(dy[3]),
+                        ],
+                    )?;
+                }
+                Step::CopyAxis {
+                    x,
+                    y,
+                    axis,
+                    in_offset,
+                    out_offset,
+                    count,
+                } => {
+                    let dx = self.shape(*x, b);
+                    let dy = self.shape(*y, b);
+                    let layout = self.plan.values[*x].layout;
+                    let (outer, inner, in_len, out_len) = if layout == Layout::Nhwc {
+                        // Channels are innermost: every pixel copies a run of channels.
+                        (dx[0] * dx[2] * dx[3], 1, dx[1], dy[1])
+                    } else {
+                        (
+                            prod(&dx[..*axis]),
+                            prod(&dx[axis + 1..]),
+                            dx[*axis],
+                            dy[*axis],
+                        )
+                    };
+                    let f = self.f(&format!("copy_axis_{}", self.dt(layout)))?;
+                    let i = |v: usize| Arg::I64(v as i64);
+                    launch(
+                        f,
+                        s,
+                        outer * count * inner,
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            i(outer),
+                            i(in_len),
+                            i(*in_offset),
+                            i(out_len),
+                            i(*out_offset),
+                            i(*count),
+                            i(inner),
+                        ],
+                    )?;
+                }
+                Step::Unary { x, y, act } => {
+                    let n = prod(&self.shape(*y, b));
+                    let f = self.f(&format!("unary_{}", self.dt(self.plan.values[*x].layout)))?;
+                    launch(
+                        f,
+                        s,
+                        n,
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            Arg::I64(n as i64),
+                            Arg::I32(*act as i32),
+                        ],
+                    )?;
+                }
+                Step::Binary { a, b: bb, y, op } => {
+                    let n = prod(&self.shape(*y, b));
+                    let args_ab = [
+                        Arg::Ptr(self.ptr(*a)?),
+                        Arg::Ptr(self.ptr(*bb)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64(n as i64),
+                    ];
+                    match self.meta.get(&(i, b)) {
+                        Some(meta) => {
+                            let f = self.f("binary_bcast_f32")?;
+                            let mut args = args_ab.to_vec();
+                            args.push(Arg::Ptr(meta.ptr));
+                            args.push(Arg::I32(*op as i32));
+                            launch(f, s, n, &args)?;
+                        }
+                        None => {
+                            let f = self.f(&format!(
+                                "binary_same_{}",
+                                self.dt(self.plan.values[*y].layout)
+                            ))?;
+                            let mut args = args_ab.to_vec();
+                            args.push(Arg::I32(*op as i32));
+                            launch(f, s, n, &args)?;
+                        }
+                    }
+                }
+                Step::Softmax { x, y, axis } => {
+                    let d = self.shape(*x, b);
+                    let (outer, len, inner) = (prod(&d[..*axis]), d[*axis], prod(&d[axis + 1..]));
+                    let f = self.f("softmax_f32")?;
+                    launch(
+                        f,
+                        s,
+                        outer * inner,
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            Arg::I64(outer as i64),
+                            Arg::I32(len as i32),
+                            Arg::I64(inner as i64),
+                        ],
+                    )?;
+                }
+                Step::Transpose { x, y, .. } => {
+                    let n = prod(&self.shape(*y, b));
+                    let meta = self
+                        .meta
+                        .get(&(i, b))
+                        .ok_or_else(|| cuda_error("executor", "missing transpose metadata"))?;
+                    let f = self.f("transpose_f32")?;
+                    launch(
+                        f,
+                        s,
+                        n,
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            Arg::I64(n as i64),
+                            Arg::Ptr(meta.ptr),
+                        ],
+                    )?;
+                }
+                Step::ToRowMajor { x, y } => {
+                    let d = self.shape(*x, b);
+                    let f = self.f(&format!("nhwc_{}_to_nchw_f32", self.dt(Layout::Nhwc)))?;
+                    launch(
+                        f,
+                        s,
+                        prod(&d),
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            Arg::I64(prod(&d) as i64),
+                            Arg::I32(d[1] as i32),
+                            Arg::I64((d[2] * d[3]) as i64),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Capture the bucket's launches as a CUDA graph.
+    fn capture(&self, b: usize) -> Result<GraphExec> {
+        let s = self.stream.0;
+        // SAFETY: a live stream not already capturing; the captured work only touches engine memory.
+        unsafe {
+            drv::stream::begin_capture(
+                s,
+                dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| cuda_error("starting graph capture", e))?;
+        let enqueued = self.enqueue(b);
+        // SAFETY: ends the capture begun above, whatever happened in between.
+        let graph = unsafe { drv::stream::end_capture(s) };
+        enqueued?;
+        let graph = graph.map_err(|e| cuda_error("ending graph capture", e))?;
+        // SAFETY: a graph returned by end_capture; destroyed after instantiation.
+        let exec = unsafe { drv::graph::instantiate(graph, dsys::CUgraphInstantiate_flags(0)) };
+        // SAFETY: the graph handle from above, destroyed once.
+        let _ = unsafe { drv::graph::destroy(graph) };
+        exec.map(GraphExec)
+            .map_err(|e| cuda_error("instantiating the CUDA graph", e))
+    }
+}
+
+/// `[rank, out dims, a strides, b strides]` for the broadcasting kernel (stride 0 on broadcast axes).
+pub fn broadcast_meta(a: &[usize], b: &[usize], out: &[usize]) -> Vec<i64> {
+    let rank = out.len();
+    let strides = |s: &[usize]| -> Vec<i64> {
+        let mut padded = vec![1usize; rank - s.len()];
+        padded.extend_from_slice(s);
+        let mut st = vec![0i64; rank];
+        let mut acc = 1i64;
+        for d in (0..rank).rev() {
+            st[d] = if padded[d] == 1 && out[d] != 1 {
+                0
+            } else {
+                acc
+            };
+            acc *= padded[d] as i64;
+        }
+        st
+    };
+    let mut meta = vec![rank as i64];
+    meta.extend(out.iter().map(|&d| d as i64));
+    meta.extend(strides(a));
+    meta.extend(strides(b));
+    meta
+}
+
+/// `[rank, out dims, input strides in output order]` for the transpose kernel.
+pub fn transpose_meta(input: &[usize], perm: &[usize]) -> Vec<i64> {
+    let rank = input.len();
+    let mut in_strides = vec![1i64; rank];
+    for d in (0..rank.saturating_sub(1)).rev() {
+        in_strides[d] = in_strides[d + 1] * input[d + 1] as i64;
+    }
+    let mut meta = vec![rank as i64];
+    meta.extend(perm.iter().map(|&p| input[p] as i64));
+    meta.extend(perm.iter().map(|&p| in_strides[p]));
+    meta
+}
+
+impl Engine for CudaEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+        let per_in = self.info.input_len();
+        let per_out = self.info.output_len();
+        if !self.info.profile.contains(batch) {
+            return Err(Error::Shape(format!(
+                "batch of {batch} images is outside the engine's profile {} (min:opt:max)",
+                self.info.profile
+            )));
+        }
+        if input.len() != batch * per_in {
+            return Err(Error::Shape(format!(
+                "{} input values for a batch of {batch}; each image needs {per_in}",
+                input.len()
+            )));
+        }
+        let bucket =
+            bucket_for(&self.buckets, batch).ok_or_else(|| cuda_error("executor", "no bucket"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        self.pinned_in.as_f32_mut()[..input.len()].copy_from_slice(input);
+        let s = self.stream.0;
+        let input_ptr = self.ptr(self.plan.input)?;
+        let output_ptr = self.ptr(self.plan.output)?;
+        // SAFETY: pinned and device buffers hold max-batch data; the copies are ordered on the stream
+        // and complete before the synchronise below returns.
+        unsafe { drv::memcpy_htod_async(input_ptr, &self.pinned_in.as_f32()[..input.len()], s) }
+            .map_err(|e| cuda_error("uploading the batch", e))?;
+        match self.graphs.get(&bucket) {
+            // SAFETY: a graph instantiated for this engine's memory.
+            Some(g) => unsafe { drv::graph::launch(g.0, s) }
+                .map_err(|e| cuda_error("launching the CUDA graph", e))?,
+            None => self.enqueue(bucket)?,
+        }
+        let n_out = batch * per_out;
+        // SAFETY: as above; the pinned buffer is not read until the stream is synchronised.
+        unsafe {
+            drv::memcpy_dtoh_async(&mut self.pinned_out.as_f32_mut()[..n_out], output_ptr, s)
+        }
+        .map_err(|e| cuda_error("downloading the output", e))?;
+        self.stream.synchronize()?;
+        self.output.clear();
+        self.output
+            .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
+        Ok(&self.output)
+    }
+}
+
+impl Drop for CudaEngine {
+    fn drop(&mut self) {
+        // Fields free device memory as they drop; make sure the context is current for that.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.stream.synchronize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_profile() {
+        assert_eq!(batch_buckets(1, 32), vec![1, 2, 4, 8, 16, 32]);
+        assert_eq!(batch_buckets(1, 3), vec![1, 2, 3]);
+        assert_eq!(batch_buckets(4, 4), vec![4]);
+        assert_eq!(batch_buckets(3, 12), vec![4, 8, 12]);
+        let b = batch_buckets(1, 32);
+        assert_eq!(bucket_for(&b, 5), Some(8));
+        assert_eq!(bucket_for(&b, 33), None);
+    }
+
+    #[test]
+    fn broadcast_and_transpose_metadata() {
+        // [1,2,A] (anchors) against [B,2,A].
+        let m = broadcast_meta(&[1, 2, 5], &[3, 2, 5], &[3, 2, 5]);
+        assert_eq!(m, vec![3, 3, 2, 5, 0, 5, 1, 10, 5, 1]);
+        // A scalar-like [1] against [2,3].
+        let m = broadcast_meta(&[2, 3], &[1], &[2, 3]);
+        assert_eq!(m, vec![2, 2, 3, 3, 1, 0, 0]);
+        // [B,4,16,A] -> perm [0,2,1,3].
+        let m = transpose_meta(&[2, 4, 16, 7], &[0, 2, 1, 3]);
+        assert_eq!(m, vec![4, 2, 16, 4, 7, 448, 7, 112, 1]);
+    }
+
+    /// Kernel sources compile with NVRTC where the library is present (CI installs it in the venv).
+    #[test]
+    fn kernels_compile_with_nvrtc_when_present() {
+        // SAFETY: only probes for the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            // scripts/test.sh (CI) installs NVRTC and sets this, so there the check cannot be skipped.
+            assert!(
+                std::env::var_os("KESTREL_REQUIRE_NVRTC").is_none(),
+                "KESTREL_REQUIRE_NVRTC is set but libnvrtc.so.13 is not on LD_LIBRARY_PATH"
+            );
+            eprintln!("NVRTC not found: kernel compilation not checked here");
+            return;
+        }
+        let ptx = compile_kernels(Some("compute_80")).expect("kernels.cu compiles");
+        for name in KERNEL_NAMES {
+            assert!(
+                ptx.contains(&format!(".entry {name}")),
+                "{name} missing from the PTX"
+            );
+        }
+    }
+}

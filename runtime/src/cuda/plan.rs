@@ -1,0 +1,852 @@
+//! Lowering an ONNX graph to the `cuda` backend's execution plan. Pure logic (no GPU), unit-tested
+//! on the CPU-only machines.
+//!
+//! The convolutional trunk runs channels-last (NHWC) in the engine's precision; Conv + bias +
+//! activation (SiLU as `x * sigmoid(x)`, or ReLU) + the residual Add that follows become one
+//! [`Step::Conv`]. Tensors the trunk does not own (reshapes, softmax, the DFL and box decoding)
+//! are row-major float32 with ONNX semantics; a [`Step::ToRowMajor`] converts at the boundary.
+
+use std::collections::HashMap;
+
+use kestrel_exporter::onnx::pb;
+use kestrel_exporter::shapes::{self, Dim};
+
+use crate::error::{Error, Result};
+
+/// Index of a value (tensor) in [`EnginePlan::values`].
+pub type ValueId = usize;
+
+/// Memory layout of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Channels-last 4-D tensor in the engine's trunk precision.
+    Nhwc,
+    /// ONNX order, float32.
+    RowMajor,
+}
+
+/// Activation fused into a step: codes shared with `kernels.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None = 0,
+    Silu = 1,
+    Relu = 2,
+    Sigmoid = 3,
+}
+
+/// Binary operation codes shared with `kernels.cu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
+/// A tensor of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Value {
+    pub name: String,
+    /// Logical ONNX shape; the batch may be symbolic.
+    pub dims: Vec<Dim>,
+    pub layout: Layout,
+    /// Index into [`EnginePlan::constants`] when the value is a constant uploaded at build time.
+    pub constant: Option<usize>,
+    /// Another value whose memory this one shares (Reshape, Identity).
+    pub alias_of: Option<ValueId>,
+}
+
+impl Value {
+    /// Element count with the batch set to `batch`.
+    pub fn numel(&self, batch: usize) -> usize {
+        self.dims
+            .iter()
+            .map(|d| d.fixed().map(|v| v as usize).unwrap_or(batch))
+            .product()
+    }
+
+    /// Dimensions with the batch set to `batch`.
+    pub fn shape(&self, batch: usize) -> Vec<usize> {
+        self.dims
+            .iter()
+            .map(|d| d.fixed().map(|v| v as usize).unwrap_or(batch))
+            .collect()
+    }
+}
+
+/// A float32 constant (weights, biases, anchors, scales).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constant {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// Convolution geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+    pub dilation: [usize; 2],
+    pub group: usize,
+}
+
+/// One operation of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The engine input (row-major NCHW float32) to the trunk's NHWC layout.
+    InputToNhwc {
+        x: ValueId,
+        y: ValueId,
+    },
+    /// y = act(conv(x, weight) + bias) (+ residual); NHWC in the trunk, NCHW float32 otherwise.
+    Conv {
+        x: ValueId,
+        y: ValueId,
+        weight: usize,
+        bias: Option<usize>,
+        geometry: ConvGeometry,
+        act: Act,
+        residual: Option<ValueId>,
+        layout: Layout,
+    },
+    /// Max or average pooling, NHWC.
+    Pool {
+        x: ValueId,
+        y: ValueId,
+        max: bool,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pads: [usize; 4],
+        count_include_pad: bool,
+    },
+    /// Nearest-neighbour resize by integer factors, NHWC.
+    ResizeNearest {
+        x: ValueId,
+        y: ValueId,
+    },
+    /// Copy `count` slices along `axis`: `y[.., out_offset + j, ..] = x[.., in_offset + j, ..]`.
+    /// Concat, Split and Slice are made of these.
+    CopyAxis {
+        x: ValueId,
+        y: ValueId,
+        axis: usize,
+        in_offset: usize,
+        out_offset: usize,
+        count: usize,
+    },
+    Unary {
+        x: ValueId,
+        y: ValueId,
+        act: Act,
+    },
+    /// Same-shape operands (any layout) or row-major broadcasting.
+    Binary {
+        a: ValueId,
+        b: ValueId,
+        y: ValueId,
+        op: BinaryOp,
+    },
+    Softmax {
+        x: ValueId,
+        y: ValueId,
+        axis: usize,
+    },
+    Transpose {
+        x: ValueId,
+        y: ValueId,
+        perm: Vec<usize>,
+    },
+    ToRowMajor {
+        x: ValueId,
+        y: ValueId,
+    },
+}
+
+/// What the executor runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnginePlan {
+    pub values: Vec<Value>,
+    pub constants: Vec<Constant>,
+    pub steps: Vec<Step>,
+    /// The engine input (row-major NCHW float32).
+    pub input: ValueId,
+    /// The engine output (row-major float32).
+    pub output: ValueId,
+}
+
+impl EnginePlan {
+    /// The value holding the memory of `v` (follows aliases).
+    pub fn storage_of(&self, mut v: ValueId) -> ValueId {
+        while let Some(a) = self.values[v].alias_of {
+            v = a;
+        }
+        v
+    }
+
+    /// Number of convolutions and how many of them carry a fused activation / residual.
+    pub fn fusion_counts(&self) -> (usize, usize, usize) {
+        let mut convs = 0;
+        let mut acts = 0;
+        let mut residuals = 0;
+        for s in &self.steps {
+            if let Step::Conv { act, residual, .. } = s {
+                convs += 1;
+                acts += usize::from(*act != Act::None);
+                residuals += usize::from(residual.is_some());
+            }
+        }
+        (convs, acts, residuals)
+    }
+}
+
+struct Lowering<'g> {
+    graph: &'g pb::GraphProto,
+    shapes: shapes::ShapeMap,
+    initializers: HashMap<&'g str, &'g pb::TensorProto>,
+    int_consts: HashMap<String, Vec<i64>>,
+    consumers: HashMap<&'g str, Vec<usize>>,
+    plan: EnginePlan,
+    by_name: HashMap<String, ValueId>,
+    /// Row-major twin of an NHWC value, once converted.
+    row_major: HashMap<ValueId, ValueId>,
+    /// NHWC twin of the (row-major) engine input.
+    input_nhwc: Option<ValueId>,
+    constant_ids: HashMap<String, usize>,
+    skip: Vec<bool>,
+}
+
+fn unsupported(node: &pb::NodeProto, why: &str) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: format!(
+            "node '{}' ({}) is not supported by the cuda backend: {why}",
+            node.name, node.op_type
+        ),
+    }
+}
+
+fn attr_pair(node: &pb::NodeProto, name: &str, default: usize) -> [usize; 2] {
+    match node.attr_ints(name) {
+        Some([a, b]) => [*a as usize, *b as usize],
+        _ => [default, default],
+    }
+}
+
+fn attr_pads(node: &pb::NodeProto) -> [usize; 4] {
+    match node.attr_ints("pads") {
+        Some([t, l, b, r]) => [*t as usize, *l as usize, *b as usize, *r as usize],
+        _ => [0; 4],
+    }
+}
+
+impl<'g> Lowering<'g> {
+    fn new(graph: &'g pb::GraphProto) -> Result<Self> {
+        let shapes = shapes::infer_graph(graph).map_err(|e| Error::Backend {
+            backend: "cuda",
+            message: format!("shape inference: {e}"),
+        })?;
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in graph.node.iter().enumerate() {
+            for input in n.input.iter().filter(|s| !s.is_empty()) {
+                consumers.entry(input.as_str()).or_default().push(i);
+            }
+        }
+        Ok(Self {
+            graph,
+            shapes,
+            initializers: graph
+                .initializer
+                .iter()
+                .map(|t| (t.name.as_str(), t))
+                .collect(),
+            int_consts: shapes::int_constants(graph),
+            consumers,
+            plan: EnginePlan {
+                values: Vec::new(),
+                constants: Vec::new(),
+                steps: Vec::new(),
+                input: 0,
+                output: 0,
+            },
+            by_name: HashMap::new(),
+            row_major: HashMap::new(),
+            input_nhwc: None,
+            constant_ids: HashMap::new(),
+            skip: vec![false; graph.node.len()],
+        })
+    }
+
+    fn new_value(&mut self, name: &str, dims: Vec<Dim>, layout: Layout) -> ValueId {
+        self.plan.values.push(Value {
+            name: name.to_string(),
+            dims,
+            layout,
+            constant: None,
+            alias_of: None,
+        });
+        let id = self.plan.values.len() - 1;
+        self.by_name.insert(name.to_string(), id);
+        id
+    }
+
+    fn dims_of(&self, name: &str) -> Result<Vec<Dim>> {
+        self.shapes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Backend {
+                backend: "cuda",
+                message: format!("no shape for '{name}'"),
+            })
+    }
+
+    fn constant(&mut self, name: &str) -> Result<usize> {
+        if let Some(&i) = self.constant_ids.get(name) {
+            return Ok(i);
+        }
+        let t = self.initializers.get(name).ok_or_else(|| Error::Backend {
+            backend: "cuda",
+            message: format!("'{name}' must be a float32 initializer"),
+        })?;
+        let values = t.to_f32().ok_or_else(|| Error::Backend {
+            backend: "cuda",
+            message: format!("initializer '{name}' is not float32 data"),
+        })?;
+        self.plan.constants.push(Constant {
+            name: name.to_string(),
+            dims: t.dims.iter().map(|&d| d as usize).collect(),
+            values,
+        });
+        let id = self.plan.constants.len() - 1;
+        self.constant_ids.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    /// The value for `name`, as a constant value when it is an initializer.
+    fn value(&mut self, name: &str) -> Result<ValueId> {
+        if let Some(&v) = self.by_name.get(name) {
+            return Ok(v);
+        }
+        if self.initializers.contains_key(name) {
+            let c = self.constant(name)?;
+            let dims = self.plan.constants[c]
+                .dims
+                .iter()
+                .map(|&d| Dim::Fixed(d as i64))
+                .collect();
+            let v = self.new_value(name, dims, Layout::RowMajor);
+            self.plan.values[v].constant = Some(c);
+            return Ok(v);
+        }
+        Err(Error::Backend {
+            backend: "cuda",
+            message: format!("value '{name}' is used before it is produced"),
+        })
+    }
+
+    fn layout(&self, v: ValueId) -> Layout {
+        self.plan.values[v].layout
+    }
+
+    /// `v` in NHWC (the engine input gets converted once); `None` if it is not a trunk tensor.
+    fn as_nhwc(&mut self, v: ValueId) -> Option<ValueId> {
+        if self.layout(v) == Layout::Nhwc {
+            return Some(v);
+        }
+        if v == self.plan.input {
+            if let Some(n) = self.input_nhwc {
+                return Some(n);
+            }
+            let dims = self.plan.values[v].dims.clone();
+            let name = format!("{}.nhwc", self.plan.values[v].name);
+            let y = self.new_value(&name, dims, Layout::Nhwc);
+            self.plan.steps.push(Step::InputToNhwc { x: v, y });
+            self.input_nhwc = Some(y);
+            return Some(y);
+        }
+        None
+    }
+
+    /// `v` in row-major float32, converting an NHWC value once.
+    fn as_row_major(&mut self, v: ValueId) -> ValueId {
+        if self.layout(v) == Layout::RowMajor {
+            return v;
+        }
+        if let Some(&r) = self.row_major.get(&v) {
+            return r;
+        }
+        let dims = self.plan.values[v].dims.clone();
+        let name = format!("{}.rowmajor", self.plan.values[v].name);
+        let y = self.new_value(&name, dims, Layout::RowMajor);
+        self.plan.steps.push(Step::ToRowMajor { x: v, y });
+        self.row_major.insert(v, y);
+        y
+    }
+
+    fn only_consumers(&self, value: &str) -> &[usize] {
+        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    fn is_graph_output(&self, value: &str) -> bool {
+        self.graph.output.iter().any(|o| o.name == value)
+    }
+
+    /// Look ahead from a convolution's output for `x * sigmoid(x)` or `relu(x)` that only it feeds.
+    /// Returns the activation, the name of the activated value, and the nodes it absorbed.
+    fn fusable_activation(&self, conv_out: &str) -> (Act, String, Vec<usize>) {
+        let none = (Act::None, conv_out.to_string(), vec![]);
+        if self.is_graph_output(conv_out) {
+            return none;
+        }
+        let users = self.only_consumers(conv_out);
+        let nodes = &self.graph.node;
+        if let [u] = users {
+            if nodes[*u].op_type == "Relu" {
+                return (Act::Relu, nodes[*u].output[0].clone(), vec![*u]);
+            }
+        }
+        if let [a, b] = users {
+            let (s, m) = if nodes[*a].op_type == "Sigmoid" {
+                (*a, *b)
+            } else {
+                (*b, *a)
+            };
+            let sig_out = &nodes[s].output[0];
+            if nodes[s].op_type == "Sigmoid"
+                && nodes[m].op_type == "Mul"
+                && self.only_consumers(sig_out) == [m]
+                && !self.is_graph_output(sig_out)
+                && nodes[m].input.iter().any(|i| i == conv_out)
+                && nodes[m].input.iter().any(|i| i == sig_out)
+            {
+                return (Act::Silu, nodes[m].output[0].clone(), vec![s, m]);
+            }
+        }
+        none
+    }
+
+    fn lower_conv(&mut self, i: usize) -> Result<()> {
+        let node = &self.graph.node[i];
+        let x = self.value(&node.input[0])?;
+        let weight = self.constant(&node.input[1])?;
+        let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
+            Some(b) => Some(self.constant(b)?),
+            None => None,
+        };
+        let wdims = &self.plan.constants[weight].dims;
+        if wdims.len() != 4 {
+            return Err(unsupported(node, "only 2-D convolutions are supported"));
+        }
+        let geometry = ConvGeometry {
+            kernel: [wdims[2], wdims[3]],
+            stride: attr_pair(node, "strides", 1),
+            pads: attr_pads(node),
+            dilation: attr_pair(node, "dilations", 1),
+            group: node.attr_int("group", 1) as usize,
+        };
+        let (x, layout) = match self.as_nhwc(x) {
+            Some(n) => (n, Layout::Nhwc),
+            None => (x, Layout::RowMajor),
+        };
+        let (mut act, mut out_name, absorbed) = self.fusable_activation(&node.output[0]);
+        if layout == Layout::RowMajor && act == Act::Silu {
+            // Keep the tail simple: row-major convolutions fuse only plain activations.
+            act = Act::None;
+            out_name = node.output[0].clone();
+        } else {
+            for n in absorbed {
+                self.skip[n] = true;
+            }
+        }
+        // A residual Add right after the activation, whose other operand already exists.
+        let mut residual = None;
+        if layout == Layout::Nhwc && !self.is_graph_output(&out_name) {
+            if let [u] = *self.only_consumers(&out_name) {
+                let add = &self.graph.node[u];
+                if add.op_type == "Add" && add.input.len() == 2 {
+                    let other = if add.input[0] == out_name {
+                        &add.input[1]
+                    } else {
+                        &add.input[0]
+                    };
+                    let same_shape = self.shapes.get(other) == self.shapes.get(&out_name);
+                    if let Some(&o) = self.by_name.get(other.as_str()) {
+                        if same_shape && self.layout(o) == Layout::Nhwc {
+                            residual = Some(o);
+                            self.skip[u] = true;
+                            out_name = add.output[0].clone();
+                        }
+                    }
+                }
+            }
+        }
+        let dims = self.dims_of(&out_name)?;
+        let y = self.new_value(&out_name, dims, layout);
+        self.plan.steps.push(Step::Conv {
+            x,
+            y,
+            weight,
+            bias,
+            geometry,
+            act,
+            residual,
+            layout,
+        });
+        Ok(())
+    }
+
+    fn lower_node(&mut self, i: usize) -> Result<()> {
+        let node = &self.graph.node[i];
+        let out = node.output.first().cloned().unwrap_or_default();
+        match node.op_type.as_str() {
+            "Conv" => self.lower_conv(i)?,
+            "Sigmoid" | "Relu" => {
+                let act = if node.op_type == "Relu" {
+                    Act::Relu
+                } else {
+                    Act::Sigmoid
+                };
+                let x = self.value(&node.input[0])?;
+                let layout = self.layout(x);
+                let dims = self.dims_of(&out)?;
+                let y = self.new_value(&out, dims, layout);
+                self.plan.steps.push(Step::Unary { x, y, act });
+            }
+            "Add" | "Sub" | "Mul" | "Div" => {
+                let op = match node.op_type.as_str() {
+                    "Add" => BinaryOp::Add,
+                    "Sub" => BinaryOp::Sub,
+                    "Mul" => BinaryOp::Mul,
+                    _ => BinaryOp::Div,
+                };
+                let a = self.value(&node.input[0])?;
+                let b = self.value(&node.input[1])?;
+                let same = self.plan.values[a].dims == self.plan.values[b].dims;
+                let dims = self.dims_of(&out)?;
+                let (a, b, layout) =
+                    if same && self.layout(a) == Layout::Nhwc && self.layout(b) == Layout::Nhwc {
+                        (a, b, Layout::Nhwc)
+                    } else {
+                        (self.as_row_major(a), self.as_row_major(b), Layout::RowMajor)
+                    };
+                let y = self.new_value(&out, dims, layout);
+                self.plan.steps.push(Step::Binary { a, b, y, op });
+            }
+            "MaxPool" | "AveragePool" => {
+                let x = self.value(&node.input[0])?;
+                let x = self.as_nhwc(x).ok_or_else(|| {
+                    unsupported(node, "pooling runs on the convolutional trunk only")
+                })?;
+                if node.attr_int("ceil_mode", 0) != 0 {
+                    return Err(unsupported(node, "ceil_mode=1"));
+                }
+                let dims = self.dims_of(&out)?;
+                let y = self.new_value(&out, dims, Layout::Nhwc);
+                self.plan.steps.push(Step::Pool {
+                    x,
+                    y,
+                    max: node.op_type == "MaxPool",
+                    kernel: attr_pair(node, "kernel_shape", 1),
+                    stride: attr_pair(node, "strides", 1),
+                    pads: attr_pads(node),
+                    count_include_pad: node.attr_int("count_include_pad", 0) != 0,
+                });
+            }
+            "Resize" => {
+                let x = self.value(&node.input[0])?;
+                let x = self.as_nhwc(x).ok_or_else(|| {
+                    unsupported(node, "resize runs on the convolutional trunk only")
+                })?;
+                let mode = node.attr_string("mode").unwrap_or_else(|| "nearest".into());
+                let ctm = node
+                    .attr_string("coordinate_transformation_mode")
+                    .unwrap_or_else(|| "half_pixel".into());
+                let nearest = node
+                    .attr_string("nearest_mode")
+                    .unwrap_or_else(|| "round_prefer_floor".into());
+                if mode != "nearest" || ctm != "asymmetric" || nearest != "floor" {
+                    return Err(unsupported(
+                        node,
+                        "only nearest/asymmetric/floor resizing (nn.Upsample) is supported",
+                    ));
+                }
+                let dims = self.dims_of(&out)?;
+                let xd = &self.plan.values[x].dims;
+                let integer = (2..4).all(|a| match (xd[a].fixed(), dims[a].fixed()) {
+                    (Some(i), Some(o)) => i > 0 && o % i == 0,
+                    _ => false,
+                });
+                if !integer {
+                    return Err(unsupported(
+                        node,
+                        "only integer upsampling factors are supported",
+                    ));
+                }
+                let y = self.new_value(&out, dims, Layout::Nhwc);
+                self.plan.steps.push(Step::ResizeNearest { x, y });
+            }
+            "Concat" => {
+                let inputs: Vec<ValueId> = node
+                    .input
+                    .iter()
+                    .map(|n| self.value(n))
+                    .collect::<Result<_>>()?;
+                let dims = self.dims_of(&out)?;
+                let rank = dims.len() as i64;
+                let axis = node.attr_int("axis", 0);
+                let axis = (if axis < 0 { axis + rank } else { axis }) as usize;
+                let nhwc: Option<Vec<ValueId>> = if axis == 1 && rank == 4 {
+                    inputs.iter().map(|&v| self.as_nhwc(v)).collect()
+                } else {
+                    None
+                };
+                let (inputs, layout) = match nhwc {
+                    Some(v) => (v, Layout::Nhwc),
+                    None => (
+                        inputs.into_iter().map(|v| self.as_row_major(v)).collect(),
+                        Layout::RowMajor,
+                    ),
+                };
+                let y = self.new_value(&out, dims, layout);
+                let mut offset = 0;
+                for x in inputs {
+                    let count = self.plan.values[x].dims[axis]
+                        .fixed()
+                        .ok_or_else(|| unsupported(node, "concatenation along the batch axis"))?
+                        as usize;
+                    self.plan.steps.push(Step::CopyAxis {
+                        x,
+                        y,
+                        axis,
+                        in_offset: 0,
+                        out_offset: offset,
+                        count,
+                    });
+                    offset += count;
+                }
+            }
+            "Split" => {
+                let x = self.value(&node.input[0])?;
+                let rank = self.plan.values[x].dims.len() as i64;
+                let axis = node.attr_int("axis", 0);
+                let axis = (if axis < 0 { axis + rank } else { axis }) as usize;
+                let (x, layout) = match (axis == 1 && rank == 4).then(|| self.as_nhwc(x)).flatten()
+                {
+                    Some(n) => (n, Layout::Nhwc),
+                    None => (self.as_row_major(x), Layout::RowMajor),
+                };
+                let mut offset = 0;
+                for o in node.output.iter() {
+                    let dims = self.dims_of(o)?;
+                    let count = dims[axis]
+                        .fixed()
+                        .ok_or_else(|| unsupported(node, "split along the batch axis"))?
+                        as usize;
+                    let y = self.new_value(o, dims, layout);
+                    self.plan.steps.push(Step::CopyAxis {
+                        x,
+                        y,
+                        axis,
+                        in_offset: offset,
+                        out_offset: 0,
+                        count,
+                    });
+                    offset += count;
+                }
+            }
+            "Slice" => {
+                let x = self.value(&node.input[0])?;
+                let get = |k: usize| {
+                    node.input
+                        .get(k)
+                        .and_then(|n| self.int_consts.get(n))
+                        .cloned()
+                };
+                let (Some(starts), Some(axes)) = (get(1), get(3).or(Some(vec![0]))) else {
+                    return Err(unsupported(node, "starts/ends/axes must be constants"));
+                };
+                if starts.len() != 1 || axes.len() != 1 || get(4).is_some_and(|s| s != [1]) {
+                    return Err(unsupported(
+                        node,
+                        "only single-axis, step-1 slices are supported",
+                    ));
+                }
+                let rank = self.plan.values[x].dims.len() as i64;
+                let axis = (if axes[0] < 0 { axes[0] + rank } else { axes[0] }) as usize;
+                let len = self.plan.values[x].dims[axis]
+                    .fixed()
+                    .ok_or_else(|| unsupported(node, "slice of the batch axis"))?;
+                let start = (if starts[0] < 0 {
+                    starts[0] + len
+                } else {
+                    starts[0]
+                })
+                .clamp(0, len) as usize;
+                let dims = self.dims_of(&out)?;
+                let count = dims[axis].fixed().unwrap_or(0) as usize;
+                let x = self.as_row_major(x);
+                let y = self.new_value(&out, dims, Layout::RowMajor);
+                self.plan.steps.push(Step::CopyAxis {
+                    x,
+                    y,
+                    axis,
+                    in_offset: start,
+                    out_offset: 0,
+                    count,
+                });
+            }
+            "Reshape" | "Identity" => {
+                let x = self.value(&node.input[0])?;
+                let x = self.as_row_major(x);
+                let dims = self.dims_of(&out)?;
+                let y = self.new_value(&out, dims, Layout::RowMajor);
+                self.plan.values[y].alias_of = Some(x);
+            }
+            "Transpose" => {
+                let x = self.value(&node.input[0])?;
+                let x = self.as_row_major(x);
+                let rank = self.plan.values[x].dims.len();
+                let perm: Vec<usize> = match node.attr_ints("perm") {
+                    Some(p) => p.iter().map(|&v| v as usize).collect(),
+                    None => (0..rank).rev().collect(),
+                };
+                let dims = self.dims_of(&out)?;
+                let y = self.new_value(&out, dims, Layout::RowMajor);
+                self.plan.steps.push(Step::Transpose { x, y, perm });
+            }
+            "Softmax" => {
+                let x = self.value(&node.input[0])?;
+                let x = self.as_row_major(x);
+                let rank = self.plan.values[x].dims.len() as i64;
+                let axis = node.attr_int("axis", -1);
+                let axis = (if axis < 0 { axis + rank } else { axis }) as usize;
+                let dims = self.dims_of(&out)?;
+                let y = self.new_value(&out, dims, Layout::RowMajor);
+                self.plan.steps.push(Step::Softmax { x, y, axis });
+            }
+            other => {
+                return Err(unsupported(
+                    node,
+                    &format!("operator {other} has no cuda kernel yet"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lower `model` into an execution plan. The model must have one float32 image input and its
+/// first output is the engine output.
+pub fn lower(model: &pb::ModelProto) -> Result<EnginePlan> {
+    let graph = model.graph();
+    let mut lw = Lowering::new(graph)?;
+    let inits: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let input = graph
+        .input
+        .iter()
+        .find(|i| !inits.contains(i.name.as_str()))
+        .ok_or_else(|| Error::Backend {
+            backend: "cuda",
+            message: "the model has no input".into(),
+        })?;
+    let dims = lw.dims_of(&input.name)?;
+    lw.plan.input = lw.new_value(&input.name, dims, Layout::RowMajor);
+    for i in 0..graph.node.len() {
+        if !lw.skip[i] {
+            lw.lower_node(i)?;
+        }
+    }
+    let out_name = &graph
+        .output
+        .first()
+        .ok_or_else(|| Error::Backend {
+            backend: "cuda",
+            message: "the model has no output".into(),
+        })?
+        .name;
+    let out = lw.value(out_name)?;
+    lw.plan.output = lw.as_row_major(out);
+    Ok(lw.plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kestrel_exporter::{ExportOptions, ModelConfig, WeightSource, export};
+
+    fn plan_for(name: &str) -> EnginePlan {
+        let cfg = ModelConfig::new(name, 80, 640).unwrap();
+        let model = export(
+            &cfg,
+            &mut WeightSource::Random { seed: 0 },
+            &ExportOptions::dynamic(80),
+        )
+        .unwrap();
+        lower(&model).unwrap()
+    }
+
+    #[test]
+    fn gelan_t_fuses_every_activation_and_the_residuals() {
+        let plan = plan_for("gelan-t");
+        let (convs, acts, residuals) = plan.fusion_counts();
+        // 186 convolutions: all but the 6 final head convolutions and the DFL carry SiLU.
+        assert_eq!(convs, 186);
+        assert_eq!(acts, 186 - 7);
+        // gelan-t: 7 RepNCSPELAN4 blocks x 2 RepNCSP x 3 bottlenecks, each ending in a residual Add.
+        assert_eq!(residuals, 42);
+        // No stand-alone sigmoid/mul is left in the trunk: the only unary step is the score sigmoid.
+        let unary = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Unary { .. }))
+            .count();
+        assert_eq!(unary, 1);
+        assert_eq!(plan.values[plan.output].layout, Layout::RowMajor);
+        assert_eq!(plan.values[plan.output].shape(2), vec![2, 84, 8400]);
+    }
+
+    #[test]
+    fn every_size_lowers() {
+        for name in kestrel_exporter::spec::MODEL_NAMES {
+            let plan = plan_for(name);
+            assert!(plan.steps.len() > 100, "{name}");
+            // Every value is produced before it is read.
+            let mut ready = vec![false; plan.values.len()];
+            ready[plan.input] = true;
+            for (i, v) in plan.values.iter().enumerate() {
+                ready[i] |= v.constant.is_some();
+            }
+            let read = |v: ValueId, ready: &Vec<bool>| ready[plan.storage_of(v)];
+            for s in &plan.steps {
+                let (ins, outs): (Vec<ValueId>, Vec<ValueId>) = match s {
+                    Step::InputToNhwc { x, y }
+                    | Step::ResizeNearest { x, y }
+                    | Step::Unary { x, y, .. }
+                    | Step::Softmax { x, y, .. }
+                    | Step::Transpose { x, y, .. }
+                    | Step::ToRowMajor { x, y }
+                    | Step::Pool { x, y, .. } => (vec![*x], vec![*y]),
+                    Step::CopyAxis { x, y, .. } => (vec![*x], vec![*y]),
+                    Step::Conv { x, y, residual, .. } => {
+                        (std::iter::once(*x).chain(*residual).collect(), vec![*y])
+                    }
+                    Step::Binary { a, b, y, .. } => (vec![*a, *b], vec![*y]),
+                };
+                for i in ins {
+                    assert!(
+                        read(i, &ready),
+                        "{name}: {s:?} reads {} before it exists",
+                        plan.values[i].name
+                    );
+                }
+                for o in outs {
+                    ready[plan.storage_of(o)] = true;
+                }
+            }
+            assert!(read(plan.output, &ready));
+        }
+    }
+}

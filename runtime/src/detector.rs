@@ -1,0 +1,85 @@
+//! A detector: an engine with its pre- and post-processing, from RGB images to detections in
+//! the images' own pixels. Front ends (CLI, service, GStreamer) use this rather than engines.
+
+use image::RgbImage;
+
+use crate::detection::Detection;
+use crate::engine::{Engine, EngineInfo};
+use crate::error::{Error, Result};
+use crate::letterbox::{LetterboxParams, Letterboxer};
+use crate::nms::{NmsConfig, Postprocessor};
+
+/// Engine + letterbox + NMS with buffers reused across batches.
+pub struct Detector {
+    engine: Box<dyn Engine>,
+    letterboxer: Letterboxer,
+    postprocessor: Postprocessor,
+    input: Vec<f32>,
+    placements: Vec<LetterboxParams>,
+}
+
+impl Detector {
+    pub fn new(engine: Box<dyn Engine>) -> Self {
+        Self {
+            engine,
+            letterboxer: Letterboxer::new(),
+            postprocessor: Postprocessor::new(),
+            input: Vec::new(),
+            placements: Vec::new(),
+        }
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        self.engine.info()
+    }
+
+    /// Detect objects in a batch of images (at most the engine's maximum batch). `out[i]` receives
+    /// the detections of `images[i]`, boxes in that image's pixels, best first.
+    pub fn detect(
+        &mut self,
+        images: &[&RgbImage],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        cfg.validate()?;
+        let info = self.engine.info().clone();
+        let n = images.len();
+        if n == 0 {
+            out.clear();
+            return Ok(());
+        }
+        if n > info.profile.max {
+            return Err(Error::Shape(format!(
+                "{n} images exceed the engine's maximum batch of {}",
+                info.profile.max
+            )));
+        }
+        // Pad small batches up to the profile's minimum with the last image; their results are dropped.
+        let batch = n.max(info.profile.min);
+        let per_image = info.input_len();
+        self.input.resize(batch * per_image, 0.0);
+        self.placements.clear();
+        let [h, w] = info.input_hw;
+        for i in 0..batch {
+            let img = images[i.min(n - 1)];
+            let dst = &mut self.input[i * per_image..(i + 1) * per_image];
+            let p = self.letterboxer.run(img, w as u32, h as u32, dst)?;
+            self.placements.push(p);
+        }
+        let output = self.engine.run(&self.input, batch)?;
+        let per_out = info.output_len();
+        out.resize_with(n, Vec::new);
+        for (i, dets) in out.iter_mut().enumerate() {
+            dets.clear();
+            self.postprocessor.run(
+                &output[i * per_out..(i + 1) * per_out],
+                info.num_classes,
+                info.anchors,
+                &self.placements[i],
+                cfg,
+                dets,
+            )?;
+        }
+        Ok(())
+    }
+}

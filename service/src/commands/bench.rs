@@ -1,0 +1,195 @@
+//! `kestrel bench`: engine latency and throughput, in the manner of trtexec.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kestrel_exporter::{onnx, summarize};
+use kestrel_runtime::engine::{BatchProfile, build_engine};
+use serde::Serialize;
+
+use crate::util::{EngineArgs, check_model_file, cpu_description, utc_now};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Batch sizes to measure, comma separated (e.g. 1,4).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Seconds of warm-up per batch size (at least one run).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds of measurement per batch size.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Fewest timed runs per batch size, whatever the duration.
+    #[arg(long, default_value_t = 10)]
+    min_iterations: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Latency statistics in milliseconds.
+#[derive(Debug, Serialize)]
+struct Latency {
+    min: f64,
+    max: f64,
+    mean: f64,
+    median: f64,
+    p90: f64,
+    p95: f64,
+    p99: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchResult {
+    batch: usize,
+    iterations: usize,
+    /// Time of one engine run (host input to host output), milliseconds.
+    latency_ms: Latency,
+    /// Engine runs per second.
+    throughput_qps: f64,
+    /// Images per second (runs × batch).
+    images_per_s: f64,
+}
+
+/// The value at quantile `q` (0–1) of sorted `v`, nearest rank.
+fn percentile(v: &[f64], q: f64) -> f64 {
+    let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[idx]
+}
+
+fn stats(mut ms: Vec<f64>) -> Latency {
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    let median = if n % 2 == 1 {
+        ms[n / 2]
+    } else {
+        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+    };
+    Latency {
+        min: ms[0],
+        max: ms[n - 1],
+        mean: ms.iter().sum::<f64>() / n as f64,
+        median,
+        p90: percentile(&ms, 0.90),
+        p95: percentile(&ms, 0.95),
+        p99: percentile(&ms, 0.99),
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.batch.is_empty() || a.batch.contains(&0) {
+        bail!("--batch needs sizes of at least 1, e.g. --batch 1,4");
+    }
+    if !(a.duration > 0.0) || a.warmup < 0.0 {
+        bail!("--duration must be positive and --warmup not negative (seconds)");
+    }
+    check_model_file(&a.engine.model)?;
+    let max = *a.batch.iter().max().unwrap_or(&1);
+    let min = *a.batch.iter().min().unwrap_or(&1);
+    let options = a.engine.build_options(BatchProfile {
+        min,
+        opt: a.batch[0],
+        max,
+    })?;
+    let built = Instant::now();
+    let mut engine = build_engine(&a.engine.model, &options)?;
+    let build_s = built.elapsed().as_secs_f64();
+    let info = engine.info().clone();
+    let summary = summarize(&onnx::read_model(&a.engine.model)?);
+    println!(
+        "model {} ({}), backend {}, precision {}, input {}x{}, built in {build_s:.2} s",
+        a.engine.model.display(),
+        info.model_name,
+        info.backend,
+        info.precision,
+        info.input_hw[0],
+        info.input_hw[1]
+    );
+    let mut results = Vec::new();
+    for &batch in &a.batch {
+        // Mid-grey input: the timing of these graphs does not depend on the pixel values.
+        let input = vec![0.5f32; batch * info.input_len()];
+        let warm_until = Instant::now() + Duration::from_secs_f64(a.warmup);
+        loop {
+            engine.run(&input, batch).context("warm-up run failed")?;
+            if Instant::now() >= warm_until {
+                break;
+            }
+        }
+        let mut ms = Vec::new();
+        let start = Instant::now();
+        let deadline = Duration::from_secs_f64(a.duration);
+        while ms.len() < a.min_iterations || start.elapsed() < deadline {
+            let t = Instant::now();
+            engine.run(&input, batch)?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let iterations = ms.len();
+        let latency = stats(ms);
+        let qps = iterations as f64 / wall;
+        println!(
+            "batch {batch:>3}: {iterations} runs | latency min {:.2} ms, mean {:.2} ms, median {:.2} ms, p99 {:.2} ms, max {:.2} ms | throughput {:.2} qps, {:.2} images/s",
+            latency.min,
+            latency.mean,
+            latency.median,
+            latency.p99,
+            latency.max,
+            qps,
+            qps * batch as f64
+        );
+        results.push(BatchResult {
+            batch,
+            iterations,
+            latency_ms: latency,
+            throughput_qps: qps,
+            images_per_s: qps * batch as f64,
+        });
+    }
+    if let Some(path) = &a.json {
+        let (cpu, cores) = cpu_description();
+        let record = serde_json::json!({
+            "tool": "kestrel bench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "date": utc_now(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "machine": { "cpu": cpu, "cores": cores, "gpu": null },
+            "model": {
+                "path": a.engine.model.display().to_string(),
+                "name": info.model_name,
+                "input": info.input_hw,
+                "params": summary.params,
+                "gflops": summary.flops.map(|f| f / 1e9),
+            },
+            "backend": info.backend.name(),
+            "precision": info.precision.name(),
+            "build_s": build_s,
+            "timing": "wall-clock time of Engine::run (input and output on the host), after warm-up",
+            "results": results,
+        });
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create", dir.display()))?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&record)?)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        println!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics() {
+        let s = stats((1..=100).map(f64::from).collect());
+        assert_eq!((s.min, s.max, s.median, s.p99), (1.0, 100.0, 50.5, 99.0));
+        assert!((s.mean - 50.5).abs() < 1e-9);
+    }
+}

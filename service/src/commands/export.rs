@@ -1,0 +1,129 @@
+//! `kestrel export`: a GELAN model to ONNX.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use kestrel_exporter::weights::save_safetensors;
+use kestrel_exporter::{
+    Activation, ExportOptions, ModelConfig, WeightFile, WeightSource, export, inspect, onnx,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Architecture: gelan-t, gelan-s, gelan-m, gelan-c or gelan-e.
+    #[arg(long, short = 'm')]
+    model: String,
+    /// Weights (safetensors, names as YOLOv9's fused state dict; see --list-weights).
+    /// Without it, weights are seeded random: the model runs but detects nothing useful.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Number of classes.
+    #[arg(long, default_value_t = 80)]
+    classes: usize,
+    /// Class names, one per line (default: class0, class1, ...).
+    #[arg(long)]
+    names: Option<PathBuf>,
+    /// Input size in pixels (square, a multiple of 32).
+    #[arg(long, default_value_t = 640)]
+    imgsz: usize,
+    /// Dynamic batch dimension (otherwise the batch is fixed to --batch).
+    #[arg(long)]
+    dynamic: bool,
+    /// Fixed batch size when not --dynamic.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Use ReLU instead of SiLU after every convolution.
+    #[arg(long)]
+    relu: bool,
+    /// Also write the model's weights to this safetensors file.
+    #[arg(long)]
+    save_weights: Option<PathBuf>,
+    /// Print the weight names and shapes the model expects, and exit.
+    #[arg(long)]
+    list_weights: bool,
+    /// Output ONNX file.
+    #[arg(long, short = 'o', required_unless_present = "list_weights")]
+    output: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut cfg = ModelConfig::new(&a.model, a.classes, a.imgsz)?;
+    if a.relu {
+        cfg.activation = Activation::Relu;
+    }
+    let class_names = match &a.names {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read the class names", path.display()))?;
+            let names: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if names.len() != a.classes {
+                bail!(
+                    "{}: {} class names for --classes {}; give one name per line for each class",
+                    path.display(),
+                    names.len(),
+                    a.classes
+                );
+            }
+            names
+        }
+        None => (0..a.classes).map(|i| format!("class{i}")).collect(),
+    };
+    let options = ExportOptions {
+        batch: if a.dynamic { None } else { Some(a.batch) },
+        class_names,
+    };
+    let mut source = match &a.weights {
+        Some(path) => {
+            if !path.exists() {
+                bail!("{}: weights file not found", path.display());
+            }
+            WeightSource::File(WeightFile::load(path)?)
+        }
+        None => WeightSource::Random { seed: a.seed },
+    };
+    let model = export(&cfg, &mut source, &options)?;
+    let params = inspect::conv_parameters(&model);
+    if a.list_weights {
+        for (name, t) in &params {
+            println!("{name} {:?}", t.shape);
+        }
+        return Ok(());
+    }
+    let Some(output) = &a.output else {
+        bail!("give the output file with -o FILE.onnx");
+    };
+    onnx::write_model(&model, output)?;
+    if let Some(path) = &a.save_weights {
+        save_safetensors(path, &params)?;
+    }
+    let summary = inspect::summarize(&model);
+    println!(
+        "wrote {} ({}, {} classes, {}x{}, batch {}, {:.3}M parameters, {:.2} GFLOPs{})",
+        output.display(),
+        cfg.spec.name,
+        cfg.num_classes,
+        cfg.imgsz[0],
+        cfg.imgsz[1],
+        if a.dynamic {
+            "dynamic".to_string()
+        } else {
+            a.batch.to_string()
+        },
+        summary.params as f64 / 1e6,
+        summary.flops.unwrap_or(0.0) / 1e9,
+        if a.weights.is_none() {
+            ", random untrained weights"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! One module per subcommand: its arguments (clap) and its `run`.
+
+pub mod bench;
+pub mod export;
+pub mod infer;
+pub mod inspect;
+pub mod synth;
+pub mod val;

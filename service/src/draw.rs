@@ -1,0 +1,111 @@
+//! Annotated pictures: boxes in a colour per class, with "label score" tags.
+
+use ab_glyph::{FontVec, PxScale};
+use image::{Rgb, RgbImage};
+use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
+use imageproc::rect::Rect;
+use kestrel_runtime::Detection;
+
+/// Fonts tried for labels, in order (Debian's fonts-dejavu-core, installed by scripts/setup.sh).
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+];
+
+/// Draws detections; holds the label font.
+pub struct Annotator {
+    font: Option<FontVec>,
+}
+
+/// A distinct, stable colour for a class: hues spaced by the golden angle.
+pub fn class_colour(class_id: usize) -> Rgb<u8> {
+    let h = (class_id as f32 * 137.507_77) % 360.0;
+    let (s, v) = (0.85f32, 0.95f32);
+    let c = v * s;
+    let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    let to = |u: f32| ((u + m) * 255.0).round() as u8;
+    Rgb([to(r), to(g), to(b)])
+}
+
+impl Annotator {
+    /// Loads the first font found (`$KESTREL_FONT` first); without one, boxes are drawn without text.
+    pub fn new() -> Self {
+        let env = std::env::var("KESTREL_FONT").ok();
+        let font = env
+            .iter()
+            .map(String::as_str)
+            .chain(FONT_PATHS)
+            .find_map(|p| {
+                std::fs::read(p)
+                    .ok()
+                    .and_then(|b| FontVec::try_from_vec(b).ok())
+            });
+        if font.is_none() {
+            tracing::warn!(
+                "no label font found (install fonts-dejavu-core); drawing boxes without labels"
+            );
+        }
+        Self { font }
+    }
+
+    /// Draw `dets` onto `img`; `names[class_id]` labels each box.
+    pub fn draw(&self, img: &mut RgbImage, dets: &[Detection], names: &[String]) {
+        let (w, h) = (img.width() as i32, img.height() as i32);
+        let thickness = ((w.min(h) as f32 / 320.0).round() as i32).clamp(1, 6);
+        let scale = PxScale::from((w.min(h) as f32 / 40.0).clamp(11.0, 40.0));
+        for d in dets.iter().rev() {
+            let colour = class_colour(d.class_id);
+            let x1 = d.bbox.x1.round() as i32;
+            let y1 = d.bbox.y1.round() as i32;
+            let bw = (d.bbox.width().round() as u32).max(1);
+            let bh = (d.bbox.height().round() as u32).max(1);
+            for t in 0..thickness {
+                let rw = bw.saturating_sub(2 * t as u32).max(1);
+                let rh = bh.saturating_sub(2 * t as u32).max(1);
+                draw_hollow_rect_mut(img, Rect::at(x1 + t, y1 + t).of_size(rw, rh), colour);
+            }
+            if let Some(font) = &self.font {
+                let name = names.get(d.class_id).map(String::as_str).unwrap_or("?");
+                let text = format!("{name} {:.2}", d.score);
+                let (tw, th) = text_size(scale, font, &text);
+                let ty = if y1 - th as i32 - 4 >= 0 {
+                    y1 - th as i32 - 4
+                } else {
+                    y1
+                };
+                let tx = x1.clamp(0, (w - tw as i32 - 4).max(0));
+                draw_filled_rect_mut(img, Rect::at(tx, ty).of_size(tw + 4, th + 4), colour);
+                draw_text_mut(
+                    img,
+                    Rgb([255, 255, 255]),
+                    tx + 2,
+                    ty + 1,
+                    scale,
+                    font,
+                    &text,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_differ_between_neighbouring_classes() {
+        for c in 0..20 {
+            assert_ne!(class_colour(c), class_colour(c + 1));
+        }
+    }
+}

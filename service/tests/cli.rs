@@ -1,0 +1,367 @@
+//! The `kestrel` binary end to end: the happy path on a small model, and every user error giving a
+//! one-line message that names the problem, with a non-zero exit and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kestrel_exporter::builder::GraphBuilder;
+use kestrel_exporter::onnx::{self, pb};
+use kestrel_exporter::shapes::Dim;
+
+fn kestrel(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(args)
+        .output()
+        .expect("run kestrel")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cli")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Asserts failure with a single-line message containing every `needle`.
+fn assert_user_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.starts_with("error: ")),
+        "expected one-line error messages, got: {stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "message lacks '{n}': {stderr}");
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A model whose only input has the given dims (an Identity graph).
+fn model_with_input(path: &Path, dims: Vec<Dim>) {
+    let mut b = GraphBuilder::new();
+    let x = b.input("images", dims);
+    let y = b.node1("Identity", "id", &[&x], vec![]).unwrap();
+    b.output(&y, pb::data_type::FLOAT, "");
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(b.finish("bad", "")),
+        ..Default::default()
+    };
+    onnx::write_model(&model, path).unwrap();
+}
+
+#[test]
+fn export_synth_infer_val_bench() {
+    let dir = scratch("happy");
+    let model = dir.join("t.onnx");
+    let names = dir.join("names.txt");
+    std::fs::write(
+        &names,
+        "circle\nrectangle\ntriangle\nhexagon\nstar\ncross\n",
+    )
+    .unwrap();
+    let out = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t",
+        "--classes",
+        "6",
+        "--names",
+        p(&names),
+        "--imgsz",
+        "320",
+        "--dynamic",
+        "-o",
+        p(&model),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = kestrel(&["inspect", p(&model)]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("images     FLOAT    [batch, 3, 320, 320]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("output0    FLOAT    [batch, 10, 2100]"),
+        "{text}"
+    );
+
+    let data = dir.join("synth");
+    let out = kestrel(&[
+        "synth",
+        "-o",
+        p(&data),
+        "--images",
+        "5",
+        "--seed",
+        "3",
+        "--imgsz",
+        "320",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let results = dir.join("out");
+    let out = kestrel(&[
+        "infer",
+        "-m",
+        p(&model),
+        p(&data.join("images")),
+        "-o",
+        p(&results),
+        "--conf",
+        "0.00001",
+        "--batch",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jsons: Vec<_> = std::fs::read_dir(&results)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(jsons.len(), 5);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(jsons[0].path()).unwrap()).unwrap();
+    assert_eq!(v["width"], 320);
+    let dets = v["detections"].as_array().unwrap();
+    assert!(
+        !dets.is_empty(),
+        "random weights still give low-score boxes at conf 1e-5"
+    );
+    for d in dets {
+        let b = d["box"].as_array().unwrap();
+        let b: Vec<f64> = b.iter().map(|x| x.as_f64().unwrap()).collect();
+        assert!(
+            b[0] >= 0.0 && b[2] <= 320.0 && b[0] <= b[2] && b[1] <= b[3],
+            "{b:?}"
+        );
+        assert!(
+            [
+                "circle",
+                "rectangle",
+                "triangle",
+                "hexagon",
+                "star",
+                "cross"
+            ]
+            .contains(&d["class_name"].as_str().unwrap())
+        );
+    }
+
+    let out = kestrel(&[
+        "val",
+        "-m",
+        p(&model),
+        "--data",
+        p(&data.join("data.yaml")),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["map50_95"].as_f64().unwrap() >= 0.0);
+
+    let json = dir.join("bench.json");
+    let out = kestrel(&[
+        "bench",
+        "-m",
+        p(&model),
+        "--batch",
+        "1,2",
+        "--warmup",
+        "0",
+        "--duration",
+        "0.1",
+        "--min-iterations",
+        "2",
+        "--json",
+        p(&json),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+    assert!(v["results"][1]["images_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["backend"], "cpu");
+}
+
+#[test]
+fn missing_model_file() {
+    let dir = scratch("missing");
+    let img = dir.join("x.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let out = kestrel(&["infer", "-m", p(&dir.join("nope.onnx")), p(&img)]);
+    assert_user_error(
+        &out,
+        &["nope.onnx", "model file not found", "kestrel export"],
+    );
+    let out = kestrel(&["inspect", p(&dir.join("nope.onnx"))]);
+    assert_user_error(&out, &["model file not found"]);
+}
+
+#[test]
+fn truncated_and_non_onnx_files() {
+    let dir = scratch("truncated");
+    let good = dir.join("good.onnx");
+    let out = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t",
+        "--imgsz",
+        "64",
+        "-o",
+        p(&good),
+    ]);
+    assert!(out.status.success());
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = dir.join("cut.onnx");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let img = dir.join("x.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let out = kestrel(&["infer", "-m", p(&cut), p(&img)]);
+    assert_user_error(&out, &["cut.onnx", "not an ONNX model", "truncated"]);
+    let text = dir.join("notes.onnx");
+    std::fs::write(&text, "this is not a model\n").unwrap();
+    let out = kestrel(&["inspect", p(&text)]);
+    assert_user_error(&out, &["notes.onnx", "not an ONNX model"]);
+    let empty = dir.join("empty.onnx");
+    std::fs::write(&empty, "").unwrap();
+    let out = kestrel(&["bench", "-m", p(&empty)]);
+    assert_user_error(&out, &["empty.onnx", "empty"]);
+}
+
+#[test]
+fn wrong_input_rank_and_channels() {
+    let dir = scratch("shapes");
+    let img = dir.join("x.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let rank3 = dir.join("rank3.onnx");
+    model_with_input(&rank3, vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(64)]);
+    let out = kestrel(&["infer", "-m", p(&rank3), p(&img)]);
+    assert_user_error(&out, &["rank3.onnx", "rank 3", "[batch, 3, H, W]"]);
+    let four = dir.join("four.onnx");
+    model_with_input(
+        &four,
+        vec![Dim::Fixed(1), Dim::Fixed(4), Dim::Fixed(64), Dim::Fixed(64)],
+    );
+    let out = kestrel(&["infer", "-m", p(&four), p(&img)]);
+    assert_user_error(&out, &["four.onnx", "4 channels", "RGB"]);
+}
+
+#[test]
+fn unknown_model_name_and_bad_options() {
+    let dir = scratch("names");
+    let out = kestrel(&["export", "--model", "gelan-x", "-o", p(&dir.join("x.onnx"))]);
+    assert_user_error(
+        &out,
+        &[
+            "unknown model 'gelan-x'",
+            "gelan-t, gelan-s, gelan-m, gelan-c, gelan-e",
+        ],
+    );
+    let out = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t",
+        "--imgsz",
+        "100",
+        "-o",
+        p(&dir.join("x.onnx")),
+    ]);
+    assert_user_error(&out, &["input size 100", "multiple of 32"]);
+    let model = dir.join("t.onnx");
+    assert!(
+        kestrel(&[
+            "export",
+            "--model",
+            "gelan-t",
+            "--imgsz",
+            "64",
+            "-o",
+            p(&model)
+        ])
+        .status
+        .success()
+    );
+    let img = dir.join("x.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let out = kestrel(&["infer", "-m", p(&model), p(&img), "--backend", "tpu"]);
+    assert_user_error(&out, &["unknown backend 'tpu'", "cpu"]);
+    let out = kestrel(&["infer", "-m", p(&model), p(&img), "--conf", "2"]);
+    assert_user_error(&out, &["confidence threshold 2"]);
+    // A fixed-batch model asked for batches of 4.
+    let out = kestrel(&["infer", "-m", p(&model), p(&img), "--batch", "4"]);
+    assert_user_error(&out, &["fixed batch of 1", "--dynamic"]);
+}
+
+#[test]
+fn unreadable_image_is_named_and_others_still_processed() {
+    let dir = scratch("images");
+    let model = dir.join("t.onnx");
+    assert!(
+        kestrel(&[
+            "export",
+            "--model",
+            "gelan-t",
+            "--imgsz",
+            "64",
+            "-o",
+            p(&model)
+        ])
+        .status
+        .success()
+    );
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    image::RgbImage::new(40, 30)
+        .save(imgs.join("a.png"))
+        .unwrap();
+    std::fs::write(imgs.join("b.png"), b"\x89PNG garbage").unwrap();
+    let results = dir.join("out");
+    let out = kestrel(&["infer", "-m", p(&model), p(&imgs), "-o", p(&results)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("b.png") && stderr.contains("cannot read the image"),
+        "{stderr}"
+    );
+    assert!(
+        results.join("a.json").exists(),
+        "the readable image is still processed"
+    );
+    let out = kestrel(&["infer", "-m", p(&model), p(&dir.join("nothing-here"))]);
+    assert_user_error(&out, &["nothing-here", "no such file or folder"]);
+}
