@@ -222,6 +222,26 @@ impl EngineInfo {
 pub trait Engine: Send {
     fn info(&self) -> &EngineInfo;
     fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]>;
+
+    /// Device compute time of `iterations` runs of a batch of `batch` (milliseconds each), with no
+    /// host transfers, as trtexec's `--noDataTransfers` measures it; `None` where the backend has no
+    /// separate device (the CPU).
+    fn time_compute(&mut self, batch: usize, iterations: usize) -> Result<Option<Vec<f64>>> {
+        let _ = (batch, iterations);
+        Ok(None)
+    }
+
+    /// Device time per layer for one run of a batch of `batch`: (layer kind, milliseconds) in
+    /// execution order; `None` where the backend cannot measure it.
+    fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {
+        let _ = batch;
+        Ok(None)
+    }
+
+    /// The accelerator the engine runs on (GPU name), if any.
+    fn device_name(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The model facts the runtime reads from an ONNX file before handing it to a backend: checks that

@@ -173,6 +173,66 @@ impl ConvPlan {
         Ok(plan)
     }
 
+    /// Time every algorithm cuDNN offers on the real buffers (`cudnnFindConvolutionForwardAlgorithmEx`)
+    /// and keep the fastest whose workspace fits `workspace_bytes` (like TensorRT's tactic timing).
+    /// `y` is overwritten.
+    pub fn choose_fastest(
+        &mut self,
+        dnn_handle: &Dnn,
+        x: u64,
+        w: u64,
+        y: u64,
+        workspace: u64,
+        workspace_bytes: usize,
+    ) -> Result<()> {
+        let mut perf: [nsys::cudnnConvolutionFwdAlgoPerf_t; 10] = unsafe { std::mem::zeroed() };
+        let mut returned = 0;
+        // SAFETY: descriptors describe the buffers, which the executor sized for them; cuDNN
+        // writes at most 10 results.
+        unsafe {
+            nsys::cudnnFindConvolutionForwardAlgorithmEx(
+                dnn_handle.0,
+                self.x,
+                x as *const c_void,
+                self.w,
+                w as *const c_void,
+                self.conv,
+                self.y,
+                y as *mut c_void,
+                10,
+                &mut returned,
+                perf.as_mut_ptr(),
+                workspace as *mut c_void,
+                workspace_bytes,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_error("timing convolution algorithms", e))?;
+        // Results come sorted by time; take the first that succeeded and fits.
+        if let Some(best) = perf[..returned.max(0) as usize].iter().find(|p| {
+            p.status == nsys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= workspace_bytes
+        }) {
+            self.algo = best.algo;
+            // cuDNN timed the algorithm with this math type; run it the same way.
+            // SAFETY: a live descriptor.
+            unsafe { dnn::set_convolution_math_type(self.conv, best.mathType) }
+                .map_err(|e| cuda_error("math type", e))?;
+            // SAFETY: descriptors are live.
+            self.workspace = unsafe {
+                dnn::get_convolution_forward_workspace_size(
+                    dnn_handle.0,
+                    self.x,
+                    self.w,
+                    self.conv,
+                    self.y,
+                    self.algo,
+                )
+            }
+            .map_err(|e| cuda_error("workspace size", e))?;
+        }
+        Ok(())
+    }
+
     /// Enqueue y = conv(x, w) on the handle's stream.
     pub fn run(
         &self,

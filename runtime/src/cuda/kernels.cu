@@ -16,6 +16,10 @@ __device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(half_t* p, i64 i, float v) { p[i] = f2h(v); }
 
 #define GRID_LOOP(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+// Index loop over a template index type I: kernels instantiate it with 32-bit indices when the
+// tensor is small enough, because 64-bit division and modulo cost many instructions per element.
+#define INDEX_LOOP(I, i, n) for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < (I)(n); i += (I)blockDim.x * gridDim.x)
+#define FITS_32(n) ((n) < 2147483647LL)
 
 // Activation codes shared with the host: 0 none, 1 SiLU, 2 ReLU, 3 sigmoid.
 __device__ __forceinline__ float activate(float x, int act) {
@@ -70,15 +74,20 @@ extern "C" __global__ void nhwc_f32_to_nchw_f32(const float* in, float* out, i64
 // ---- convolution epilogue ----------------------------------------------------------------------
 
 // y = act(y + bias[ch]) (+ residual), in place on a channels-last tensor (`channels` innermost).
-template <typename T>
-__device__ void bias_act(T* y, const float* bias, const T* residual, i64 total, int channels, int act) {
-    GRID_LOOP(i, total) {
+template <typename I, typename T>
+__device__ void bias_act_i(T* y, const float* bias, const T* residual, i64 total, int channels, int act) {
+    INDEX_LOOP(I, i, total) {
         float v = ld(y, i);
-        if (bias) v += bias[i % channels];
+        if (bias) v += bias[i % (I)channels];
         v = activate(v, act);
         if (residual) v += ld(residual, i);
         st(y, i, v);
     }
+}
+template <typename T>
+__device__ void bias_act(T* y, const float* bias, const T* residual, i64 total, int channels, int act) {
+    if (FITS_32(total)) bias_act_i<unsigned int>(y, bias, residual, total, channels, act);
+    else bias_act_i<i64>(y, bias, residual, total, channels, act);
 }
 extern "C" __global__ void bias_act_f16(half_t* y, const float* bias, const half_t* residual, i64 total, int channels, int act) { bias_act(y, bias, residual, total, channels, act); }
 extern "C" __global__ void bias_act_f32(float* y, const float* bias, const float* residual, i64 total, int channels, int act) { bias_act(y, bias, residual, total, channels, act); }
@@ -95,15 +104,16 @@ extern "C" __global__ void bias_act_nchw_f32(float* y, const float* bias, i64 to
 // ---- pooling and resizing (NHWC) ---------------------------------------------------------------
 
 // kind 0: max, 1: average (count_include_pad selects the divisor).
-template <typename T>
-__device__ void pool_nhwc(const T* in, T* out, int n, int h, int w, int c, int oh, int ow,
-                          int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
+template <typename I, typename T>
+__device__ void pool_nhwc_i(const T* in, T* out, int n, int h, int w, int c, int oh, int ow,
+                            int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
     i64 total = (i64)n * oh * ow * c;
-    GRID_LOOP(i, total) {
-        int ch = (int)(i % c);
-        int ox = (int)((i / c) % ow);
-        int oy = (int)((i / ((i64)c * ow)) % oh);
-        int b = (int)(i / ((i64)c * ow * oh));
+    INDEX_LOOP(I, i, total) {
+        int ch = (int)(i % (I)c);
+        I pix = i / (I)c;
+        int ox = (int)(pix % (I)ow);
+        int oy = (int)((pix / (I)ow) % (I)oh);
+        int b = (int)(pix / ((I)ow * oh));
         int y0 = oy * sh - ph, x0 = ox * sw - pw;
         float acc = kind == 0 ? -3.402823466e38f : 0.0f;
         int count = 0;
@@ -122,21 +132,33 @@ __device__ void pool_nhwc(const T* in, T* out, int n, int h, int w, int c, int o
         st(out, i, acc);
     }
 }
+template <typename T>
+__device__ void pool_nhwc(const T* in, T* out, int n, int h, int w, int c, int oh, int ow,
+                          int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
+    if (FITS_32((i64)n * h * w * c)) pool_nhwc_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+    else pool_nhwc_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+}
 extern "C" __global__ void pool_nhwc_f16(const half_t* in, half_t* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) { pool_nhwc(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip); }
 extern "C" __global__ void pool_nhwc_f32(const float* in, float* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) { pool_nhwc(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip); }
 
 // Nearest resize, ONNX 'asymmetric' + 'floor' (PyTorch's nn.Upsample nearest), integer sizes.
+template <typename I, typename T>
+__device__ void resize_nearest_nhwc_i(const T* in, T* out, int n, int h, int w, int c, int oh, int ow) {
+    i64 total = (i64)n * oh * ow * c;
+    INDEX_LOOP(I, i, total) {
+        int ch = (int)(i % (I)c);
+        I pix = i / (I)c;
+        int ox = (int)(pix % (I)ow);
+        int oy = (int)((pix / (I)ow) % (I)oh);
+        int b = (int)(pix / ((I)ow * oh));
+        int y = (int)(((i64)oy * h) / oh), x = (int)(((i64)ox * w) / ow);
+        out[i] = in[(((I)b * h + y) * w + x) * c + ch];
+    }
+}
 template <typename T>
 __device__ void resize_nearest_nhwc(const T* in, T* out, int n, int h, int w, int c, int oh, int ow) {
-    i64 total = (i64)n * oh * ow * c;
-    GRID_LOOP(i, total) {
-        int ch = (int)(i % c);
-        int ox = (int)((i / c) % ow);
-        int oy = (int)((i / ((i64)c * ow)) % oh);
-        int b = (int)(i / ((i64)c * ow * oh));
-        int y = (int)(((i64)oy * h) / oh), x = (int)(((i64)ox * w) / ow);
-        out[i] = in[(((i64)b * h + y) * w + x) * c + ch];
-    }
+    if (FITS_32((i64)n * oh * ow * c)) resize_nearest_nhwc_i<unsigned int>(in, out, n, h, w, c, oh, ow);
+    else resize_nearest_nhwc_i<i64>(in, out, n, h, w, c, oh, ow);
 }
 extern "C" __global__ void resize_nearest_nhwc_f16(const half_t* in, half_t* out, int n, int h, int w, int c, int oh, int ow) { resize_nearest_nhwc(in, out, n, h, w, c, oh, ow); }
 extern "C" __global__ void resize_nearest_nhwc_f32(const float* in, float* out, int n, int h, int w, int c, int oh, int ow) { resize_nearest_nhwc(in, out, n, h, w, c, oh, ow); }
@@ -145,15 +167,22 @@ extern "C" __global__ void resize_nearest_nhwc_f32(const float* in, float* out, 
 
 // View both tensors as [outer, len, inner]; copy `count` slices from in[.., in_off + j, ..] to
 // out[.., out_off + j, ..]. NHWC channel concat/split use inner = 1 and outer = n*h*w.
-template <typename T>
-__device__ void copy_axis(const T* in, T* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) {
-    i64 total = outer * count * inner;
-    GRID_LOOP(i, total) {
-        i64 k = i % inner;
-        i64 j = (i / inner) % count;
-        i64 o = i / (inner * count);
+template <typename I, typename T>
+__device__ void copy_axis_i(const T* in, T* out, I outer, I in_len, I in_off, I out_len, I out_off, I count, I inner) {
+    I total = outer * count * inner;
+    INDEX_LOOP(I, i, total) {
+        I k = i % inner;
+        I j = (i / inner) % count;
+        I o = i / (inner * count);
         out[(o * out_len + out_off + j) * inner + k] = in[(o * in_len + in_off + j) * inner + k];
     }
+}
+template <typename T>
+__device__ void copy_axis(const T* in, T* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) {
+    // Both the copied range and the larger of the two tensors must fit 32-bit indices.
+    i64 span = outer * (in_len > out_len ? in_len : out_len) * inner;
+    if (FITS_32(span)) copy_axis_i<unsigned int>(in, out, outer, in_len, in_off, out_len, out_off, count, inner);
+    else copy_axis_i<i64>(in, out, outer, in_len, in_off, out_len, out_off, count, inner);
 }
 extern "C" __global__ void copy_axis_f16(const half_t* in, half_t* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 extern "C" __global__ void copy_axis_f32(const float* in, float* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }

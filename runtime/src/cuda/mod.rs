@@ -234,11 +234,6 @@ impl CudaEngine {
         Ok(engine)
     }
 
-    /// The GPU's name.
-    pub fn device_name(&self) -> &str {
-        &self.device_name
-    }
-
     fn shape(&self, v: ValueId, b: usize) -> Vec<usize> {
         self.plan.values[v].shape(b)
     }
@@ -246,6 +241,15 @@ impl CudaEngine {
     /// Convolution plans and kernel metadata for every bucket; the shared workspace.
     fn prepare_buckets(&mut self) -> Result<()> {
         let mut workspace = 0;
+        // cuDNN's heuristics by default: on an H200, timing every algorithm with
+        // cudnnFindConvolutionForwardAlgorithmEx made gelan-c slower (b1 5.26 ms vs 2.21 ms, b8
+        // 12.7 ms vs 9.0 ms). KESTREL_CUDA_ALGO=timed turns timing on for experiments.
+        let timed = std::env::var("KESTREL_CUDA_ALGO").is_ok_and(|v| v == "timed");
+        let scratch = if timed {
+            Some(DeviceBuffer::new(conv::WORKSPACE_LIMIT)?)
+        } else {
+            None
+        };
         for &b in &self.buckets.clone() {
             for (i, s) in self.plan.steps.iter().enumerate() {
                 match s {
@@ -263,7 +267,24 @@ impl CudaEngine {
                             y: [ys[0], ys[1], ys[2], ys[3]],
                         };
                         let half = self.half && *layout == Layout::Nhwc;
-                        let cp = ConvPlan::new(&self.dnn, shape, geometry, *layout, half)?;
+                        let mut cp = ConvPlan::new(&self.dnn, shape, geometry, *layout, half)?;
+                        if let Some(ws) = &scratch {
+                            let w = match self.weights.get(&i) {
+                                Some(w) => w.ptr,
+                                None => match s {
+                                    Step::Conv { weight, .. } => self.constants[*weight].ptr,
+                                    _ => 0,
+                                },
+                            };
+                            cp.choose_fastest(
+                                &self.dnn,
+                                self.ptr(*x)?,
+                                w,
+                                self.ptr(*y)?,
+                                ws.ptr,
+                                ws.bytes,
+                            )?;
+                        }
                         workspace = workspace.max(cp.workspace);
                         self.conv_plans.insert((i, b), cp);
                     }
@@ -318,8 +339,17 @@ impl CudaEngine {
 
     /// Enqueue every step for a batch of `b` on the stream.
     fn enqueue(&self, b: usize) -> Result<()> {
+        for i in 0..self.plan.steps.len() {
+            self.enqueue_step(i, b)?;
+        }
+        Ok(())
+    }
+
+    /// Enqueue step `i` for a batch of `b`.
+    fn enqueue_step(&self, i: usize, b: usize) -> Result<()> {
         let s = self.stream.0;
-        for (i, step) in self.plan.steps.iter().enumerate() {
+        let step = &self.plan.steps[i];
+        {
             match step {
                 Step::InputToNhwc { x, y } => {
                     let d = self.shape(*x, b);
@@ -605,6 +635,48 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// Device time of each step for a batch of `b`, in milliseconds: each step is enqueued
+    /// `PROFILE_REPEATS` times back to back between two events (steps are idempotent), so launch
+    /// gaps are amortised as in a graph replay.
+    pub fn profile_steps(&self, b: usize) -> Result<Vec<(String, f64)>> {
+        const PROFILE_REPEATS: usize = 20;
+        let mut out = Vec::with_capacity(self.plan.steps.len());
+        let (start, end) = (Event::new()?, Event::new()?);
+        for (i, step) in self.plan.steps.iter().enumerate() {
+            // SAFETY: live events and stream.
+            unsafe { drv::event::record(start.0, self.stream.0) }
+                .map_err(|e| cuda_error("recording an event", e))?;
+            for _ in 0..PROFILE_REPEATS {
+                self.enqueue_step(i, b)?;
+            }
+            // SAFETY: as above.
+            unsafe { drv::event::record(end.0, self.stream.0) }
+                .map_err(|e| cuda_error("recording an event", e))?;
+            self.stream.synchronize()?;
+            // SAFETY: both events recorded and complete.
+            let ms = unsafe { drv::event::elapsed(start.0, end.0) }
+                .map_err(|e| cuda_error("reading an event", e))? as f64;
+            let kind = match step {
+                Step::InputToNhwc { .. } => "input to NHWC",
+                Step::Conv {
+                    layout: Layout::Nhwc,
+                    ..
+                } => "conv + epilogue",
+                Step::Conv { .. } => "conv row-major",
+                Step::Pool { .. } => "pool",
+                Step::ResizeNearest { .. } => "resize",
+                Step::CopyAxis { .. } => "concat/split copy",
+                Step::Unary { .. } => "unary",
+                Step::Binary { .. } => "binary",
+                Step::Softmax { .. } => "softmax",
+                Step::Transpose { .. } => "transpose",
+                Step::ToRowMajor { .. } => "NHWC to row-major",
+            };
+            out.push((kind.to_string(), ms / PROFILE_REPEATS as f64));
+        }
+        Ok(out)
+    }
+
     /// Capture the bucket's launches as a CUDA graph.
     fn capture(&self, b: usize) -> Result<GraphExec> {
         let s = self.stream.0;
@@ -718,6 +790,85 @@ impl Engine for CudaEngine {
         self.output
             .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
         Ok(&self.output)
+    }
+
+    fn device_name(&self) -> Option<String> {
+        Some(self.device_name.clone())
+    }
+
+    fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {
+        let bucket = bucket_for(&self.buckets, batch)
+            .filter(|_| self.info.profile.contains(batch))
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "batch {batch} is outside the profile {}",
+                    self.info.profile
+                ))
+            })?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        self.profile_steps(bucket).map(Some)
+    }
+
+    fn time_compute(&mut self, batch: usize, iterations: usize) -> Result<Option<Vec<f64>>> {
+        let bucket = bucket_for(&self.buckets, batch)
+            .filter(|_| self.info.profile.contains(batch))
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "batch {batch} is outside the profile {}",
+                    self.info.profile
+                ))
+            })?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        let s = self.stream.0;
+        let mut events = Vec::with_capacity(2 * iterations);
+        for _ in 0..2 * iterations {
+            events.push(Event::new()?);
+        }
+        for pair in events.chunks(2) {
+            // SAFETY: live events and stream; the graph belongs to this engine.
+            unsafe { drv::event::record(pair[0].0, s) }
+                .map_err(|e| cuda_error("recording an event", e))?;
+            match self.graphs.get(&bucket) {
+                // SAFETY: as above.
+                Some(g) => unsafe { drv::graph::launch(g.0, s) }
+                    .map_err(|e| cuda_error("launching the CUDA graph", e))?,
+                None => self.enqueue(bucket)?,
+            }
+            // SAFETY: as above.
+            unsafe { drv::event::record(pair[1].0, s) }
+                .map_err(|e| cuda_error("recording an event", e))?;
+        }
+        self.stream.synchronize()?;
+        let mut ms = Vec::with_capacity(iterations);
+        for pair in events.chunks(2) {
+            // SAFETY: both events were recorded and have completed (stream synchronised).
+            let t = unsafe { drv::event::elapsed(pair[0].0, pair[1].0) }
+                .map_err(|e| cuda_error("reading an event", e))?;
+            ms.push(t as f64);
+        }
+        Ok(Some(ms))
+    }
+}
+
+/// A timing event, destroyed on drop.
+struct Event(dsys::CUevent);
+
+impl Event {
+    fn new() -> Result<Self> {
+        drv::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| cuda_error("creating an event", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created once, destroyed once.
+        let _ = unsafe { drv::event::destroy(self.0) };
     }
 }
 

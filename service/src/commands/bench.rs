@@ -26,6 +26,9 @@ pub struct Args {
     /// Fewest timed runs per batch size, whatever the duration.
     #[arg(long, default_value_t = 10)]
     min_iterations: usize,
+    /// Print where device time goes, by layer kind (GPU backends).
+    #[arg(long)]
+    profile: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -49,6 +52,10 @@ struct BatchResult {
     iterations: usize,
     /// Time of one engine run (host input to host output), milliseconds.
     latency_ms: Latency,
+    /// Device compute time of one run without transfers (GPU backends), milliseconds.
+    compute_ms: Option<Latency>,
+    /// Images per second from the median compute time (GPU backends).
+    compute_images_per_s: Option<f64>,
     /// Engine runs per second.
     throughput_qps: f64,
     /// Images per second (runs × batch).
@@ -131,6 +138,20 @@ pub fn run(a: Args) -> Result<()> {
         let wall = start.elapsed().as_secs_f64();
         let iterations = ms.len();
         let latency = stats(ms);
+        // Device compute alone (no transfers), where the backend has a device.
+        let compute = engine
+            .time_compute(batch, iterations.max(a.min_iterations))?
+            .map(stats);
+        if let Some(c) = &compute {
+            println!(
+                "batch {batch:>3}: GPU compute (no transfers) min {:.3} ms, mean {:.3} ms, median {:.3} ms, p99 {:.3} ms | {:.1} images/s",
+                c.min,
+                c.mean,
+                c.median,
+                c.p99,
+                batch as f64 * 1e3 / c.median
+            );
+        }
         let qps = iterations as f64 / wall;
         println!(
             "batch {batch:>3}: {iterations} runs | latency min {:.2} ms, mean {:.2} ms, median {:.2} ms, p99 {:.2} ms, max {:.2} ms | throughput {:.2} qps, {:.2} images/s",
@@ -142,9 +163,34 @@ pub fn run(a: Args) -> Result<()> {
             qps,
             qps * batch as f64
         );
+        if a.profile {
+            if let Some(layers) = engine.profile_layers(batch)? {
+                let total: f64 = layers.iter().map(|(_, ms)| ms).sum();
+                let mut by_kind: Vec<(String, f64, usize)> = Vec::new();
+                for (kind, ms) in &layers {
+                    match by_kind.iter_mut().find(|(k, _, _)| k == kind) {
+                        Some(e) => {
+                            e.1 += ms;
+                            e.2 += 1;
+                        }
+                        None => by_kind.push((kind.clone(), *ms, 1)),
+                    }
+                }
+                by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
+                println!("batch {batch:>3}: layer profile (eager launches, {total:.3} ms in all):");
+                for (kind, ms, n) in by_kind {
+                    println!(
+                        "    {kind:<36} {n:>4} x  {ms:>8.3} ms  {:>5.1} %",
+                        100.0 * ms / total
+                    );
+                }
+            }
+        }
         results.push(BatchResult {
             batch,
             iterations,
+            compute_images_per_s: compute.as_ref().map(|c| batch as f64 * 1e3 / c.median),
+            compute_ms: compute,
             latency_ms: latency,
             throughput_qps: qps,
             images_per_s: qps * batch as f64,
@@ -157,7 +203,7 @@ pub fn run(a: Args) -> Result<()> {
             "version": env!("CARGO_PKG_VERSION"),
             "date": utc_now(),
             "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "machine": { "cpu": cpu, "cores": cores, "gpu": null },
+            "machine": { "cpu": cpu, "cores": cores, "gpu": engine.device_name() },
             "model": {
                 "path": a.engine.model.display().to_string(),
                 "name": info.model_name,
