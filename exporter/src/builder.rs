@@ -68,6 +68,16 @@ impl GraphBuilder {
         name
     }
 
+    /// Add an int8 initializer (quantized weights, zero points); returns its name (made unique).
+    pub fn const_i8(&mut self, name: &str, dims: &[i64], values: &[i8]) -> String {
+        let name = self.unique(name);
+        self.shapes
+            .insert(name.clone(), dims.iter().map(|&d| Dim::Fixed(d)).collect());
+        self.initializers
+            .push(pb::TensorProto::from_i8(&name, dims, values));
+        name
+    }
+
     /// Add an int64 initializer; returns its name (made unique).
     pub fn const_i64(&mut self, name: &str, values: &[i64]) -> String {
         let name = self.unique(name);

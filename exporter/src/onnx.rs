@@ -407,6 +407,17 @@ impl pb::TensorProto {
         }
     }
 
+    /// An INT8 tensor from values and dims (quantized weights, zero points).
+    pub fn from_i8(name: &str, dims: &[i64], values: &[i8]) -> Self {
+        Self {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: pb::data_type::INT8,
+            raw_data: values.iter().map(|&v| v as u8).collect(),
+            ..Default::default()
+        }
+    }
+
     /// An INT64 tensor from values and dims.
     pub fn from_i64(name: &str, dims: &[i64], values: &[i64]) -> Self {
         let mut raw = Vec::with_capacity(values.len() * 8);

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Pack what the GPU machine runs: the GPU test binaries and the `kestrel` binary, compressed so
+# they fit the 64 MiB a device call carries. Then call the device tool with carry [".gpux"] and
+#   tar xJf .gpux/bundle.tar.xz; bash .gpu/run-tests.sh            # GPU tests (no arguments:
+#                                                                  # run-tests.sh forwards them to env.sh)
+#   tar xJf .gpux/bundle.tar.xz; OUT=$OUT bash bench/gpu.sh         # Kestrel vs the PyTorch peer
+set -euo pipefail
+cd "$(dirname "$0")/.."
+../shared/tools/gpu-bundle -- -p kestrel-tests --test cuda_engine
+cargo build --release --locked -p kestrel-service
+cp target/release/kestrel .gpu/bin/ && strip .gpu/bin/kestrel
+grep -qx '/.gpux/' .git/info/exclude 2>/dev/null || echo '/.gpux/' >> .git/info/exclude
+mkdir -p .gpux && rm -f .gpux/bundle.tar.xz
+tar -cJf .gpux/bundle.tar.xz .gpu
+du -h .gpux/bundle.tar.xz
