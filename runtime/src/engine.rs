@@ -10,6 +10,9 @@ use std::str::FromStr;
 use kestrel_exporter::onnx::{decode_model, pb};
 use kestrel_exporter::shapes::Dim;
 
+use crate::engine_file::{
+    BuildEnvironment, CacheOutcome, EngineCache, EngineFile, EngineHeader, is_engine_file,
+};
 use crate::error::{Error, Result};
 
 /// Where an engine runs.
@@ -238,6 +241,11 @@ pub trait Engine: Send {
         Ok(None)
     }
 
+    /// The builder's per-layer choices, recorded in engine files (backend-specific JSON).
+    fn layer_choices(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
     /// The accelerator the engine runs on (GPU name), if any.
     fn device_name(&self) -> Option<String> {
         None
@@ -381,10 +389,124 @@ pub fn build_engine_from_bytes(
     }
 }
 
-/// Build an engine from an ONNX file.
+/// Build an engine from an ONNX file, or load a Kestrel engine file (whose header then decides the
+/// backend, precision and batch profile).
 pub fn build_engine(path: &Path, options: &BuildOptions) -> Result<Box<dyn Engine>> {
+    open_engine(path, options, None).map(|(engine, _)| engine)
+}
+
+/// The environment engines are built in here, for `backend`: library versions and device.
+pub fn build_environment(backend: Backend) -> Result<BuildEnvironment> {
+    match backend {
+        Backend::Cpu => Ok(BuildEnvironment {
+            backend_versions: [("tract".to_string(), "0.23.9".to_string())].into(),
+            device: "cpu".into(),
+            compute_capability: None,
+        }),
+        Backend::Cuda => crate::cuda::build_environment(),
+    }
+}
+
+/// How [`open_engine`] got its engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineSource {
+    /// Built from the ONNX file, no cache involved.
+    Onnx,
+    /// Loaded from the engine file given.
+    EngineFile,
+    /// Rebuilt from the ONNX inside the engine file given, which did not fit this machine.
+    RebuiltFromEngineFile { reason: String },
+    /// From the engine cache.
+    Cache(CacheOutcome),
+}
+
+fn options_from_header(header: &EngineHeader, path: &Path) -> Result<BuildOptions> {
+    let bad = |reason: String| Error::EngineFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let [min, opt, max] = header.profile;
+    Ok(BuildOptions {
+        backend: header
+            .backend
+            .parse()
+            .map_err(|e: Error| bad(e.to_string()))?,
+        precision: header
+            .precision
+            .parse()
+            .map_err(|e: Error| bad(e.to_string()))?,
+        profile: BatchProfile { min, opt, max },
+    })
+}
+
+/// Open `path` — an ONNX model (built with `options`, through `cache` when given) or a Kestrel
+/// engine file — and say how the engine was obtained.
+pub fn open_engine(
+    path: &Path,
+    options: &BuildOptions,
+    cache: Option<&EngineCache>,
+) -> Result<(Box<dyn Engine>, EngineSource)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    build_engine_from_bytes(&bytes, path, options)
+    if is_engine_file(&bytes) {
+        let file = EngineFile::decode(&bytes, path)?;
+        let options = options_from_header(&file.header, path)?;
+        let env = build_environment(options.backend)?;
+        let source = match file.header.mismatch(&env) {
+            None => EngineSource::EngineFile,
+            Some(reason) => EngineSource::RebuiltFromEngineFile { reason },
+        };
+        return Ok((build_engine_from_bytes(&file.onnx, path, &options)?, source));
+    }
+    let Some(cache) = cache else {
+        return Ok((
+            build_engine_from_bytes(&bytes, path, options)?,
+            EngineSource::Onnx,
+        ));
+    };
+    let env = build_environment(options.backend)?;
+    let wanted = EngineHeader::new(&bytes, options, &env);
+    match cache.lookup(&wanted, &env) {
+        Ok(file) => {
+            let engine = build_engine_from_bytes(&file.onnx, path, options)?;
+            Ok((engine, EngineSource::Cache(CacheOutcome::Hit)))
+        }
+        Err(reason) => {
+            let engine = build_engine_from_bytes(&bytes, path, options)?;
+            let mut header = wanted;
+            header.layer_choices = engine.layer_choices();
+            EngineFile {
+                header: header.clone(),
+                onnx: bytes,
+            }
+            .write(&cache.path_for(&header))?;
+            Ok((engine, EngineSource::Cache(CacheOutcome::Built { reason })))
+        }
+    }
+}
+
+/// Build an engine from an ONNX file and write it as an engine file at `output`.
+pub fn build_engine_file(
+    onnx_path: &Path,
+    options: &BuildOptions,
+    output: &Path,
+) -> Result<EngineHeader> {
+    let bytes = std::fs::read(onnx_path).map_err(|e| Error::io(onnx_path, e))?;
+    if is_engine_file(&bytes) {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already an engine file; give the ONNX model it was built from",
+            onnx_path.display()
+        )));
+    }
+    let env = build_environment(options.backend)?;
+    let engine = build_engine_from_bytes(&bytes, onnx_path, options)?;
+    let mut header = EngineHeader::new(&bytes, options, &env);
+    header.layer_choices = engine.layer_choices();
+    EngineFile {
+        header: header.clone(),
+        onnx: bytes,
+    }
+    .write(output)?;
+    Ok(header)
 }
 
 #[cfg(test)]

@@ -42,6 +42,10 @@ pub enum Error {
         message: String,
     },
 
+    /// An engine file that cannot be used.
+    #[error("{}: {reason}", path.display())]
+    EngineFile { path: PathBuf, reason: String },
+
     /// A caller passed an argument outside its valid range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod detection;
 pub mod detector;
 pub mod engine;
+pub mod engine_file;
 pub mod error;
 pub mod eval;
 pub mod letterbox;

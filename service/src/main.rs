@@ -28,6 +28,8 @@ enum Command {
     Val(commands::val::Args),
     /// Measure engine latency and throughput, trtexec style.
     Bench(commands::bench::Args),
+    /// Build an engine file for a backend, precision and batch profile.
+    Build(commands::build::Args),
     /// Generate the synthetic shapes dataset (images, YOLO labels, COCO json).
     Synth(commands::synth::Args),
 }
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Infer(a) => commands::infer::run(a),
         Command::Val(a) => commands::val::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Build(a) => commands::build::run(a),
         Command::Synth(a) => commands::synth::run(a),
     };
     match result {

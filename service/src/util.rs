@@ -7,7 +7,10 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use kestrel_runtime::Detector;
 use kestrel_runtime::dataset::IMAGE_EXTENSIONS;
-use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+use kestrel_runtime::engine::{
+    Backend, BatchProfile, BuildOptions, Engine, EngineSource, Precision, open_engine,
+};
+use kestrel_runtime::engine_file::{CacheOutcome, EngineCache};
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress(len: u64, what: &str) -> ProgressBar {
@@ -78,9 +81,13 @@ pub struct EngineArgs {
     /// Backend to run on (this build: cpu).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
-    /// Precision (the cpu backend runs fp32).
+    /// Precision: fp32 (cpu, cuda) or fp16 (cuda).
     #[arg(long, default_value = "fp32")]
     pub precision: String,
+    /// Build GPU engines from the ONNX every time instead of using the engine cache
+    /// ($KESTREL_CACHE_DIR, default ~/.cache/kestrel/engines).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 impl EngineArgs {
@@ -91,9 +98,34 @@ impl EngineArgs {
             opt: max_batch,
             max: max_batch,
         })?;
+        Ok(Detector::new(self.engine(&options)?))
+    }
+
+    /// Open the model (ONNX or engine file) as an engine; GPU engines go through the engine cache.
+    pub fn engine(&self, options: &BuildOptions) -> Result<Box<dyn Engine>> {
         check_model_file(&self.model)?;
-        let engine = build_engine(&self.model, &options)?;
-        Ok(Detector::new(engine))
+        let cache =
+            (options.backend != Backend::Cpu && !self.no_cache).then(EngineCache::default_location);
+        let (engine, source) = open_engine(&self.model, options, cache.as_ref())?;
+        match source {
+            EngineSource::Onnx | EngineSource::EngineFile => {}
+            EngineSource::RebuiltFromEngineFile { reason } => {
+                eprintln!(
+                    "note: {} was rebuilt from its embedded model: {reason}",
+                    self.model.display()
+                )
+            }
+            EngineSource::Cache(CacheOutcome::Hit) => {
+                let dir = cache
+                    .map(|c| c.dir.display().to_string())
+                    .unwrap_or_default();
+                eprintln!("note: engine from the cache ({dir})")
+            }
+            EngineSource::Cache(CacheOutcome::Built { reason }) => {
+                eprintln!("note: engine built and cached ({reason})")
+            }
+        }
+        Ok(engine)
     }
 
     pub fn build_options(&self, profile: BatchProfile) -> Result<BuildOptions> {

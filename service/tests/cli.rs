@@ -365,3 +365,86 @@ fn unreadable_image_is_named_and_others_still_processed() {
     let out = kestrel(&["infer", "-m", p(&model), p(&dir.join("nothing-here"))]);
     assert_user_error(&out, &["nothing-here", "no such file or folder"]);
 }
+
+#[test]
+fn build_an_engine_file_and_run_it() {
+    let dir = scratch("build");
+    let model = dir.join("t.onnx");
+    assert!(
+        kestrel(&[
+            "export",
+            "--model",
+            "gelan-t",
+            "--imgsz",
+            "64",
+            "--dynamic",
+            "-o",
+            p(&model)
+        ])
+        .status
+        .success()
+    );
+    let engine = dir.join("t.engine");
+    let out = kestrel(&[
+        "build",
+        "--onnx",
+        p(&model),
+        "--backend",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--batch",
+        "1:2:4",
+        "-o",
+        p(&engine),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cpu backend, fp32, batch 1:2:4"));
+    let out = kestrel(&[
+        "bench",
+        "-m",
+        p(&engine),
+        "--batch",
+        "4",
+        "--warmup",
+        "0",
+        "--duration",
+        "0.05",
+        "--min-iterations",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Batch 8 is outside the engine's recorded profile.
+    let out = kestrel(&[
+        "bench",
+        "-m",
+        p(&engine),
+        "--batch",
+        "8",
+        "--warmup",
+        "0",
+        "--duration",
+        "0.05",
+    ]);
+    assert_user_error(&out, &["outside the engine's profile 1:2:4"]);
+    if let Some(reason) = kestrel_runtime::cuda::unavailable_reason() {
+        let out = kestrel(&[
+            "build",
+            "--onnx",
+            p(&model),
+            "--backend",
+            "cuda",
+            "-o",
+            p(&dir.join("g.engine")),
+        ]);
+        assert_user_error(&out, &["cuda backend", &reason]);
+    }
+}

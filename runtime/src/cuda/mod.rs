@@ -31,6 +31,30 @@ use plan::{EnginePlan, Layout, Step, ValueId};
 
 pub use device::{KERNEL_SOURCE, compile_kernels, unavailable_reason};
 
+/// The build environment of GPU 0: its name and compute capability, cuDNN and driver versions.
+pub fn build_environment() -> Result<crate::engine_file::BuildEnvironment> {
+    let ctx = device::context(0)?;
+    let device = ctx.name().map_err(|e| cuda_error("GPU name", e))?;
+    let cc = ctx
+        .compute_capability()
+        .map_err(|e| cuda_error("compute capability", e))?;
+    let mut driver = 0i32;
+    // SAFETY: writes one int.
+    unsafe { dsys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .map_err(|e| cuda_error("driver version", e))?;
+    let cudnn = cudarc::cudnn::result::get_version();
+    Ok(crate::engine_file::BuildEnvironment {
+        backend_versions: [
+            ("cuda_driver".to_string(), driver.to_string()),
+            ("cudnn".to_string(), cudnn.to_string()),
+        ]
+        .into(),
+        device,
+        compute_capability: Some(cc),
+    })
+}
+
 /// Batch sizes with their own CUDA graph: powers of two within the profile, plus its maximum.
 pub fn batch_buckets(min: usize, max: usize) -> Vec<usize> {
     let mut b: Vec<usize> = (0..usize::BITS)
@@ -794,6 +818,18 @@ impl Engine for CudaEngine {
 
     fn device_name(&self) -> Option<String> {
         Some(self.device_name.clone())
+    }
+
+    fn layer_choices(&self) -> serde_json::Value {
+        // cuDNN algorithm of every convolution, per batch bucket, in plan order.
+        let mut per_bucket = serde_json::Map::new();
+        for &b in &self.buckets {
+            let algos: Vec<u32> = (0..self.plan.steps.len())
+                .filter_map(|i| self.conv_plans.get(&(i, b)).map(|p| p.algo as u32))
+                .collect();
+            per_bucket.insert(b.to_string(), serde_json::json!(algos));
+        }
+        serde_json::json!({ "conv_algorithms": per_bucket })
     }
 
     fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {

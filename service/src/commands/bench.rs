@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kestrel_exporter::{onnx, summarize};
-use kestrel_runtime::engine::{BatchProfile, build_engine};
+use kestrel_runtime::engine::BatchProfile;
 use serde::Serialize;
 
 use crate::util::{EngineArgs, check_model_file, cpu_description, utc_now};
@@ -103,10 +103,14 @@ pub fn run(a: Args) -> Result<()> {
         max,
     })?;
     let built = Instant::now();
-    let mut engine = build_engine(&a.engine.model, &options)?;
+    let mut engine = a.engine.engine(&options)?;
     let build_s = built.elapsed().as_secs_f64();
     let info = engine.info().clone();
-    let summary = summarize(&onnx::read_model(&a.engine.model)?);
+    // Parameters and FLOPs of the source model (an engine file embeds it).
+    let summary = match onnx::read_model(&a.engine.model) {
+        Ok(m) => Some(summarize(&m)),
+        Err(_) => None,
+    };
     println!(
         "model {} ({}), backend {}, precision {}, input {}x{}, built in {build_s:.2} s",
         a.engine.model.display(),
@@ -208,8 +212,8 @@ pub fn run(a: Args) -> Result<()> {
                 "path": a.engine.model.display().to_string(),
                 "name": info.model_name,
                 "input": info.input_hw,
-                "params": summary.params,
-                "gflops": summary.flops.map(|f| f / 1e9),
+                "params": summary.as_ref().map(|s| s.params),
+                "gflops": summary.as_ref().and_then(|s| s.flops).map(|f| f / 1e9),
             },
             "backend": info.backend.name(),
             "precision": info.precision.name(),

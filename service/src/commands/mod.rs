@@ -1,6 +1,7 @@
 //! One module per subcommand: its arguments (clap) and its `run`.
 
 pub mod bench;
+pub mod build;
 pub mod export;
 pub mod infer;
 pub mod inspect;
