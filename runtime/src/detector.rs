@@ -42,24 +42,25 @@ impl Detector {
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<()> {
         cfg.validate()?;
-        let info = self.engine.info().clone();
+        // Scalars only: cloning the info (class names) would allocate on every batch.
+        let info = self.engine.info();
+        let (profile, per_image, per_out) = (info.profile, info.input_len(), info.output_len());
+        let (num_classes, anchors, [h, w]) = (info.num_classes, info.anchors, info.input_hw);
         let n = images.len();
         if n == 0 {
             out.clear();
             return Ok(());
         }
-        if n > info.profile.max {
+        if n > profile.max {
             return Err(Error::Shape(format!(
                 "{n} images exceed the engine's maximum batch of {}",
-                info.profile.max
+                profile.max
             )));
         }
         // Pad small batches up to the profile's minimum with the last image; their results are dropped.
-        let batch = n.max(info.profile.min);
-        let per_image = info.input_len();
+        let batch = n.max(profile.min);
         self.input.resize(batch * per_image, 0.0);
         self.placements.clear();
-        let [h, w] = info.input_hw;
         for i in 0..batch {
             let img = images[i.min(n - 1)];
             let dst = &mut self.input[i * per_image..(i + 1) * per_image];
@@ -67,14 +68,13 @@ impl Detector {
             self.placements.push(p);
         }
         let output = self.engine.run(&self.input, batch)?;
-        let per_out = info.output_len();
         out.resize_with(n, Vec::new);
         for (i, dets) in out.iter_mut().enumerate() {
             dets.clear();
             self.postprocessor.run(
                 &output[i * per_out..(i + 1) * per_out],
-                info.num_classes,
-                info.anchors,
+                num_classes,
+                anchors,
                 &self.placements[i],
                 cfg,
                 dets,

@@ -230,35 +230,14 @@ impl EngineFile {
     }
 }
 
-/// Write `bytes` to `path` through a uniquely named temporary file in the same folder and a
-/// rename: concurrent writers of the same path each rename a complete file, the last one wins.
+/// Write `bytes` to `path` atomically (the exporter's unique temporary file + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.{}.{nanos}.{:?}.tmp",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let tmp = PathBuf::from(tmp.to_string_lossy().replace(['(', ')'], ""));
-    std::fs::write(&tmp, bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(&tmp, e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
+    kestrel_exporter::onnx::write_atomic(path, bytes).map_err(|e| match e {
+        kestrel_exporter::Error::Io { path, cause } => Error::io(path, cause),
+        other => Error::EngineFile {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
     })
 }
 
