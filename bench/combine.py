@@ -14,14 +14,17 @@ rows = []
 for r in k["results"]:
     b = r["batch"]
     row = {"batch": b, "kestrel_images_per_s": r.get("compute_images_per_s"),
-           "kestrel_with_transfers_images_per_s": r["images_per_s"]}
+           "kestrel_with_transfers_images_per_s": r["images_per_s"],
+           "kestrel_achieved_tflops": r.get("achieved_tflops")}
+    if r.get("achieved_tflops") and t.get("fp16_matmul_tflops"):
+        row["fraction_of_fp16_matmul_rate"] = r["achieved_tflops"] / t["fp16_matmul_tflops"]
     for p in t["results"]:
         if p["batch"] == b:
             row[f"torch_{p['mode']}_images_per_s"] = p["images_per_s"]
             if row["kestrel_images_per_s"]:
                 row[f"ratio_vs_torch_{p['mode']}"] = row["kestrel_images_per_s"] / p["images_per_s"]
     rows.append(row)
-record = {"card": t["device"], "date": k["date"], "model": k["model"], "precision": k["precision"],
+record = {"card": t["device"], "fp16_matmul_tflops": t.get("fp16_matmul_tflops"), "date": k["date"], "model": k["model"], "precision": k["precision"],
           "kestrel_command": k["command"], "torch": t["torch"], "peer_timing": t["timing"],
           "kestrel_timing": "CUDA events around graph replays, no transfers (compute_ms in the Kestrel record)",
           "comparison": rows, "kestrel": k, "peer": t}

@@ -171,7 +171,15 @@ def main():
                  "setup_s": time.time() - t0}
             print(json.dumps(r), flush=True)
             results.append(r)
+    # The card's FP16 matmul rate, the ceiling the issue asks achieved TFLOP/s to be read against.
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.float16)
+    bm = torch.randn(n, n, device=dev, dtype=torch.float16)
+    mm_ms = time_fn(lambda: a @ bm, 50)
+    matmul_tflops = 2 * n ** 3 / (mm_ms * 1e-3) / 1e12
+    print(json.dumps({"fp16_matmul_8192_tflops": matmul_tflops}), flush=True)
     record = {"tool": "bench/peers/torch_peer.py", "device": torch.cuda.get_device_name(),
+              "fp16_matmul_tflops": matmul_tflops,
               "torch": torch.__version__, "model": args.model, "precision": "fp16 channels-last",
               "timing": "CUDA events around 200 calls, input already on the GPU", "results": results}
     if args.json:

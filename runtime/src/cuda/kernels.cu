@@ -7,6 +7,8 @@
 
 typedef unsigned short half_t;
 typedef long long i64;
+// 16 bytes moved as one load or store (8 halves or 4 floats).
+struct __align__(16) vec16 { unsigned int a, b, c, d; };
 
 __device__ __forceinline__ float h2f(half_t h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ half_t f2h(float f) { half_t h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
@@ -91,6 +93,32 @@ __device__ void bias_act(T* y, const float* bias, const T* residual, i64 total, 
 }
 extern "C" __global__ void bias_act_f16(half_t* y, const float* bias, const half_t* residual, i64 total, int channels, int act) { bias_act(y, bias, residual, total, channels, act); }
 extern "C" __global__ void bias_act_f32(float* y, const float* bias, const float* residual, i64 total, int channels, int act) { bias_act(y, bias, residual, total, channels, act); }
+
+// The same on FP16 with 8 channels per thread (16-byte loads and stores); needs channels % 8 == 0.
+template <typename I>
+__device__ void bias_act_v8_i(vec16* y, const float* bias, const vec16* residual, i64 vectors, int channels, int act) {
+    INDEX_LOOP(I, v, vectors) {
+        vec16 yv = y[v];
+        half_t* h = (half_t*)&yv;
+        vec16 rv;
+        if (residual) rv = residual[v];
+        const half_t* r = (const half_t*)&rv;
+        int c0 = (int)((v * 8) % (I)channels);
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            float x = h2f(h[k]);
+            if (bias) x += bias[c0 + k];
+            x = activate(x, act);
+            if (residual) x += h2f(r[k]);
+            h[k] = f2h(x);
+        }
+        y[v] = yv;
+    }
+}
+extern "C" __global__ void bias_act_v8_f16(vec16* y, const float* bias, const vec16* residual, i64 vectors, int channels, int act) {
+    if (FITS_32(vectors * 8)) bias_act_v8_i<unsigned int>(y, bias, residual, vectors, channels, act);
+    else bias_act_v8_i<i64>(y, bias, residual, vectors, channels, act);
+}
 
 // Bias + activation on an NCHW float32 tensor (row-major convolutions of the tail).
 extern "C" __global__ void bias_act_nchw_f32(float* y, const float* bias, i64 total, int channels, i64 hw, int act) {
@@ -184,6 +212,9 @@ __device__ void copy_axis(const T* in, T* out, i64 outer, i64 in_len, i64 in_off
     if (FITS_32(span)) copy_axis_i<unsigned int>(in, out, outer, in_len, in_off, out_len, out_off, count, inner);
     else copy_axis_i<i64>(in, out, outer, in_len, in_off, out_len, out_off, count, inner);
 }
+// 16-byte units: NHWC channel copies whose lengths and offsets are multiples of 8 halves (or 4
+// floats) move whole 16-byte vectors instead of single 2-byte elements.
+extern "C" __global__ void copy_axis_v16(const vec16* in, vec16* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 extern "C" __global__ void copy_axis_f16(const half_t* in, half_t* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 extern "C" __global__ void copy_axis_f32(const float* in, float* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 

@@ -109,7 +109,7 @@ pub struct CudaEngine {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 20] = [
+const KERNEL_NAMES: [&str; 22] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -122,6 +122,8 @@ const KERNEL_NAMES: [&str; 20] = [
     "resize_nearest_nhwc_f16",
     "resize_nearest_nhwc_f32",
     "copy_axis_f16",
+    "copy_axis_v16",
+    "bias_act_v8_f16",
     "copy_axis_f32",
     "unary_f16",
     "unary_f32",
@@ -429,16 +431,25 @@ impl CudaEngine {
                                 Some(r) => self.ptr(*r)?,
                                 None => 0,
                             };
-                            let f = self.f(&format!("bias_act_{}", self.dt(Layout::Nhwc)))?;
+                            // FP16 with whole 8-channel groups: 16-byte vectors per thread.
+                            let v8 = self.half && d[1] % 8 == 0;
+                            let (f, n) = if v8 {
+                                (self.f("bias_act_v8_f16")?, prod(&d) / 8)
+                            } else {
+                                (
+                                    self.f(&format!("bias_act_{}", self.dt(Layout::Nhwc)))?,
+                                    prod(&d),
+                                )
+                            };
                             launch(
                                 f,
                                 s,
-                                prod(&d),
+                                n,
                                 &[
                                     Arg::Ptr(yp),
                                     Arg::Ptr(bias_ptr),
                                     Arg::Ptr(res),
-                                    Arg::I64(prod(&d) as i64),
+                                    Arg::I64(n as i64),
                                     Arg::I32(d[1] as i32),
                                     Arg::I32(*act as i32),
                                 ],
@@ -541,22 +552,33 @@ impl CudaEngine {
                             dy[*axis],
                         )
                     };
-                    let f = self.f(&format!("copy_axis_{}", self.dt(layout)))?;
-                    let i = |v: usize| Arg::I64(v as i64);
+                    // Channel runs that are whole 16-byte vectors move as vectors.
+                    let elem = if self.dt(layout) == "f16" { 2 } else { 4 };
+                    let per_vec = 16 / elem;
+                    let vectorised = inner == 1
+                        && [in_len, out_len, *in_offset, *out_offset, *count]
+                            .iter()
+                            .all(|v| v % per_vec == 0);
+                    let (f, unit) = if vectorised {
+                        (self.f("copy_axis_v16")?, per_vec)
+                    } else {
+                        (self.f(&format!("copy_axis_{}", self.dt(layout)))?, 1)
+                    };
+                    let i = |v: usize| Arg::I64((v / unit) as i64);
                     launch(
                         f,
                         s,
-                        outer * count * inner,
+                        outer * count / unit * inner,
                         &[
                             Arg::Ptr(self.ptr(*x)?),
                             Arg::Ptr(self.ptr(*y)?),
-                            i(outer),
+                            Arg::I64(outer as i64),
                             i(in_len),
                             i(*in_offset),
                             i(out_len),
                             i(*out_offset),
                             i(*count),
-                            i(inner),
+                            Arg::I64(inner as i64),
                         ],
                     )?;
                 }

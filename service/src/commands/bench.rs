@@ -56,6 +56,8 @@ struct BatchResult {
     compute_ms: Option<Latency>,
     /// Images per second from the median compute time (GPU backends).
     compute_images_per_s: Option<f64>,
+    /// Model FLOPs per second of median compute time, in TFLOP/s (GPU backends).
+    achieved_tflops: Option<f64>,
     /// Engine runs per second.
     throughput_qps: f64,
     /// Images per second (runs × batch).
@@ -146,14 +148,23 @@ pub fn run(a: Args) -> Result<()> {
         let compute = engine
             .time_compute(batch, iterations.max(a.min_iterations))?
             .map(stats);
+        // Achieved rate: the model's FLOPs (2 x MACs of its convolutions) per second of compute.
+        let flops_per_image = summary.as_ref().and_then(|s| s.flops);
+        let achieved_tflops = match (&compute, flops_per_image) {
+            (Some(c), Some(f)) => Some(f * batch as f64 / (c.median * 1e-3) / 1e12),
+            _ => None,
+        };
         if let Some(c) = &compute {
             println!(
-                "batch {batch:>3}: GPU compute (no transfers) min {:.3} ms, mean {:.3} ms, median {:.3} ms, p99 {:.3} ms | {:.1} images/s",
+                "batch {batch:>3}: GPU compute (no transfers) min {:.3} ms, mean {:.3} ms, median {:.3} ms, p99 {:.3} ms | {:.1} images/s{}",
                 c.min,
                 c.mean,
                 c.median,
                 c.p99,
-                batch as f64 * 1e3 / c.median
+                batch as f64 * 1e3 / c.median,
+                achieved_tflops
+                    .map(|t| format!(", {t:.1} TFLOP/s achieved"))
+                    .unwrap_or_default()
             );
         }
         let qps = iterations as f64 / wall;
@@ -194,6 +205,7 @@ pub fn run(a: Args) -> Result<()> {
             batch,
             iterations,
             compute_images_per_s: compute.as_ref().map(|c| batch as f64 * 1e3 / c.median),
+            achieved_tflops,
             compute_ms: compute,
             latency_ms: latency,
             throughput_qps: qps,
