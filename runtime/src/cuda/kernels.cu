@@ -169,6 +169,52 @@ __device__ void pool_nhwc(const T* in, T* out, int n, int h, int w, int c, int o
 extern "C" __global__ void pool_nhwc_f16(const half_t* in, half_t* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) { pool_nhwc(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip); }
 extern "C" __global__ void pool_nhwc_f32(const float* in, float* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) { pool_nhwc(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip); }
 
+// FP16 pooling with 8 channels per thread (16-byte loads); needs c % 8 == 0.
+template <typename I>
+__device__ void pool_v8_i(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow,
+                          int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
+    int cv = c / 8;
+    i64 total = (i64)n * oh * ow * cv;
+    INDEX_LOOP(I, i, total) {
+        int g = (int)(i % (I)cv);
+        I pix = i / (I)cv;
+        int ox = (int)(pix % (I)ow);
+        int oy = (int)((pix / (I)ow) % (I)oh);
+        int b = (int)(pix / ((I)ow * oh));
+        int y0 = oy * sh - ph, x0 = ox * sw - pw;
+        float acc[8];
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = kind == 0 ? -3.402823466e38f : 0.0f;
+        int count = 0;
+        for (int dy = 0; dy < kh; ++dy) {
+            int y = y0 + dy;
+            if (y < 0 || y >= h) continue;
+            for (int dx = 0; dx < kw; ++dx) {
+                int x = x0 + dx;
+                if (x < 0 || x >= w) continue;
+                vec16 v = in[(((I)b * h + y) * w + x) * cv + g];
+                const half_t* hv = (const half_t*)&v;
+                #pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    float f = h2f(hv[k]);
+                    acc[k] = kind == 0 ? fmaxf(acc[k], f) : acc[k] + f;
+                }
+                ++count;
+            }
+        }
+        float div = kind == 1 ? (float)(count_include_pad ? kh * kw : (count > 0 ? count : 1)) : 1.0f;
+        vec16 r;
+        half_t* hr = (half_t*)&r;
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) hr[k] = f2h(acc[k] / div);
+        out[i] = r;
+    }
+}
+extern "C" __global__ void pool_v8_f16(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
+    if (FITS_32((i64)n * h * w * c)) pool_v8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+    else pool_v8_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+}
+
 // Nearest resize, ONNX 'asymmetric' + 'floor' (PyTorch's nn.Upsample nearest), integer sizes.
 template <typename I, typename T>
 __device__ void resize_nearest_nhwc_i(const T* in, T* out, int n, int h, int w, int c, int oh, int ow) {

@@ -109,7 +109,7 @@ pub struct CudaEngine {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 22] = [
+const KERNEL_NAMES: [&str; 23] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -124,6 +124,7 @@ const KERNEL_NAMES: [&str; 22] = [
     "copy_axis_f16",
     "copy_axis_v16",
     "bias_act_v8_f16",
+    "pool_v8_f16",
     "copy_axis_f32",
     "unary_f16",
     "unary_f32",
@@ -483,12 +484,21 @@ impl CudaEngine {
                 } => {
                     let dx = self.shape(*x, b);
                     let dy = self.shape(*y, b);
-                    let f = self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?;
+                    // FP16 with whole 8-channel groups: one thread per 8 channels.
+                    let v8 = self.half && dx[1] % 8 == 0;
+                    let (f, threads) = if v8 {
+                        (self.f("pool_v8_f16")?, prod(&dy) / 8)
+                    } else {
+                        (
+                            self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?,
+                            prod(&dy),
+                        )
+                    };
                     let i32s = |v: usize| Arg::I32(v as i32);
                     launch(
                         f,
                         s,
-                        prod(&dy),
+                        threads,
                         &[
                             Arg::Ptr(self.ptr(*x)?),
                             Arg::Ptr(self.ptr(*y)?),
