@@ -237,6 +237,13 @@ __device__ void resize_nearest_nhwc(const T* in, T* out, int n, int h, int w, in
 extern "C" __global__ void resize_nearest_nhwc_f16(const half_t* in, half_t* out, int n, int h, int w, int c, int oh, int ow) { resize_nearest_nhwc(in, out, n, h, w, c, oh, ow); }
 extern "C" __global__ void resize_nearest_nhwc_f32(const float* in, float* out, int n, int h, int w, int c, int oh, int ow) { resize_nearest_nhwc(in, out, n, h, w, c, oh, ow); }
 
+// 16-byte vectors of channels (8 halves or 4 floats); needs c % (16 / element size) == 0. `cv` is
+// the channel count in vectors.
+extern "C" __global__ void resize_nearest_v16(const vec16* in, vec16* out, int n, int h, int w, int cv, int oh, int ow) {
+    if (FITS_32((i64)n * oh * ow * cv)) resize_nearest_nhwc_i<unsigned int>(in, out, n, h, w, cv, oh, ow);
+    else resize_nearest_nhwc_i<i64>(in, out, n, h, w, cv, oh, ow);
+}
+
 // ---- copies along an axis (Concat, Split, Slice) -----------------------------------------------
 
 // View both tensors as [outer, len, inner]; copy `count` slices from in[.., in_off + j, ..] to

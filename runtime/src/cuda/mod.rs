@@ -109,7 +109,7 @@ pub struct CudaEngine {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 23] = [
+const KERNEL_NAMES: [&str; 24] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -125,6 +125,7 @@ const KERNEL_NAMES: [&str; 23] = [
     "copy_axis_v16",
     "bias_act_v8_f16",
     "pool_v8_f16",
+    "resize_nearest_v16",
     "copy_axis_f32",
     "unary_f16",
     "unary_f32",
@@ -522,19 +523,28 @@ impl CudaEngine {
                 Step::ResizeNearest { x, y } => {
                     let dx = self.shape(*x, b);
                     let dy = self.shape(*y, b);
-                    let f = self.f(&format!("resize_nearest_nhwc_{}", self.dt(Layout::Nhwc)))?;
+                    // Whole 16-byte channel vectors move as vectors.
+                    let per_vec = if self.half { 8 } else { 4 };
+                    let (f, unit) = if dx[1] % per_vec == 0 {
+                        (self.f("resize_nearest_v16")?, per_vec)
+                    } else {
+                        (
+                            self.f(&format!("resize_nearest_nhwc_{}", self.dt(Layout::Nhwc)))?,
+                            1,
+                        )
+                    };
                     let i32s = |v: usize| Arg::I32(v as i32);
                     launch(
                         f,
                         s,
-                        prod(&dy),
+                        prod(&dy) / unit,
                         &[
                             Arg::Ptr(self.ptr(*x)?),
                             Arg::Ptr(self.ptr(*y)?),
                             i32s(dx[0]),
                             i32s(dx[2]),
                             i32s(dx[3]),
-                            i32s(dx[1]),
+                            i32s(dx[1] / unit),
                             i32s(dy[2]),
                             i32s(dy[3]),
                         ],
