@@ -377,325 +377,311 @@ impl CudaEngine {
     fn enqueue_step(&self, i: usize, b: usize) -> Result<()> {
         let s = self.stream.0;
         let step = &self.plan.steps[i];
-        {
-            match step {
-                Step::InputToNhwc { x, y } => {
-                    let d = self.shape(*x, b);
-                    let f = self.f(&format!("nchw_f32_to_nhwc_{}", self.dt(Layout::Nhwc)))?;
-                    launch(
-                        f,
-                        s,
-                        prod(&d),
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            Arg::I64(prod(&d) as i64),
-                            Arg::I32(d[1] as i32),
-                            Arg::I64((d[2] * d[3]) as i64),
-                        ],
-                    )?;
-                }
-                Step::Conv {
-                    x,
-                    y,
-                    weight,
-                    bias,
-                    act,
-                    residual,
-                    layout,
-                    ..
-                } => {
-                    let cp = self
-                        .conv_plans
-                        .get(&(i, b))
-                        .ok_or_else(|| cuda_error("executor", "missing convolution plan"))?;
-                    let w = match self.weights.get(&i) {
-                        Some(w) => w.ptr,
-                        None => self.constants[*weight].ptr,
-                    };
-                    let yp = self.ptr(*y)?;
-                    cp.run(
-                        &self.dnn,
-                        self.ptr(*x)?,
-                        w,
-                        yp,
-                        self.workspace.ptr,
-                        self.workspace.bytes,
-                    )?;
-                    let d = self.shape(*y, b);
-                    let bias_ptr = match bias {
-                        Some(c) => self.constants[*c].ptr,
-                        None => 0,
-                    };
-                    if bias.is_some() || *act != plan::Act::None || residual.is_some() {
-                        if *layout == Layout::Nhwc {
-                            let res = match residual {
-                                Some(r) => self.ptr(*r)?,
-                                None => 0,
-                            };
-                            // FP16 with whole 8-channel groups: 16-byte vectors per thread.
-                            let v8 = self.half && d[1] % 8 == 0;
-                            let (f, n) = if v8 {
-                                (self.f("bias_act_v8_f16")?, prod(&d) / 8)
-                            } else {
-                                (
-                                    self.f(&format!("bias_act_{}", self.dt(Layout::Nhwc)))?,
-                                    prod(&d),
-                                )
-                            };
-                            launch(
-                                f,
-                                s,
-                                n,
-                                &[
-                                    Arg::Ptr(yp),
-                                    Arg::Ptr(bias_ptr),
-                                    Arg::Ptr(res),
-                                    Arg::I64(n as i64),
-                                    Arg::I32(d[1] as i32),
-                                    Arg::I32(*act as i32),
-                                ],
-                            )?;
+        match step {
+            Step::InputToNhwc { x, y } | Step::ToRowMajor { x, y } => {
+                let d = self.shape(*x, b);
+                let name = if matches!(step, Step::InputToNhwc { .. }) {
+                    format!("nchw_f32_to_nhwc_{}", self.dt(Layout::Nhwc))
+                } else {
+                    format!("nhwc_{}_to_nchw_f32", self.dt(Layout::Nhwc))
+                };
+                launch(
+                    self.f(&name)?,
+                    s,
+                    prod(&d),
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64(prod(&d) as i64),
+                        Arg::I32(d[1] as i32),
+                        Arg::I64((d[2] * d[3]) as i64),
+                    ],
+                )?;
+            }
+            Step::Conv {
+                x,
+                y,
+                weight,
+                bias,
+                act,
+                residual,
+                layout,
+                ..
+            } => {
+                let cp = self
+                    .conv_plans
+                    .get(&(i, b))
+                    .ok_or_else(|| cuda_error("executor", "missing convolution plan"))?;
+                let w = match self.weights.get(&i) {
+                    Some(w) => w.ptr,
+                    None => self.constants[*weight].ptr,
+                };
+                let yp = self.ptr(*y)?;
+                cp.run(
+                    &self.dnn,
+                    self.ptr(*x)?,
+                    w,
+                    yp,
+                    self.workspace.ptr,
+                    self.workspace.bytes,
+                )?;
+                let d = self.shape(*y, b);
+                let bias_ptr = match bias {
+                    Some(c) => self.constants[*c].ptr,
+                    None => 0,
+                };
+                if bias.is_some() || *act != plan::Act::None || residual.is_some() {
+                    if *layout == Layout::Nhwc {
+                        let res = match residual {
+                            Some(r) => self.ptr(*r)?,
+                            None => 0,
+                        };
+                        // FP16 with whole 8-channel groups: 16-byte vectors per thread.
+                        let v8 = self.half && d[1] % 8 == 0;
+                        let (f, n) = if v8 {
+                            (self.f("bias_act_v8_f16")?, prod(&d) / 8)
                         } else {
-                            let f = self.f("bias_act_nchw_f32")?;
-                            launch(
-                                f,
-                                s,
+                            (
+                                self.f(&format!("bias_act_{}", self.dt(Layout::Nhwc)))?,
                                 prod(&d),
-                                &[
-                                    Arg::Ptr(yp),
-                                    Arg::Ptr(bias_ptr),
-                                    Arg::I64(prod(&d) as i64),
-                                    Arg::I32(d[1] as i32),
-                                    Arg::I64((d[2] * d[3]) as i64),
-                                    Arg::I32(*act as i32),
-                                ],
-                            )?;
-                        }
+                            )
+                        };
+                        launch(
+                            f,
+                            s,
+                            n,
+                            &[
+                                Arg::Ptr(yp),
+                                Arg::Ptr(bias_ptr),
+                                Arg::Ptr(res),
+                                Arg::I64(n as i64),
+                                Arg::I32(d[1] as i32),
+                                Arg::I32(*act as i32),
+                            ],
+                        )?;
+                    } else {
+                        let f = self.f("bias_act_nchw_f32")?;
+                        launch(
+                            f,
+                            s,
+                            prod(&d),
+                            &[
+                                Arg::Ptr(yp),
+                                Arg::Ptr(bias_ptr),
+                                Arg::I64(prod(&d) as i64),
+                                Arg::I32(d[1] as i32),
+                                Arg::I64((d[2] * d[3]) as i64),
+                                Arg::I32(*act as i32),
+                            ],
+                        )?;
                     }
                 }
-                Step::Pool {
-                    x,
-                    y,
-                    max,
-                    kernel,
-                    stride,
-                    pads,
-                    count_include_pad,
-                } => {
-                    let dx = self.shape(*x, b);
-                    let dy = self.shape(*y, b);
-                    // FP16 with whole 8-channel groups: one thread per 8 channels.
-                    let v8 = self.half && dx[1] % 8 == 0;
-                    let (f, threads) = if v8 {
-                        (self.f("pool_v8_f16")?, prod(&dy) / 8)
-                    } else {
-                        (
-                            self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?,
-                            prod(&dy),
-                        )
-                    };
-                    let i32s = |v: usize| Arg::I32(v as i32);
-                    launch(
-                        f,
-                        s,
-                        threads,
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            i32s(dx[0]),
-                            i32s(dx[2]),
-                            i32s(dx[3]),
-                            i32s(dx[1]),
-                            i32s(dy[2]),
-                            i32s(dy[3]),
-                            i32s(kernel[0]),
-                            i32s(kernel[1]),
-                            i32s(stride[0]),
-                            i32s(stride[1]),
-                            i32s(pads[0]),
-                            i32s(pads[1]),
-                            Arg::I32(if *max { 0 } else { 1 }),
-                            Arg::I32(i32::from(*count_include_pad)),
-                        ],
-                    )?;
-                }
-                Step::ResizeNearest { x, y } => {
-                    let dx = self.shape(*x, b);
-                    let dy = self.shape(*y, b);
-                    // Whole 16-byte channel vectors move as vectors.
-                    let per_vec = if self.half { 8 } else { 4 };
-                    let (f, unit) = if dx[1] % per_vec == 0 {
-                        (self.f("resize_nearest_v16")?, per_vec)
-                    } else {
-                        (
-                            self.f(&format!("resize_nearest_nhwc_{}", self.dt(Layout::Nhwc)))?,
-                            1,
-                        )
-                    };
-                    let i32s = |v: usize| Arg::I32(v as i32);
-                    launch(
-                        f,
-                        s,
-                        prod(&dy) / unit,
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            i32s(dx[0]),
-                            i32s(dx[2]),
-                            i32s(dx[3]),
-                            i32s(dx[1] / unit),
-                            i32s(dy[2]),
-                            i32s(dy[3]),
-                        ],
-                    )?;
-                }
-                Step::CopyAxis {
-                    x,
-                    y,
-                    axis,
-                    in_offset,
-                    out_offset,
-                    count,
-                } => {
-                    let dx = self.shape(*x, b);
-                    let dy = self.shape(*y, b);
-                    let layout = self.plan.values[*x].layout;
-                    let (outer, inner, in_len, out_len) = if layout == Layout::Nhwc {
-                        // Channels are innermost: every pixel copies a run of channels.
-                        (dx[0] * dx[2] * dx[3], 1, dx[1], dy[1])
-                    } else {
-                        (
-                            prod(&dx[..*axis]),
-                            prod(&dx[axis + 1..]),
-                            dx[*axis],
-                            dy[*axis],
-                        )
-                    };
-                    // Channel runs that are whole 16-byte vectors move as vectors.
-                    let elem = if self.dt(layout) == "f16" { 2 } else { 4 };
-                    let per_vec = 16 / elem;
-                    let vectorised = inner == 1
-                        && [in_len, out_len, *in_offset, *out_offset, *count]
-                            .iter()
-                            .all(|v| v % per_vec == 0);
-                    let (f, unit) = if vectorised {
-                        (self.f("copy_axis_v16")?, per_vec)
-                    } else {
-                        (self.f(&format!("copy_axis_{}", self.dt(layout)))?, 1)
-                    };
-                    let i = |v: usize| Arg::I64((v / unit) as i64);
-                    launch(
-                        f,
-                        s,
-                        outer * count / unit * inner,
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            Arg::I64(outer as i64),
-                            i(in_len),
-                            i(*in_offset),
-                            i(out_len),
-                            i(*out_offset),
-                            i(*count),
-                            Arg::I64(inner as i64),
-                        ],
-                    )?;
-                }
-                Step::Unary { x, y, act } => {
-                    let n = prod(&self.shape(*y, b));
-                    let f = self.f(&format!("unary_{}", self.dt(self.plan.values[*x].layout)))?;
-                    launch(
-                        f,
-                        s,
-                        n,
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            Arg::I64(n as i64),
-                            Arg::I32(*act as i32),
-                        ],
-                    )?;
-                }
-                Step::Binary { a, b: bb, y, op } => {
-                    let n = prod(&self.shape(*y, b));
-                    let args_ab = [
-                        Arg::Ptr(self.ptr(*a)?),
-                        Arg::Ptr(self.ptr(*bb)?),
+            }
+            Step::Pool {
+                x,
+                y,
+                max,
+                kernel,
+                stride,
+                pads,
+                count_include_pad,
+            } => {
+                let dx = self.shape(*x, b);
+                let dy = self.shape(*y, b);
+                // FP16 with whole 8-channel groups: one thread per 8 channels.
+                let v8 = self.half && dx[1] % 8 == 0;
+                let (f, threads) = if v8 {
+                    (self.f("pool_v8_f16")?, prod(&dy) / 8)
+                } else {
+                    (
+                        self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?,
+                        prod(&dy),
+                    )
+                };
+                let i32s = |v: usize| Arg::I32(v as i32);
+                launch(
+                    f,
+                    s,
+                    threads,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        i32s(dx[0]),
+                        i32s(dx[2]),
+                        i32s(dx[3]),
+                        i32s(dx[1]),
+                        i32s(dy[2]),
+                        i32s(dy[3]),
+                        i32s(kernel[0]),
+                        i32s(kernel[1]),
+                        i32s(stride[0]),
+                        i32s(stride[1]),
+                        i32s(pads[0]),
+                        i32s(pads[1]),
+                        Arg::I32(if *max { 0 } else { 1 }),
+                        Arg::I32(i32::from(*count_include_pad)),
+                    ],
+                )?;
+            }
+            Step::ResizeNearest { x, y } => {
+                let dx = self.shape(*x, b);
+                let dy = self.shape(*y, b);
+                // Whole 16-byte channel vectors move as vectors.
+                let per_vec = if self.half { 8 } else { 4 };
+                let (f, unit) = if dx[1] % per_vec == 0 {
+                    (self.f("resize_nearest_v16")?, per_vec)
+                } else {
+                    (
+                        self.f(&format!("resize_nearest_nhwc_{}", self.dt(Layout::Nhwc)))?,
+                        1,
+                    )
+                };
+                let i32s = |v: usize| Arg::I32(v as i32);
+                launch(
+                    f,
+                    s,
+                    prod(&dy) / unit,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        i32s(dx[0]),
+                        i32s(dx[2]),
+                        i32s(dx[3]),
+                        i32s(dx[1] / unit),
+                        i32s(dy[2]),
+                        i32s(dy[3]),
+                    ],
+                )?;
+            }
+            Step::CopyAxis {
+                x,
+                y,
+                axis,
+                in_offset,
+                out_offset,
+                count,
+            } => {
+                let dx = self.shape(*x, b);
+                let dy = self.shape(*y, b);
+                let layout = self.plan.values[*x].layout;
+                let (outer, inner, in_len, out_len) = if layout == Layout::Nhwc {
+                    // Channels are innermost: every pixel copies a run of channels.
+                    (dx[0] * dx[2] * dx[3], 1, dx[1], dy[1])
+                } else {
+                    (
+                        prod(&dx[..*axis]),
+                        prod(&dx[axis + 1..]),
+                        dx[*axis],
+                        dy[*axis],
+                    )
+                };
+                // Channel runs that are whole 16-byte vectors move as vectors.
+                let elem = if self.dt(layout) == "f16" { 2 } else { 4 };
+                let per_vec = 16 / elem;
+                let vectorised = inner == 1
+                    && [in_len, out_len, *in_offset, *out_offset, *count]
+                        .iter()
+                        .all(|v| v % per_vec == 0);
+                let (f, unit) = if vectorised {
+                    (self.f("copy_axis_v16")?, per_vec)
+                } else {
+                    (self.f(&format!("copy_axis_{}", self.dt(layout)))?, 1)
+                };
+                let i = |v: usize| Arg::I64((v / unit) as i64);
+                launch(
+                    f,
+                    s,
+                    outer * count / unit * inner,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64(outer as i64),
+                        i(in_len),
+                        i(*in_offset),
+                        i(out_len),
+                        i(*out_offset),
+                        i(*count),
+                        Arg::I64(inner as i64),
+                    ],
+                )?;
+            }
+            Step::Unary { x, y, act } => {
+                let n = prod(&self.shape(*y, b));
+                let f = self.f(&format!("unary_{}", self.dt(self.plan.values[*x].layout)))?;
+                launch(
+                    f,
+                    s,
+                    n,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
                         Arg::Ptr(self.ptr(*y)?),
                         Arg::I64(n as i64),
-                    ];
-                    match self.meta.get(&(i, b)) {
-                        Some(meta) => {
-                            let f = self.f("binary_bcast_f32")?;
-                            let mut args = args_ab.to_vec();
-                            args.push(Arg::Ptr(meta.ptr));
-                            args.push(Arg::I32(*op as i32));
-                            launch(f, s, n, &args)?;
-                        }
-                        None => {
-                            let f = self.f(&format!(
-                                "binary_same_{}",
-                                self.dt(self.plan.values[*y].layout)
-                            ))?;
-                            let mut args = args_ab.to_vec();
-                            args.push(Arg::I32(*op as i32));
-                            launch(f, s, n, &args)?;
-                        }
+                        Arg::I32(*act as i32),
+                    ],
+                )?;
+            }
+            Step::Binary { a, b: bb, y, op } => {
+                let n = prod(&self.shape(*y, b));
+                let args_ab = [
+                    Arg::Ptr(self.ptr(*a)?),
+                    Arg::Ptr(self.ptr(*bb)?),
+                    Arg::Ptr(self.ptr(*y)?),
+                    Arg::I64(n as i64),
+                ];
+                match self.meta.get(&(i, b)) {
+                    Some(meta) => {
+                        let f = self.f("binary_bcast_f32")?;
+                        let mut args = args_ab.to_vec();
+                        args.push(Arg::Ptr(meta.ptr));
+                        args.push(Arg::I32(*op as i32));
+                        launch(f, s, n, &args)?;
+                    }
+                    None => {
+                        let f = self.f(&format!(
+                            "binary_same_{}",
+                            self.dt(self.plan.values[*y].layout)
+                        ))?;
+                        let mut args = args_ab.to_vec();
+                        args.push(Arg::I32(*op as i32));
+                        launch(f, s, n, &args)?;
                     }
                 }
-                Step::Softmax { x, y, axis } => {
-                    let d = self.shape(*x, b);
-                    let (outer, len, inner) = (prod(&d[..*axis]), d[*axis], prod(&d[axis + 1..]));
-                    let f = self.f("softmax_f32")?;
-                    launch(
-                        f,
-                        s,
-                        outer * inner,
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            Arg::I64(outer as i64),
-                            Arg::I32(len as i32),
-                            Arg::I64(inner as i64),
-                        ],
-                    )?;
-                }
-                Step::Transpose { x, y, .. } => {
-                    let n = prod(&self.shape(*y, b));
-                    let meta = self
-                        .meta
-                        .get(&(i, b))
-                        .ok_or_else(|| cuda_error("executor", "missing transpose metadata"))?;
-                    let f = self.f("transpose_f32")?;
-                    launch(
-                        f,
-                        s,
-                        n,
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            Arg::I64(n as i64),
-                            Arg::Ptr(meta.ptr),
-                        ],
-                    )?;
-                }
-                Step::ToRowMajor { x, y } => {
-                    let d = self.shape(*x, b);
-                    let f = self.f(&format!("nhwc_{}_to_nchw_f32", self.dt(Layout::Nhwc)))?;
-                    launch(
-                        f,
-                        s,
-                        prod(&d),
-                        &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(self.ptr(*y)?),
-                            Arg::I64(prod(&d) as i64),
-                            Arg::I32(d[1] as i32),
-                            Arg::I64((d[2] * d[3]) as i64),
-                        ],
-                    )?;
-                }
+            }
+            Step::Softmax { x, y, axis } => {
+                let d = self.shape(*x, b);
+                let (outer, len, inner) = (prod(&d[..*axis]), d[*axis], prod(&d[axis + 1..]));
+                let f = self.f("softmax_f32")?;
+                launch(
+                    f,
+                    s,
+                    outer * inner,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64(outer as i64),
+                        Arg::I32(len as i32),
+                        Arg::I64(inner as i64),
+                    ],
+                )?;
+            }
+            Step::Transpose { x, y, .. } => {
+                let n = prod(&self.shape(*y, b));
+                let meta = self
+                    .meta
+                    .get(&(i, b))
+                    .ok_or_else(|| cuda_error("executor", "missing transpose metadata"))?;
+                let f = self.f("transpose_f32")?;
+                launch(
+                    f,
+                    s,
+                    n,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64(n as i64),
+                        Arg::Ptr(meta.ptr),
+                    ],
+                )?;
             }
         }
         Ok(())
