@@ -46,6 +46,28 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A gelan-t with 64x64 input and random weights at `model`.
+fn export_small(model: &Path, dynamic: bool) {
+    let mut args = vec![
+        "export",
+        "--model",
+        "gelan-t",
+        "--imgsz",
+        "64",
+        "-o",
+        p(model),
+    ];
+    if dynamic {
+        args.push("--dynamic");
+    }
+    let out = kestrel(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A model whose only input has the given dims (an Identity graph).
 fn model_with_input(path: &Path, dims: Vec<Dim>) {
     let mut b = GraphBuilder::new();
@@ -236,16 +258,7 @@ fn missing_model_file() {
 fn truncated_and_non_onnx_files() {
     let dir = scratch("truncated");
     let good = dir.join("good.onnx");
-    let out = kestrel(&[
-        "export",
-        "--model",
-        "gelan-t",
-        "--imgsz",
-        "64",
-        "-o",
-        p(&good),
-    ]);
-    assert!(out.status.success());
+    export_small(&good, false);
     let bytes = std::fs::read(&good).unwrap();
     let cut = dir.join("cut.onnx");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
@@ -303,19 +316,7 @@ fn unknown_model_name_and_bad_options() {
     ]);
     assert_user_error(&out, &["input size 100", "multiple of 32"]);
     let model = dir.join("t.onnx");
-    assert!(
-        kestrel(&[
-            "export",
-            "--model",
-            "gelan-t",
-            "--imgsz",
-            "64",
-            "-o",
-            p(&model)
-        ])
-        .status
-        .success()
-    );
+    export_small(&model, false);
     let img = dir.join("x.png");
     image::RgbImage::new(8, 8).save(&img).unwrap();
     let out = kestrel(&["infer", "-m", p(&model), p(&img), "--backend", "tpu"]);
@@ -331,19 +332,7 @@ fn unknown_model_name_and_bad_options() {
 fn unreadable_image_is_named_and_others_still_processed() {
     let dir = scratch("images");
     let model = dir.join("t.onnx");
-    assert!(
-        kestrel(&[
-            "export",
-            "--model",
-            "gelan-t",
-            "--imgsz",
-            "64",
-            "-o",
-            p(&model)
-        ])
-        .status
-        .success()
-    );
+    export_small(&model, false);
     let imgs = dir.join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
     image::RgbImage::new(40, 30)
@@ -370,20 +359,7 @@ fn unreadable_image_is_named_and_others_still_processed() {
 fn build_an_engine_file_and_run_it() {
     let dir = scratch("build");
     let model = dir.join("t.onnx");
-    assert!(
-        kestrel(&[
-            "export",
-            "--model",
-            "gelan-t",
-            "--imgsz",
-            "64",
-            "--dynamic",
-            "-o",
-            p(&model)
-        ])
-        .status
-        .success()
-    );
+    export_small(&model, true);
     let engine = dir.join("t.engine");
     let out = kestrel(&[
         "build",

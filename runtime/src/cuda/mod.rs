@@ -729,6 +729,22 @@ impl CudaEngine {
         Ok(out)
     }
 
+    /// The bucket a timing run of `batch` images uses, with the context bound to this thread.
+    fn prepare_timing(&self, batch: usize) -> Result<usize> {
+        let bucket = bucket_for(&self.buckets, batch)
+            .filter(|_| self.info.profile.contains(batch))
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "batch {batch} is outside the profile {}",
+                    self.info.profile
+                ))
+            })?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        Ok(bucket)
+    }
+
     /// Capture the bucket's launches as a CUDA graph.
     fn capture(&self, b: usize) -> Result<GraphExec> {
         let s = self.stream.0;
@@ -861,32 +877,12 @@ impl Engine for CudaEngine {
     }
 
     fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {
-        let bucket = bucket_for(&self.buckets, batch)
-            .filter(|_| self.info.profile.contains(batch))
-            .ok_or_else(|| {
-                Error::Shape(format!(
-                    "batch {batch} is outside the profile {}",
-                    self.info.profile
-                ))
-            })?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error("binding the context", e))?;
+        let bucket = self.prepare_timing(batch)?;
         self.profile_steps(bucket).map(Some)
     }
 
     fn time_compute(&mut self, batch: usize, iterations: usize) -> Result<Option<Vec<f64>>> {
-        let bucket = bucket_for(&self.buckets, batch)
-            .filter(|_| self.info.profile.contains(batch))
-            .ok_or_else(|| {
-                Error::Shape(format!(
-                    "batch {batch} is outside the profile {}",
-                    self.info.profile
-                ))
-            })?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error("binding the context", e))?;
+        let bucket = self.prepare_timing(batch)?;
         let s = self.stream.0;
         let mut events = Vec::with_capacity(2 * iterations);
         for _ in 0..2 * iterations {
