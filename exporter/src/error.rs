@@ -34,6 +34,10 @@ pub enum Error {
     /// The graph uses something shape inference or counting does not understand.
     #[error("graph: {0}")]
     Graph(String),
+
+    /// The model cannot be quantized as asked (no convolutions, a missing or unusable amax).
+    #[error("quantization: {0}")]
+    Quantization(String),
 }
 
 impl Error {

@@ -1,12 +1,13 @@
 //! Kestrel's exporter: the ONNX format (protobuf types, read/write, a graph builder, shape
-//! inference), the GELAN / YOLOv9 model family as data, ONNX export from a spec plus weights, and
-//! model inspection (parameters, FLOPs, operators).
+//! inference), the GELAN / YOLOv9 model family as data, ONNX export from a spec plus weights, model
+//! inspection (parameters, FLOPs, operators), and post-training quantization to Q/DQ models.
 
 pub mod builder;
 pub mod error;
 pub mod export;
 pub mod inspect;
 pub mod onnx;
+pub mod quantize;
 pub mod shapes;
 pub mod spec;
 pub mod weights;

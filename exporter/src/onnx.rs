@@ -399,6 +399,24 @@ impl pb::TensorProto {
         (self.int64_data.len() == self.numel()).then(|| self.int64_data.clone())
     }
 
+    /// The values as i8 (INT8 tensors from raw_data, or int32_data where ONNX stores small ints).
+    pub fn to_i8(&self) -> Option<Vec<i8>> {
+        if self.data_type != pb::data_type::INT8 {
+            return None;
+        }
+        if !self.raw_data.is_empty() {
+            return (self.raw_data.len() == self.numel())
+                .then(|| self.raw_data.iter().map(|&b| b as i8).collect());
+        }
+        if self.int32_data.len() != self.numel() {
+            return None;
+        }
+        self.int32_data
+            .iter()
+            .map(|&v| i8::try_from(v).ok())
+            .collect()
+    }
+
     /// A FLOAT tensor from values and dims (stored as little-endian raw_data).
     pub fn from_f32(name: &str, dims: &[i64], values: &[f32]) -> Self {
         let mut raw = Vec::with_capacity(values.len() * 4);

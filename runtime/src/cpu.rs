@@ -14,7 +14,8 @@ use tract_onnx::prelude::*;
 use crate::engine::{Engine, EngineInfo, Precision};
 use crate::error::{Error, Result};
 
-type Plan = Arc<TypedRunnableModel>;
+/// An optimized tract plan, shared by the engine and its state.
+pub(crate) type Plan = Arc<TypedRunnableModel>;
 
 /// An engine on tract.
 pub struct CpuEngine {
@@ -25,7 +26,7 @@ pub struct CpuEngine {
     output: Vec<f32>,
 }
 
-fn backend_error(e: impl std::fmt::Display) -> Error {
+pub(crate) fn backend_error(e: impl std::fmt::Display) -> Error {
     Error::Backend {
         backend: "cpu",
         message: format!("{e:#}"),
@@ -53,6 +54,43 @@ fn run_options() -> RunOptions {
     }
 }
 
+/// Parse ONNX `bytes` with tract and build the optimized, multi-threaded plan for one image
+/// `[1, 3, H, W]` (`input_hw` in pixels). `outputs`: ONNX tensor names to return instead of the
+/// graph outputs (calibration reads intermediate activations this way; naming them as outputs is
+/// also what keeps the optimizer from fusing them away). `path` names the model in messages.
+pub(crate) fn batch1_plan(
+    bytes: &[u8],
+    path: &Path,
+    input_hw: [usize; 2],
+    outputs: Option<&[String]>,
+) -> Result<Plan> {
+    let mut model = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .map_err(|e| Error::Model {
+            path: path.to_path_buf(),
+            message: format!("tract cannot load it: {e:#}"),
+        })?;
+    if let Some(names) = outputs {
+        if let Some(missing) = names.iter().find(|n| {
+            model.find_outlet_label(n).is_none() && !model.nodes().iter().any(|m| &m.name == *n)
+        }) {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                message: format!("the model has no tensor named '{missing}'"),
+            });
+        }
+        model
+            .select_outputs_by_name(names.iter().map(String::as_str))
+            .map_err(backend_error)?;
+    }
+    let [h, w] = input_hw;
+    model
+        .with_input_fact(0, f32::fact([1, 3, h, w]).into())
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable_with_options(&run_options()))
+        .map_err(backend_error)
+}
+
 impl CpuEngine {
     /// Parse the model and build the optimized batch-1 plan.
     pub fn new(bytes: &[u8], info: EngineInfo, path: &Path) -> Result<Self> {
@@ -63,18 +101,7 @@ impl CpuEngine {
                 info.precision
             )));
         }
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .map_err(|e| Error::Model {
-                path: path.to_path_buf(),
-                message: format!("tract cannot load it: {e:#}"),
-            })?;
-        let [h, w] = info.input_hw;
-        let plan = model
-            .with_input_fact(0, f32::fact([1, 3, h, w]).into())
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable_with_options(&run_options()))
-            .map_err(backend_error)?;
+        let plan = batch1_plan(bytes, path, info.input_hw, None)?;
         let state = plan.spawn().map_err(backend_error)?;
         Ok(Self {
             info,

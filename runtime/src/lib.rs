@@ -1,8 +1,10 @@
 //! Kestrel runtime: engines (the `cpu` backend on tract), letterbox pre-processing, decoding of the
-//! YOLOv9 head, NMS, datasets (YOLO txt, COCO json, synthetic scenes) and COCO-style evaluation.
+//! YOLOv9 head, NMS, datasets (YOLO txt, COCO json, synthetic scenes), COCO-style evaluation, and
+//! calibration of activation ranges for post-training quantization.
 //!
 //! The CPU implementations here are the reference every GPU kernel is tested against.
 
+pub mod calibrate;
 pub mod dataset;
 pub mod detection;
 pub mod detector;

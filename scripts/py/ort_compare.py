@@ -1,7 +1,8 @@
 """Run an ONNX model with onnxruntime (CPU) on a raw float32 input and compare with our output.
 
-usage: ort_compare.py MODEL INPUT.f32 B,C,H,W OURS.f32 NUM_CLASSES
-Prints JSON: relative L2 error of the whole output0 and of its box and score rows.
+usage: ort_compare.py MODEL INPUT.f32 B,C,H,W OURS.f32 NUM_CLASSES [REFERENCE_OUT.f32]
+Prints JSON: relative L2 error of the whole output0 and of its box and score rows; with a sixth
+argument, also writes onnxruntime's output0 there (raw little-endian float32).
 """
 import json
 import sys
@@ -15,6 +16,8 @@ x = np.fromfile(inp, dtype="<f4").reshape(shape)
 sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 (ref,) = sess.run(["output0"], {"images": x})
 got = np.fromfile(ours, dtype="<f4").reshape(ref.shape)
+if len(sys.argv) > 6:
+    ref.astype("<f4").tofile(sys.argv[6])
 
 
 def rel_l2(a, b):

@@ -1,4 +1,4 @@
-//! `kestrel`: export, inspect, run, evaluate and benchmark YOLOv9 / GELAN detectors.
+//! `kestrel`: export, quantize, inspect, run, evaluate and benchmark YOLOv9 / GELAN detectors.
 
 use std::process::ExitCode;
 
@@ -20,6 +20,11 @@ struct Cli {
 enum Command {
     /// Export a GELAN model (t, s, m, c, e) to ONNX, with weights from safetensors or seeded random ones.
     Export(commands::export::Args),
+    /// Quantize a float model to INT8 Q/DQ ONNX, with activation ranges calibrated on images.
+    #[command(
+        override_usage = "kestrel quantize (--onnx FILE | --model NAME [EXPORT OPTIONS]) --calibrate DIR [--images N] -o FILE"
+    )]
+    Quantize(commands::quantize::Args),
     /// Show a model's inputs, outputs, operators, Q/DQ pairs, parameters and GFLOPs.
     Inspect(commands::inspect::Args),
     /// Detect objects in images: annotated PNGs and one JSON per image.
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         Command::Val(a) => commands::val::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Build(a) => commands::build::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Synth(a) => commands::synth::run(a),
     };
     match result {

@@ -424,3 +424,149 @@ fn build_an_engine_file_and_run_it() {
         assert_user_error(&out, &["cuda backend", &reason]);
     }
 }
+
+#[test]
+fn quantize_calibrates_and_writes_a_qdq_model() {
+    let dir = scratch("quantize");
+    let model = dir.join("t.onnx");
+    // A fixed batch of 1: calibration must not depend on a dynamic batch.
+    export_small(&model, false);
+    let data = dir.join("synth");
+    let out = kestrel(&[
+        "synth",
+        "-o",
+        p(&data),
+        "--images",
+        "4",
+        "--seed",
+        "5",
+        "--imgsz",
+        "64",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = data.join("images");
+    let qdq = dir.join("t.qdq.onnx");
+    let out = kestrel(&[
+        "quantize",
+        "--onnx",
+        p(&model),
+        "--calibrate",
+        p(&images),
+        "--images",
+        "3",
+        "-o",
+        p(&qdq),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // gelan-t's 186 convolutions read 169 distinct tensors; all but the DFL's fixed projection
+    // (input from its softmax) get one pair each.
+    assert!(
+        stdout.contains("168 Q/DQ pairs") && stdout.contains("on 3 images"),
+        "{stdout}"
+    );
+    let inspect = kestrel(&["inspect", p(&qdq)]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("Q/DQ pairs:  168"), "{text}");
+    assert!(text.contains("kestrel.quantization ptq-max"), "{text}");
+    // The CPU backend runs the result.
+    let results = dir.join("out");
+    let out = kestrel(&[
+        "infer",
+        "-m",
+        p(&qdq),
+        p(&images),
+        "-o",
+        p(&results),
+        "--no-pictures",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Quantizing the quantized model again is refused.
+    let out = kestrel(&[
+        "quantize",
+        "--onnx",
+        p(&qdq),
+        "--calibrate",
+        p(&images),
+        "-o",
+        p(&dir.join("twice.onnx")),
+    ]);
+    assert_user_error(&out, &["t.qdq.onnx", "already has Q/DQ"]);
+    // --model exports first, with export's options.
+    let out = kestrel(&[
+        "quantize",
+        "--model",
+        "gelan-t",
+        "--imgsz",
+        "64",
+        "--classes",
+        "2",
+        "--calibrate",
+        p(&images),
+        "--images",
+        "1",
+        "-o",
+        p(&dir.join("m.qdq.onnx")),
+    ]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("on 1 image "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn quantize_errors_name_the_problem() {
+    let dir = scratch("quantize-errors");
+    let model = dir.join("t.onnx");
+    export_small(&model, false);
+    let output = dir.join("q.onnx");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).expect("create folder");
+    let quantize = |model: &Path, images: &Path| {
+        kestrel(&[
+            "quantize",
+            "--onnx",
+            p(model),
+            "--calibrate",
+            p(images),
+            "-o",
+            p(&output),
+        ])
+    };
+    assert_user_error(&quantize(&model, &empty), &["empty", "no images"]);
+
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).expect("create folder");
+    image::RgbImage::new(40, 30)
+        .save(imgs.join("a.png"))
+        .expect("save image");
+    std::fs::write(imgs.join("b.png"), b"\x89PNG garbage").expect("write file");
+    assert_user_error(
+        &quantize(&model, &imgs),
+        &["b.png", "cannot read the image"],
+    );
+
+    let identity = dir.join("identity.onnx");
+    model_with_input(
+        &identity,
+        vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(64), Dim::Fixed(64)],
+    );
+    assert_user_error(
+        &quantize(&identity, &imgs),
+        &["identity.onnx", "no convolution"],
+    );
+    assert!(!output.exists(), "nothing is written on failure");
+}

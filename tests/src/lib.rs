@@ -4,8 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The workspace root (the folder holding the top-level `Cargo.toml`).
+/// The workspace root (the folder holding the top-level `Cargo.toml`): `$KESTREL_WORKSPACE`
+/// where the test binaries run away from their build tree (the GPU machine), else the build tree.
 pub fn workspace_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KESTREL_WORKSPACE") {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")

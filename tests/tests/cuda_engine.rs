@@ -2,10 +2,18 @@
 
 use std::path::Path;
 
+use kestrel_exporter::builder::GraphBuilder;
+use kestrel_exporter::onnx::pb;
+use kestrel_exporter::quantize;
+use kestrel_exporter::shapes::Dim;
 use kestrel_exporter::weights::SplitMix64;
 use kestrel_exporter::{ExportOptions, ModelConfig, WeightSource, export, onnx};
+use kestrel_runtime::calibrate::Calibrator;
 use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
-use kestrel_tests::scratch_dir;
+use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
+use kestrel_runtime::nms::{NmsConfig, Postprocessor};
+use kestrel_runtime::{Detection, synth};
+use kestrel_tests::{run_python, scratch_dir};
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -111,6 +119,387 @@ fn gelan_s_cuda_matches_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn gelan_c_cuda_matches_cpu() {
     compare("gelan-c");
+}
+
+/// One INT8 convolution between two float ones, as the exporter's Q/DQ models have it:
+/// images -> conv_a (3 -> cin, 1x1, float) -> Q/DQ -> conv_b (int8 filter, SiLU, optional
+/// residual from conv_a) -> output0 [B, cout, P*Q].
+struct Int8Case {
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    hw: usize,
+    residual: bool,
+}
+
+fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
+    let Int8Case {
+        cin,
+        cout,
+        kernel,
+        stride,
+        hw,
+        residual,
+    } = *case;
+    let mut rng = SplitMix64::new(seed);
+    let mut normal = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect()
+    };
+    let mut b = GraphBuilder::new();
+    let x = b.input(
+        "images",
+        vec![
+            Dim::Symbol("batch".into()),
+            Dim::Fixed(3),
+            Dim::Fixed(hw as i64),
+            Dim::Fixed(hw as i64),
+        ],
+    );
+    let wa = b.const_f32("a.weight", &[cin as i64, 3, 1, 1], &normal(cin * 3, 1.0));
+    let ba = b.const_f32("a.bias", &[cin as i64], &normal(cin, 0.5));
+    let a = b
+        .node1(
+            "Conv",
+            "a",
+            &[&x, &wa, &ba],
+            vec![pb::AttributeProto::ints("kernel_shape", &[1, 1])],
+        )
+        .unwrap();
+    // conv_a's outputs stay within about 2.2 in magnitude: amax 2.5.
+    let s = b.const_f32("q.scale", &[], &[2.5 / 127.0]);
+    let z = b.const_i8("q.zero", &[], &[0]);
+    let q = b
+        .node1("QuantizeLinear", "q", &[&a, &s, &z], vec![])
+        .unwrap();
+    let dq = b
+        .node1("DequantizeLinear", "dq", &[&q, &s, &z], vec![])
+        .unwrap();
+    let taps = cin * kernel * kernel;
+    let wq: Vec<i8> = normal(cout * taps, 127.0)
+        .iter()
+        .map(|v| v.round() as i8)
+        .collect();
+    let wscale: Vec<f32> = (0..cout)
+        .map(|c| (0.5 + (c % 7) as f32 * 0.25) / (127.0 * (taps as f32).sqrt()))
+        .collect();
+    let k = kernel as i64;
+    let wq = b.const_i8("b.weight_quantized", &[cout as i64, cin as i64, k, k], &wq);
+    let ws = b.const_f32("b.weight_scale", &[cout as i64], &wscale);
+    let wz = b.const_i8("b.weight_zero", &[cout as i64], &vec![0; cout]);
+    let w = b
+        .node1(
+            "DequantizeLinear",
+            "b.weight_dq",
+            &[&wq, &ws, &wz],
+            vec![pb::AttributeProto::int("axis", 0)],
+        )
+        .unwrap();
+    let bias = b.const_f32("b.bias", &[cout as i64], &normal(cout, 0.5));
+    let pad = (kernel / 2) as i64;
+    let conv = b
+        .node1(
+            "Conv",
+            "b",
+            &[&dq, &w, &bias],
+            vec![
+                pb::AttributeProto::ints("kernel_shape", &[k, k]),
+                pb::AttributeProto::ints("strides", &[stride as i64, stride as i64]),
+                pb::AttributeProto::ints("pads", &[pad, pad, pad, pad]),
+            ],
+        )
+        .unwrap();
+    let sig = b.node1("Sigmoid", "b.sig", &[&conv], vec![]).unwrap();
+    let mut y = b.node1("Mul", "b.silu", &[&conv, &sig], vec![]).unwrap();
+    if residual {
+        y = b.node1("Add", "b.add", &[&a, &y], vec![]).unwrap();
+    }
+    let shape = b.const_i64("flatten.shape", &[0, cout as i64, -1]);
+    let out = b
+        .node1("Reshape", "flatten", &[&y, &shape], vec![])
+        .unwrap();
+    b.rename_last_output(&out, "output0");
+    b.output("output0", pb::data_type::FLOAT, "");
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(b.finish("int8-conv", "")),
+        ..Default::default()
+    }
+}
+
+/// The INT8 convolution kernel against the CPU backend running the same Q/DQ graph, over the
+/// geometries GELAN uses plus ragged tiles (pixels and channels that do not fill a tile).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn int8_convolution_matches_cpu() {
+    let cases = [
+        Int8Case {
+            cin: 16,
+            cout: 16,
+            kernel: 1,
+            stride: 1,
+            hw: 20,
+            residual: true,
+        },
+        Int8Case {
+            cin: 32,
+            cout: 48,
+            kernel: 3,
+            stride: 1,
+            hw: 17,
+            residual: false,
+        },
+        Int8Case {
+            cin: 64,
+            cout: 144,
+            kernel: 3,
+            stride: 2,
+            hw: 33,
+            residual: false,
+        },
+        Int8Case {
+            cin: 64,
+            cout: 64,
+            kernel: 3,
+            stride: 1,
+            hw: 24,
+            residual: true,
+        },
+        Int8Case {
+            cin: 48,
+            cout: 80,
+            kernel: 1,
+            stride: 1,
+            hw: 40,
+            residual: false,
+        },
+        Int8Case {
+            cin: 256,
+            cout: 256,
+            kernel: 3,
+            stride: 1,
+            hw: 20,
+            residual: true,
+        },
+    ];
+    let dir = scratch_dir("cuda-int8-conv");
+    for (i, case) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.onnx"));
+        onnx::write_model(&int8_conv_model(case, 40 + i as u64), &path).unwrap();
+        let opts = |backend, precision| BuildOptions {
+            backend,
+            precision,
+            profile: BatchProfile {
+                min: 1,
+                opt: 4,
+                max: 4,
+            },
+        };
+        let mut cpu = build_engine(&path, &opts(Backend::Cpu, Precision::Fp32)).unwrap();
+        let mut int8 = build_engine(&path, &opts(Backend::Cuda, Precision::Int8)).unwrap();
+        let mut fake = build_engine(&path, &opts(Backend::Cuda, Precision::Fp16)).unwrap();
+        let per = cpu.info().input_len();
+        let mut rng = SplitMix64::new(7 + i as u64);
+        let input: Vec<f32> = (0..3 * per).map(|_| rng.next_f32()).collect();
+        let want = cpu.run(&input, 3).unwrap().to_vec();
+        let got = int8.run(&input, 3).unwrap().to_vec();
+        let got_fake = fake.run(&input, 3).unwrap().to_vec();
+        let single = int8.run(&input[..per], 1).unwrap().to_vec();
+        let e = rel_l2(&got, &want);
+        let e_fake = rel_l2(&got_fake, &want);
+        let e_single = rel_l2(&got[..single.len()], &single);
+        println!(
+            "int8 conv case {i} ({}->{} k{} s{} {}x{} residual {}): int8 rel L2 {e:.2e}, fp16 Q/DQ {e_fake:.2e}, batch 1 vs 3 {e_single:.1e}",
+            case.cin, case.cout, case.kernel, case.stride, case.hw, case.hw, case.residual
+        );
+        // Exact int32 accumulation; the differences are fp16 storage and the rare input that
+        // rounds to the other side of a quantization step from fp16 instead of fp32.
+        assert!(e < 5e-3, "case {i}: {e}");
+        assert!(e_fake < 5e-3, "case {i}: {e_fake}");
+        assert!(
+            e_single == 0.0,
+            "case {i}: batch 1 differs from batch 3: {e_single}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Synthetic scenes letterboxed to 640 x 640, as inference feeds them: `count` images of NCHW
+/// float32.
+fn scenes(seed: u64, count: usize) -> Vec<f32> {
+    let per = 3 * 640 * 640;
+    let mut out = vec![0f32; count * per];
+    let mut letterbox = Letterboxer::new();
+    for (i, chunk) in out.chunks_mut(per).enumerate() {
+        let (image, _) = synth::render_scene(synth::image_seed(seed, i), 800, 600);
+        letterbox.run(&image, 640, 640, chunk).unwrap();
+    }
+    out
+}
+
+fn write_f32(path: &Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Detections of every image of `out` at `conf` (letterbox identity: boxes in input pixels).
+fn detections(out: &[f32], batch: usize, conf: f32) -> Vec<Vec<Detection>> {
+    let per = out.len() / batch;
+    let anchors = per / 84;
+    let identity = LetterboxParams::new(640, 640, 640, 640).unwrap();
+    let cfg = NmsConfig {
+        conf_threshold: conf,
+        ..NmsConfig::display()
+    };
+    let mut post = Postprocessor::new();
+    out.chunks(per)
+        .map(|img| {
+            let mut dets = Vec::new();
+            post.run(img, 80, anchors, &identity, &cfg, &mut dets)
+                .unwrap();
+            dets
+        })
+        .collect()
+}
+
+/// Detections of `reference` (per image: the 100 best anchors, display NMS) that `ours` also
+/// finds with the same class and IoU >= 0.9: (matched, total).
+fn matched_detections(reference: &[f32], ours: &[f32], out_per: usize) -> (usize, usize) {
+    let anchors = out_per / 84;
+    let (mut matched, mut total) = (0, 0);
+    for (r_img, o_img) in reference.chunks(out_per).zip(ours.chunks(out_per)) {
+        let mut best: Vec<f32> = (0..anchors)
+            .map(|a| (4..84).map(|c| r_img[c * anchors + a]).fold(0.0, f32::max))
+            .collect();
+        best.sort_by(|a, b| b.total_cmp(a));
+        let conf = best[100.min(anchors - 1)];
+        let want = &detections(r_img, 1, conf)[0];
+        let have = &detections(o_img, 1, conf)[0];
+        matched += want
+            .iter()
+            .filter(|w| {
+                have.iter()
+                    .any(|h| h.class_id == w.class_id && h.bbox.iou(&w.bbox) >= 0.9)
+            })
+            .count();
+        total += want.len();
+    }
+    (matched, total)
+}
+
+/// PTQ (max calibration on synthetic scenes, the CPU backend) of a random-weight gelan model, then
+/// the INT8 engine against onnxruntime running the same Q/DQ model, before and after NMS.
+fn int8_against_onnxruntime(name: &str) {
+    let dir = scratch_dir(&format!("cuda-int8-{name}"));
+    let float_path = dir.join(format!("{name}.onnx"));
+    export_to(name, &float_path);
+    let float = onnx::read_model(&float_path).unwrap();
+    let points = quantize::quantization_points(&float);
+    let bytes = std::fs::read(&float_path).unwrap();
+    let mut calib = Calibrator::new(&bytes, &float_path, &points).unwrap();
+    let per = 3 * 640 * 640;
+    for image in scenes(100, 4).chunks(per) {
+        calib.add_input(image).unwrap();
+    }
+    let qdq = quantize::quantize_model(&float, &calib.amax()).unwrap();
+    let path = dir.join(format!("{name}.qdq.onnx"));
+    onnx::write_model(&qdq, &path).unwrap();
+
+    let mut int8 = build_engine(&path, &options(Backend::Cuda, Precision::Int8)).unwrap();
+    let batch = 8;
+    let input = scenes(200, batch);
+    let got = int8.run(&input, batch).unwrap().to_vec();
+    // Every batch size gives each image the result it gets alone.
+    let single = int8.run(&input[..per], 1).unwrap().to_vec();
+    let out_per = single.len();
+    for b in 2..=batch {
+        let part = int8.run(&input[..b * per], b).unwrap().to_vec();
+        let e = rel_l2(&part[..out_per], &single);
+        assert!(
+            e < 1e-3,
+            "{name}: image 0 in a batch of {b} differs from batch 1: {e}"
+        );
+    }
+
+    let (input_path, ours_path, ref_path) = (
+        dir.join("input.f32"),
+        dir.join("int8.f32"),
+        dir.join("ort.f32"),
+    );
+    write_f32(&input_path, &input);
+    write_f32(&ours_path, &got);
+    let report = run_python(
+        "ort_compare.py",
+        &[
+            path.to_str().unwrap(),
+            input_path.to_str().unwrap(),
+            &format!("{batch},3,640,640"),
+            ours_path.to_str().unwrap(),
+            "80",
+            ref_path.to_str().unwrap(),
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let e = report["rel_l2"].as_f64().unwrap();
+    // The same Q/DQ model in fp16 (fake quantization): separates the INT8 kernels from the rest.
+    let mut fake = build_engine(&path, &options(Backend::Cuda, Precision::Fp16)).unwrap();
+    let got_fake = fake.run(&input, batch).unwrap().to_vec();
+    let e_fake = rel_l2(&got_fake, &read_f32(&ref_path));
+    let (fb, fs) = parts(&got_fake, batch);
+    let (rb, rs) = parts(&read_f32(&ref_path), batch);
+    println!(
+        "{name} fp16 (Q/DQ simulated) vs onnxruntime: rel L2 {e_fake:.2e} (boxes {:.2e}, scores {:.2e})",
+        rel_l2(&fb, &rb),
+        rel_l2(&fs, &rs)
+    );
+    println!("{name} int8 vs onnxruntime (same Q/DQ model, batch {batch}): {report}");
+    assert!(e < 3e-2, "{name}: int8 output0 vs onnxruntime rel L2 {e}");
+
+    assert!(
+        e_fake < 3e-2,
+        "{name}: fp16 Q/DQ output0 vs onnxruntime rel L2 {e_fake}"
+    );
+
+    // After NMS. Not asserted, on purpose: the head of a random network gives every anchor the
+    // same class scores to within about 1e-6 (YOLOv9's prior, 1.6e-4), below the rounding of any
+    // two correct implementations, so which anchors survive the threshold is noise: the fp16
+    // engine of the same graph, whose output is within 5e-5 of onnxruntime, matches no better.
+    // The >= 99% criterion needs a trained model (the trainer's issue); the figures are printed.
+    let reference = read_f32(&ref_path);
+    for (label, ours) in [("int8", &got), ("fp16 Q/DQ", &got_fake)] {
+        let (matched, total) = matched_detections(&reference, ours, out_per);
+        println!(
+            "{name} {label}: {matched} of {total} onnxruntime detections matched after NMS \
+             (same class, IoU >= 0.9; the 100 best anchors of each image)"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gelan_t_int8_matches_onnxruntime() {
+    int8_against_onnxruntime("gelan-t");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gelan_c_int8_matches_onnxruntime() {
+    int8_against_onnxruntime("gelan-c");
 }
 
 /// Without a GPU, asking for the cuda backend is a clear error, not a panic.

@@ -83,6 +83,13 @@ impl ConvPlan {
         let fmt = match layout {
             Layout::Nhwc => nsys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
             Layout::RowMajor => nsys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            // INT8 convolutions run on Kestrel's own kernel, never through cuDNN.
+            Layout::NhwcInt8 => {
+                return Err(cuda_error(
+                    "convolution",
+                    "int8 activations go to the INT8 kernel, not cuDNN",
+                ));
+            }
         };
         let dt = if half {
             nsys::cudnnDataType_t::CUDNN_DATA_HALF

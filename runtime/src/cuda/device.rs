@@ -228,6 +228,7 @@ pub enum Arg {
     Ptr(dsys::CUdeviceptr),
     I64(i64),
     I32(i32),
+    F32(f32),
 }
 
 /// Launch `f` over `total` elements (grid-stride kernels) on `stream`.
@@ -242,6 +243,21 @@ pub fn launch(
     }
     let block = 256u32;
     let grid = total.div_ceil(block as usize).min(65_535) as u32;
+    launch_grid(f, stream, (grid, 1, 1), block, args)
+}
+
+/// Launch `f` on an explicit grid of `block`-thread blocks (tiled kernels such as the INT8
+/// convolution).
+pub fn launch_grid(
+    f: dsys::CUfunction,
+    stream: dsys::CUstream,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[Arg],
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
     let mut values: Vec<Arg> = args.to_vec();
     let mut params: Vec<*mut c_void> = values
         .iter_mut()
@@ -249,11 +265,12 @@ pub fn launch(
             Arg::Ptr(p) => (p as *mut dsys::CUdeviceptr).cast(),
             Arg::I64(v) => (v as *mut i64).cast(),
             Arg::I32(v) => (v as *mut i32).cast(),
+            Arg::F32(v) => (v as *mut f32).cast(),
         })
         .collect();
     // SAFETY: `params` points at `values`, alive through the call (the driver copies them); the
     // argument list matches the kernel's signature, which the executor's callers guarantee.
-    unsafe { drv::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, stream, &mut params) }
+    unsafe { drv::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params) }
         .map_err(|e| cuda_error("launching a kernel", e))
 }
 

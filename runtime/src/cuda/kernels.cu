@@ -335,3 +335,221 @@ extern "C" __global__ void softmax_f32(const float* in, float* out, i64 outer, i
         for (int j = 0; j < len; ++j) y[(i64)j * inner] = __expf(x[(i64)j * inner] - m) * inv;
     }
 }
+
+// ---- quantization -------------------------------------------------------------------------------
+// ONNX QuantizeLinear with an int8 zero point of 0: q = clamp(round_half_even(x / scale), -128, 127).
+__device__ __forceinline__ int quantize(float x, float scale) {
+    int q;
+    asm("cvt.rni.s32.f32 %0, %1;" : "=r"(q) : "f"(x / scale));
+    return q < -128 ? -128 : (q > 127 ? 127 : q);
+}
+
+// fp16 NHWC -> int8 NHWC, 8 values per thread (channels are a multiple of 16 where this runs).
+extern "C" __global__ void quantize_v8_f16_i8(const vec16* in, unsigned long long* out, i64 vectors, float scale) {
+    GRID_LOOP(i, vectors) {
+        vec16 v = in[i];
+        unsigned words[4] = {v.a, v.b, v.c, v.d};
+        unsigned long long packed = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            half_t h = (half_t)((words[k >> 1] >> ((k & 1) * 16)) & 0xffff);
+            packed |= (unsigned long long)(quantize(h2f(h), scale) & 0xff) << (8 * k);
+        }
+        out[i] = packed;
+    }
+}
+
+// Quantize-dequantize in place of an int8 consumer: what a Q/DQ pair computes, where the consumer
+// runs in floating point (the first convolution, whose 3 channels do not fit the int8 kernel).
+template <typename T>
+__device__ void fake_quant(const T* in, T* out, i64 total, float scale) {
+    GRID_LOOP(i, total) { st(out, i, (float)quantize(ld(in, i), scale) * scale); }
+}
+extern "C" __global__ void fake_quant_f16(const half_t* in, half_t* out, i64 total, float scale) { fake_quant(in, out, total, scale); }
+extern "C" __global__ void fake_quant_f32(const float* in, float* out, i64 total, float scale) { fake_quant(in, out, total, scale); }
+
+// ---- INT8 convolution ---------------------------------------------------------------------------
+// Implicit GEMM on tensor cores. GEMM rows are output pixels (n, oh, ow), columns output channels,
+// the reduction runs over one KRSC filter row (r, s, c). The input is int8 NHWC with C % 16 == 0, so
+// a 16-byte chunk never straddles a filter tap; weights are int8 KRSC. Accumulation is exact int32
+// (mma.sync m16n8k32) and one fused epilogue applies the per-channel scale (input scale x weight
+// scale), the bias, the activation and the residual, and stores fp16 NHWC: the Q/DQ arithmetic of
+// the ONNX graph, without a second pass over the output.
+#define I8_BM 128
+#define I8_BK 64
+// Bytes per shared-memory row: 64 + 16 of padding make the 32-bit fragment loads bank-conflict free.
+#define I8_LDS 80
+#define I8_THREADS 256
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+// 16 bytes global -> shared, asynchronously; `bytes` = 0 writes zeros (padding, ragged edges).
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void mma_s8(int* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8x8 b16 matrices from shared memory (lanes 8j..8j+7 give the row addresses of matrix j):
+// exactly the m16n8k32 int8 A fragment, or the B fragments of two n8 tiles.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// A BM x BN output tile per block of 8 warps arranged WARPS_M x WARPS_N.
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+__device__ void conv_int8(const signed char* __restrict__ x, const signed char* __restrict__ w,
+                          const float* __restrict__ scale, const float* __restrict__ bias,
+                          const half_t* __restrict__ res, half_t* __restrict__ y,
+                          int n_img, int h, int wd, int c, int p, int q, int k, int r, int s,
+                          int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset) {
+    constexpr int WM = BM / WARPS_M;
+    constexpr int WN = BN / WARPS_N;
+    constexpr int MI = WM / 16;
+    constexpr int NI = WN / 8;
+    constexpr int A_LOADS = BM * 4 / I8_THREADS;
+    constexpr int B_LOADS = BN * 4 / I8_THREADS;
+    __shared__ __align__(128) signed char a_tile[2][BM * I8_LDS];
+    __shared__ __align__(128) signed char b_tile[2][BN * I8_LDS];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+    const int g = lane >> 2, t = lane & 3;
+    const int m_total = n_img * p * q;
+    const int kg = r * s * c;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int chunk = tid & 3;
+
+    // This thread loads 16 bytes of A_LOADS rows (output pixels) per tile: precompute their origin.
+    int a_ih[A_LOADS], a_iw[A_LOADS];
+    const signed char* a_base[A_LOADS];
+    bool a_ok[A_LOADS];
+#pragma unroll
+    for (int i = 0; i < A_LOADS; ++i) {
+        int m = m0 + (tid >> 2) + i * (I8_THREADS / 4);
+        a_ok[i] = m < m_total;
+        int mm = a_ok[i] ? m : 0;
+        int img = mm / (p * q);
+        int pq = mm - img * p * q;
+        int oh = pq / q;
+        int ow = pq - oh * q;
+        a_ih[i] = oh * sh - ph;
+        a_iw[i] = ow * sw - pw;
+        a_base[i] = x + (i64)img * h * wd * c;
+    }
+    auto load = [&](int stage, int kt) {
+        int kk = kt * I8_BK + chunk * 16;
+        int rs = kk / c;
+        int ch = kk - rs * c;
+        int fr = rs / s;
+        int fs = rs - fr * s;
+        bool k_ok = kk < kg;
+#pragma unroll
+        for (int i = 0; i < A_LOADS; ++i) {
+            int ih = a_ih[i] + fr * dh, iw = a_iw[i] + fs * dw;
+            bool ok = k_ok && a_ok[i] && ih >= 0 && ih < h && iw >= 0 && iw < wd;
+            const signed char* src = ok ? a_base[i] + ((i64)ih * wd + iw) * c + ch : x;
+            cp_async16(smem_addr(&a_tile[stage][((tid >> 2) + i * (I8_THREADS / 4)) * I8_LDS + chunk * 16]), src, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int j = 0; j < B_LOADS; ++j) {
+            int row = (tid >> 2) + j * (I8_THREADS / 4);
+            bool ok = k_ok && n0 + row < k;
+            const signed char* src = ok ? w + (i64)(n0 + row) * kg + kk : w;
+            cp_async16(smem_addr(&b_tile[stage][row * I8_LDS + chunk * 16]), src, ok ? 16 : 0);
+        }
+    };
+
+    int acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+    // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3).
+    const int lj = lane >> 3, lr = lane & 7;
+    const int ktiles = (kg + I8_BK - 1) / I8_BK;
+    load(0, 0);
+    asm volatile("cp.async.commit_group;\n" ::);
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int stage = kt & 1;
+        if (kt + 1 < ktiles) load(stage ^ 1, kt + 1);
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads();
+        const unsigned as = smem_addr(a_tile[stage]);
+        const unsigned bs = smem_addr(b_tile[stage]);
+#pragma unroll
+        for (int kk = 0; kk < I8_BK; kk += 32) {
+            unsigned af[MI][4], bf[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+                ldmatrix_x4(af[i], as + (wm + i * 16 + (lj & 1) * 8 + lr) * I8_LDS + kk + (lj >> 1) * 16);
+#pragma unroll
+            for (int j = 0; j < NI; j += 2) {
+                unsigned b4[4];
+                ldmatrix_x4(b4, bs + (wn + j * 8 + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16);
+                bf[j][0] = b4[0];
+                bf[j][1] = b4[1];
+                bf[j + 1][0] = b4[2];
+                bf[j + 1][1] = b4[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
+        }
+        __syncthreads();
+    }
+
+    // Epilogue: accumulator (i, j, e) holds row g (+8 for e >= 2), column 2t (+1 for odd e).
+    const bool pairs = ((y_stride | y_offset) & 1) == 0;
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + wm + i * 16 + g + half * 8;
+            if (m >= m_total) continue;
+#pragma unroll
+            for (int j = 0; j < NI; ++j) {
+                const int n = n0 + wn + j * 8 + t * 2;
+                if (n >= k) continue;
+                float v[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int nn = n + e < k ? n + e : k - 1;
+                    float z = (float)acc[i][j][half * 2 + e] * scale[nn] + (bias ? bias[nn] : 0.0f);
+                    z = activate(z, act);
+                    if (res) z += h2f(res[(i64)m * k + nn]);
+                    v[e] = z;
+                }
+                half_t* out = y + (i64)m * y_stride + y_offset + n;
+                if (pairs && n + 1 < k) {
+                    *(unsigned*)out = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
+                } else {
+                    out[0] = f2h(v[0]);
+                    if (n + 1 < k) out[1] = f2h(v[1]);
+                }
+            }
+        }
+    }
+}
+
+#define CONV_INT8_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, half_t* y, \
+    int n_img, int h, int wd, int c, int p, int q, int k, int r, int s, int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset
+#define CONV_INT8_PASS x, w, scale, bias, res, y, n_img, h, wd, c, p, q, k, r, s, sh, sw, ph, pw, dh, dw, act, y_stride, y_offset
+// Tile shapes (pixels x channels): the host picks the largest that still gives every SM work.
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n128(CONV_INT8_ARGS) { conv_int8<128, 128, 2, 4>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n64(CONV_INT8_ARGS) { conv_int8<128, 64, 4, 2>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n128(CONV_INT8_ARGS) { conv_int8<64, 128, 2, 4>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_INT8_ARGS) { conv_int8<64, 64, 2, 4>(CONV_INT8_PASS); }

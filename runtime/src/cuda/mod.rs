@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
     Arg, DeviceBuffer, Kernels, PinnedBuffer, Stream, cuda_error, f32_to_f16_bits, launch,
+    launch_grid,
 };
 use plan::{EnginePlan, Layout, Step, ValueId};
 
@@ -87,6 +88,8 @@ pub struct CudaEngine {
     conv_plans: HashMap<(usize, usize), ConvPlan>,
     meta: HashMap<(usize, usize), DeviceBuffer>,
     weights: HashMap<usize, DeviceBuffer>,
+    /// Per-channel epilogue scale (input scale x filter scale) of each INT8 convolution step.
+    int8_scales: HashMap<usize, DeviceBuffer>,
     constants: Vec<DeviceBuffer>,
     buffers: Vec<Option<DeviceBuffer>>,
     workspace: DeviceBuffer,
@@ -103,13 +106,15 @@ pub struct CudaEngine {
     info: EngineInfo,
     output: Vec<f32>,
     device_name: String,
+    /// Streaming multiprocessors: the INT8 convolution sizes its tiles to keep them all busy.
+    sm_count: usize,
 }
 
 // SAFETY: every handle inside is used only through `&mut self`, after binding the context to the
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 24] = [
+const KERNEL_NAMES: [&str; 31] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -134,24 +139,63 @@ const KERNEL_NAMES: [&str; 24] = [
     "binary_bcast_f32",
     "transpose_f32",
     "softmax_f32",
+    "quantize_v8_f16_i8",
+    "fake_quant_f16",
+    "fake_quant_f32",
+    "conv_int8_m128_n128",
+    "conv_int8_m128_n64",
+    "conv_int8_m64_n128",
+    "conv_int8_m64_n64",
 ];
 
 fn prod(v: &[usize]) -> usize {
     v.iter().product()
 }
 
+/// The INT8 convolution kernel for `m` output pixels and `k` output channels, and its tile
+/// (pixels, channels): the largest tile that still gives each of `sms` multiprocessors two blocks,
+/// else the one that makes the most blocks; 128-channel tiles only where there are more than 64
+/// channels.
+pub fn int8_tile(m: usize, k: usize, sms: usize) -> (&'static str, usize, usize) {
+    const TILES: [(&str, usize, usize); 4] = [
+        ("conv_int8_m128_n128", 128, 128),
+        ("conv_int8_m128_n64", 128, 64),
+        ("conv_int8_m64_n128", 64, 128),
+        ("conv_int8_m64_n64", 64, 64),
+    ];
+    let blocks = |&(_, bm, bn): &(&str, usize, usize)| m.div_ceil(bm) * k.div_ceil(bn);
+    let fitting: Vec<_> = TILES.iter().filter(|t| t.2 == 64 || k > 64).collect();
+    fitting
+        .iter()
+        .find(|t| blocks(t) >= 2 * sms)
+        .or_else(|| fitting.iter().max_by_key(|t| (blocks(t), t.1)))
+        .map(|t| **t)
+        .unwrap_or(TILES[3])
+}
+
+/// OIHW (ONNX) filters to KRSC (channels-last filters).
+fn oihw_to_krsc<T: Copy + Default>(values: &[T], dims: &[usize]) -> Vec<T> {
+    let [k, cin, r, sdim] = [dims[0], dims[1], dims[2], dims[3]];
+    let mut krsc = vec![T::default(); values.len()];
+    for ko in 0..k {
+        for ci in 0..cin {
+            for y in 0..r {
+                for x in 0..sdim {
+                    krsc[((ko * r + y) * sdim + x) * cin + ci] =
+                        values[((ko * cin + ci) * r + y) * sdim + x];
+                }
+            }
+        }
+    }
+    krsc
+}
+
 impl CudaEngine {
     /// Build an engine for `model` on GPU 0.
     pub fn new(model: &pb::ModelProto, info: EngineInfo, _path: &Path) -> Result<Self> {
-        let half = match info.precision {
-            Precision::Fp16 => true,
-            Precision::Fp32 => false,
-            p => {
-                return Err(Error::InvalidArgument(format!(
-                    "the cuda backend builds fp16 and fp32 engines; {p} (INT8 from Q/DQ) is not implemented yet"
-                )));
-            }
-        };
+        // fp32 is the debugging mode; int8 and best keep every non-INT8 layer in fp16.
+        let half = info.precision != Precision::Fp32;
+        let int8 = matches!(info.precision, Precision::Int8 | Precision::Best);
         let ctx = device::context(0)?;
         ctx.bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
@@ -159,6 +203,10 @@ impl CudaEngine {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| cuda_error("compute capability", e))?;
+        let sm_count = ctx
+            .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_error("multiprocessor count", e))?
+            .max(1) as usize;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let ptx = compile_kernels(Some(arch))?;
         let kernels = Kernels::load(&ptx)?;
@@ -166,7 +214,16 @@ impl CudaEngine {
         for name in KERNEL_NAMES {
             functions.insert(name, kernels.function(name)?);
         }
-        let plan = plan::lower(model)?;
+        let plan = plan::lower(model, int8)?;
+        if info.precision == Precision::Int8 && plan.int8_convolutions() == 0 {
+            return Err(Error::InvalidArgument(
+                "precision int8 needs a Q/DQ model (QuantizeLinear/DequantizeLinear around the \
+                 convolutions) and this one has no convolution the INT8 kernel can run: make one \
+                 with `kestrel quantize --onnx MODEL --calibrate IMAGES_DIR`, or build with \
+                 --precision fp16 (or best, which uses INT8 wherever a model allows it)"
+                    .into(),
+            ));
+        }
         let stream = Stream::new()?;
         let dnn = Dnn::new(stream.0)?;
         let buckets = batch_buckets(info.profile.min, info.profile.max);
@@ -179,10 +236,10 @@ impl CudaEngine {
                 buffers.push(None);
                 continue;
             }
-            let elem = if v.layout == Layout::Nhwc && half {
-                2
-            } else {
-                4
+            let elem = match v.layout {
+                Layout::NhwcInt8 => 1,
+                Layout::Nhwc if half => 2,
+                _ => 4,
             };
             buffers.push(Some(DeviceBuffer::new(v.numel(max_b) * elem)?));
         }
@@ -193,7 +250,18 @@ impl CudaEngine {
             .collect::<Result<Vec<_>>>()?;
         // Trunk convolution weights in KRSC (channels-last filters) and the trunk's precision.
         let mut weights = HashMap::new();
+        let mut int8_scales = HashMap::new();
         for (i, s) in plan.steps.iter().enumerate() {
+            if let Step::Conv { int8: Some(q), .. } = s {
+                let qw = &plan.quantized_weights[q.weight];
+                weights.insert(
+                    i,
+                    DeviceBuffer::from_slice(&oihw_to_krsc(&qw.values, &qw.dims))?,
+                );
+                let scales: Vec<f32> = qw.scales.iter().map(|s| s * q.input_scale).collect();
+                int8_scales.insert(i, DeviceBuffer::from_slice(&scales)?);
+                continue;
+            }
             if let Step::Conv {
                 weight,
                 layout: Layout::Nhwc,
@@ -201,18 +269,7 @@ impl CudaEngine {
             } = s
             {
                 let c = &plan.constants[*weight];
-                let [k, cin, r, sdim] = [c.dims[0], c.dims[1], c.dims[2], c.dims[3]];
-                let mut krsc = vec![0f32; c.values.len()];
-                for ko in 0..k {
-                    for ci in 0..cin {
-                        for y in 0..r {
-                            for x in 0..sdim {
-                                krsc[((ko * r + y) * sdim + x) * cin + ci] =
-                                    c.values[((ko * cin + ci) * r + y) * sdim + x];
-                            }
-                        }
-                    }
-                }
+                let krsc = oihw_to_krsc(&c.values, &c.dims);
                 let buf = if half {
                     let bits: Vec<u16> = krsc.iter().map(|&v| f32_to_f16_bits(v)).collect();
                     DeviceBuffer::from_slice(&bits)?
@@ -229,6 +286,7 @@ impl CudaEngine {
             conv_plans: HashMap::new(),
             meta: HashMap::new(),
             weights,
+            int8_scales,
             constants,
             buffers,
             workspace: DeviceBuffer::new(0)?,
@@ -245,6 +303,7 @@ impl CudaEngine {
             info,
             output: Vec::new(),
             device_name,
+            sm_count,
         };
         engine.prepare_buckets()?;
         let graphs_on = std::env::var("KESTREL_CUDA_GRAPHS")
@@ -286,6 +345,7 @@ impl CudaEngine {
                         y,
                         geometry,
                         layout,
+                        int8: None,
                         ..
                     } => {
                         let xs = self.shape(*x, b);
@@ -395,6 +455,98 @@ impl CudaEngine {
                         Arg::I64(prod(&d) as i64),
                         Arg::I32(d[1] as i32),
                         Arg::I64((d[2] * d[3]) as i64),
+                    ],
+                )?;
+            }
+            Step::Conv {
+                x,
+                y,
+                bias,
+                act,
+                residual,
+                geometry,
+                int8: Some(_),
+                ..
+            } => {
+                let dx = self.shape(*x, b);
+                let dy = self.shape(*y, b);
+                let w = self
+                    .weights
+                    .get(&i)
+                    .ok_or_else(|| cuda_error("executor", "missing int8 filter"))?;
+                let scale = self
+                    .int8_scales
+                    .get(&i)
+                    .ok_or_else(|| cuda_error("executor", "missing int8 scales"))?;
+                let (k, m) = (dy[1], dy[0] * dy[2] * dy[3]);
+                let (name, bm, bn) = int8_tile(m, k, self.sm_count);
+                let f = self.f(name)?;
+                let i32s = |v: usize| Arg::I32(v as i32);
+                launch_grid(
+                    f,
+                    s,
+                    (m.div_ceil(bm) as u32, k.div_ceil(bn) as u32, 1),
+                    256,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(w.ptr),
+                        Arg::Ptr(scale.ptr),
+                        Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
+                        Arg::Ptr(match residual {
+                            Some(r) => self.ptr(*r)?,
+                            None => 0,
+                        }),
+                        Arg::Ptr(self.ptr(*y)?),
+                        i32s(dx[0]),
+                        i32s(dx[2]),
+                        i32s(dx[3]),
+                        i32s(dx[1]),
+                        i32s(dy[2]),
+                        i32s(dy[3]),
+                        i32s(k),
+                        i32s(geometry.kernel[0]),
+                        i32s(geometry.kernel[1]),
+                        i32s(geometry.stride[0]),
+                        i32s(geometry.stride[1]),
+                        i32s(geometry.pads[0]),
+                        i32s(geometry.pads[1]),
+                        i32s(geometry.dilation[0]),
+                        i32s(geometry.dilation[1]),
+                        Arg::I32(*act as i32),
+                        i32s(k),
+                        i32s(0),
+                    ],
+                )?;
+            }
+            Step::Quantize { x, y, scale } => {
+                let n = prod(&self.shape(*x, b));
+                launch(
+                    self.f("quantize_v8_f16_i8")?,
+                    s,
+                    n / 8,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64((n / 8) as i64),
+                        Arg::F32(*scale),
+                    ],
+                )?;
+            }
+            Step::FakeQuant { x, y, scale } => {
+                let n = prod(&self.shape(*x, b));
+                let f = self.f(&format!(
+                    "fake_quant_{}",
+                    self.dt(self.plan.values[*x].layout)
+                ))?;
+                launch(
+                    f,
+                    s,
+                    n,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64(n as i64),
+                        Arg::F32(*scale),
                     ],
                 )?;
             }
@@ -710,11 +862,14 @@ impl CudaEngine {
                 .map_err(|e| cuda_error("reading an event", e))? as f64;
             let kind = match step {
                 Step::InputToNhwc { .. } => "input to NHWC",
+                Step::Conv { int8: Some(_), .. } => "conv int8",
                 Step::Conv {
                     layout: Layout::Nhwc,
                     ..
                 } => "conv + epilogue",
                 Step::Conv { .. } => "conv row-major",
+                Step::Quantize { .. } => "quantize",
+                Step::FakeQuant { .. } => "fake quantize",
                 Step::Pool { .. } => "pool",
                 Step::ResizeNearest { .. } => "resize",
                 Step::CopyAxis { .. } => "concat/split copy",
@@ -953,6 +1108,20 @@ mod tests {
         let b = batch_buckets(1, 32);
         assert_eq!(bucket_for(&b, 5), Some(8));
         assert_eq!(bucket_for(&b, 33), None);
+    }
+
+    #[test]
+    fn int8_tiles_keep_every_multiprocessor_busy() {
+        // gelan-c at batch 8, 80x80 pixels, 256 channels: the big tile already makes 800 blocks.
+        assert_eq!(int8_tile(8 * 80 * 80, 256, 132).0, "conv_int8_m128_n128");
+        // 64 channels never get a 128-channel tile.
+        assert_eq!(int8_tile(8 * 80 * 80, 64, 132).0, "conv_int8_m128_n64");
+        // Batch 1 at 20x20 (400 pixels), 512 channels: the smallest tile, 28 blocks.
+        assert_eq!(int8_tile(400, 512, 132), ("conv_int8_m64_n64", 64, 64));
+        // 80x80 at batch 1, 256 channels: 128x128 gives 100 blocks, 128x64 and 64x128 200,
+        // 64x64 400; at batch 2, 128x64 already gives 400.
+        assert_eq!(int8_tile(6400, 256, 132).0, "conv_int8_m64_n64");
+        assert_eq!(int8_tile(12800, 256, 132).0, "conv_int8_m128_n64");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum Layout {
     Nhwc,
     /// ONNX order, float32.
     RowMajor,
+    /// Channels-last int8: a quantized activation read by INT8 convolutions.
+    NhwcInt8,
 }
 
 /// Activation fused into a step: codes shared with `kernels.cu`.
@@ -82,6 +84,25 @@ pub struct Constant {
     pub values: Vec<f32>,
 }
 
+/// An int8 filter with one scale per output channel, from a weight DequantizeLinear.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedWeight {
+    pub name: String,
+    /// OIHW.
+    pub dims: Vec<usize>,
+    pub values: Vec<i8>,
+    /// Per output channel (axis 0).
+    pub scales: Vec<f32>,
+}
+
+/// How a convolution runs in INT8: its int8 input comes from a [`Step::Quantize`] with
+/// `input_scale`, its filter is [`EnginePlan::quantized_weights`]`[weight]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Conv {
+    pub weight: usize,
+    pub input_scale: f32,
+}
+
 /// Convolution geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -111,6 +132,22 @@ pub enum Step {
         act: Act,
         residual: Option<ValueId>,
         layout: Layout,
+        /// Set where the convolution runs on int8 tensor cores (`x` is then [`Layout::NhwcInt8`]);
+        /// `weight` still names the dequantized filter.
+        int8: Option<Int8Conv>,
+    },
+    /// fp16 NHWC to int8 NHWC: ONNX QuantizeLinear with a zero point of 0.
+    Quantize {
+        x: ValueId,
+        y: ValueId,
+        scale: f32,
+    },
+    /// QuantizeLinear then DequantizeLinear in the layout of `x`: the Q/DQ pair in front of a
+    /// consumer that runs in floating point.
+    FakeQuant {
+        x: ValueId,
+        y: ValueId,
+        scale: f32,
     },
     /// Max or average pooling, NHWC.
     Pool {
@@ -170,6 +207,7 @@ pub enum Step {
 pub struct EnginePlan {
     pub values: Vec<Value>,
     pub constants: Vec<Constant>,
+    pub quantized_weights: Vec<QuantizedWeight>,
     pub steps: Vec<Step>,
     /// The engine input (row-major NCHW float32).
     pub input: ValueId,
@@ -200,6 +238,29 @@ impl EnginePlan {
         }
         (convs, acts, residuals)
     }
+
+    /// Number of convolutions that run in INT8.
+    pub fn int8_convolutions(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Conv { int8: Some(_), .. }))
+            .count()
+    }
+}
+
+/// A QuantizeLinear → DequantizeLinear pair on an activation: the DQ output stands for
+/// `source` quantized with `scale`.
+#[derive(Debug, Clone)]
+struct FakeQuantized {
+    source: String,
+    scale: f32,
+}
+
+/// A DequantizeLinear of an int8 initializer (a quantized filter).
+#[derive(Debug, Clone)]
+struct DequantizedWeight {
+    initializer: String,
+    scales: Vec<f32>,
 }
 
 struct Lowering<'g> {
@@ -216,6 +277,13 @@ struct Lowering<'g> {
     input_nhwc: Option<ValueId>,
     constant_ids: HashMap<String, usize>,
     skip: Vec<bool>,
+    /// Lower Q/DQ convolutions to INT8 ones (precision int8 / best).
+    int8: bool,
+    fake_quantized: HashMap<String, FakeQuantized>,
+    dequantized_weights: HashMap<String, DequantizedWeight>,
+    /// Quantized twin of an fp16 NHWC value, by (value, scale bits).
+    quantized: HashMap<(ValueId, u32), ValueId>,
+    quantized_weight_ids: HashMap<String, usize>,
 }
 
 fn unsupported(node: &pb::NodeProto, why: &str) -> Error {
@@ -243,7 +311,7 @@ fn attr_pads(node: &pb::NodeProto) -> [usize; 4] {
 }
 
 impl<'g> Lowering<'g> {
-    fn new(graph: &'g pb::GraphProto) -> Result<Self> {
+    fn new(graph: &'g pb::GraphProto, int8: bool) -> Result<Self> {
         let shapes = shapes::infer_graph(graph).map_err(|e| Error::Backend {
             backend: "cuda",
             message: format!("shape inference: {e}"),
@@ -267,6 +335,7 @@ impl<'g> Lowering<'g> {
             plan: EnginePlan {
                 values: Vec::new(),
                 constants: Vec::new(),
+                quantized_weights: Vec::new(),
                 steps: Vec::new(),
                 input: 0,
                 output: 0,
@@ -276,7 +345,179 @@ impl<'g> Lowering<'g> {
             input_nhwc: None,
             constant_ids: HashMap::new(),
             skip: vec![false; graph.node.len()],
+            int8,
+            fake_quantized: HashMap::new(),
+            dequantized_weights: HashMap::new(),
+            quantized: HashMap::new(),
+            quantized_weight_ids: HashMap::new(),
         })
+    }
+
+    /// A scalar float32 initializer (a per-tensor scale).
+    fn scalar_f32(&self, name: &str) -> Option<f32> {
+        let t = self.initializers.get(name)?;
+        match t.to_f32()?.as_slice() {
+            [v] => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The zero point of a Q/DQ node must be absent or int8 zeros: Kestrel's INT8 is symmetric.
+    fn check_zero_point(&self, node: &pb::NodeProto) -> Result<()> {
+        let Some(name) = node.input.get(2).filter(|s| !s.is_empty()) else {
+            return Ok(());
+        };
+        let zero = self
+            .initializers
+            .get(name.as_str())
+            .and_then(|t| t.to_i8())
+            .is_some_and(|v| v.iter().all(|&z| z == 0));
+        if zero {
+            Ok(())
+        } else {
+            Err(unsupported(
+                node,
+                "the zero point must be an int8 initializer of zeros (symmetric quantization)",
+            ))
+        }
+    }
+
+    /// Find the Q/DQ pairs on activations and the dequantized int8 filters; their nodes are
+    /// folded away (into INT8 convolutions, fake quantization, or dequantized constants).
+    fn fold_qdq(&mut self) -> Result<()> {
+        let nodes = &self.graph.node;
+        let mut quantized: HashMap<&str, (String, f32)> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.op_type != "QuantizeLinear" {
+                continue;
+            }
+            self.check_zero_point(n)?;
+            let scale = n
+                .input
+                .get(1)
+                .and_then(|s| self.scalar_f32(s))
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| {
+                    unsupported(
+                        n,
+                        "activations need one positive float32 scale (per-tensor quantization)",
+                    )
+                })?;
+            let out = n.output[0].as_str();
+            let only_dq = !self.is_graph_output(out)
+                && self
+                    .only_consumers(out)
+                    .iter()
+                    .all(|&c| nodes[c].op_type == "DequantizeLinear");
+            if !only_dq {
+                return Err(unsupported(
+                    n,
+                    "a quantized tensor may only feed DequantizeLinear nodes",
+                ));
+            }
+            quantized.insert(out, (n.input[0].clone(), scale));
+            self.skip[i] = true;
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if n.op_type != "DequantizeLinear" {
+                continue;
+            }
+            self.check_zero_point(n)?;
+            let input = n.input[0].as_str();
+            let out = n.output[0].clone();
+            if let Some((source, scale)) = quantized.get(input) {
+                if n.input.get(1).and_then(|s| self.scalar_f32(s)) != Some(*scale) {
+                    return Err(unsupported(
+                        n,
+                        "a DequantizeLinear must use the scale of its QuantizeLinear",
+                    ));
+                }
+                self.fake_quantized.insert(
+                    out,
+                    FakeQuantized {
+                        source: source.clone(),
+                        scale: *scale,
+                    },
+                );
+            } else if let Some(w) = self.initializers.get(input) {
+                let dims = &w.dims;
+                let scales = n
+                    .input
+                    .get(1)
+                    .and_then(|s| self.initializers.get(s.as_str()))
+                    .and_then(|t| t.to_f32())
+                    .unwrap_or_default();
+                let axis = n.attr_int("axis", 1);
+                let per_channel = scales.len() == dims.first().copied().unwrap_or(0) as usize
+                    && (axis == 0 || scales.len() == 1);
+                if w.data_type != pb::data_type::INT8
+                    || !per_channel
+                    || scales.iter().any(|s| !s.is_finite() || *s <= 0.0)
+                {
+                    return Err(unsupported(
+                        n,
+                        "weights must be int8 with positive per-output-channel (axis 0) scales",
+                    ));
+                }
+                self.dequantized_weights.insert(
+                    out,
+                    DequantizedWeight {
+                        initializer: input.to_string(),
+                        scales,
+                    },
+                );
+            } else {
+                return Err(unsupported(
+                    n,
+                    "DequantizeLinear must follow a QuantizeLinear or read an int8 initializer",
+                ));
+            }
+            self.skip[i] = true;
+        }
+        Ok(())
+    }
+
+    /// The int8 filter behind a weight DequantizeLinear output, added to the plan once.
+    fn quantized_weight(&mut self, name: &str) -> Result<Option<usize>> {
+        if let Some(&i) = self.quantized_weight_ids.get(name) {
+            return Ok(Some(i));
+        }
+        let Some(dq) = self.dequantized_weights.get(name) else {
+            return Ok(None);
+        };
+        let t = self.initializers[dq.initializer.as_str()];
+        let values = t.to_i8().ok_or_else(|| Error::Backend {
+            backend: "cuda",
+            message: format!("initializer '{}' is not int8 data", dq.initializer),
+        })?;
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let scales = if dq.scales.len() == 1 {
+            vec![dq.scales[0]; dims[0]]
+        } else {
+            dq.scales.clone()
+        };
+        self.plan.quantized_weights.push(QuantizedWeight {
+            name: name.to_string(),
+            dims,
+            values,
+            scales,
+        });
+        let i = self.plan.quantized_weights.len() - 1;
+        self.quantized_weight_ids.insert(name.to_string(), i);
+        Ok(Some(i))
+    }
+
+    /// `x` (fp16 NHWC) quantized with `scale`, converted once per scale.
+    fn quantized_value(&mut self, x: ValueId, scale: f32) -> ValueId {
+        if let Some(&q) = self.quantized.get(&(x, scale.to_bits())) {
+            return q;
+        }
+        let dims = self.plan.values[x].dims.clone();
+        let name = format!("{}.int8", self.plan.values[x].name);
+        let y = self.new_value(&name, dims, Layout::NhwcInt8);
+        self.plan.steps.push(Step::Quantize { x, y, scale });
+        self.quantized.insert((x, scale.to_bits()), y);
+        y
     }
 
     fn new_value(&mut self, name: &str, dims: Vec<Dim>, layout: Layout) -> ValueId {
@@ -306,6 +547,26 @@ impl<'g> Lowering<'g> {
         if let Some(&i) = self.constant_ids.get(name) {
             return Ok(i);
         }
+        if self.dequantized_weights.contains_key(name) {
+            // Floating-point consumers of a quantized filter read its dequantized values.
+            let q = self.quantized_weight(name)?.unwrap_or_default();
+            let w = &self.plan.quantized_weights[q];
+            let per_channel = w.values.len() / w.dims[0].max(1);
+            let values = w
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| f32::from(v) * w.scales[i / per_channel.max(1)])
+                .collect();
+            self.plan.constants.push(Constant {
+                name: name.to_string(),
+                dims: w.dims.clone(),
+                values,
+            });
+            let id = self.plan.constants.len() - 1;
+            self.constant_ids.insert(name.to_string(), id);
+            return Ok(id);
+        }
         let t = self.initializers.get(name).ok_or_else(|| Error::Backend {
             backend: "cuda",
             message: format!("'{name}' must be a float32 initializer"),
@@ -328,6 +589,24 @@ impl<'g> Lowering<'g> {
     fn value(&mut self, name: &str) -> Result<ValueId> {
         if let Some(&v) = self.by_name.get(name) {
             return Ok(v);
+        }
+        if let Some(fq) = self.fake_quantized.get(name).cloned() {
+            let x = self.value(&fq.source)?;
+            // The engine input only feeds the trunk: quantize it there, channels-last.
+            let x = if x == self.plan.input {
+                self.as_nhwc(x).unwrap_or(x)
+            } else {
+                x
+            };
+            let dims = self.plan.values[x].dims.clone();
+            let layout = self.layout(x);
+            let y = self.new_value(name, dims, layout);
+            self.plan.steps.push(Step::FakeQuant {
+                x,
+                y,
+                scale: fq.scale,
+            });
+            return Ok(y);
         }
         if self.initializers.contains_key(name) {
             let c = self.constant(name)?;
@@ -427,9 +706,47 @@ impl<'g> Lowering<'g> {
         none
     }
 
+    /// The INT8 form of convolution `node`, where the graph and the kernel allow it: a Q/DQ
+    /// activation of whole 16-channel groups on the trunk, a quantized filter, no groups.
+    fn int8_input(&mut self, node: &pb::NodeProto) -> Result<Option<(ValueId, Int8Conv)>> {
+        if !self.int8 || node.attr_int("group", 1) != 1 {
+            return Ok(None);
+        }
+        let Some(fq) = self.fake_quantized.get(&node.input[0]).cloned() else {
+            return Ok(None);
+        };
+        if !self.dequantized_weights.contains_key(&node.input[1]) {
+            return Ok(None);
+        }
+        let source = self.value(&fq.source)?;
+        let Some(x) = self.as_nhwc(source) else {
+            return Ok(None);
+        };
+        let channels = self.plan.values[x].dims.get(1).and_then(|d| d.fixed());
+        if self.plan.values[x].dims.len() != 4 || channels.is_none_or(|c| c % 16 != 0) {
+            return Ok(None);
+        }
+        let Some(weight) = self.quantized_weight(&node.input[1])? else {
+            return Ok(None);
+        };
+        let xq = self.quantized_value(x, fq.scale);
+        Ok(Some((
+            xq,
+            Int8Conv {
+                weight,
+                input_scale: fq.scale,
+            },
+        )))
+    }
+
     fn lower_conv(&mut self, i: usize) -> Result<()> {
         let node = &self.graph.node[i];
-        let x = self.value(&node.input[0])?;
+        let int8 = self.int8_input(node)?;
+        let x = match &int8 {
+            Some((xq, _)) => *xq,
+            None => self.value(&node.input[0])?,
+        };
+        let int8 = int8.map(|(_, q)| q);
         let weight = self.constant(&node.input[1])?;
         let bias = match node.input.get(2).filter(|s| !s.is_empty()) {
             Some(b) => Some(self.constant(b)?),
@@ -446,9 +763,13 @@ impl<'g> Lowering<'g> {
             dilation: attr_pair(node, "dilations", 1),
             group: node.attr_int("group", 1) as usize,
         };
-        let (x, layout) = match self.as_nhwc(x) {
-            Some(n) => (n, Layout::Nhwc),
-            None => (x, Layout::RowMajor),
+        let (x, layout) = if int8.is_some() {
+            (x, Layout::Nhwc)
+        } else {
+            match self.as_nhwc(x) {
+                Some(n) => (n, Layout::Nhwc),
+                None => (x, Layout::RowMajor),
+            }
         };
         let (mut act, mut out_name, absorbed) = self.fusable_activation(&node.output[0]);
         if layout == Layout::RowMajor && act == Act::Silu {
@@ -493,6 +814,7 @@ impl<'g> Lowering<'g> {
             act,
             residual,
             layout,
+            int8,
         });
         Ok(())
     }
@@ -739,9 +1061,14 @@ impl<'g> Lowering<'g> {
 
 /// Lower `model` into an execution plan. The model must have one float32 image input and its
 /// first output is the engine output.
-pub fn lower(model: &pb::ModelProto) -> Result<EnginePlan> {
+///
+/// With `int8`, every convolution behind a Q/DQ pair and a quantized filter that the INT8 kernel
+/// can run becomes an INT8 convolution; other Q/DQ pairs become fake quantization in floating
+/// point, so the plan computes what the ONNX graph says either way.
+pub fn lower(model: &pb::ModelProto, int8: bool) -> Result<EnginePlan> {
     let graph = model.graph();
-    let mut lw = Lowering::new(graph)?;
+    let mut lw = Lowering::new(graph, int8)?;
+    lw.fold_qdq()?;
     let inits: std::collections::HashSet<&str> =
         graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let input = graph
@@ -785,7 +1112,7 @@ mod tests {
             &ExportOptions::dynamic(80),
         )
         .unwrap();
-        lower(&model).unwrap()
+        lower(&model, false).unwrap()
     }
 
     #[test]
@@ -808,6 +1135,151 @@ mod tests {
         assert_eq!(plan.values[plan.output].shape(2), vec![2, 84, 8400]);
     }
 
+    /// images -> Q/DQ -> conv0 (3 -> 16) -> SiLU -> Q/DQ -> conv1 (16 -> 32, stride 2) ->
+    /// Q/DQ -> conv2 (32 -> 32, 2 groups) -> output0 [B, 32, P*Q], every filter int8.
+    fn qdq_chain() -> pb::ModelProto {
+        use kestrel_exporter::builder::GraphBuilder;
+        let mut b = GraphBuilder::new();
+        let mut x = b.input(
+            "images",
+            vec![
+                Dim::Symbol("batch".into()),
+                Dim::Fixed(3),
+                Dim::Fixed(16),
+                Dim::Fixed(16),
+            ],
+        );
+        for (i, (cin, cout, stride, group)) in [(3, 16, 1, 1), (16, 32, 2, 1), (32, 32, 1, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let s = b.const_f32(&format!("s{i}"), &[], &[0.02]);
+            let z = b.const_i8(&format!("z{i}"), &[], &[0]);
+            let q = b.node1("QuantizeLinear", &format!("q{i}"), &[&x, &s, &z], vec![]);
+            let dq = b.node1(
+                "DequantizeLinear",
+                &format!("dq{i}"),
+                &[&q.unwrap(), &s, &z],
+                vec![],
+            );
+            let n = cout * cin / group * 9;
+            let wq = b.const_i8(
+                &format!("w{i}"),
+                &[cout, cin / group, 3, 3],
+                &vec![3; n as usize],
+            );
+            let ws = b.const_f32(&format!("ws{i}"), &[cout], &vec![0.01; cout as usize]);
+            let wz = b.const_i8(&format!("wz{i}"), &[cout], &vec![0; cout as usize]);
+            let w = b.node1(
+                "DequantizeLinear",
+                &format!("wdq{i}"),
+                &[&wq, &ws, &wz],
+                vec![pb::AttributeProto::int("axis", 0)],
+            );
+            let conv = b
+                .node1(
+                    "Conv",
+                    &format!("conv{i}"),
+                    &[&dq.unwrap(), &w.unwrap()],
+                    vec![
+                        pb::AttributeProto::ints("kernel_shape", &[3, 3]),
+                        pb::AttributeProto::ints("strides", &[stride, stride]),
+                        pb::AttributeProto::ints("pads", &[1, 1, 1, 1]),
+                        pb::AttributeProto::int("group", group),
+                    ],
+                )
+                .unwrap();
+            let sig = b
+                .node1("Sigmoid", &format!("sig{i}"), &[&conv], vec![])
+                .unwrap();
+            x = b
+                .node1("Mul", &format!("silu{i}"), &[&conv, &sig], vec![])
+                .unwrap();
+        }
+        let shape = b.const_i64("shape", &[0, 32, -1]);
+        let out = b
+            .node1("Reshape", "flatten", &[&x, &shape], vec![])
+            .unwrap();
+        b.rename_last_output(&out, "output0");
+        b.output("output0", pb::data_type::FLOAT, "");
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(b.finish("qdq", "")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn qdq_folds_into_int8_convolutions_where_the_kernel_can_run_them() {
+        let model = qdq_chain();
+        let plan = lower(&model, true).unwrap();
+        let kinds: Vec<&str> = plan
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::InputToNhwc { .. } => "to-nhwc",
+                Step::FakeQuant { .. } => "fake-quant",
+                Step::Quantize { .. } => "quantize",
+                Step::Conv { int8: Some(_), .. } => "conv-int8",
+                Step::Conv { .. } => "conv",
+                Step::ToRowMajor { .. } => "to-row-major",
+                _ => "other",
+            })
+            .collect();
+        // conv0 has 3 input channels (the int8 kernel reads 16-channel groups): floating point
+        // on fake-quantized input; conv1 is int8; conv2 is grouped: floating point again.
+        assert_eq!(
+            kinds,
+            [
+                "to-nhwc",
+                "fake-quant",
+                "conv",
+                "quantize",
+                "conv-int8",
+                "fake-quant",
+                "conv",
+                "to-row-major"
+            ]
+        );
+        assert_eq!(plan.int8_convolutions(), 1);
+        assert_eq!(plan.quantized_weights.len(), 3);
+        // Every convolution still fuses its SiLU.
+        assert_eq!(plan.fusion_counts(), (3, 3, 0));
+        // The dequantized filters are what the floating-point convolutions read.
+        let Step::Conv { weight, .. } = plan.steps[2] else {
+            panic!("conv0")
+        };
+        assert!(plan.constants[weight].values.iter().all(|&v| v == 0.03));
+
+        // fp16/fp32 engines keep the Q/DQ arithmetic as fake quantization.
+        let plan = lower(&model, false).unwrap();
+        assert_eq!(plan.int8_convolutions(), 0);
+        let fake = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::FakeQuant { .. }))
+            .count();
+        assert_eq!(fake, 3);
+    }
+
+    #[test]
+    fn asymmetric_quantization_is_refused_with_the_reason() {
+        let mut model = qdq_chain();
+        let graph = model.graph.as_mut().unwrap();
+        let z = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == "z1")
+            .unwrap();
+        z.raw_data = vec![5];
+        let err = lower(&model, true).unwrap_err().to_string();
+        assert!(err.contains("zero point"), "{err}");
+    }
+
     #[test]
     fn every_size_lowers() {
         for name in kestrel_exporter::spec::MODEL_NAMES {
@@ -828,6 +1300,8 @@ mod tests {
                     | Step::Softmax { x, y, .. }
                     | Step::Transpose { x, y, .. }
                     | Step::ToRowMajor { x, y }
+                    | Step::Quantize { x, y, .. }
+                    | Step::FakeQuant { x, y, .. }
                     | Step::Pool { x, y, .. } => (vec![*x], vec![*y]),
                     Step::CopyAxis { x, y, .. } => (vec![*x], vec![*y]),
                     Step::Conv { x, y, residual, .. } => {

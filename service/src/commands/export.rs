@@ -5,39 +5,93 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use kestrel_exporter::weights::save_safetensors;
 use kestrel_exporter::{
-    Activation, ExportOptions, ModelConfig, WeightFile, WeightSource, export, inspect, onnx,
+    Activation, ExportOptions, ModelConfig, WeightFile, WeightSource, export, inspect, onnx, pb,
 };
 
+/// Which GELAN model to build, with which weights and shapes (shared with `kestrel quantize`).
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct ModelArgs {
     /// Architecture: gelan-t, gelan-s, gelan-m, gelan-c or gelan-e.
     #[arg(long, short = 'm')]
-    model: String,
+    pub model: String,
     /// Weights (safetensors, names as YOLOv9's fused state dict; see --list-weights).
     /// Without it, weights are seeded random: the model runs but detects nothing useful.
     #[arg(long)]
-    weights: Option<PathBuf>,
+    pub weights: Option<PathBuf>,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Number of classes.
     #[arg(long, default_value_t = 80)]
-    classes: usize,
+    pub classes: usize,
     /// Class names, one per line (default: class0, class1, ...).
     #[arg(long)]
-    names: Option<PathBuf>,
+    pub names: Option<PathBuf>,
     /// Input size in pixels (square, a multiple of 32).
     #[arg(long, default_value_t = 640)]
-    imgsz: usize,
+    pub imgsz: usize,
     /// Dynamic batch dimension (otherwise the batch is fixed to --batch).
     #[arg(long)]
-    dynamic: bool,
+    pub dynamic: bool,
     /// Fixed batch size when not --dynamic.
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub batch: usize,
     /// Use ReLU instead of SiLU after every convolution.
     #[arg(long)]
-    relu: bool,
+    pub relu: bool,
+}
+
+impl ModelArgs {
+    /// The model's configuration and its float ONNX graph.
+    pub fn build(&self) -> Result<(ModelConfig, pb::ModelProto)> {
+        let mut cfg = ModelConfig::new(&self.model, self.classes, self.imgsz)?;
+        if self.relu {
+            cfg.activation = Activation::Relu;
+        }
+        let class_names = match &self.names {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{}: cannot read the class names", path.display()))?;
+                let names: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect();
+                if names.len() != self.classes {
+                    bail!(
+                        "{}: {} class names for --classes {}; give one name per line for each class",
+                        path.display(),
+                        names.len(),
+                        self.classes
+                    );
+                }
+                names
+            }
+            None => (0..self.classes).map(|i| format!("class{i}")).collect(),
+        };
+        let options = ExportOptions {
+            batch: if self.dynamic { None } else { Some(self.batch) },
+            class_names,
+        };
+        let mut source = match &self.weights {
+            Some(path) => {
+                if !path.exists() {
+                    bail!("{}: weights file not found", path.display());
+                }
+                WeightSource::File(WeightFile::load(path)?)
+            }
+            None => WeightSource::Random { seed: self.seed },
+        };
+        let model = export(&cfg, &mut source, &options)?;
+        Ok((cfg, model))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    spec: ModelArgs,
     /// Also write the model's weights to this safetensors file.
     #[arg(long)]
     save_weights: Option<PathBuf>,
@@ -50,46 +104,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut cfg = ModelConfig::new(&a.model, a.classes, a.imgsz)?;
-    if a.relu {
-        cfg.activation = Activation::Relu;
-    }
-    let class_names = match &a.names {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read the class names", path.display()))?;
-            let names: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect();
-            if names.len() != a.classes {
-                bail!(
-                    "{}: {} class names for --classes {}; give one name per line for each class",
-                    path.display(),
-                    names.len(),
-                    a.classes
-                );
-            }
-            names
-        }
-        None => (0..a.classes).map(|i| format!("class{i}")).collect(),
-    };
-    let options = ExportOptions {
-        batch: if a.dynamic { None } else { Some(a.batch) },
-        class_names,
-    };
-    let mut source = match &a.weights {
-        Some(path) => {
-            if !path.exists() {
-                bail!("{}: weights file not found", path.display());
-            }
-            WeightSource::File(WeightFile::load(path)?)
-        }
-        None => WeightSource::Random { seed: a.seed },
-    };
-    let model = export(&cfg, &mut source, &options)?;
+    let (cfg, model) = a.spec.build()?;
     let params = inspect::conv_parameters(&model);
     if a.list_weights {
         for (name, t) in &params {
@@ -112,14 +127,14 @@ pub fn run(a: Args) -> Result<()> {
         cfg.num_classes,
         cfg.imgsz[0],
         cfg.imgsz[1],
-        if a.dynamic {
+        if a.spec.dynamic {
             "dynamic".to_string()
         } else {
-            a.batch.to_string()
+            a.spec.batch.to_string()
         },
         summary.params as f64 / 1e6,
         summary.flops.unwrap_or(0.0) / 1e9,
-        if a.weights.is_none() {
+        if a.spec.weights.is_none() {
             ", random untrained weights"
         } else {
             ""

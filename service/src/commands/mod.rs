@@ -5,5 +5,6 @@ pub mod build;
 pub mod export;
 pub mod infer;
 pub mod inspect;
+pub mod quantize;
 pub mod synth;
 pub mod val;
