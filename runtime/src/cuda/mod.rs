@@ -1020,15 +1020,32 @@ impl Engine for CudaEngine {
     }
 
     fn layer_choices(&self) -> serde_json::Value {
-        // cuDNN algorithm of every convolution, per batch bucket, in plan order.
+        // cuDNN algorithm of every floating-point convolution and the tile of every INT8 one, per
+        // batch bucket, in plan order.
         let mut per_bucket = serde_json::Map::new();
+        let mut int8_tiles = serde_json::Map::new();
         for &b in &self.buckets {
             let algos: Vec<u32> = (0..self.plan.steps.len())
                 .filter_map(|i| self.conv_plans.get(&(i, b)).map(|p| p.algo as u32))
                 .collect();
             per_bucket.insert(b.to_string(), serde_json::json!(algos));
+            let tiles: Vec<&str> = self
+                .plan
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Conv {
+                        y, int8: Some(_), ..
+                    } => {
+                        let d = self.shape(*y, b);
+                        Some(int8_tile(d[0] * d[2] * d[3], d[1], self.sm_count).0)
+                    }
+                    _ => None,
+                })
+                .collect();
+            int8_tiles.insert(b.to_string(), serde_json::json!(tiles));
         }
-        serde_json::json!({ "conv_algorithms": per_bucket })
+        serde_json::json!({ "conv_algorithms": per_bucket, "int8_tiles": int8_tiles })
     }
 
     fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {
