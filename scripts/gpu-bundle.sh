@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Pack what the GPU machine runs: the GPU test binaries and the `kestrel` binary, compressed so
 # they fit the 64 MiB a device call carries. Then call the device tool with carry [".gpux"] and
-#   tar xJf .gpux/bundle.tar.xz; bash .gpu/run-tests.sh            # GPU tests (no arguments:
-#                                                                  # run-tests.sh forwards them to env.sh)
+#   tar xJf .gpux/bundle.tar.xz; export KESTREL_WORKSPACE=$PWD KESTREL_PYTHON=/opt/torch/.venv/bin/python
+#   bash .gpu/run-tests.sh --nocapture --test-threads 1            # GPU tests (the INT8 ones call
+#                                                                  # onnxruntime through that Python)
 #   tar xJf .gpux/bundle.tar.xz; OUT=$OUT bash bench/gpu.sh         # Kestrel vs the PyTorch peer
 set -euo pipefail
 cd "$(dirname "$0")/.."
