@@ -219,6 +219,19 @@ impl EngineInfo {
     }
 }
 
+/// One layer's share of a profiled run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerTime {
+    /// What the layer does ("conv int8", "pool", ...).
+    pub kind: String,
+    /// The tensor it writes and its shape at the profiled batch.
+    pub layer: String,
+    /// Device time in milliseconds.
+    pub ms: f64,
+    /// Arithmetic it performs (2 x multiply-adds for convolutions; 0 where not counted).
+    pub ops: f64,
+}
+
 /// A built engine. `run` takes `batch` letterboxed images, NCHW float32 in [0, 1], and returns
 /// `output0` for them, `[batch, channels, anchors]` row-major. The returned slice lives in the
 /// engine's own buffer until the next call.
@@ -234,9 +247,9 @@ pub trait Engine: Send {
         Ok(None)
     }
 
-    /// Device time per layer for one run of a batch of `batch`: (layer kind, milliseconds) in
-    /// execution order; `None` where the backend cannot measure it.
-    fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {
+    /// Device time per layer for one run of a batch of `batch`, in execution order; `None`
+    /// where the backend cannot measure it.
+    fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<LayerTime>>> {
         let _ = batch;
         Ok(None)
     }

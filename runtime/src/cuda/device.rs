@@ -174,11 +174,22 @@ pub struct Kernels {
 /// Kernel source, compiled at engine build.
 pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 
+/// Reduction tiles in flight in the INT8 convolution: 3, or `$KESTREL_INT8_STAGES` (2 to 4) for
+/// tuning experiments. Compiled into the kernels and used for their shared memory size.
+pub fn int8_stages() -> usize {
+    std::env::var("KESTREL_INT8_STAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (2..=4).contains(n))
+        .unwrap_or(3)
+}
+
 /// Compile the kernel source to PTX with NVRTC (no GPU needed; CI uses this to check the source).
 pub fn compile_kernels(arch: Option<&'static str>) -> Result<String> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch,
         use_fast_math: Some(false),
+        options: vec![format!("-DI8_STAGES={}", int8_stages())],
         name: Some("kestrel_kernels.cu".into()),
         ..Default::default()
     };
@@ -243,16 +254,17 @@ pub fn launch(
     }
     let block = 256u32;
     let grid = total.div_ceil(block as usize).min(65_535) as u32;
-    launch_grid(f, stream, (grid, 1, 1), block, args)
+    launch_grid(f, stream, (grid, 1, 1), block, 0, args)
 }
 
-/// Launch `f` on an explicit grid of `block`-thread blocks (tiled kernels such as the INT8
-/// convolution).
+/// Launch `f` on an explicit grid of `block`-thread blocks with `shared_bytes` of dynamic shared
+/// memory (tiled kernels such as the INT8 convolution).
 pub fn launch_grid(
     f: dsys::CUfunction,
     stream: dsys::CUstream,
     grid: (u32, u32, u32),
     block: u32,
+    shared_bytes: u32,
     args: &[Arg],
 ) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
@@ -270,7 +282,7 @@ pub fn launch_grid(
         .collect();
     // SAFETY: `params` points at `values`, alive through the call (the driver copies them); the
     // argument list matches the kernel's signature, which the executor's callers guarantee.
-    unsafe { drv::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params) }
+    unsafe { drv::launch_kernel(f, grid, (block, 1, 1), shared_bytes, stream, &mut params) }
         .map_err(|e| cuda_error("launching a kernel", e))
 }
 

@@ -344,6 +344,24 @@ __device__ __forceinline__ int quantize(float x, float scale) {
     return q < -128 ? -128 : (q > 127 ? 127 : q);
 }
 
+// The INT8 convolution's epilogue runs once per output for as few reduction steps as 16 (1x1
+// layers), so it uses the fast forms: approximate division (2 ulp) in the activation, and a
+// multiplication by the reciprocal scale when requantizing (it can differ from x / scale in the
+// last bit, so a value within an ulp of a rounding boundary may land one step away).
+__device__ __forceinline__ float activate_fast(float x, int act) {
+    switch (act) {
+        case 1: return __fdividef(x, 1.0f + __expf(-x));
+        case 2: return x > 0.0f ? x : 0.0f;
+        case 3: return __fdividef(1.0f, 1.0f + __expf(-x));
+        default: return x;
+    }
+}
+__device__ __forceinline__ int quantize_fast(float x, float inv_scale) {
+    int q;
+    asm("cvt.rni.s32.f32 %0, %1;" : "=r"(q) : "f"(x * inv_scale));
+    return q < -128 ? -128 : (q > 127 ? 127 : q);
+}
+
 // fp16 NHWC -> int8 NHWC, 8 values per thread (channels are a multiple of 16 where this runs).
 extern "C" __global__ void quantize_v8_f16_i8(const vec16* in, unsigned long long* out, i64 vectors, float scale) {
     GRID_LOOP(i, vectors) {
@@ -380,6 +398,11 @@ extern "C" __global__ void fake_quant_f32(const float* in, float* out, i64 total
 // Bytes per shared-memory row: 64 + 16 of padding make the 32-bit fragment loads bank-conflict free.
 #define I8_LDS 80
 #define I8_THREADS 256
+// Reduction tiles in flight; the host passes it (-DI8_STAGES) and sizes each kernel's dynamic
+// shared memory from it.
+#ifndef I8_STAGES
+#define I8_STAGES 3
+#endif
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned long long a;
@@ -404,21 +427,25 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned* r, unsigned addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// A BM x BN output tile per block of 8 warps arranged WARPS_M x WARPS_N.
-template <int BM, int BN, int WARPS_M, int WARPS_N>
+// A BM x BN output tile per block of 8 warps arranged WARPS_M x WARPS_N; STAGES tiles of the
+// reduction in flight (dynamic shared memory: STAGES * (BM + BN) * I8_LDS bytes).
+// `out_scale` > 0 stores int8 (quantized for the next INT8 layer) instead of fp16.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
 __device__ void conv_int8(const signed char* __restrict__ x, const signed char* __restrict__ w,
                           const float* __restrict__ scale, const float* __restrict__ bias,
                           const half_t* __restrict__ res, half_t* __restrict__ y,
                           int n_img, int h, int wd, int c, int p, int q, int k, int r, int s,
-                          int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset) {
+                          int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset,
+                          float out_scale) {
     constexpr int WM = BM / WARPS_M;
     constexpr int WN = BN / WARPS_N;
     constexpr int MI = WM / 16;
     constexpr int NI = WN / 8;
     constexpr int A_LOADS = BM * 4 / I8_THREADS;
     constexpr int B_LOADS = BN * 4 / I8_THREADS;
-    __shared__ __align__(128) signed char a_tile[2][BM * I8_LDS];
-    __shared__ __align__(128) signed char b_tile[2][BN * I8_LDS];
+    extern __shared__ __align__(128) signed char i8_smem[];
+    signed char* a_tiles = i8_smem;
+    signed char* b_tiles = i8_smem + STAGES * BM * I8_LDS;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
@@ -445,26 +472,37 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
         a_iw[i] = ow * sw - pw;
         a_base[i] = x + (i64)img * h * wd * c;
     }
-    auto load = [&](int stage, int kt) {
-        int kk = kt * I8_BK + chunk * 16;
-        int rs = kk / c;
-        int ch = kk - rs * c;
-        int fr = rs / s;
-        int fs = rs - fr * s;
-        bool k_ok = kk < kg;
+    // Where this thread's 16-byte chunk of the next tile to load sits in the filter row: reduction
+    // index, channel, filter tap. Tiles load in order, so it advances by counting, not dividing.
+    int ld_k = chunk * 16;
+    int ld_c = ld_k % c;
+    int ld_s = (ld_k / c) % s;
+    int ld_r = ld_k / c / s;
+    auto load = [&](int stage) {
+        const int kk = ld_k, ch = ld_c, fr = ld_r, fs = ld_s;
+        const bool k_ok = kk < kg;
+        ld_k += I8_BK;
+        ld_c += I8_BK;
+        while (ld_c >= c) {
+            ld_c -= c;
+            if (++ld_s == s) {
+                ld_s = 0;
+                ++ld_r;
+            }
+        }
 #pragma unroll
         for (int i = 0; i < A_LOADS; ++i) {
             int ih = a_ih[i] + fr * dh, iw = a_iw[i] + fs * dw;
             bool ok = k_ok && a_ok[i] && ih >= 0 && ih < h && iw >= 0 && iw < wd;
             const signed char* src = ok ? a_base[i] + ((i64)ih * wd + iw) * c + ch : x;
-            cp_async16(smem_addr(&a_tile[stage][((tid >> 2) + i * (I8_THREADS / 4)) * I8_LDS + chunk * 16]), src, ok ? 16 : 0);
+            cp_async16(smem_addr(a_tiles + stage * BM * I8_LDS + ((tid >> 2) + i * (I8_THREADS / 4)) * I8_LDS + chunk * 16), src, ok ? 16 : 0);
         }
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) {
             int row = (tid >> 2) + j * (I8_THREADS / 4);
             bool ok = k_ok && n0 + row < k;
             const signed char* src = ok ? w + (i64)(n0 + row) * kg + kk : w;
-            cp_async16(smem_addr(&b_tile[stage][row * I8_LDS + chunk * 16]), src, ok ? 16 : 0);
+            cp_async16(smem_addr(b_tiles + stage * BN * I8_LDS + row * I8_LDS + chunk * 16), src, ok ? 16 : 0);
         }
     };
 
@@ -479,16 +517,23 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3).
     const int lj = lane >> 3, lr = lane & 7;
     const int ktiles = (kg + I8_BK - 1) / I8_BK;
-    load(0, 0);
-    asm volatile("cp.async.commit_group;\n" ::);
-    for (int kt = 0; kt < ktiles; ++kt) {
-        const int stage = kt & 1;
-        if (kt + 1 < ktiles) load(stage ^ 1, kt + 1);
+    // Prologue: STAGES - 1 tiles in flight. One commit group per tile (empty past the end) keeps
+    // the wait count simple.
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ktiles) load(st);
         asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group 1;\n" ::);
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int stage = kt % STAGES;
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        // Tile kt has landed for every thread, and every warp is done with tile kt - 1, whose
+        // stage the prefetch below overwrites.
         __syncthreads();
-        const unsigned as = smem_addr(a_tile[stage]);
-        const unsigned bs = smem_addr(b_tile[stage]);
+        if (kt + STAGES - 1 < ktiles) load((kt + STAGES - 1) % STAGES);
+        asm volatile("cp.async.commit_group;\n" ::);
+        const unsigned as = smem_addr(a_tiles + stage * BM * I8_LDS);
+        const unsigned bs = smem_addr(b_tiles + stage * BN * I8_LDS);
 #pragma unroll
         for (int kk = 0; kk < I8_BK; kk += 32) {
             unsigned af[MI][4], bf[NI][2];
@@ -509,11 +554,11 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
 #pragma unroll
                 for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
         }
-        __syncthreads();
     }
 
     // Epilogue: accumulator (i, j, e) holds row g (+8 for e >= 2), column 2t (+1 for odd e).
     const bool pairs = ((y_stride | y_offset) & 1) == 0;
+    const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
 #pragma unroll
     for (int i = 0; i < MI; ++i) {
 #pragma unroll
@@ -529,11 +574,23 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
                 for (int e = 0; e < 2; ++e) {
                     const int nn = n + e < k ? n + e : k - 1;
                     float z = (float)acc[i][j][half * 2 + e] * scale[nn] + (bias ? bias[nn] : 0.0f);
-                    z = activate(z, act);
+                    z = activate_fast(z, act);
                     if (res) z += h2f(res[(i64)m * k + nn]);
                     v[e] = z;
                 }
-                half_t* out = y + (i64)m * y_stride + y_offset + n;
+                const i64 at = (i64)m * y_stride + y_offset + n;
+                if (out_scale > 0.0f) {
+                    signed char* out = (signed char*)y + at;
+                    const int q0 = quantize_fast(v[0], inv_out_scale), q1 = quantize_fast(v[1], inv_out_scale);
+                    if (pairs && n + 1 < k) {
+                        *(unsigned short*)out = (unsigned short)((q0 & 0xff) | ((q1 & 0xff) << 8));
+                    } else {
+                        out[0] = (signed char)q0;
+                        if (n + 1 < k) out[1] = (signed char)q1;
+                    }
+                    continue;
+                }
+                half_t* out = y + at;
                 if (pairs && n + 1 < k) {
                     *(unsigned*)out = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
                 } else {
@@ -546,10 +603,11 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
 }
 
 #define CONV_INT8_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, half_t* y, \
-    int n_img, int h, int wd, int c, int p, int q, int k, int r, int s, int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset
-#define CONV_INT8_PASS x, w, scale, bias, res, y, n_img, h, wd, c, p, q, k, r, s, sh, sw, ph, pw, dh, dw, act, y_stride, y_offset
+    int n_img, int h, int wd, int c, int p, int q, int k, int r, int s, int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset, \
+    float out_scale
+#define CONV_INT8_PASS x, w, scale, bias, res, y, n_img, h, wd, c, p, q, k, r, s, sh, sw, ph, pw, dh, dw, act, y_stride, y_offset, out_scale
 // Tile shapes (pixels x channels): the host picks the largest that still gives every SM work.
-extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n128(CONV_INT8_ARGS) { conv_int8<128, 128, 2, 4>(CONV_INT8_PASS); }
-extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n64(CONV_INT8_ARGS) { conv_int8<128, 64, 4, 2>(CONV_INT8_PASS); }
-extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n128(CONV_INT8_ARGS) { conv_int8<64, 128, 2, 4>(CONV_INT8_PASS); }
-extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_INT8_ARGS) { conv_int8<64, 64, 2, 4>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n128(CONV_INT8_ARGS) { conv_int8<128, 128, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n64(CONV_INT8_ARGS) { conv_int8<128, 64, 4, 2, I8_STAGES>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n128(CONV_INT8_ARGS) { conv_int8<64, 128, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
+extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_INT8_ARGS) { conv_int8<64, 64, 2, 4, I8_STAGES>(CONV_INT8_PASS); }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use kestrel_exporter::onnx::pb;
 
-use crate::engine::{Engine, EngineInfo, Precision};
+use crate::engine::{Engine, EngineInfo, LayerTime, Precision};
 use crate::error::{Error, Result};
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
@@ -108,6 +108,8 @@ pub struct CudaEngine {
     device_name: String,
     /// Streaming multiprocessors: the INT8 convolution sizes its tiles to keep them all busy.
     sm_count: usize,
+    /// `$KESTREL_INT8_TILE`, read once.
+    forced_int8_tile: Option<(&'static str, usize, usize)>,
 }
 
 // SAFETY: every handle inside is used only through `&mut self`, after binding the context to the
@@ -152,26 +154,42 @@ fn prod(v: &[usize]) -> usize {
     v.iter().product()
 }
 
-/// The INT8 convolution kernel for `m` output pixels and `k` output channels, and its tile
-/// (pixels, channels): the largest tile that still gives each of `sms` multiprocessors two blocks,
-/// else the one that makes the most blocks; 128-channel tiles only where there are more than 64
-/// channels.
-pub fn int8_tile(m: usize, k: usize, sms: usize) -> (&'static str, usize, usize) {
-    const TILES: [(&str, usize, usize); 4] = [
-        ("conv_int8_m128_n128", 128, 128),
-        ("conv_int8_m128_n64", 128, 64),
-        ("conv_int8_m64_n128", 64, 128),
-        ("conv_int8_m64_n64", 64, 64),
-    ];
-    let blocks = |&(_, bm, bn): &(&str, usize, usize)| m.div_ceil(bm) * k.div_ceil(bn);
-    let fitting: Vec<_> = TILES.iter().filter(|t| t.2 == 64 || k > 64).collect();
-    fitting
-        .iter()
-        .find(|t| blocks(t) >= 2 * sms)
-        .or_else(|| fitting.iter().max_by_key(|t| (blocks(t), t.1)))
-        .map(|t| **t)
-        .unwrap_or(TILES[3])
+/// Bytes per shared-memory row of an INT8 tile (`I8_LDS` in `kernels.cu`).
+const INT8_ROW_BYTES: usize = 80;
+
+/// Dynamic shared memory of an INT8 convolution tile of `bm` pixels x `bn` channels, in bytes.
+fn int8_shared_bytes(bm: usize, bn: usize) -> usize {
+    device::int8_stages() * (bm + bn) * INT8_ROW_BYTES
 }
+
+/// The INT8 convolution kernel for `m` output pixels and `k` output channels, and its tile
+/// (pixels, channels): 128 x 64 where that still gives each of `sms` multiprocessors two blocks,
+/// else 64 x 64. On an H200 at gelan-c batch 8, forcing one tile on every layer gave 7.51 ms
+/// (128 x 64), 7.68 (64 x 64), 7.91 (64 x 128) and 9.56 (128 x 128): the wider tiles win only on
+/// 3x3 layers of 256 channels (4 %), and lose more on the many 1x1 and thin layers.
+pub fn int8_tile(m: usize, k: usize, sms: usize) -> (&'static str, usize, usize) {
+    let (big, small) = (INT8_TILES[1], INT8_TILES[3]);
+    if m.div_ceil(big.1) * k.div_ceil(big.2) >= 2 * sms {
+        big
+    } else {
+        small
+    }
+}
+
+/// `$KESTREL_INT8_TILE` (a kernel name of [`INT8_TILES`]) forces one tile on every INT8
+/// convolution: a tuning experiment, like `KESTREL_CUDA_ALGO`.
+pub fn forced_int8_tile() -> Option<(&'static str, usize, usize)> {
+    let name = std::env::var("KESTREL_INT8_TILE").ok()?;
+    INT8_TILES.iter().find(|t| t.0 == name).copied()
+}
+
+/// INT8 convolution kernels and their tiles (pixels, channels), largest first.
+const INT8_TILES: [(&str, usize, usize); 4] = [
+    ("conv_int8_m128_n128", 128, 128),
+    ("conv_int8_m128_n64", 128, 64),
+    ("conv_int8_m64_n128", 64, 128),
+    ("conv_int8_m64_n64", 64, 64),
+];
 
 /// OIHW (ONNX) filters to KRSC (channels-last filters).
 fn oihw_to_krsc<T: Copy + Default>(values: &[T], dims: &[usize]) -> Vec<T> {
@@ -213,6 +231,18 @@ impl CudaEngine {
         let mut functions = HashMap::new();
         for name in KERNEL_NAMES {
             functions.insert(name, kernels.function(name)?);
+        }
+        for (name, bm, bn) in INT8_TILES {
+            let bytes = int8_shared_bytes(bm, bn) as i32;
+            // SAFETY: a function of the loaded module; the attribute only raises its limit.
+            unsafe {
+                drv::function::set_function_attribute(
+                    functions[name],
+                    dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+            }
+            .map_err(|e| cuda_error(&format!("shared memory of {name} ({bytes} bytes)"), e))?;
         }
         let plan = plan::lower(model, int8)?;
         if info.precision == Precision::Int8 && plan.int8_convolutions() == 0 {
@@ -304,6 +334,7 @@ impl CudaEngine {
             output: Vec::new(),
             device_name,
             sm_count,
+            forced_int8_tile: forced_int8_tile(),
         };
         engine.prepare_buckets()?;
         let graphs_on = std::env::var("KESTREL_CUDA_GRAPHS")
@@ -465,7 +496,7 @@ impl CudaEngine {
                 act,
                 residual,
                 geometry,
-                int8: Some(_),
+                int8: Some(q),
                 ..
             } => {
                 let dx = self.shape(*x, b);
@@ -479,7 +510,9 @@ impl CudaEngine {
                     .get(&i)
                     .ok_or_else(|| cuda_error("executor", "missing int8 scales"))?;
                 let (k, m) = (dy[1], dy[0] * dy[2] * dy[3]);
-                let (name, bm, bn) = int8_tile(m, k, self.sm_count);
+                let (name, bm, bn) = self
+                    .forced_int8_tile
+                    .unwrap_or_else(|| int8_tile(m, k, self.sm_count));
                 let f = self.f(name)?;
                 let i32s = |v: usize| Arg::I32(v as i32);
                 launch_grid(
@@ -487,6 +520,7 @@ impl CudaEngine {
                     s,
                     (m.div_ceil(bm) as u32, k.div_ceil(bn) as u32, 1),
                     256,
+                    int8_shared_bytes(bm, bn) as u32,
                     &[
                         Arg::Ptr(self.ptr(*x)?),
                         Arg::Ptr(w.ptr),
@@ -515,6 +549,7 @@ impl CudaEngine {
                         Arg::I32(*act as i32),
                         i32s(k),
                         i32s(0),
+                        Arg::F32(q.output_scale.unwrap_or(0.0)),
                     ],
                 )?;
             }
@@ -842,7 +877,7 @@ impl CudaEngine {
     /// Device time of each step for a batch of `b`, in milliseconds: each step is enqueued
     /// `PROFILE_REPEATS` times back to back between two events (steps are idempotent), so launch
     /// gaps are amortised as in a graph replay.
-    pub fn profile_steps(&self, b: usize) -> Result<Vec<(String, f64)>> {
+    pub fn profile_steps(&self, b: usize) -> Result<Vec<LayerTime>> {
         const PROFILE_REPEATS: usize = 20;
         let mut out = Vec::with_capacity(self.plan.steps.len());
         let (start, end) = (Event::new()?, Event::new()?);
@@ -879,7 +914,21 @@ impl CudaEngine {
                 Step::Transpose { .. } => "transpose",
                 Step::ToRowMajor { .. } => "NHWC to row-major",
             };
-            out.push((kind.to_string(), ms / PROFILE_REPEATS as f64));
+            let y = step.output();
+            let ops = match step {
+                Step::Conv { x, geometry, .. } => {
+                    let cin = self.shape(*x, b)[1] / geometry.group.max(1);
+                    let taps = geometry.kernel[0] * geometry.kernel[1];
+                    2.0 * (self.plan.values[y].numel(b) * cin * taps) as f64
+                }
+                _ => 0.0,
+            };
+            out.push(LayerTime {
+                kind: kind.to_string(),
+                layer: format!("{} {:?}", self.plan.values[y].name, self.shape(y, b)),
+                ms: ms / PROFILE_REPEATS as f64,
+                ops,
+            });
         }
         Ok(out)
     }
@@ -1038,7 +1087,10 @@ impl Engine for CudaEngine {
                         y, int8: Some(_), ..
                     } => {
                         let d = self.shape(*y, b);
-                        Some(int8_tile(d[0] * d[2] * d[3], d[1], self.sm_count).0)
+                        let tile = self
+                            .forced_int8_tile
+                            .unwrap_or_else(|| int8_tile(d[0] * d[2] * d[3], d[1], self.sm_count));
+                        Some(tile.0)
                     }
                     _ => None,
                 })
@@ -1048,7 +1100,7 @@ impl Engine for CudaEngine {
         serde_json::json!({ "conv_algorithms": per_bucket, "int8_tiles": int8_tiles })
     }
 
-    fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<(String, f64)>>> {
+    fn profile_layers(&mut self, batch: usize) -> Result<Option<Vec<LayerTime>>> {
         let bucket = self.prepare_timing(batch)?;
         self.profile_steps(bucket).map(Some)
     }
@@ -1129,16 +1181,19 @@ mod tests {
 
     #[test]
     fn int8_tiles_keep_every_multiprocessor_busy() {
-        // gelan-c at batch 8, 80x80 pixels, 256 channels: the big tile already makes 800 blocks.
-        assert_eq!(int8_tile(8 * 80 * 80, 256, 132).0, "conv_int8_m128_n128");
-        // 64 channels never get a 128-channel tile.
-        assert_eq!(int8_tile(8 * 80 * 80, 64, 132).0, "conv_int8_m128_n64");
-        // Batch 1 at 20x20 (400 pixels), 512 channels: the smallest tile, 28 blocks.
-        assert_eq!(int8_tile(400, 512, 132), ("conv_int8_m64_n64", 64, 64));
-        // 80x80 at batch 1, 256 channels: 128x128 gives 100 blocks, 128x64 and 64x128 200,
-        // 64x64 400; at batch 2, 128x64 already gives 400.
+        // gelan-c at batch 8, 80x80 pixels, 256 channels: 128 x 64 tiles make 1600 blocks.
+        assert_eq!(
+            int8_tile(8 * 80 * 80, 256, 132),
+            ("conv_int8_m128_n64", 128, 64)
+        );
+        // Batch 1 at 80x80: 128 x 64 makes 200 blocks, fewer than two per SM: 64 x 64 (400).
         assert_eq!(int8_tile(6400, 256, 132).0, "conv_int8_m64_n64");
-        assert_eq!(int8_tile(12800, 256, 132).0, "conv_int8_m128_n64");
+        // Batch 1 at 20x20, 512 channels: 64 x 64, 56 blocks, as many as there can be.
+        assert_eq!(int8_tile(400, 512, 132).0, "conv_int8_m64_n64");
+        // Every tile named exists among the kernels.
+        for t in INT8_TILES {
+            assert!(KERNEL_NAMES.contains(&t.0));
+        }
     }
 
     #[test]

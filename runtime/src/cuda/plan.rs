@@ -101,6 +101,9 @@ pub struct QuantizedWeight {
 pub struct Int8Conv {
     pub weight: usize,
     pub input_scale: f32,
+    /// Set where the output feeds only the next INT8 layer: the epilogue stores int8 quantized
+    /// with this scale (`y` is then [`Layout::NhwcInt8`]) and no [`Step::Quantize`] pass follows.
+    pub output_scale: Option<f32>,
 }
 
 /// Convolution geometry.
@@ -202,6 +205,44 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// The values the step reads.
+    pub fn inputs(&self) -> Vec<ValueId> {
+        match self {
+            Step::InputToNhwc { x, .. }
+            | Step::ResizeNearest { x, .. }
+            | Step::Unary { x, .. }
+            | Step::Softmax { x, .. }
+            | Step::Transpose { x, .. }
+            | Step::ToRowMajor { x, .. }
+            | Step::Quantize { x, .. }
+            | Step::FakeQuant { x, .. }
+            | Step::Pool { x, .. }
+            | Step::CopyAxis { x, .. } => vec![*x],
+            Step::Conv { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
+            Step::Binary { a, b, .. } => vec![*a, *b],
+        }
+    }
+
+    /// The value the step writes.
+    pub fn output(&self) -> ValueId {
+        match self {
+            Step::InputToNhwc { y, .. }
+            | Step::ResizeNearest { y, .. }
+            | Step::Unary { y, .. }
+            | Step::Softmax { y, .. }
+            | Step::Transpose { y, .. }
+            | Step::ToRowMajor { y, .. }
+            | Step::Quantize { y, .. }
+            | Step::FakeQuant { y, .. }
+            | Step::Pool { y, .. }
+            | Step::CopyAxis { y, .. }
+            | Step::Conv { y, .. }
+            | Step::Binary { y, .. } => *y,
+        }
+    }
+}
+
 /// What the executor runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnginePlan {
@@ -237,6 +278,54 @@ impl EnginePlan {
             }
         }
         (convs, acts, residuals)
+    }
+
+    /// Let INT8 convolutions whose fp16 output is read only by a [`Step::Quantize`] store int8
+    /// directly (requantize in the epilogue), and drop those passes.
+    fn fold_quantize_into_producers(&mut self) {
+        let mut readers: HashMap<ValueId, usize> = HashMap::new();
+        for s in &self.steps {
+            for v in s.inputs() {
+                *readers.entry(self.storage_of(v)).or_default() += 1;
+            }
+        }
+        let aliased: std::collections::HashSet<ValueId> =
+            self.values.iter().filter_map(|v| v.alias_of).collect();
+        let producer: HashMap<ValueId, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.output(), i))
+            .collect();
+        let mut drop = vec![false; self.steps.len()];
+        for qi in 0..self.steps.len() {
+            let Step::Quantize { x, y, scale } = self.steps[qi] else {
+                continue;
+            };
+            let only_reader =
+                readers.get(&x) == Some(&1) && x != self.output && !aliased.contains(&x);
+            let Some(&pi) = producer.get(&x) else {
+                continue;
+            };
+            if !only_reader {
+                continue;
+            }
+            if let Step::Conv {
+                y: out,
+                int8: Some(q),
+                ..
+            } = &mut self.steps[pi]
+            {
+                *out = y;
+                q.output_scale = Some(scale);
+                drop[qi] = true;
+            }
+        }
+        let mut i = 0;
+        self.steps.retain(|_| {
+            i += 1;
+            !drop[i - 1]
+        });
     }
 
     /// Number of convolutions that run in INT8.
@@ -735,6 +824,7 @@ impl<'g> Lowering<'g> {
             Int8Conv {
                 weight,
                 input_scale: fq.scale,
+                output_scale: None,
             },
         )))
     }
@@ -1096,6 +1186,7 @@ pub fn lower(model: &pb::ModelProto, int8: bool) -> Result<EnginePlan> {
         .name;
     let out = lw.value(out_name)?;
     lw.plan.output = lw.as_row_major(out);
+    lw.plan.fold_quantize_into_producers();
     Ok(lw.plan)
 }
 
@@ -1267,6 +1358,58 @@ mod tests {
     }
 
     #[test]
+    fn int8_layers_feeding_only_int8_layers_store_int8() {
+        let cfg = ModelConfig::new("gelan-t", 80, 640).unwrap();
+        let model = export(
+            &cfg,
+            &mut WeightSource::Random { seed: 0 },
+            &ExportOptions::dynamic(80),
+        )
+        .unwrap();
+        let points = kestrel_exporter::quantize::quantization_points(&model);
+        let amax = points.iter().map(|p| (p.clone(), 1.0f32)).collect();
+        let qdq = kestrel_exporter::quantize::quantize_model(&model, &amax).unwrap();
+        let plan = lower(&qdq, true).unwrap();
+        let mut readers: HashMap<ValueId, Vec<&Step>> = HashMap::new();
+        for s in &plan.steps {
+            for v in s.inputs() {
+                readers.entry(v).or_default().push(s);
+            }
+        }
+        let mut fused = 0;
+        for s in &plan.steps {
+            if let Step::Conv {
+                y, int8: Some(q), ..
+            } = s
+            {
+                if let Some(scale) = q.output_scale {
+                    fused += 1;
+                    assert_eq!(plan.values[*y].layout, Layout::NhwcInt8);
+                    // Every reader is an INT8 convolution expecting that scale.
+                    for r in &readers[y] {
+                        let Step::Conv { int8: Some(rq), .. } = r else {
+                            panic!("{} feeds {r:?}", plan.values[*y].name)
+                        };
+                        assert_eq!(rq.input_scale, scale);
+                    }
+                }
+            }
+        }
+        // Bottleneck 3x3 pairs and the heads' class branches, at least.
+        assert!(fused >= 20, "{fused} convolutions store int8");
+        // No Quantize pass is left behind an INT8 convolution whose output only it reads.
+        for s in &plan.steps {
+            if let Step::Quantize { x, .. } = s {
+                let int8_producer = plan
+                    .steps
+                    .iter()
+                    .any(|p| p.output() == *x && matches!(p, Step::Conv { int8: Some(_), .. }));
+                assert!(!int8_producer || readers[x].len() > 1, "{s:?}");
+            }
+        }
+    }
+
+    #[test]
     fn asymmetric_quantization_is_refused_with_the_reason() {
         let mut model = qdq_chain();
         let graph = model.graph.as_mut().unwrap();
@@ -1293,22 +1436,7 @@ mod tests {
             }
             let read = |v: ValueId, ready: &Vec<bool>| ready[plan.storage_of(v)];
             for s in &plan.steps {
-                let (ins, outs): (Vec<ValueId>, Vec<ValueId>) = match s {
-                    Step::InputToNhwc { x, y }
-                    | Step::ResizeNearest { x, y }
-                    | Step::Unary { x, y, .. }
-                    | Step::Softmax { x, y, .. }
-                    | Step::Transpose { x, y, .. }
-                    | Step::ToRowMajor { x, y }
-                    | Step::Quantize { x, y, .. }
-                    | Step::FakeQuant { x, y, .. }
-                    | Step::Pool { x, y, .. } => (vec![*x], vec![*y]),
-                    Step::CopyAxis { x, y, .. } => (vec![*x], vec![*y]),
-                    Step::Conv { x, y, residual, .. } => {
-                        (std::iter::once(*x).chain(*residual).collect(), vec![*y])
-                    }
-                    Step::Binary { a, b, y, .. } => (vec![*a, *b], vec![*y]),
-                };
+                let (ins, outs) = (s.inputs(), vec![s.output()]);
                 for i in ins {
                     assert!(
                         read(i, &ready),

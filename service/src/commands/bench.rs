@@ -5,10 +5,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kestrel_exporter::{onnx, summarize};
-use kestrel_runtime::engine::BatchProfile;
+use kestrel_runtime::engine::{BatchProfile, LayerTime};
 use serde::Serialize;
 
 use crate::util::{EngineArgs, check_model_file, cpu_description, utc_now};
+
+/// Layers listed by `--profile` after the per-kind summary.
+const SLOWEST_LAYERS: usize = 15;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -180,15 +183,15 @@ pub fn run(a: Args) -> Result<()> {
         );
         if a.profile {
             if let Some(layers) = engine.profile_layers(batch)? {
-                let total: f64 = layers.iter().map(|(_, ms)| ms).sum();
+                let total: f64 = layers.iter().map(|l| l.ms).sum();
                 let mut by_kind: Vec<(String, f64, usize)> = Vec::new();
-                for (kind, ms) in &layers {
-                    match by_kind.iter_mut().find(|(k, _, _)| k == kind) {
+                for l in &layers {
+                    match by_kind.iter_mut().find(|(k, _, _)| *k == l.kind) {
                         Some(e) => {
-                            e.1 += ms;
+                            e.1 += l.ms;
                             e.2 += 1;
                         }
-                        None => by_kind.push((kind.clone(), *ms, 1)),
+                        None => by_kind.push((l.kind.clone(), l.ms, 1)),
                     }
                 }
                 by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -198,6 +201,17 @@ pub fn run(a: Args) -> Result<()> {
                         "    {kind:<36} {n:>4} x  {ms:>8.3} ms  {:>5.1} %",
                         100.0 * ms / total
                     );
+                }
+                let mut slowest: Vec<&LayerTime> = layers.iter().collect();
+                slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+                println!("batch {batch:>3}: slowest layers (achieved rate where counted):");
+                for l in slowest.iter().take(SLOWEST_LAYERS) {
+                    let rate = if l.ops > 0.0 && l.ms > 0.0 {
+                        format!("{:>7.1} T(FL)OP/s", l.ops / (l.ms * 1e-3) / 1e12)
+                    } else {
+                        String::new()
+                    };
+                    println!("    {:>8.3} ms  {:<16} {rate}  {}", l.ms, l.kind, l.layer);
                 }
             }
         }
