@@ -269,6 +269,7 @@ __device__ void copy_axis(const T* in, T* out, i64 outer, i64 in_len, i64 in_off
 // floats) move whole 16-byte vectors instead of single 2-byte elements.
 extern "C" __global__ void copy_axis_v16(const vec16* in, vec16* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 extern "C" __global__ void copy_axis_f16(const half_t* in, half_t* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
+extern "C" __global__ void copy_axis_i8(const signed char* in, signed char* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 extern "C" __global__ void copy_axis_f32(const float* in, float* out, i64 outer, i64 in_len, i64 in_off, i64 out_len, i64 out_off, i64 count, i64 inner) { copy_axis(in, out, outer, in_len, in_off, out_len, out_off, count, inner); }
 
 // ---- elementwise -------------------------------------------------------------------------------
@@ -452,7 +453,10 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     const int g = lane >> 2, t = lane & 3;
     const int m_total = n_img * p * q;
     const int kg = r * s * c;
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    // Channel tiles of one pixel tile are consecutive blocks, so they run together and read its
+    // input from L2 once rather than from memory once per channel tile.
+    const int n_tiles = (k + BN - 1) / BN;
+    const int m0 = (blockIdx.x / n_tiles) * BM, n0 = (blockIdx.x % n_tiles) * BN;
     const int chunk = tid & 3;
 
     // This thread loads 16 bytes of A_LOADS rows (output pixels) per tile: precompute their origin.

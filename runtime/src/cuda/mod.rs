@@ -116,7 +116,7 @@ pub struct CudaEngine {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 31] = [
+const KERNEL_NAMES: [&str; 32] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -134,6 +134,7 @@ const KERNEL_NAMES: [&str; 31] = [
     "pool_v8_f16",
     "resize_nearest_v16",
     "copy_axis_f32",
+    "copy_axis_i8",
     "unary_f16",
     "unary_f32",
     "binary_same_f16",
@@ -449,10 +450,10 @@ impl CudaEngine {
     }
 
     fn dt(&self, layout: Layout) -> &'static str {
-        if layout == Layout::Nhwc && self.half {
-            "f16"
-        } else {
-            "f32"
+        match layout {
+            Layout::NhwcInt8 => "i8",
+            Layout::Nhwc if self.half => "f16",
+            _ => "f32",
         }
     }
 
@@ -518,7 +519,7 @@ impl CudaEngine {
                 launch_grid(
                     f,
                     s,
-                    (m.div_ceil(bm) as u32, k.div_ceil(bn) as u32, 1),
+                    ((m.div_ceil(bm) * k.div_ceil(bn)) as u32, 1, 1),
                     256,
                     int8_shared_bytes(bm, bn) as u32,
                     &[
@@ -751,7 +752,7 @@ impl CudaEngine {
                 let dx = self.shape(*x, b);
                 let dy = self.shape(*y, b);
                 let layout = self.plan.values[*x].layout;
-                let (outer, inner, in_len, out_len) = if layout == Layout::Nhwc {
+                let (outer, inner, in_len, out_len) = if layout != Layout::RowMajor {
                     // Channels are innermost: every pixel copies a run of channels.
                     (dx[0] * dx[2] * dx[3], 1, dx[1], dy[1])
                 } else {
@@ -763,7 +764,11 @@ impl CudaEngine {
                     )
                 };
                 // Channel runs that are whole 16-byte vectors move as vectors.
-                let elem = if self.dt(layout) == "f16" { 2 } else { 4 };
+                let elem = match self.dt(layout) {
+                    "i8" => 1,
+                    "f16" => 2,
+                    _ => 4,
+                };
                 let per_vec = 16 / elem;
                 let vectorised = inner == 1
                     && [in_len, out_len, *in_offset, *out_offset, *count]
