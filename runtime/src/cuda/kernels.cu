@@ -363,7 +363,7 @@ __device__ __forceinline__ int quantize_fast(float x, float inv_scale) {
     return q < -128 ? -128 : (q > 127 ? 127 : q);
 }
 
-// fp16 NHWC -> int8 NHWC, 8 values per thread (channels are a multiple of 16 where this runs).
+// fp16 NHWC -> int8 NHWC, 8 values per thread (the planner quantizes whole 8-channel groups only).
 extern "C" __global__ void quantize_v8_f16_i8(const vec16* in, unsigned long long* out, i64 vectors, float scale) {
     GRID_LOOP(i, vectors) {
         vec16 v = in[i];
@@ -392,8 +392,8 @@ extern "C" __global__ void fake_quant_f32(const float* in, float* out, i64 total
 // the reduction runs over one KRSC filter row (r, s, c). The input is int8 NHWC with C % 16 == 0, so
 // a 16-byte chunk never straddles a filter tap; weights are int8 KRSC. Accumulation is exact int32
 // (mma.sync m16n8k32) and one fused epilogue applies the per-channel scale (input scale x weight
-// scale), the bias, the activation and the residual, and stores fp16 NHWC: the Q/DQ arithmetic of
-// the ONNX graph, without a second pass over the output.
+// scale), the bias, the activation and the residual, and stores fp16 NHWC, or int8 requantized for
+// the next INT8 layer: the Q/DQ arithmetic of the ONNX graph, without a second pass over the output.
 #define I8_BM 128
 #define I8_BK 64
 // Bytes per shared-memory row: 64 + 16 of padding make the 32-bit fragment loads bank-conflict free.

@@ -556,6 +556,13 @@ impl CudaEngine {
             }
             Step::Quantize { x, y, scale } => {
                 let n = prod(&self.shape(*x, b));
+                if n % 8 != 0 {
+                    // The planner only quantizes tensors of whole 8-channel groups.
+                    return Err(cuda_error(
+                        "executor",
+                        format!("quantizing {n} values, not a multiple of 8"),
+                    ));
+                }
                 launch(
                     self.f("quantize_v8_f16_i8")?,
                     s,

@@ -360,10 +360,13 @@ impl EnginePlan {
                     }
                 }
             }
+            // The quantize kernel moves 8 channels at a time: sources must have whole groups.
             let channel_copies = !ws.is_empty()
                 && ws.iter().all(|&w| {
                     matches!(self.steps[w], Step::CopyAxis { x: src, axis: 1, .. }
-                        if self.values[src].layout == Layout::Nhwc)
+                        if self.values[src].layout == Layout::Nhwc
+                            && self.values[src].dims.get(1).and_then(|d| d.fixed())
+                                .is_some_and(|c| c % 8 == 0))
                 });
             if channel_copies {
                 let mut steps = Vec::with_capacity(self.steps.len() + ws.len());
@@ -1500,7 +1503,9 @@ mod tests {
             }
         }
         // Most INT8 layers hand int8 to the next; concatenations and splits move int8.
-        println!("{fused} convolutions store int8, {int8_copies} int8 copies, {quantize_passes} quantize passes");
+        println!(
+            "{fused} convolutions store int8, {int8_copies} int8 copies, {quantize_passes} quantize passes"
+        );
         assert!(fused >= 60, "{fused} convolutions store int8");
         assert!(int8_copies >= 40, "{int8_copies} int8 copies");
         // No value is quantized twice with one scale.
