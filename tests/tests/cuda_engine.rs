@@ -131,6 +131,7 @@ struct Int8Case {
     stride: usize,
     hw: usize,
     residual: bool,
+    groups: usize,
 }
 
 fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
@@ -141,6 +142,7 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         stride,
         hw,
         residual,
+        groups,
     } = *case;
     let mut rng = SplitMix64::new(seed);
     let mut normal = |n: usize, scale: f32| -> Vec<f32> {
@@ -177,7 +179,7 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
     let dq = b
         .node1("DequantizeLinear", "dq", &[&q, &s, &z], vec![])
         .unwrap();
-    let taps = cin * kernel * kernel;
+    let taps = cin / groups * kernel * kernel;
     let wq: Vec<i8> = normal(cout * taps, 127.0)
         .iter()
         .map(|v| v.round() as i8)
@@ -186,7 +188,11 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         .map(|c| (0.5 + (c % 7) as f32 * 0.25) / (127.0 * (taps as f32).sqrt()))
         .collect();
     let k = kernel as i64;
-    let wq = b.const_i8("b.weight_quantized", &[cout as i64, cin as i64, k, k], &wq);
+    let wq = b.const_i8(
+        "b.weight_quantized",
+        &[cout as i64, (cin / groups) as i64, k, k],
+        &wq,
+    );
     let ws = b.const_f32("b.weight_scale", &[cout as i64], &wscale);
     let wz = b.const_i8("b.weight_zero", &[cout as i64], &vec![0; cout]);
     let w = b
@@ -208,6 +214,7 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
                 pb::AttributeProto::ints("kernel_shape", &[k, k]),
                 pb::AttributeProto::ints("strides", &[stride as i64, stride as i64]),
                 pb::AttributeProto::ints("pads", &[pad, pad, pad, pad]),
+                pb::AttributeProto::int("group", groups as i64),
             ],
         )
         .unwrap();
@@ -246,6 +253,7 @@ fn int8_convolution_matches_cpu() {
             stride: 1,
             hw: 20,
             residual: true,
+            groups: 1,
         },
         Int8Case {
             cin: 32,
@@ -254,6 +262,7 @@ fn int8_convolution_matches_cpu() {
             stride: 1,
             hw: 17,
             residual: false,
+            groups: 1,
         },
         Int8Case {
             cin: 64,
@@ -262,6 +271,7 @@ fn int8_convolution_matches_cpu() {
             stride: 2,
             hw: 33,
             residual: false,
+            groups: 1,
         },
         Int8Case {
             cin: 64,
@@ -270,6 +280,7 @@ fn int8_convolution_matches_cpu() {
             stride: 1,
             hw: 24,
             residual: true,
+            groups: 1,
         },
         Int8Case {
             cin: 48,
@@ -278,6 +289,7 @@ fn int8_convolution_matches_cpu() {
             stride: 1,
             hw: 40,
             residual: false,
+            groups: 1,
         },
         Int8Case {
             cin: 256,
@@ -286,6 +298,17 @@ fn int8_convolution_matches_cpu() {
             stride: 1,
             hw: 20,
             residual: true,
+            groups: 1,
+        },
+        // DDetect's box branch: 4 groups of 16 channels.
+        Int8Case {
+            cin: 64,
+            cout: 64,
+            kernel: 3,
+            stride: 1,
+            hw: 24,
+            residual: false,
+            groups: 4,
         },
     ];
     let dir = scratch_dir("cuda-int8-conv");
@@ -315,8 +338,15 @@ fn int8_convolution_matches_cpu() {
         let e_fake = rel_l2(&got_fake, &want);
         let e_single = rel_l2(&got[..single.len()], &single);
         println!(
-            "int8 conv case {i} ({}->{} k{} s{} {}x{} residual {}): int8 rel L2 {e:.2e}, fp16 Q/DQ {e_fake:.2e}, batch 1 vs 3 {e_single:.1e}",
-            case.cin, case.cout, case.kernel, case.stride, case.hw, case.hw, case.residual
+            "int8 conv case {i} ({}->{} k{} s{} g{} {}x{} residual {}): int8 rel L2 {e:.2e}, fp16 Q/DQ {e_fake:.2e}, batch 1 vs 3 {e_single:.1e}",
+            case.cin,
+            case.cout,
+            case.kernel,
+            case.stride,
+            case.groups,
+            case.hw,
+            case.hw,
+            case.residual
         );
         // Exact int32 accumulation; the differences are fp16 storage and the rare input that
         // rounds to the other side of a quantization step from fp16 instead of fp32.

@@ -437,7 +437,7 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
                           const half_t* __restrict__ res, half_t* __restrict__ y,
                           int n_img, int h, int wd, int c, int p, int q, int k, int r, int s,
                           int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset,
-                          float out_scale) {
+                          float out_scale, int groups) {
     constexpr int WM = BM / WARPS_M;
     constexpr int WN = BN / WARPS_N;
     constexpr int MI = WM / 16;
@@ -452,11 +452,18 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
     const int g = lane >> 2, t = lane & 3;
     const int m_total = n_img * p * q;
-    const int kg = r * s * c;
+    // Grouped convolutions: group g reads input channels [g*cg, (g+1)*cg) and writes output
+    // channels [g*kgrp, (g+1)*kgrp); `c` and `k` stay the tensors' channel counts (pixel strides).
+    const int cg = c / groups, kgrp = k / groups;
+    const int kg = r * s * cg;
     // Channel tiles of one pixel tile are consecutive blocks, so they run together and read its
     // input from L2 once rather than from memory once per channel tile.
-    const int n_tiles = (k + BN - 1) / BN;
-    const int m0 = (blockIdx.x / n_tiles) * BM, n0 = (blockIdx.x % n_tiles) * BN;
+    const int n_tiles = (kgrp + BN - 1) / BN;
+    const int m0 = (blockIdx.x / (n_tiles * groups)) * BM;
+    const int grp = (blockIdx.x / n_tiles) % groups;
+    const int n0 = (blockIdx.x % n_tiles) * BN;
+    // Channel offsets of this block's group in the input, the filter rows and the output.
+    const int c_off = grp * cg, k_off = grp * kgrp;
     const int chunk = tid & 3;
 
     // This thread loads 16 bytes of A_LOADS rows (output pixels) per tile: precompute their origin.
@@ -479,16 +486,16 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     // Where this thread's 16-byte chunk of the next tile to load sits in the filter row: reduction
     // index, channel, filter tap. Tiles load in order, so it advances by counting, not dividing.
     int ld_k = chunk * 16;
-    int ld_c = ld_k % c;
-    int ld_s = (ld_k / c) % s;
-    int ld_r = ld_k / c / s;
+    int ld_c = ld_k % cg;
+    int ld_s = (ld_k / cg) % s;
+    int ld_r = ld_k / cg / s;
     auto load = [&](int stage) {
         const int kk = ld_k, ch = ld_c, fr = ld_r, fs = ld_s;
         const bool k_ok = kk < kg;
         ld_k += I8_BK;
         ld_c += I8_BK;
-        while (ld_c >= c) {
-            ld_c -= c;
+        while (ld_c >= cg) {
+            ld_c -= cg;
             if (++ld_s == s) {
                 ld_s = 0;
                 ++ld_r;
@@ -498,14 +505,14 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
         for (int i = 0; i < A_LOADS; ++i) {
             int ih = a_ih[i] + fr * dh, iw = a_iw[i] + fs * dw;
             bool ok = k_ok && a_ok[i] && ih >= 0 && ih < h && iw >= 0 && iw < wd;
-            const signed char* src = ok ? a_base[i] + ((i64)ih * wd + iw) * c + ch : x;
+            const signed char* src = ok ? a_base[i] + ((i64)ih * wd + iw) * c + c_off + ch : x;
             cp_async16(smem_addr(a_tiles + stage * BM * I8_LDS + ((tid >> 2) + i * (I8_THREADS / 4)) * I8_LDS + chunk * 16), src, ok ? 16 : 0);
         }
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) {
             int row = (tid >> 2) + j * (I8_THREADS / 4);
-            bool ok = k_ok && n0 + row < k;
-            const signed char* src = ok ? w + (i64)(n0 + row) * kg + kk : w;
+            bool ok = k_ok && n0 + row < kgrp;
+            const signed char* src = ok ? w + (i64)(k_off + n0 + row) * kg + kk : w;
             cp_async16(smem_addr(b_tiles + stage * BN * I8_LDS + row * I8_LDS + chunk * 16), src, ok ? 16 : 0);
         }
     };
@@ -561,7 +568,7 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     }
 
     // Epilogue: accumulator (i, j, e) holds row g (+8 for e >= 2), column 2t (+1 for odd e).
-    const bool pairs = ((y_stride | y_offset) & 1) == 0;
+    const bool pairs = ((y_stride | y_offset | kgrp) & 1) == 0;
     const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
 #pragma unroll
     for (int i = 0; i < MI; ++i) {
@@ -571,35 +578,36 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
             if (m >= m_total) continue;
 #pragma unroll
             for (int j = 0; j < NI; ++j) {
-                const int n = n0 + wn + j * 8 + t * 2;
-                if (n >= k) continue;
+                const int n = n0 + wn + j * 8 + t * 2;  // within the group
+                if (n >= kgrp) continue;
                 float v[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int nn = n + e < k ? n + e : k - 1;
+                    const int nn = k_off + (n + e < kgrp ? n + e : kgrp - 1);
                     float z = (float)acc[i][j][half * 2 + e] * scale[nn] + (bias ? bias[nn] : 0.0f);
                     z = activate_fast(z, act);
                     if (res) z += h2f(res[(i64)m * k + nn]);
                     v[e] = z;
                 }
-                const i64 at = (i64)m * y_stride + y_offset + n;
+                const i64 at = (i64)m * y_stride + y_offset + k_off + n;
+                const bool two = n + 1 < kgrp;
                 if (out_scale > 0.0f) {
                     signed char* out = (signed char*)y + at;
                     const int q0 = quantize_fast(v[0], inv_out_scale), q1 = quantize_fast(v[1], inv_out_scale);
-                    if (pairs && n + 1 < k) {
+                    if (pairs && two) {
                         *(unsigned short*)out = (unsigned short)((q0 & 0xff) | ((q1 & 0xff) << 8));
                     } else {
                         out[0] = (signed char)q0;
-                        if (n + 1 < k) out[1] = (signed char)q1;
+                        if (two) out[1] = (signed char)q1;
                     }
                     continue;
                 }
                 half_t* out = y + at;
-                if (pairs && n + 1 < k) {
+                if (pairs && two) {
                     *(unsigned*)out = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
                 } else {
                     out[0] = f2h(v[0]);
-                    if (n + 1 < k) out[1] = f2h(v[1]);
+                    if (two) out[1] = f2h(v[1]);
                 }
             }
         }
@@ -608,8 +616,8 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
 
 #define CONV_INT8_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, half_t* y, \
     int n_img, int h, int wd, int c, int p, int q, int k, int r, int s, int sh, int sw, int ph, int pw, int dh, int dw, int act, int y_stride, int y_offset, \
-    float out_scale
-#define CONV_INT8_PASS x, w, scale, bias, res, y, n_img, h, wd, c, p, q, k, r, s, sh, sw, ph, pw, dh, dw, act, y_stride, y_offset, out_scale
+    float out_scale, int groups
+#define CONV_INT8_PASS x, w, scale, bias, res, y, n_img, h, wd, c, p, q, k, r, s, sh, sw, ph, pw, dh, dw, act, y_stride, y_offset, out_scale, groups
 // Tile shapes (pixels x channels): the host picks the largest that still gives every SM work.
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n128(CONV_INT8_ARGS) { conv_int8<128, 128, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n64(CONV_INT8_ARGS) { conv_int8<128, 64, 4, 2, I8_STAGES>(CONV_INT8_PASS); }

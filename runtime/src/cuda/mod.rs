@@ -511,15 +511,17 @@ impl CudaEngine {
                     .get(&i)
                     .ok_or_else(|| cuda_error("executor", "missing int8 scales"))?;
                 let (k, m) = (dy[1], dy[0] * dy[2] * dy[3]);
+                let groups = geometry.group.max(1);
                 let (name, bm, bn) = self
                     .forced_int8_tile
                     .unwrap_or_else(|| int8_tile(m, k, self.sm_count));
+                let blocks = m.div_ceil(bm) * groups * (k / groups).div_ceil(bn);
                 let f = self.f(name)?;
                 let i32s = |v: usize| Arg::I32(v as i32);
                 launch_grid(
                     f,
                     s,
-                    ((m.div_ceil(bm) * k.div_ceil(bn)) as u32, 1, 1),
+                    (blocks as u32, 1, 1),
                     256,
                     int8_shared_bytes(bm, bn) as u32,
                     &[
@@ -551,6 +553,7 @@ impl CudaEngine {
                         i32s(k),
                         i32s(0),
                         Arg::F32(q.output_scale.unwrap_or(0.0)),
+                        Arg::I32(groups as i32),
                     ],
                 )?;
             }

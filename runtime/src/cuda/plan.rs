@@ -887,7 +887,8 @@ impl<'g> Lowering<'g> {
     /// The INT8 form of convolution `node`, where the graph and the kernel allow it: a Q/DQ
     /// activation of whole 16-channel groups on the trunk, a quantized filter, no groups.
     fn int8_input(&mut self, node: &pb::NodeProto) -> Result<Option<(ValueId, Int8Conv)>> {
-        if !self.int8 || node.attr_int("group", 1) != 1 {
+        let groups = node.attr_int("group", 1);
+        if !self.int8 || groups < 1 {
             return Ok(None);
         }
         let Some(fq) = self.fake_quantized.get(&node.input[0]).cloned() else {
@@ -900,8 +901,21 @@ impl<'g> Lowering<'g> {
         let Some(x) = self.as_nhwc(source) else {
             return Ok(None);
         };
+        // Each group's input channels must be whole 16-byte int8 chunks; its output channels an
+        // even count (the epilogue stores pairs).
         let channels = self.plan.values[x].dims.get(1).and_then(|d| d.fixed());
-        if self.plan.values[x].dims.len() != 4 || channels.is_none_or(|c| c % 16 != 0) {
+        let outputs = self
+            .initializers
+            .get(
+                self.dequantized_weights[&node.input[1]]
+                    .initializer
+                    .as_str(),
+            )
+            .and_then(|w| w.dims.first().copied());
+        let fits = |c: i64, k: i64| c % groups == 0 && (c / groups) % 16 == 0 && k % groups == 0;
+        if self.plan.values[x].dims.len() != 4
+            || !matches!((channels, outputs), (Some(c), Some(k)) if fits(c, k))
+        {
             return Ok(None);
         }
         let Some(weight) = self.quantized_weight(&node.input[1])? else {
@@ -1316,7 +1330,7 @@ mod tests {
     }
 
     /// images -> Q/DQ -> conv0 (3 -> 16) -> SiLU -> Q/DQ -> conv1 (16 -> 32, stride 2) ->
-    /// Q/DQ -> conv2 (32 -> 32, 2 groups) -> output0 [B, 32, P*Q], every filter int8.
+    /// Q/DQ -> conv2 (32 -> 32, 4 groups of 8 channels) -> output0 [B, 32, P*Q], every filter int8.
     fn qdq_chain() -> pb::ModelProto {
         use kestrel_exporter::builder::GraphBuilder;
         let mut b = GraphBuilder::new();
@@ -1329,7 +1343,7 @@ mod tests {
                 Dim::Fixed(16),
             ],
         );
-        for (i, (cin, cout, stride, group)) in [(3, 16, 1, 1), (16, 32, 2, 1), (32, 32, 1, 2)]
+        for (i, (cin, cout, stride, group)) in [(3, 16, 1, 1), (16, 32, 2, 1), (32, 32, 1, 4)]
             .into_iter()
             .enumerate()
         {
@@ -1411,7 +1425,8 @@ mod tests {
             })
             .collect();
         // conv0 has 3 input channels (the int8 kernel reads 16-channel groups): floating point
-        // on fake-quantized input; conv1 is int8; conv2 is grouped: floating point again.
+        // on fake-quantized input; conv1 is int8; conv2's groups have 8 channels: floating point
+        // again.
         assert_eq!(
             kinds,
             [
