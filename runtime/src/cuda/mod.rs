@@ -179,7 +179,7 @@ pub fn int8_tile(m: usize, k: usize, sms: usize) -> (&'static str, usize, usize)
 
 /// `$KESTREL_INT8_TILE` (a kernel name of [`INT8_TILES`]) forces one tile on every INT8
 /// convolution: a tuning experiment, like `KESTREL_CUDA_ALGO`.
-pub fn forced_int8_tile() -> Option<(&'static str, usize, usize)> {
+fn forced_int8_tile() -> Option<(&'static str, usize, usize)> {
     let name = std::env::var("KESTREL_INT8_TILE").ok()?;
     INT8_TILES.iter().find(|t| t.0 == name).copied()
 }

@@ -5,6 +5,10 @@
 //! activation (SiLU as `x * sigmoid(x)`, or ReLU) + the residual Add that follows become one
 //! [`Step::Conv`]. Tensors the trunk does not own (reshapes, softmax, the DFL and box decoding)
 //! are row-major float32 with ONNX semantics; a [`Step::ToRowMajor`] converts at the boundary.
+//!
+//! Q/DQ models: with INT8 on, a convolution behind a QuantizeLinear → DequantizeLinear pair with
+//! an int8 filter runs on the INT8 kernel ([`Int8Conv`]), and quantization then moves upstream so
+//! int8 travels between INT8 layers; every other Q/DQ pair becomes [`Step::FakeQuant`].
 
 use std::collections::HashMap;
 
@@ -95,8 +99,9 @@ pub struct QuantizedWeight {
     pub scales: Vec<f32>,
 }
 
-/// How a convolution runs in INT8: its int8 input comes from a [`Step::Quantize`] with
-/// `input_scale`, its filter is [`EnginePlan::quantized_weights`]`[weight]`.
+/// How a convolution runs in INT8: its int8 input, quantized with `input_scale`, comes from a
+/// [`Step::Quantize`], a producer's requantizing epilogue or int8 channel copies; its filter is
+/// [`EnginePlan::quantized_weights`]`[weight]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Conv {
     pub weight: usize,
