@@ -163,6 +163,20 @@ impl GraphBuilder {
     }
 
     /// Finish: the graph proto.
+    /// The graph as a model with Kestrel's IR version and opset (default domain), no metadata:
+    /// what tests and tools that build small graphs need.
+    pub fn finish_model(self, name: &str) -> pb::ModelProto {
+        pb::ModelProto {
+            ir_version: crate::export::IR_VERSION,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: crate::export::OPSET,
+            }],
+            graph: Some(self.finish(name, "")),
+            ..Default::default()
+        }
+    }
+
     pub fn finish(self, name: &str, doc: &str) -> pb::GraphProto {
         pb::GraphProto {
             node: self.nodes,

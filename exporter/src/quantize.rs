@@ -761,15 +761,7 @@ mod tests {
             )
             .expect("conv");
         b.output(&y, pb::data_type::FLOAT, "");
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(b.finish("one", "")),
-            ..Default::default()
-        }
+        b.finish_model("one")
     }
 
     fn init<'a>(model: &'a pb::ModelProto, name: &str) -> &'a pb::TensorProto {
@@ -822,15 +814,7 @@ mod tests {
         let x = b.input("x", vec![Dim::Fixed(1), Dim::Fixed(3)]);
         let y = b.node1("Relu", "relu", &[&x], vec![]).expect("relu");
         b.output(&y, pb::data_type::FLOAT, "");
-        let model = pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(b.finish("relu", "")),
-            ..Default::default()
-        };
+        let model = b.finish_model("relu");
         assert!(quantization_points(&model).is_empty());
         let err = quantize_model(&model, &HashMap::new())
             .expect_err("nothing to quantize")

@@ -205,15 +205,7 @@ mod tests {
             .expect("reshape");
         b.rename_last_output(&y, "output0");
         b.output("output0", pb::data_type::FLOAT, "");
-        encode_model(&pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(b.finish("tiny", "")),
-            ..Default::default()
-        })
+        encode_model(&b.finish_model("tiny"))
     }
 
     #[test]

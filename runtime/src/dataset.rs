@@ -356,7 +356,7 @@ pub fn parse_yolo_labels(
         }
         let n = fields.len();
         let is_box = n == 5;
-        let is_polygon = n >= 7 && (n - 1) % 2 == 0;
+        let is_polygon = n >= 7 && (n - 1).is_multiple_of(2);
         if !is_box && !is_polygon {
             return Err(err(format!(
                 "expected `class cx cy w h` (5 fields) or a polygon `class x1 y1 x2 y2 x3 y3 ...` (an \

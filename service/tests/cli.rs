@@ -42,6 +42,15 @@ fn assert_user_error(out: &Output, needles: &[&str]) {
     }
 }
 
+/// The command succeeded; otherwise fail with what it printed on stderr.
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -61,11 +70,7 @@ fn export_small(model: &Path, dynamic: bool) {
         args.push("--dynamic");
     }
     let out = kestrel(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 /// A model whose only input has the given dims (an Identity graph).
@@ -74,15 +79,7 @@ fn model_with_input(path: &Path, dims: Vec<Dim>) {
     let x = b.input("images", dims);
     let y = b.node1("Identity", "id", &[&x], vec![]).unwrap();
     b.output(&y, pb::data_type::FLOAT, "");
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(b.finish("bad", "")),
-        ..Default::default()
-    };
+    let model = b.finish_model("bad");
     onnx::write_model(&model, path).unwrap();
 }
 
@@ -110,11 +107,7 @@ fn export_synth_infer_val_bench() {
         "-o",
         p(&model),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let inspect = kestrel(&["inspect", p(&model)]);
     let text = String::from_utf8_lossy(&inspect.stdout);
     assert!(
@@ -138,11 +131,7 @@ fn export_synth_infer_val_bench() {
         "--imgsz",
         "320",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     let results = dir.join("out");
     let out = kestrel(&[
@@ -157,11 +146,7 @@ fn export_synth_infer_val_bench() {
         "--batch",
         "2",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let jsons: Vec<_> = std::fs::read_dir(&results)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -204,11 +189,7 @@ fn export_synth_infer_val_bench() {
         p(&data.join("data.yaml")),
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["map50_95"].as_f64().unwrap() >= 0.0);
 
@@ -228,11 +209,7 @@ fn export_synth_infer_val_bench() {
         "--json",
         p(&json),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["results"].as_array().unwrap().len(), 2);
@@ -374,11 +351,7 @@ fn build_an_engine_file_and_run_it() {
         "-o",
         p(&engine),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("cpu backend, fp32, batch 1:2:4"));
     let out = kestrel(&[
         "bench",
@@ -393,11 +366,7 @@ fn build_an_engine_file_and_run_it() {
         "--min-iterations",
         "1",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // Batch 8 is outside the engine's recorded profile.
     let out = kestrel(&[
         "bench",
@@ -443,11 +412,7 @@ fn quantize_calibrates_and_writes_a_qdq_model() {
         "--imgsz",
         "64",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let images = data.join("images");
     let qdq = dir.join("t.qdq.onnx");
     let out = kestrel(&[
@@ -462,11 +427,7 @@ fn quantize_calibrates_and_writes_a_qdq_model() {
         p(&qdq),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // gelan-t's 186 convolutions read 169 distinct tensors; all but the DFL's fixed projection
     // (input from its softmax) get one pair each.
     assert!(
@@ -488,11 +449,7 @@ fn quantize_calibrates_and_writes_a_qdq_model() {
         p(&results),
         "--no-pictures",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // Quantizing the quantized model again is refused.
     let out = kestrel(&[
         "quantize",

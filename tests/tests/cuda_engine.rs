@@ -229,15 +229,7 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         .unwrap();
     b.rename_last_output(&out, "output0");
     b.output("output0", pb::data_type::FLOAT, "");
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(b.finish("int8-conv", "")),
-        ..Default::default()
-    }
+    b.finish_model("int8-conv")
 }
 
 /// The INT8 convolution kernel against the CPU backend running the same Q/DQ graph, over the
@@ -386,24 +378,18 @@ fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-/// Detections of every image of `out` at `conf` (letterbox identity: boxes in input pixels).
-fn detections(out: &[f32], batch: usize, conf: f32) -> Vec<Vec<Detection>> {
-    let per = out.len() / batch;
-    let anchors = per / 84;
+/// Detections of one image's `output0` at `conf` (letterbox identity: boxes in input pixels).
+fn detections(out: &[f32], conf: f32) -> Vec<Detection> {
     let identity = LetterboxParams::new(640, 640, 640, 640).unwrap();
     let cfg = NmsConfig {
         conf_threshold: conf,
         ..NmsConfig::display()
     };
-    let mut post = Postprocessor::new();
-    out.chunks(per)
-        .map(|img| {
-            let mut dets = Vec::new();
-            post.run(img, 80, anchors, &identity, &cfg, &mut dets)
-                .unwrap();
-            dets
-        })
-        .collect()
+    let mut dets = Vec::new();
+    Postprocessor::new()
+        .run(out, 80, out.len() / 84, &identity, &cfg, &mut dets)
+        .unwrap();
+    dets
 }
 
 /// Detections of `reference` (per image: the 100 best anchors, display NMS) that `ours` also
@@ -417,8 +403,8 @@ fn matched_detections(reference: &[f32], ours: &[f32], out_per: usize) -> (usize
             .collect();
         best.sort_by(|a, b| b.total_cmp(a));
         let conf = best[100.min(anchors - 1)];
-        let want = &detections(r_img, 1, conf)[0];
-        let have = &detections(o_img, 1, conf)[0];
+        let want = detections(r_img, conf);
+        let have = detections(o_img, conf);
         matched += want
             .iter()
             .filter(|w| {

@@ -76,15 +76,7 @@ fn cpu_backend_runs_qdq_models_exactly() {
         .unwrap();
     b.rename_last_output(&out, "output0");
     b.output("output0", pb::data_type::FLOAT, "");
-    let model = pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(b.finish("qdq", "")),
-        ..Default::default()
-    };
+    let model = b.finish_model("qdq");
     let summary = kestrel_exporter::summarize(&model);
     assert_eq!(summary.qdq_pairs, 1);
     assert_eq!(summary.params, (cout * cin + cout) as u64);

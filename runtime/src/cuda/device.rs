@@ -184,12 +184,13 @@ pub fn int8_stages() -> usize {
         .unwrap_or(3)
 }
 
-/// Compile the kernel source to PTX with NVRTC (no GPU needed; CI uses this to check the source).
-pub fn compile_kernels(arch: Option<&'static str>) -> Result<String> {
+/// Compile the kernel source to PTX with NVRTC, the INT8 convolution with `int8_stages` reduction
+/// tiles in flight (no GPU needed; CI uses this to check the source).
+pub fn compile_kernels(arch: Option<&'static str>, int8_stages: usize) -> Result<String> {
     let opts = cudarc::nvrtc::CompileOptions {
         arch,
         use_fast_math: Some(false),
-        options: vec![format!("-DI8_STAGES={}", int8_stages())],
+        options: vec![format!("-DI8_STAGES={int8_stages}")],
         name: Some("kestrel_kernels.cu".into()),
         ..Default::default()
     };

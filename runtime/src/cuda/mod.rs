@@ -110,6 +110,8 @@ pub struct CudaEngine {
     sm_count: usize,
     /// `$KESTREL_INT8_TILE`, read once.
     forced_int8_tile: Option<(&'static str, usize, usize)>,
+    /// INT8 pipeline depth the kernels were compiled with (sizes their shared memory).
+    int8_stages: usize,
 }
 
 // SAFETY: every handle inside is used only through `&mut self`, after binding the context to the
@@ -158,9 +160,10 @@ fn prod(v: &[usize]) -> usize {
 /// Bytes per shared-memory row of an INT8 tile (`I8_LDS` in `kernels.cu`).
 const INT8_ROW_BYTES: usize = 80;
 
-/// Dynamic shared memory of an INT8 convolution tile of `bm` pixels x `bn` channels, in bytes.
-fn int8_shared_bytes(bm: usize, bn: usize) -> usize {
-    device::int8_stages() * (bm + bn) * INT8_ROW_BYTES
+/// Dynamic shared memory of an INT8 convolution tile of `bm` pixels x `bn` channels with
+/// `stages` reduction tiles in flight, in bytes.
+fn int8_shared_bytes(stages: usize, bm: usize, bn: usize) -> usize {
+    stages * (bm + bn) * INT8_ROW_BYTES
 }
 
 /// The INT8 convolution kernel for `m` output pixels and `k` output channels, and its tile
@@ -227,14 +230,15 @@ impl CudaEngine {
             .map_err(|e| cuda_error("multiprocessor count", e))?
             .max(1) as usize;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let ptx = compile_kernels(Some(arch))?;
+        let int8_stages = device::int8_stages();
+        let ptx = compile_kernels(Some(arch), int8_stages)?;
         let kernels = Kernels::load(&ptx)?;
         let mut functions = HashMap::new();
         for name in KERNEL_NAMES {
             functions.insert(name, kernels.function(name)?);
         }
         for (name, bm, bn) in INT8_TILES {
-            let bytes = int8_shared_bytes(bm, bn) as i32;
+            let bytes = int8_shared_bytes(int8_stages, bm, bn) as i32;
             // SAFETY: a function of the loaded module; the attribute only raises its limit.
             unsafe {
                 drv::function::set_function_attribute(
@@ -336,6 +340,7 @@ impl CudaEngine {
             device_name,
             sm_count,
             forced_int8_tile: forced_int8_tile(),
+            int8_stages,
         };
         engine.prepare_buckets()?;
         let graphs_on = std::env::var("KESTREL_CUDA_GRAPHS")
@@ -442,6 +447,11 @@ impl CudaEngine {
         })
     }
 
+    /// The device address of an optional operand; null (0) when absent.
+    fn ptr_or_null(&self, v: Option<ValueId>) -> Result<u64> {
+        v.map_or(Ok(0), |v| self.ptr(v))
+    }
+
     fn f(&self, name: &str) -> Result<dsys::CUfunction> {
         self.functions
             .get(name)
@@ -523,16 +533,13 @@ impl CudaEngine {
                     s,
                     (blocks as u32, 1, 1),
                     256,
-                    int8_shared_bytes(bm, bn) as u32,
+                    int8_shared_bytes(self.int8_stages, bm, bn) as u32,
                     &[
                         Arg::Ptr(self.ptr(*x)?),
                         Arg::Ptr(w.ptr),
                         Arg::Ptr(scale.ptr),
                         Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
-                        Arg::Ptr(match residual {
-                            Some(r) => self.ptr(*r)?,
-                            None => 0,
-                        }),
+                        Arg::Ptr(self.ptr_or_null(*residual)?),
                         Arg::Ptr(self.ptr(*y)?),
                         i32s(dx[0]),
                         i32s(dx[2]),
@@ -559,7 +566,7 @@ impl CudaEngine {
             }
             Step::Quantize { x, y, scale } => {
                 let n = prod(&self.shape(*x, b));
-                if n % 8 != 0 {
+                if !n.is_multiple_of(8) {
                     // The planner only quantizes tensors of whole 8-channel groups.
                     return Err(cuda_error(
                         "executor",
@@ -630,12 +637,9 @@ impl CudaEngine {
                 };
                 if bias.is_some() || *act != plan::Act::None || residual.is_some() {
                     if *layout == Layout::Nhwc {
-                        let res = match residual {
-                            Some(r) => self.ptr(*r)?,
-                            None => 0,
-                        };
+                        let res = self.ptr_or_null(*residual)?;
                         // FP16 with whole 8-channel groups: 16-byte vectors per thread.
-                        let v8 = self.half && d[1] % 8 == 0;
+                        let v8 = self.half && d[1].is_multiple_of(8);
                         let (f, n) = if v8 {
                             (self.f("bias_act_v8_f16")?, prod(&d) / 8)
                         } else {
@@ -687,7 +691,7 @@ impl CudaEngine {
                 let dx = self.shape(*x, b);
                 let dy = self.shape(*y, b);
                 // FP16 with whole 8-channel groups: one thread per 8 channels.
-                let v8 = self.half && dx[1] % 8 == 0;
+                let v8 = self.half && dx[1].is_multiple_of(8);
                 let (f, threads) = if v8 {
                     (self.f("pool_v8_f16")?, prod(&dy) / 8)
                 } else {
@@ -726,7 +730,7 @@ impl CudaEngine {
                 let dy = self.shape(*y, b);
                 // Whole 16-byte channel vectors move as vectors.
                 let per_vec = if self.half { 8 } else { 4 };
-                let (f, unit) = if dx[1] % per_vec == 0 {
+                let (f, unit) = if dx[1].is_multiple_of(per_vec) {
                     (self.f("resize_nearest_v16")?, per_vec)
                 } else {
                     (
@@ -1237,7 +1241,8 @@ mod tests {
             eprintln!("NVRTC not found: kernel compilation not checked here");
             return;
         }
-        let ptx = compile_kernels(Some("compute_80")).expect("kernels.cu compiles");
+        let ptx = compile_kernels(Some("compute_80"), device::int8_stages())
+            .expect("kernels.cu compiles");
         for name in KERNEL_NAMES {
             assert!(
                 ptx.contains(&format!(".entry {name}")),

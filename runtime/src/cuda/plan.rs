@@ -350,20 +350,18 @@ impl EnginePlan {
                 continue;
             }
             let ws = writers.get(&x).cloned().unwrap_or_default();
-            if let [pi] = ws[..] {
-                if let Step::Conv {
+            if let [pi] = ws[..]
+                && let Step::Conv {
                     y: out,
                     int8: Some(q),
                     ..
                 } = &mut self.steps[pi]
-                {
-                    if q.output_scale.is_none() {
-                        *out = y;
-                        q.output_scale = Some(scale);
-                        self.steps.remove(qi);
-                        return true;
-                    }
-                }
+                && q.output_scale.is_none()
+            {
+                *out = y;
+                q.output_scale = Some(scale);
+                self.steps.remove(qi);
+                return true;
             }
             // The quantize kernel moves 8 channels at a time: sources must have whole groups.
             let channel_copies = !ws.is_empty()
@@ -387,31 +385,30 @@ impl EnginePlan {
                         out_offset,
                         count,
                     } = step
+                        && ws.contains(&i)
                     {
-                        if ws.contains(&i) {
-                            let src_q = self.values.len();
-                            self.values.push(Value {
-                                name: format!("{}.int8", self.values[src].name),
-                                dims: self.values[src].dims.clone(),
-                                layout: Layout::NhwcInt8,
-                                constant: None,
-                                alias_of: None,
-                            });
-                            steps.push(Step::Quantize {
-                                x: src,
-                                y: src_q,
-                                scale,
-                            });
-                            steps.push(Step::CopyAxis {
-                                x: src_q,
-                                y,
-                                axis,
-                                in_offset,
-                                out_offset,
-                                count,
-                            });
-                            continue;
-                        }
+                        let src_q = self.values.len();
+                        self.values.push(Value {
+                            name: format!("{}.int8", self.values[src].name),
+                            dims: self.values[src].dims.clone(),
+                            layout: Layout::NhwcInt8,
+                            constant: None,
+                            alias_of: None,
+                        });
+                        steps.push(Step::Quantize {
+                            x: src,
+                            y: src_q,
+                            scale,
+                        });
+                        steps.push(Step::CopyAxis {
+                            x: src_q,
+                            y,
+                            axis,
+                            in_offset,
+                            out_offset,
+                            count,
+                        });
+                        continue;
                     }
                     steps.push(step);
                 }
@@ -864,10 +861,10 @@ impl<'g> Lowering<'g> {
         }
         let users = self.only_consumers(conv_out);
         let nodes = &self.graph.node;
-        if let [u] = users {
-            if nodes[*u].op_type == "Relu" {
-                return (Act::Relu, nodes[*u].output[0].clone(), vec![*u]);
-            }
+        if let [u] = users
+            && nodes[*u].op_type == "Relu"
+        {
+            return (Act::Relu, nodes[*u].output[0].clone(), vec![*u]);
         }
         if let [a, b] = users {
             let (s, m) = if nodes[*a].op_type == "Sigmoid" {
@@ -981,23 +978,25 @@ impl<'g> Lowering<'g> {
         }
         // A residual Add right after the activation, whose other operand already exists.
         let mut residual = None;
-        if layout == Layout::Nhwc && !self.is_graph_output(&out_name) {
-            if let [u] = *self.only_consumers(&out_name) {
-                let add = &self.graph.node[u];
-                if add.op_type == "Add" && add.input.len() == 2 {
-                    let other = if add.input[0] == out_name {
-                        &add.input[1]
-                    } else {
-                        &add.input[0]
-                    };
-                    let same_shape = self.shapes.get(other) == self.shapes.get(&out_name);
-                    if let Some(&o) = self.by_name.get(other.as_str()) {
-                        if same_shape && self.layout(o) == Layout::Nhwc {
-                            residual = Some(o);
-                            self.skip[u] = true;
-                            out_name = add.output[0].clone();
-                        }
-                    }
+        if layout == Layout::Nhwc
+            && !self.is_graph_output(&out_name)
+            && let [u] = *self.only_consumers(&out_name)
+        {
+            let add = &self.graph.node[u];
+            if add.op_type == "Add" && add.input.len() == 2 {
+                let other = if add.input[0] == out_name {
+                    &add.input[1]
+                } else {
+                    &add.input[0]
+                };
+                let same_shape = self.shapes.get(other) == self.shapes.get(&out_name);
+                if let Some(&o) = self.by_name.get(other.as_str())
+                    && same_shape
+                    && self.layout(o) == Layout::Nhwc
+                {
+                    residual = Some(o);
+                    self.skip[u] = true;
+                    out_name = add.output[0].clone();
                 }
             }
         }
@@ -1401,15 +1400,7 @@ mod tests {
             .unwrap();
         b.rename_last_output(&out, "output0");
         b.output("output0", pb::data_type::FLOAT, "");
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(b.finish("qdq", "")),
-            ..Default::default()
-        }
+        b.finish_model("qdq")
     }
 
     #[test]
