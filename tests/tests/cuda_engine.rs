@@ -344,8 +344,11 @@ fn int8_convolution_matches_cpu() {
         // rounds to the other side of a quantization step from fp16 instead of fp32.
         assert!(e < 5e-3, "case {i}: {e}");
         assert!(e_fake < 5e-3, "case {i}: {e_fake}");
+        // Each batch bucket runs the implementation that timed fastest for it (Kestrel's
+        // kernel or a cuDNN fused graph, like TensorRT's tactics), so buckets may differ in
+        // fp16 rounding of the epilogue (4.7e-7 measured on an H200), never more.
         assert!(
-            e_single == 0.0,
+            e_single < 1e-5,
             "case {i}: batch 1 differs from batch 3: {e_single}"
         );
     }

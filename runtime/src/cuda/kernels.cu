@@ -210,6 +210,49 @@ __device__ void pool_v8_i(const vec16* in, vec16* out, int n, int h, int w, int 
         out[i] = r;
     }
 }
+// INT8 pooling with 8 channels per thread (8-byte loads); needs c % 8 == 0. The input and output
+// share one scale: max is exact, the average rounds to nearest even (as QuantizeLinear).
+template <typename I>
+__device__ void pool_v8_i8_i(const uint2* in, uint2* out, int n, int h, int w, int c, int oh, int ow,
+                             int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
+    int cv = c / 8;
+    i64 total = (i64)n * oh * ow * cv;
+    INDEX_LOOP(I, i, total) {
+        int g = (int)(i % (I)cv);
+        I pix = i / (I)cv;
+        int ox = (int)(pix % (I)ow);
+        int oy = (int)((pix / (I)ow) % (I)oh);
+        int b = (int)(pix / ((I)ow * oh));
+        int y0 = oy * sh - ph, x0 = ox * sw - pw;
+        int acc[8];
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = kind == 0 ? -128 : 0;
+        int count = 0;
+        for (int dy = 0; dy < kh; ++dy) {
+            int y = y0 + dy;
+            if (y < 0 || y >= h) continue;
+            for (int dx = 0; dx < kw; ++dx) {
+                int x = x0 + dx;
+                if (x < 0 || x >= w) continue;
+                uint2 v = in[(((I)b * h + y) * w + x) * cv + g];
+                const signed char* q = (const signed char*)&v;
+                #pragma unroll
+                for (int k = 0; k < 8; ++k) acc[k] = kind == 0 ? max(acc[k], (int)q[k]) : acc[k] + q[k];
+                ++count;
+            }
+        }
+        float div = kind == 1 ? (float)(count_include_pad ? kh * kw : (count > 0 ? count : 1)) : 1.0f;
+        uint2 r;
+        signed char* qr = (signed char*)&r;
+        #pragma unroll
+        for (int k = 0; k < 8; ++k) qr[k] = (signed char)(kind == 0 ? acc[k] : __float2int_rn((float)acc[k] / div));
+        out[i] = r;
+    }
+}
+extern "C" __global__ void pool_v8_i8(const uint2* in, uint2* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
+    if (FITS_32((i64)n * h * w * c)) pool_v8_i8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+    else pool_v8_i8_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+}
 extern "C" __global__ void pool_v8_f16(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
     if (FITS_32((i64)n * h * w * c)) pool_v8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
     else pool_v8_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);

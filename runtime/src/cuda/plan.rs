@@ -363,6 +363,42 @@ impl EnginePlan {
                 self.steps.remove(qi);
                 return true;
             }
+            // Pools run on int8 as well: max pooling commutes with quantization (exactly), and
+            // the average of quantized values is rounded to nearest even as QuantizeLinear
+            // rounds (TensorRT's INT8 pooling does the same; it can differ from quantizing the
+            // float average by one step). The pool's input is then quantized instead.
+            if let [pi] = ws[..]
+                && let Step::Pool { x: src, .. } = self.steps[pi]
+                && self.values[src].layout == Layout::Nhwc
+                && self.values[src]
+                    .dims
+                    .get(1)
+                    .and_then(|d| d.fixed())
+                    .is_some_and(|c| c % 8 == 0)
+            {
+                let src_q = self.values.len();
+                self.values.push(Value {
+                    name: format!("{}.int8", self.values[src].name),
+                    dims: self.values[src].dims.clone(),
+                    layout: Layout::NhwcInt8,
+                    constant: None,
+                    alias_of: None,
+                });
+                if let Step::Pool { x: px, y: py, .. } = &mut self.steps[pi] {
+                    *px = src_q;
+                    *py = y;
+                }
+                self.steps.remove(qi);
+                self.steps.insert(
+                    pi,
+                    Step::Quantize {
+                        x: src,
+                        y: src_q,
+                        scale,
+                    },
+                );
+                return true;
+            }
             // The quantize kernel moves 8 channels at a time: sources must have whole groups.
             let channel_copies = !ws.is_empty()
                 && ws.iter().all(|&w| {
@@ -1473,7 +1509,7 @@ mod tests {
         // Follow every int8 value's scale through the plan: each INT8 convolution must read its
         // input at the scale it was built for, and copies must not mix scales.
         let mut scale_of: HashMap<ValueId, f32> = HashMap::new();
-        let (mut fused, mut int8_copies, mut quantize_passes) = (0, 0, 0);
+        let (mut fused, mut int8_copies, mut quantize_passes, mut int8_pools) = (0, 0, 0, 0);
         let layout = |v: ValueId| plan.values[v].layout;
         for s in &plan.steps {
             match s {
@@ -1500,6 +1536,13 @@ mod tests {
                         None => assert_eq!(layout(*y), Layout::Nhwc),
                     }
                 }
+                Step::Pool { x, y, .. } if layout(*x) == Layout::NhwcInt8 => {
+                    int8_pools += 1;
+                    assert_eq!(layout(*y), Layout::NhwcInt8);
+                    // Input and output share one scale.
+                    let sx = scale_of[x];
+                    assert!(scale_of.insert(*y, sx).is_none(), "{s:?}");
+                }
                 Step::CopyAxis { x, y, .. } if layout(*x) == Layout::NhwcInt8 => {
                     int8_copies += 1;
                     assert_eq!(layout(*y), Layout::NhwcInt8);
@@ -1515,8 +1558,11 @@ mod tests {
         }
         // Most INT8 layers hand int8 to the next; concatenations and splits move int8.
         println!(
-            "{fused} convolutions store int8, {int8_copies} int8 copies, {quantize_passes} quantize passes"
+            "{fused} convolutions store int8, {int8_copies} int8 copies, {int8_pools} int8 pools, \
+             {quantize_passes} quantize passes"
         );
+        // ADown's average and max pools and SPPELAN's max pools.
+        assert!(int8_pools >= 8, "{int8_pools} int8 pools");
         assert!(fused >= 60, "{fused} convolutions store int8");
         assert!(int8_copies >= 40, "{int8_copies} int8 copies");
         // No value is quantized twice with one scale.
