@@ -40,6 +40,10 @@ impl Storage {
 #[derive(Debug, Clone, Copy)]
 pub struct FusedConvSpec {
     pub shape: ConvShape,
+    /// Elements between consecutive pixels of `x` and of `y`: their channel counts, or more
+    /// where the tensor is a slice of a concatenation's buffer.
+    pub x_channel_stride: usize,
+    pub y_channel_stride: usize,
     pub geometry: ConvGeometry,
     /// `x` and `w`: int8 (int32 accumulation) or fp16 (fp32 accumulation).
     pub input: Storage,
@@ -172,12 +176,22 @@ impl Desc {
     }
 }
 
-/// NHWC strides of an `[n, c, h, w]` tensor.
-fn nhwc_strides(d: [i64; 4]) -> [i64; 4] {
-    [d[1] * d[2] * d[3], 1, d[3] * d[1], d[1]]
+/// NHWC strides of an `[n, c, h, w]` tensor whose pixels are `row` elements apart (`row` >= c).
+fn nhwc_strides(d: [i64; 4], row: i64) -> [i64; 4] {
+    [row * d[2] * d[3], 1, d[3] * row, row]
 }
 
 fn tensor(uid: i64, dims: [i64; 4], dt: nsys::cudnnDataType_t, is_virtual: bool) -> Result<Desc> {
+    strided_tensor(uid, dims, dims[1], dt, is_virtual)
+}
+
+fn strided_tensor(
+    uid: i64,
+    dims: [i64; 4],
+    row: i64,
+    dt: nsys::cudnnDataType_t,
+    is_virtual: bool,
+) -> Result<Desc> {
     let t = Desc::new(D::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
     t.set(
         A::CUDNN_ATTR_TENSOR_DATA_TYPE,
@@ -185,7 +199,7 @@ fn tensor(uid: i64, dims: [i64; 4], dt: nsys::cudnnDataType_t, is_virtual: bool)
         &[dt],
     )?;
     t.set_i64(A::CUDNN_ATTR_TENSOR_DIMENSIONS, &dims)?;
-    t.set_i64(A::CUDNN_ATTR_TENSOR_STRIDES, &nhwc_strides(dims))?;
+    t.set_i64(A::CUDNN_ATTR_TENSOR_STRIDES, &nhwc_strides(dims, row))?;
     t.set_i64(A::CUDNN_ATTR_TENSOR_UNIQUE_ID, &[uid])?;
     t.set_i64(A::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, &[16])?;
     t.set(
@@ -256,14 +270,32 @@ impl FusedConvGraph {
         let float = nsys::cudnnDataType_t::CUDNN_DATA_FLOAT;
         let mut parts = Vec::new();
 
-        let x = tensor(X, [n, c, h, w], spec.input.data_type(), false)?;
+        if spec.x_channel_stride < spec.shape.x[1] || spec.y_channel_stride < spec.shape.y[1] {
+            return Err(cuda_error(
+                "fused convolution",
+                "a channel stride is smaller than the channel count",
+            ));
+        }
+        let x = strided_tensor(
+            X,
+            [n, c, h, w],
+            i(spec.x_channel_stride),
+            spec.input.data_type(),
+            false,
+        )?;
         let wt = tensor(
             W,
             [k, cg, i(g.kernel[0]), i(g.kernel[1])],
             spec.input.data_type(),
             false,
         )?;
-        let y = tensor(Y, y_dims, spec.output.data_type(), false)?;
+        let y = strided_tensor(
+            Y,
+            y_dims,
+            i(spec.y_channel_stride),
+            spec.output.data_type(),
+            false,
+        )?;
 
         // The pointwise chain after the convolution, in order, with each op's second operand.
         let mut chain: Vec<(nsys::cudnnPointwiseMode_t, Option<Desc>)> = Vec::new();
@@ -599,6 +631,8 @@ mod tests {
                 x: [1, 16, 8, 8],
                 y: [1, 32, 8, 8],
             },
+            x_channel_stride: 16,
+            y_channel_stride: 32,
             geometry: ConvGeometry {
                 kernel: [3, 3],
                 stride: [1, 1],
@@ -653,7 +687,9 @@ mod tests {
 
     #[test]
     fn nhwc_strides_put_channels_innermost() {
-        assert_eq!(nhwc_strides([2, 16, 5, 7]), [16 * 35, 1, 7 * 16, 16]);
-        assert_eq!(nhwc_strides([1, 64, 1, 1]), [64, 1, 64, 64]);
+        assert_eq!(nhwc_strides([2, 16, 5, 7], 16), [16 * 35, 1, 7 * 16, 16]);
+        assert_eq!(nhwc_strides([1, 64, 1, 1], 64), [64, 1, 64, 64]);
+        // A 16-channel slice of a 48-channel concatenation.
+        assert_eq!(nhwc_strides([2, 16, 5, 7], 48), [48 * 35, 1, 7 * 48, 48]);
     }
 }
