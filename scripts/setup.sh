@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent setup for a Debian 12 machine: system packages, a project-local Python venv with the
-# reference tools (onnx, onnxruntime, pycocotools), and a check of the Rust toolchain.
+# reference tools (onnx, onnxruntime, pycocotools) and libtorch for the trainer, and a check of the
+# Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in pkg-config python3-venv fonts-dejavu-core; do
+for pkg in pkg-config python3-venv fonts-dejavu-core g++; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -36,4 +37,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
   echo "$want" > "$stamp"
 fi
+# libtorch for the trainer (tch): PyTorch's wheel without its dependencies (there is no CPU-only
+# wheel on PyPI), plus the two small CUDA runtime wheels libtorch_cuda needs to load. The trainer
+# finds it through .venv/torch (see .cargo/config.toml).
+torch_stamp=.venv/.torch.sha256
+torch_want=$(sha256sum scripts/requirements-torch.txt | cut -d' ' -f1)
+if [ "$(cat "$torch_stamp" 2>/dev/null)" != "$torch_want" ]; then
+  echo "setup: installing libtorch (the torch 2.11 wheel, no dependencies) into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r scripts/requirements-torch.txt
+  echo "$torch_want" > "$torch_stamp"
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn "$site/torch" .venv/torch
 echo "setup: ready"

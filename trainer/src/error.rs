@@ -1,0 +1,18 @@
+//! The trainer's errors.
+
+/// Everything the trainer can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model spec or configuration (from the exporter).
+    #[error(transparent)]
+    Exporter(#[from] kestrel_exporter::Error),
+    /// A tensor of the wrong shape for the network.
+    #[error("{0}")]
+    Shape(String),
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The trainer's result type.
+pub type Result<T> = std::result::Result<T, Error>;

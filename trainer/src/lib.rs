@@ -1,0 +1,8 @@
+//! The trainer: GELAN / YOLOv9 networks in tch, built from the exporter's specs, and their
+//! fusion into the deployment form the exporter writes.
+
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};
+pub use model::Gelan;

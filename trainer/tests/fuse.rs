@@ -1,0 +1,97 @@
+//! The training-form network (BatchNorm, RepConvN branches) against the ONNX the exporter writes
+//! from its fused weights, run by the CPU backend: one check of the architecture mirror, the
+//! BatchNorm folding, the RepConvN merge and the weight names at once.
+#![allow(clippy::unwrap_used)]
+
+use kestrel_exporter::weights::save_safetensors;
+use kestrel_exporter::{ExportOptions, ModelConfig, WeightFile, WeightSource, export, write_model};
+use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+use kestrel_trainer::Gelan;
+use tch::{Device, Kind, Tensor, nn};
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Give every BatchNorm non-trivial statistics and affine parameters, as after training, so the
+/// folding is really exercised (fresh ones are the identity).
+fn randomize_batch_norms(vs: &nn::VarStore) {
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            let size = t.size();
+            let fill = if name.ends_with("bn.running_var") {
+                Tensor::rand(&size, (Kind::Float, Device::Cpu)) * 0.5 + 0.75
+            } else if name.ends_with("bn.running_mean") || name.ends_with("bn.bias") {
+                (Tensor::rand(&size, (Kind::Float, Device::Cpu)) - 0.5) * 0.2
+            } else if name.ends_with("bn.weight") {
+                Tensor::rand(&size, (Kind::Float, Device::Cpu)) * 0.5 + 0.75
+            } else {
+                continue;
+            };
+            t.copy_(&fill);
+        }
+    });
+}
+
+fn training_form_matches_exported_fused_form(name: &str) {
+    let imgsz = 128;
+    let cfg = ModelConfig::new(name, 3, imgsz).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Gelan::new(&vs.root(), &cfg).unwrap();
+    randomize_batch_norms(&vs);
+
+    let batch = 2;
+    tch::manual_seed(3);
+    let images = Tensor::rand(
+        [batch, 3, imgsz as i64, imgsz as i64],
+        (Kind::Float, Device::Cpu),
+    );
+    let ours = model.forward_t(&images, false).unwrap();
+    let a = cfg.num_anchors() as i64;
+    assert_eq!(ours.size(), vec![batch, 4 + 3, a]);
+    let ours = Vec::<f32>::try_from(ours.flatten(0, -1)).unwrap();
+
+    let dir = std::env::temp_dir().join(format!(
+        "kestrel-trainer-fuse-{name}-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = dir.join("fused.safetensors");
+    save_safetensors(&weights, &model.fuse().unwrap()).unwrap();
+    // Every fused tensor must be used by the exporter and every exporter weight must exist.
+    let mut source = WeightSource::File(WeightFile::load(&weights).unwrap());
+    let onnx = export(&cfg, &mut source, &ExportOptions::dynamic(3)).unwrap();
+    let path = dir.join("fused.onnx");
+    write_model(&onnx, &path).unwrap();
+
+    let options = BuildOptions {
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        profile: BatchProfile {
+            min: 1,
+            opt: batch as usize,
+            max: batch as usize,
+        },
+    };
+    let mut engine = build_engine(&path, &options).unwrap();
+    let input = Vec::<f32>::try_from(images.flatten(0, -1)).unwrap();
+    let exported = engine.run(&input, batch as usize).unwrap().to_vec();
+    assert_eq!(exported.len(), ours.len());
+    let e = rel_l2(&ours, &exported);
+    println!("{name}: training form (tch) vs fused ONNX (cpu backend): rel L2 {e:.2e}");
+    assert!(e < 1e-4, "{name}: {e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn gelan_t_training_form_matches_its_fused_export() {
+    training_form_matches_exported_fused_form("gelan-t");
+}
+
+#[test]
+fn gelan_c_training_form_matches_its_fused_export() {
+    training_form_matches_exported_fused_form("gelan-c");
+}
