@@ -2,6 +2,7 @@
 //! fusion into the deployment form the exporter writes.
 
 pub mod error;
+pub mod loss;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -180,7 +180,9 @@ impl RepNcsp {
         let mut a = self.cv1.forward_t(x, train);
         for (rep, conv) in &self.bottlenecks {
             let h = conv.forward_t(&rep.forward_t(&a, train), train);
-            a += h;
+            // Not `+=`: tch's AddAssign is in place, and autograd saved `a` for the next conv.
+            let sum = &a + &h;
+            a = sum;
         }
         let b = self.cv2.forward_t(x, train);
         self.cv3.forward_t(&Tensor::cat(&[a, b], 1), train)
@@ -397,6 +399,16 @@ impl Gelan {
     /// pixels, then sigmoid class scores (the exporter's `output0`). `train` selects batch
     /// statistics (training) or running statistics (evaluation) in the BatchNorms.
     pub fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(images, train, false)
+    }
+
+    /// The head's raw output `[B, 4·reg_max + classes, anchors]` (box side distributions as
+    /// logits, class logits), what the loss takes.
+    pub fn forward_raw_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(images, train, true)
+    }
+
+    fn run(&self, images: &Tensor, train: bool, raw: bool) -> Result<Tensor> {
         let size = images.size();
         if size.len() != 4 || size[1] != 3 {
             return Err(Error::Shape(format!(
@@ -470,13 +482,19 @@ impl Gelan {
                         let src = outputs[from[j]].get(sel).ok_or_else(|| {
                             Error::Shape(format!("CBFuse picks split {sel} of layer {}", from[j]))
                         })?;
-                        acc += src.upsample_nearest2d([th, tw], None, None);
+                        // Not `+=`: in place, it would change the earlier layer's output.
+                        let sum = &acc + src.upsample_nearest2d([th, tw], None, None);
+                        acc = sum;
                     }
                     vec![acc]
                 }
                 Layer::Detect(d) => {
                     let levels: Vec<&Tensor> = from.iter().map(|&f| &outputs[f][0]).collect();
-                    let y = d.forward_t(&levels, train)?;
+                    let y = if raw {
+                        d.raw_t(&levels, train)?
+                    } else {
+                        d.forward_t(&levels, train)?
+                    };
                     result = Some(y.shallow_clone());
                     vec![y]
                 }
@@ -689,6 +707,16 @@ impl Detect {
         let boxes = Tensor::cat(&[cxy, wh], 1) * strides;
         Ok(Tensor::cat(&[boxes, parts[1].sigmoid()], 1))
     }
+}
+
+/// Anchor centres `[A, 2]` in grid units (cells + 0.5) and each anchor's stride `[A, 1]` in
+/// pixels, level by level: what the loss takes.
+pub fn anchor_points(imgsz: [usize; 2], device: tch::Device) -> (Tensor, Tensor) {
+    let (a, s) = anchor_tensors(imgsz, device);
+    (
+        a.squeeze_dim(0).transpose(0, 1),
+        s.squeeze_dim(0).transpose(0, 1),
+    )
 }
 
 /// Anchor centres `[1, 2, A]` (grid cells + 0.5) and strides `[1, 1, A]`, as the exporter's
