@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pack what the GPU machine runs: the GPU test binaries and the `kestrel` binary, compressed so
 # they fit the 64 MiB a device call carries. Then call the device tool with carry [".gpux"] and
+#   bash scripts/gpu-validate.sh                                   # tests, benchmark, profiles; or
 #   tar xJf .gpux/bundle.tar.xz; export KESTREL_WORKSPACE=$PWD KESTREL_PYTHON=/opt/torch/.venv/bin/python
 #   bash .gpu/run-tests.sh --nocapture --test-threads 1            # GPU tests (the INT8 ones call
 #                                                                  # onnxruntime through that Python)
