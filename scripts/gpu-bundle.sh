@@ -3,8 +3,10 @@
 # they fit the 64 MiB a device call carries. Then call the device tool with carry [".gpux"] and
 #   bash scripts/gpu-validate.sh                                   # tests, benchmark, profiles; or
 #   tar xJf .gpux/bundle.tar.xz; export KESTREL_WORKSPACE=$PWD KESTREL_PYTHON=/opt/torch/.venv/bin/python
-#   bash .gpu/run-tests.sh --nocapture --test-threads 1            # GPU tests (the INT8 ones call
-#                                                                  # onnxruntime through that Python)
+#   bash .gpu/run-tests.sh                                         # GPU tests only (the INT8 ones call
+#                                                                  # onnxruntime through that Python;
+#                                                                  # run-tests.sh takes no arguments:
+#                                                                  # its env.sh would exec them)
 #   tar xJf .gpux/bundle.tar.xz; OUT=$OUT bash bench/gpu.sh         # Kestrel vs the PyTorch peer
 set -euo pipefail
 cd "$(dirname "$0")/.."
