@@ -9,6 +9,12 @@ pub enum Error {
     /// A tensor of the wrong shape for the network.
     #[error("{0}")]
     Shape(String),
+    /// Reading a dataset, an image or labels (the runtime names the file and line).
+    #[error(transparent)]
+    Runtime(#[from] kestrel_runtime::Error),
+    /// Training data that cannot be used, and why.
+    #[error("{0}")]
+    Data(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

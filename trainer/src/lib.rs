@@ -1,9 +1,11 @@
 //! The trainer: GELAN / YOLOv9 networks in tch, built from the exporter's specs, and their
 //! fusion into the deployment form the exporter writes.
 
+pub mod data;
 pub mod error;
 pub mod loss;
 pub mod model;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use model::Gelan;

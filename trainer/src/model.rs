@@ -56,8 +56,9 @@ impl ConvBn {
                 ..Default::default()
             },
         );
+        // BatchNorm parameters get no weight decay (their own optimiser group, as YOLOv9).
         let bn = nn::batch_norm2d(
-            &p / "bn",
+            (&p / "bn").set_group(crate::train::NO_DECAY_GROUP),
             c2 as i64,
             nn::BatchNormConfig {
                 eps: BN_EPS,

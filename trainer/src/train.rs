@@ -1,0 +1,362 @@
+//! YOLOv9's training recipe on a [`Gelan`]: SGD (Nesterov momentum 0.937) with linear warm-up of
+//! the learning rate and momentum, a linear or cosine decay to `lrf · lr0`, weight decay on
+//! convolution weights only (not BatchNorm), gradient accumulation to a nominal batch of 64, an
+//! exponential moving average (EMA) of the weights, and checkpoints with resume.
+
+use std::path::Path;
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Tensor};
+
+use crate::data::Loader;
+use crate::error::{Error, Result};
+use crate::loss::{AssignerConfig, LossWeights, detection_loss};
+use crate::model::{Gelan, anchor_points};
+use kestrel_exporter::ModelConfig;
+
+/// Hyperparameters (YOLOv9's `hyp.scratch-high.yaml` defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Initial learning rate.
+    pub lr0: f64,
+    /// Final learning rate as a fraction of `lr0`.
+    pub lrf: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Warm-up length in epochs (at least 100 iterations).
+    pub warmup_epochs: f64,
+    pub warmup_momentum: f64,
+    /// Cosine instead of linear learning-rate decay.
+    pub cosine: bool,
+    /// Keep an exponential moving average of the weights (evaluated and exported).
+    pub ema: bool,
+    /// Batch size the loss and weight decay are tuned for; smaller batches accumulate gradients.
+    pub nominal_batch: usize,
+    pub loss: LossWeights,
+    pub assigner: AssignerConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 100,
+            lr0: 0.01,
+            lrf: 0.01,
+            momentum: 0.937,
+            weight_decay: 5e-4,
+            warmup_epochs: 3.0,
+            warmup_momentum: 0.8,
+            cosine: false,
+            ema: true,
+            nominal_batch: 64,
+            loss: LossWeights::default(),
+            assigner: AssignerConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Learning-rate factor at (fractional) epoch `e`.
+    pub fn lr_factor(&self, e: f64) -> f64 {
+        let t = (e / self.epochs.max(1) as f64).clamp(0.0, 1.0);
+        if self.cosine {
+            ((1.0 - (t * std::f64::consts::PI).cos()) / 2.0) * (self.lrf - 1.0) + 1.0
+        } else {
+            (1.0 - t) * (1.0 - self.lrf) + self.lrf
+        }
+    }
+}
+
+/// Where a run is: completed epochs and optimiser steps. Saved with every checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Batches seen (forward/backward passes).
+    pub iteration: u64,
+    /// EMA updates made.
+    pub ema_updates: u64,
+}
+
+/// Mean loss terms of an epoch (each already weighted) and its throughput.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochSummary {
+    pub epoch: usize,
+    pub boxes: f64,
+    pub classes: f64,
+    pub dfl: f64,
+    /// Training images per second (data loading included).
+    pub images_per_s: f64,
+}
+
+/// One batch's report, for progress bars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    pub epoch: usize,
+    pub batch: usize,
+    pub batches: usize,
+    pub boxes: f64,
+    pub classes: f64,
+    pub dfl: f64,
+    pub lr: f64,
+}
+
+/// A model under training with its optimiser and EMA.
+pub struct Trainer {
+    pub vs: nn::VarStore,
+    pub model: Gelan,
+    ema: Option<(nn::VarStore, Gelan)>,
+    opt: nn::Optimizer,
+    pub config: TrainConfig,
+    pub state: RunState,
+    anchors: Tensor,
+    strides: Tensor,
+    accumulate: usize,
+}
+
+/// BatchNorm parameters live in this optimiser group (no weight decay); everything else in 0.
+pub const NO_DECAY_GROUP: usize = 1;
+
+impl Trainer {
+    /// A fresh model of `model_config` on `device`, trained with batches of `batch_size`.
+    pub fn new(
+        model_config: &ModelConfig,
+        config: TrainConfig,
+        batch_size: usize,
+        device: Device,
+    ) -> Result<Self> {
+        if batch_size == 0 {
+            return Err(Error::Data("batch size 0: give at least 1".into()));
+        }
+        let vs = nn::VarStore::new(device);
+        let model = Gelan::new(&vs.root(), model_config)?;
+        let ema = if config.ema {
+            let mut evs = nn::VarStore::new(device);
+            let em = Gelan::new(&evs.root(), model_config)?;
+            evs.copy(&vs)?;
+            evs.freeze();
+            Some((evs, em))
+        } else {
+            None
+        };
+        let accumulate = (config.nominal_batch as f64 / batch_size as f64)
+            .round()
+            .max(1.0) as usize;
+        // YOLOv9 scales the decay with the effective batch.
+        let decay =
+            config.weight_decay * (batch_size * accumulate) as f64 / config.nominal_batch as f64;
+        let mut opt = nn::Sgd {
+            momentum: config.momentum,
+            dampening: 0.0,
+            wd: 0.0,
+            nesterov: true,
+        }
+        .build(&vs, config.lr0)?;
+        opt.set_weight_decay_group(0, decay);
+        opt.set_weight_decay_group(NO_DECAY_GROUP, 0.0);
+        let (anchors, strides) = anchor_points(model_config.imgsz, device);
+        Ok(Self {
+            vs,
+            model,
+            ema,
+            opt,
+            config,
+            state: RunState::default(),
+            anchors,
+            strides,
+            accumulate,
+        })
+    }
+
+    /// The weights to evaluate and export: the EMA when kept, else the trained ones.
+    pub fn eval_model(&self) -> &Gelan {
+        self.ema.as_ref().map_or(&self.model, |(_, m)| m)
+    }
+
+    /// The loss of one batch at the current weights (training-mode BatchNorm), without a step.
+    pub fn batch_loss(&self, batch: &crate::data::Batch) -> Result<crate::loss::LossTerms> {
+        let raw = self.model.forward_raw_t(&batch.images, true)?;
+        detection_loss(
+            &raw,
+            &self.anchors,
+            &self.strides,
+            &batch.classes,
+            &batch.boxes,
+            &batch.valid,
+            &self.config.loss,
+            &self.config.assigner,
+        )
+    }
+
+    /// Train one epoch (`self.state.epoch`) over `loader`, calling `progress` after each batch.
+    pub fn train_epoch(
+        &mut self,
+        loader: &Loader,
+        mut progress: impl FnMut(&StepReport),
+    ) -> Result<EpochSummary> {
+        let epoch = self.state.epoch;
+        let nb = loader.batches_per_epoch();
+        let warmup = ((self.config.warmup_epochs * nb as f64).round() as u64).max(100);
+        let started = std::time::Instant::now();
+        let device = self.vs.device();
+        let (mut sums, mut images) = ([0.0f64; 3], 0usize);
+        self.opt.zero_grad();
+        for b in 0..nb {
+            let batch = loader.batch(epoch, b, device)?;
+            let it = self.state.iteration;
+            let lr = self.config.lr0 * self.config.lr_factor(epoch as f64);
+            let (lr, momentum) = if it < warmup {
+                let f = it as f64 / warmup as f64;
+                (
+                    lr * f,
+                    self.config.warmup_momentum
+                        + (self.config.momentum - self.config.warmup_momentum) * f,
+                )
+            } else {
+                (lr, self.config.momentum)
+            };
+            self.opt.set_lr(lr);
+            self.opt.set_momentum(momentum);
+
+            let loss = self.batch_loss(&batch)?;
+            let n = batch.indices.len();
+            // YOLOv9 scales the loss by the batch size.
+            (&loss.total * n as f64).backward();
+            self.state.iteration += 1;
+            if self.state.iteration.is_multiple_of(self.accumulate as u64) || b + 1 == nb {
+                self.opt.clip_grad_norm(10.0);
+                self.opt.step();
+                self.opt.zero_grad();
+                self.update_ema();
+            }
+            for (s, v) in sums.iter_mut().zip([loss.boxes, loss.classes, loss.dfl]) {
+                *s += v * n as f64;
+            }
+            images += n;
+            if [loss.boxes, loss.classes, loss.dfl]
+                .iter()
+                .any(|v| !v.is_finite())
+            {
+                return Err(Error::Data(format!(
+                    "the loss became {} at epoch {epoch}, batch {b}: lower the learning rate",
+                    loss.boxes + loss.classes + loss.dfl
+                )));
+            }
+            progress(&StepReport {
+                epoch,
+                batch: b,
+                batches: nb,
+                boxes: loss.boxes,
+                classes: loss.classes,
+                dfl: loss.dfl,
+                lr,
+            });
+        }
+        self.state.epoch += 1;
+        let n = images.max(1) as f64;
+        Ok(EpochSummary {
+            epoch,
+            boxes: sums[0] / n,
+            classes: sums[1] / n,
+            dfl: sums[2] / n,
+            images_per_s: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        })
+    }
+
+    /// ema = d · ema + (1 − d) · model, d ramping to 0.9999 (YOLOv9's `ModelEMA`), over every
+    /// variable including BatchNorm statistics.
+    fn update_ema(&mut self) {
+        let Some((evs, _)) = &mut self.ema else {
+            return;
+        };
+        self.state.ema_updates += 1;
+        let d = 0.9999 * (1.0 - (-(self.state.ema_updates as f64) / 2000.0).exp());
+        let src = self.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut e) in evs.variables() {
+                if let Some(m) = src.get(&name) {
+                    let blended = &e * d + m.detach() * (1.0 - d);
+                    e.copy_(&blended);
+                }
+            }
+        });
+    }
+
+    /// Write `{stem}.safetensors` (weights), `{stem}.ema.safetensors` (EMA weights, when kept)
+    /// and `{stem}.json` (run state and hyperparameters) in `dir`. Files are written to a
+    /// temporary name and renamed, so an interrupted save leaves the previous checkpoint whole.
+    pub fn save(&self, dir: &Path, stem: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Data(format!("{}: {e}", dir.display())))?;
+        let tmp = |p: &Path| p.with_extension("tmp.safetensors");
+        let weights = dir.join(format!("{stem}.safetensors"));
+        self.vs.save(tmp(&weights))?;
+        rename(&tmp(&weights), &weights)?;
+        if let Some((evs, _)) = &self.ema {
+            let path = dir.join(format!("{stem}.ema.safetensors"));
+            evs.save(tmp(&path))?;
+            rename(&tmp(&path), &path)?;
+        }
+        let state = serde_json::json!({
+            "epoch": self.state.epoch,
+            "iteration": self.state.iteration,
+            "ema_updates": self.state.ema_updates,
+            "epochs": self.config.epochs,
+            "lr0": self.config.lr0,
+            "lrf": self.config.lrf,
+            "cosine": self.config.cosine,
+        });
+        let json = dir.join(format!("{stem}.json"));
+        let tmp_json = json.with_extension("json.tmp");
+        std::fs::write(&tmp_json, format!("{state:#}\n"))
+            .map_err(|e| Error::Data(format!("{}: {e}", tmp_json.display())))?;
+        rename(&tmp_json, &json)
+    }
+
+    /// Load a checkpoint written by [`Self::save`] into this trainer (same model and settings).
+    /// SGD's momentum buffers are not part of it (tch does not expose them): a resumed run's
+    /// first steps rebuild them, so it continues close to, not exactly like, an uninterrupted one.
+    pub fn resume(&mut self, dir: &Path, stem: &str) -> Result<()> {
+        let weights = dir.join(format!("{stem}.safetensors"));
+        self.vs
+            .load(&weights)
+            .map_err(|e| checkpoint_error(&weights, e))?;
+        if let Some((evs, _)) = &mut self.ema {
+            let path = dir.join(format!("{stem}.ema.safetensors"));
+            evs.load(&path).map_err(|e| checkpoint_error(&path, e))?;
+        }
+        let json = dir.join(format!("{stem}.json"));
+        let text = std::fs::read_to_string(&json)
+            .map_err(|e| Error::Data(format!("{}: {e}", json.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Data(format!("{}: not a run state ({e})", json.display())))?;
+        let field = |key: &str| -> Result<u64> {
+            v.get(key)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| {
+                    Error::Data(format!(
+                        "{}: no number \"{key}\" in the run state",
+                        json.display()
+                    ))
+                })
+        };
+        self.state = RunState {
+            epoch: field("epoch")? as usize,
+            iteration: field("iteration")?,
+            ema_updates: field("ema_updates")?,
+        };
+        Ok(())
+    }
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to)
+        .map_err(|e| Error::Data(format!("{} → {}: {e}", from.display(), to.display())))
+}
+
+fn checkpoint_error(path: &Path, e: tch::TchError) -> Error {
+    Error::Data(format!(
+        "{}: not a checkpoint of this model ({e}); check --model and the file",
+        path.display()
+    ))
+}

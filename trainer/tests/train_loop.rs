@@ -1,0 +1,103 @@
+//! The data loader and the training loop: deterministic batches, flips that move the boxes with
+//! the pixels, checkpoints that resume where they left off, clear errors for unusable data.
+#![allow(clippy::unwrap_used)]
+
+use kestrel_exporter::ModelConfig;
+use kestrel_trainer::data::{Loader, Source};
+use kestrel_trainer::train::{TrainConfig, Trainer};
+use tch::Device;
+
+fn synthetic(count: usize) -> Source {
+    Source::Synthetic {
+        seed: 7,
+        count,
+        size: 64,
+    }
+}
+
+#[test]
+fn batches_are_deterministic_and_flips_move_the_boxes() {
+    let mut loader = Loader::new(synthetic(6), 64, 4, 1).unwrap();
+    assert_eq!(loader.batches_per_epoch(), 2);
+    let a = loader.batch(0, 0, Device::Cpu).unwrap();
+    let b = loader.batch(0, 0, Device::Cpu).unwrap();
+    assert_eq!(a.indices, b.indices);
+    assert!(a.images.equal(&b.images) && a.boxes.equal(&b.boxes));
+    assert_eq!(a.images.size(), vec![4, 3, 64, 64]);
+    // Another epoch, another order (same images overall).
+    let mut e0 = loader.order(0);
+    let mut e1 = loader.order(1);
+    assert_ne!(e0, e1);
+    e0.sort_unstable();
+    e1.sort_unstable();
+    assert_eq!(e0, e1);
+
+    loader.flip = 0.0;
+    let plain = loader.batch(0, 0, Device::Cpu).unwrap();
+    loader.flip = 1.0;
+    let flipped = loader.batch(0, 0, Device::Cpu).unwrap();
+    assert!(plain.images.flip([3]).equal(&flipped.images));
+    let (p, f) = (
+        Vec::<f32>::try_from(plain.boxes.flatten(0, -1)).unwrap(),
+        Vec::<f32>::try_from(flipped.boxes.flatten(0, -1)).unwrap(),
+    );
+    let valid = Vec::<f32>::try_from(plain.valid.flatten(0, -1)).unwrap();
+    assert!(valid.iter().any(|&v| v > 0.0), "the scenes have objects");
+    for (k, v) in valid.iter().enumerate() {
+        if *v > 0.0 {
+            let (pb, fb) = (&p[k * 4..k * 4 + 4], &f[k * 4..k * 4 + 4]);
+            assert!((fb[0] - (64.0 - pb[2])).abs() < 1e-4 && (fb[2] - (64.0 - pb[0])).abs() < 1e-4);
+            assert_eq!((fb[1], fb[3]), (pb[1], pb[3]));
+        }
+    }
+}
+
+#[test]
+fn unusable_data_is_refused_with_the_reason() {
+    let e = Loader::new(synthetic(0), 64, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("no images"), "{e}");
+    let e = Loader::new(synthetic(4), 50, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("multiple of 32"), "{e}");
+    let e = Loader::new(synthetic(4), 64, 0, 1).unwrap_err().to_string();
+    assert!(e.contains("batch size 0"), "{e}");
+    let e = kestrel_trainer::data::open_source("synthetic:x", 64)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("synthetic[:SEED[:COUNT]]"), "{e}");
+}
+
+#[test]
+fn a_checkpoint_resumes_with_the_same_next_step_loss() {
+    tch::manual_seed(0);
+    let cfg = ModelConfig::new("gelan-t", 6, 64).unwrap();
+    let loader = Loader::new(synthetic(8), 64, 4, 3).unwrap();
+    let config = TrainConfig {
+        epochs: 3,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(&cfg, config.clone(), 4, Device::Cpu).unwrap();
+    let mut reports = 0;
+    let summary = trainer.train_epoch(&loader, |_| reports += 1).unwrap();
+    assert_eq!(reports, 2);
+    assert!(summary.boxes.is_finite() && summary.classes > 0.0 && summary.dfl.is_finite());
+    assert_eq!(trainer.state.epoch, 1);
+
+    let dir = std::env::temp_dir().join(format!("kestrel-trainer-ckpt-{}", std::process::id()));
+    trainer.save(&dir, "last").unwrap();
+    let next = loader.batch(1, 0, Device::Cpu).unwrap();
+    let want = trainer.batch_loss(&next).unwrap();
+
+    let mut resumed = Trainer::new(&cfg, config, 4, Device::Cpu).unwrap();
+    resumed.resume(&dir, "last").unwrap();
+    assert_eq!(resumed.state, trainer.state);
+    let got = resumed.batch_loss(&next).unwrap();
+    let (w, g) = (want.total.double_value(&[]), got.total.double_value(&[]));
+    assert!((w - g).abs() < 1e-6 * w.abs().max(1.0), "{w} vs {g}");
+
+    // A checkpoint of another model is refused, naming the file.
+    let other = ModelConfig::new("gelan-s", 6, 64).unwrap();
+    let mut wrong = Trainer::new(&other, TrainConfig::default(), 4, Device::Cpu).unwrap();
+    let e = wrong.resume(&dir, "last").unwrap_err().to_string();
+    assert!(e.contains("last.safetensors"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
