@@ -110,6 +110,8 @@ pub struct Trainer {
     opt: nn::Optimizer,
     pub config: TrainConfig,
     pub state: RunState,
+    /// Extra fields written into every checkpoint's JSON (the CLI records its data and seed).
+    pub run_info: serde_json::Map<String, serde_json::Value>,
     anchors: Tensor,
     strides: Tensor,
     accumulate: usize,
@@ -163,6 +165,7 @@ impl Trainer {
             opt,
             config,
             state: RunState::default(),
+            run_info: serde_json::Map::new(),
             anchors,
             strides,
             accumulate,
@@ -297,7 +300,11 @@ impl Trainer {
             evs.save(tmp(&path))?;
             rename(&tmp(&path), &path)?;
         }
-        let state = serde_json::json!({
+        let model = self.model.config();
+        let mut state = serde_json::json!({
+            "model": model.spec.name,
+            "classes": model.num_classes,
+            "imgsz": model.imgsz[0],
             "epoch": self.state.epoch,
             "iteration": self.state.iteration,
             "ema_updates": self.state.ema_updates,
@@ -306,6 +313,11 @@ impl Trainer {
             "lrf": self.config.lrf,
             "cosine": self.config.cosine,
         });
+        if let Some(obj) = state.as_object_mut() {
+            for (k, v) in &self.run_info {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
         let json = dir.join(format!("{stem}.json"));
         let tmp_json = json.with_extension("json.tmp");
         std::fs::write(&tmp_json, format!("{state:#}\n"))

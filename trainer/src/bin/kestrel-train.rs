@@ -1,0 +1,265 @@
+//! `kestrel-train`: train GELAN models, fuse them to the deployment form, export them to ONNX.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use kestrel_exporter::weights::save_safetensors;
+use kestrel_exporter::{ExportOptions, ModelConfig, WeightFile, WeightSource, export, write_model};
+use kestrel_trainer::Gelan;
+use kestrel_trainer::data::{Loader, open_source};
+use kestrel_trainer::train::{TrainConfig, Trainer};
+use tch::{Device, nn};
+
+#[derive(Parser)]
+#[command(
+    name = "kestrel-train",
+    version,
+    about = "Train, fuse and export GELAN / YOLOv9 models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model; checkpoints go to PROJECT/NAME/weights (last.*, each epoch).
+    Train {
+        /// gelan-t, gelan-s, gelan-m, gelan-c or gelan-e.
+        #[arg(long, default_value = "gelan-t")]
+        model: String,
+        /// A YOLO data YAML, or synthetic[:SEED[:COUNT]] for Kestrel's synthetic scenes.
+        #[arg(long, default_value = "synthetic")]
+        data: String,
+        #[arg(long, default_value_t = 100)]
+        epochs: usize,
+        /// Network input size in pixels (a multiple of 32).
+        #[arg(long, default_value_t = 640)]
+        imgsz: u32,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "runs/train")]
+        project: PathBuf,
+        #[arg(long, default_value = "exp")]
+        name: String,
+        /// Continue from PROJECT/NAME/weights/last.*.
+        #[arg(long)]
+        resume: bool,
+        /// Seed of the initialisation and of the data order and augmentation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Initial learning rate.
+        #[arg(long, default_value_t = 0.01)]
+        lr0: f64,
+        /// Cosine instead of linear learning-rate decay.
+        #[arg(long)]
+        cosine: bool,
+    },
+    /// Fold BatchNorm and merge RepConvN: training checkpoint → deployment safetensors.
+    Fuse {
+        /// A training checkpoint (`last.safetensors` or `last.ema.safetensors`); the model, classes
+        /// and input size come from the `.json` written next to it.
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Fuse a training checkpoint and export it to ONNX (dynamic batch, FP32).
+    Export {
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let Some(n) = s
+                .strip_prefix("cuda:")
+                .or(if s == "cuda" { Some("0") } else { None })
+            else {
+                bail!("unknown device '{s}': use cpu or cuda:N");
+            };
+            let n: usize = n
+                .parse()
+                .with_context(|| format!("'{s}': the GPU index is not a number"))?;
+            if !tch::Cuda::is_available() {
+                bail!(
+                    "{s} asked for, but libtorch sees no CUDA device: this needs an NVIDIA GPU and \
+                     driver, and a kestrel-train built with `--features cuda`; or use --device cpu"
+                );
+            }
+            if n >= tch::Cuda::device_count() as usize {
+                bail!("{s}: there are {} CUDA devices", tch::Cuda::device_count());
+            }
+            Ok(Device::Cuda(n))
+        }
+    }
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]"
+    )) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The model configuration recorded next to a checkpoint (`{stem}.json`).
+fn checkpoint_config(weights: &Path) -> Result<ModelConfig> {
+    let name = weights
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".ema.safetensors")
+        .or_else(|| name.strip_suffix(".safetensors"))
+        .with_context(|| format!("{}: expected a .safetensors checkpoint", weights.display()))?;
+    let json = weights.with_file_name(format!("{stem}.json"));
+    let text = std::fs::read_to_string(&json).with_context(|| {
+        format!(
+            "reading {} (written next to every checkpoint)",
+            json.display()
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json.display()))?;
+    let model = v["model"]
+        .as_str()
+        .with_context(|| format!("{}: no \"model\"", json.display()))?;
+    let classes = v["classes"]
+        .as_u64()
+        .with_context(|| format!("{}: no \"classes\"", json.display()))?;
+    let imgsz = v["imgsz"]
+        .as_u64()
+        .with_context(|| format!("{}: no \"imgsz\"", json.display()))?;
+    Ok(ModelConfig::new(model, classes as usize, imgsz as usize)?)
+}
+
+/// Load a training checkpoint and fuse it.
+fn fused(
+    weights: &Path,
+) -> Result<(
+    ModelConfig,
+    std::collections::BTreeMap<String, kestrel_exporter::weights::Tensor>,
+)> {
+    let cfg = checkpoint_config(weights)?;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = Gelan::new(&vs.root(), &cfg)?;
+    vs.load(weights)
+        .with_context(|| format!("{}: not a {} checkpoint", weights.display(), cfg.spec.name))?;
+    Ok((cfg, model.fuse()?))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train {
+            model,
+            data,
+            epochs,
+            imgsz,
+            batch_size,
+            device,
+            project,
+            name,
+            resume,
+            seed,
+            lr0,
+            cosine,
+        } => {
+            let device = parse_device(&device)?;
+            tch::manual_seed(seed as i64);
+            let source = open_source(&data, imgsz)?;
+            let cfg = ModelConfig::new(&model, source.num_classes(), imgsz as usize)?;
+            let loader = Loader::new(source, imgsz, batch_size, seed)?;
+            let config = TrainConfig {
+                epochs,
+                lr0,
+                cosine,
+                ..Default::default()
+            };
+            let mut trainer = Trainer::new(&cfg, config, batch_size, device)?;
+            let dir = project.join(&name).join("weights");
+            if resume {
+                trainer.resume(&dir, "last")?;
+                eprintln!(
+                    "resuming {} at epoch {}",
+                    dir.display(),
+                    trainer.state.epoch
+                );
+            }
+            for (k, v) in [
+                ("data", serde_json::json!(data)),
+                ("batch_size", serde_json::json!(batch_size)),
+                ("seed", serde_json::json!(seed)),
+            ] {
+                trainer.run_info.insert(k.into(), v);
+            }
+            while trainer.state.epoch < epochs {
+                let e = trainer.state.epoch;
+                let pb = bar(
+                    loader.batches_per_epoch() as u64,
+                    &format!("epoch {}/{epochs}", e + 1),
+                );
+                let summary = trainer.train_epoch(&loader, |r| {
+                    pb.set_message(format!(
+                        "box {:.3} cls {:.3} dfl {:.3} lr {:.2e}",
+                        r.boxes, r.classes, r.dfl, r.lr
+                    ));
+                    pb.inc(1);
+                })?;
+                pb.finish();
+                eprintln!(
+                    "epoch {}: box {:.4} cls {:.4} dfl {:.4}, {:.1} images/s",
+                    e + 1,
+                    summary.boxes,
+                    summary.classes,
+                    summary.dfl,
+                    summary.images_per_s
+                );
+                trainer.save(&dir, "last")?;
+            }
+            let out = dir.join("fused.safetensors");
+            save_safetensors(&out, &trainer.eval_model().fuse()?)?;
+            let which = if trainer.config.ema { "EMA" } else { "trained" };
+            println!(
+                "wrote {} (deployment form of the {which} weights)",
+                out.display()
+            );
+        }
+        Command::Fuse { weights, output } => {
+            let (_, tensors) = fused(&weights)?;
+            save_safetensors(&output, &tensors)?;
+            println!("wrote {} ({} tensors)", output.display(), tensors.len());
+        }
+        Command::Export { weights, output } => {
+            let (cfg, tensors) = fused(&weights)?;
+            let tmp = output.with_extension("fused.safetensors");
+            save_safetensors(&tmp, &tensors)?;
+            let mut source = WeightSource::File(WeightFile::load(&tmp)?);
+            let onnx = export(&cfg, &mut source, &ExportOptions::dynamic(cfg.num_classes))?;
+            write_model(&onnx, &output)?;
+            let _ = std::fs::remove_file(&tmp);
+            println!(
+                "wrote {} ({}, {} classes, {}x{})",
+                output.display(),
+                cfg.spec.name,
+                cfg.num_classes,
+                cfg.imgsz[0],
+                cfg.imgsz[1]
+            );
+        }
+    }
+    Ok(())
+}
