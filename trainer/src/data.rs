@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use kestrel_runtime::BoxXyxy;
-use kestrel_runtime::dataset::{Dataset, load_rgb};
+use kestrel_runtime::dataset::{Dataset, Split, load_rgb};
 use kestrel_runtime::letterbox::Letterboxer;
 use kestrel_runtime::synth::{image_seed, render_scene};
 use tch::{Device, Tensor};
@@ -270,8 +270,9 @@ impl Loader {
     }
 }
 
-/// Load the training split of a YOLO data YAML, or synthetic scenes for `synthetic:SEED:COUNT`.
-pub fn open_source(data: &str, imgsz: u32) -> Result<Source> {
+/// Load a split of a YOLO data YAML, or synthetic scenes for `synthetic[:SEED[:COUNT]]` (the
+/// validation split of synthetic data is another seed: `SEED + 1_000_003`, a quarter as many).
+pub fn open_source(data: &str, imgsz: u32, split: Split) -> Result<Source> {
     if let Some(rest) = data.strip_prefix("synthetic") {
         let parts: Vec<&str> = rest.trim_start_matches(':').split(':').collect();
         let num = |i: usize, default: u64| -> Result<u64> {
@@ -284,13 +285,20 @@ pub fn open_source(data: &str, imgsz: u32) -> Result<Source> {
                 }),
             }
         };
-        return Ok(Source::Synthetic {
-            seed: num(0, 0)?,
-            count: num(1, 256)? as usize,
-            size: imgsz,
+        let (seed, count) = (num(0, 0)?, num(1, 256)? as usize);
+        return Ok(match split {
+            Split::Train => Source::Synthetic {
+                seed,
+                count,
+                size: imgsz,
+            },
+            Split::Val => Source::Synthetic {
+                seed: seed.wrapping_add(1_000_003),
+                count: count.div_ceil(4),
+                size: imgsz,
+            },
         });
     }
-    let d = Dataset::from_yolo_yaml(Path::new(data), kestrel_runtime::dataset::Split::Train)
-        .map_err(Error::Runtime)?;
+    let d = Dataset::from_yolo_yaml(Path::new(data), split).map_err(Error::Runtime)?;
     Ok(Source::Dataset(d))
 }

@@ -3,6 +3,7 @@
 
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod loss;
 pub mod model;
 pub mod train;

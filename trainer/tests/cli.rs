@@ -46,6 +46,7 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
         "tiny",
     ]);
     assert!(log.contains("epoch 2: box"), "{log}");
+    assert!(log.contains("val: 2 images"), "{log}");
     let weights = project.join("tiny/weights");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(weights.join("last.json")).unwrap()).unwrap();
@@ -53,6 +54,14 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
     assert_eq!(state["model"], "gelan-t");
     assert_eq!(state["data"], "synthetic:3:8");
 
+    let val = run(&[
+        "val",
+        "--weights",
+        weights.join("last.safetensors").to_str().unwrap(),
+        "--data",
+        "synthetic:3:8",
+    ]);
+    assert!(val.contains("mAP50-95"), "{val}");
     let onnx = dir.join("tiny.onnx");
     let ema = weights.join("last.ema.safetensors");
     run(&[

@@ -32,9 +32,8 @@ fn gelan_s_trains_on_cuda() {
     let first = trainer.train_epoch(&loader, |_| {}).unwrap();
     let second = trainer.train_epoch(&loader, |_| {}).unwrap();
     println!(
-        "gelan-s {imgsz}px batch {batch} on {}: epoch 1 {:.1} images/s, epoch 2 {:.1} images/s \
+        "gelan-s {imgsz}px batch {batch} on cuda:0: epoch 1 {:.1} images/s, epoch 2 {:.1} images/s \
          (fp32, data loading on {} threads included); loss box {:.3} cls {:.3} dfl {:.3}",
-        "cuda:0",
         first.images_per_s,
         second.images_per_s,
         loader.workers,

@@ -60,9 +60,13 @@ fn unusable_data_is_refused_with_the_reason() {
     assert!(e.contains("multiple of 32"), "{e}");
     let e = Loader::new(synthetic(4), 64, 0, 1).unwrap_err().to_string();
     assert!(e.contains("batch size 0"), "{e}");
-    let e = kestrel_trainer::data::open_source("synthetic:x", 64)
-        .unwrap_err()
-        .to_string();
+    let e = kestrel_trainer::data::open_source(
+        "synthetic:x",
+        64,
+        kestrel_runtime::dataset::Split::Train,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("synthetic[:SEED[:COUNT]]"), "{e}");
 }
 

@@ -7,8 +7,11 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kestrel_exporter::weights::save_safetensors;
 use kestrel_exporter::{ExportOptions, ModelConfig, WeightFile, WeightSource, export, write_model};
+use kestrel_runtime::dataset::Split;
+use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::Gelan;
-use kestrel_trainer::data::{Loader, open_source};
+use kestrel_trainer::data::{Loader, Source, open_source};
+use kestrel_trainer::eval::evaluate;
 use kestrel_trainer::train::{TrainConfig, Trainer};
 use tch::{Device, nn};
 
@@ -59,6 +62,20 @@ enum Command {
         /// Cosine instead of linear learning-rate decay.
         #[arg(long)]
         cosine: bool,
+    },
+    /// mAP of a training checkpoint on a validation split (YOLOv9's settings: conf 0.001,
+    /// IoU 0.7, 300 detections, multi-label), through the runtime's post-processing and evaluator.
+    Val {
+        #[arg(long)]
+        weights: PathBuf,
+        /// A YOLO data YAML (its val split), or synthetic[:SEED[:COUNT]] (the matching
+        /// validation scenes).
+        #[arg(long, default_value = "synthetic")]
+        data: String,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Fold BatchNorm and merge RepConvN: training checkpoint → deployment safetensors.
     Fuse {
@@ -180,7 +197,7 @@ fn main() -> Result<()> {
         } => {
             let device = parse_device(&device)?;
             tch::manual_seed(seed as i64);
-            let source = open_source(&data, imgsz)?;
+            let source = open_source(&data, imgsz, Split::Train)?;
             let cfg = ModelConfig::new(&model, source.num_classes(), imgsz as usize)?;
             let loader = Loader::new(source, imgsz, batch_size, seed)?;
             let config = TrainConfig {
@@ -230,6 +247,8 @@ fn main() -> Result<()> {
                 );
                 trainer.save(&dir, "last")?;
             }
+            let val = open_source(&data, imgsz, Split::Val)?;
+            validate(trainer.eval_model(), &val, batch_size, device)?;
             let out = dir.join("fused.safetensors");
             save_safetensors(&out, &trainer.eval_model().fuse()?)?;
             let which = if trainer.config.ema { "EMA" } else { "trained" };
@@ -237,6 +256,22 @@ fn main() -> Result<()> {
                 "wrote {} (deployment form of the {which} weights)",
                 out.display()
             );
+        }
+        Command::Val {
+            weights,
+            data,
+            batch_size,
+            device,
+        } => {
+            let device = parse_device(&device)?;
+            let cfg = checkpoint_config(&weights)?;
+            let mut vs = nn::VarStore::new(device);
+            let model = Gelan::new(&vs.root(), &cfg)?;
+            vs.load(&weights).with_context(|| {
+                format!("{}: not a {} checkpoint", weights.display(), cfg.spec.name)
+            })?;
+            let source = open_source(&data, cfg.imgsz[0] as u32, Split::Val)?;
+            validate(&model, &source, batch_size, device)?;
         }
         Command::Fuse { weights, output } => {
             let (_, tensors) = fused(&weights)?;
@@ -261,5 +296,29 @@ fn main() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Evaluate and print P, R, mAP50 and mAP50-95 like `kestrel val`.
+fn validate(model: &Gelan, source: &Source, batch_size: usize, device: Device) -> Result<()> {
+    let pb = bar(source.len() as u64, "val");
+    let summary = evaluate(
+        model,
+        source,
+        batch_size,
+        device,
+        &NmsConfig::evaluation(),
+        |n| pb.inc(n as u64),
+    )?;
+    pb.finish_and_clear();
+    println!(
+        "val: {} images, {} instances: P {:.4} R {:.4} mAP50 {:.4} mAP50-95 {:.4}",
+        summary.images,
+        summary.instances,
+        summary.precision,
+        summary.recall,
+        summary.ap50,
+        summary.ap
+    );
     Ok(())
 }

@@ -1,0 +1,145 @@
+//! Evaluation of a network under training with YOLOv9's validation settings, through the
+//! runtime's own letterbox, post-processing (decode, multi-label NMS) and COCO evaluator: the
+//! same path `kestrel val` takes for the exported ONNX, so the two agree.
+
+use kestrel_runtime::dataset::load_rgb;
+use kestrel_runtime::eval::{EvalSummary, Evaluator};
+use kestrel_runtime::letterbox::Letterboxer;
+use kestrel_runtime::nms::{NmsConfig, Postprocessor};
+use kestrel_runtime::synth::{image_seed, render_scene};
+use kestrel_runtime::{Detection, GroundTruth};
+use tch::{Device, Tensor};
+
+use crate::data::Source;
+use crate::error::{Error, Result};
+use crate::model::Gelan;
+
+/// One image and its ground truth (crowd regions kept: the evaluator ignores them).
+fn sample(source: &Source, index: usize) -> Result<(image::RgbImage, Vec<GroundTruth>)> {
+    match source {
+        Source::Dataset(d) => {
+            let s = &d.samples[index];
+            Ok((
+                load_rgb(&s.image).map_err(Error::Runtime)?,
+                s.objects.clone(),
+            ))
+        }
+        Source::Synthetic { seed, size, .. } => {
+            let (img, objects) = render_scene(image_seed(*seed, index), *size, *size);
+            let gts = objects
+                .into_iter()
+                .map(|o| GroundTruth {
+                    area: (o.bbox.x2 - o.bbox.x1) * (o.bbox.y2 - o.bbox.y1),
+                    bbox: o.bbox,
+                    class_id: o.class_id,
+                    iscrowd: false,
+                })
+                .collect();
+            Ok((img, gts))
+        }
+    }
+}
+
+/// Detections of `model` (evaluation mode) on `images`, boxes in each image's pixels: the
+/// runtime's letterbox and post-processing around the tch forward pass.
+pub struct TchDetector {
+    letterbox: Letterboxer,
+    post: Postprocessor,
+    pixels: Vec<f32>,
+}
+
+impl Default for TchDetector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TchDetector {
+    pub fn new() -> Self {
+        Self {
+            letterbox: Letterboxer::new(),
+            post: Postprocessor::new(),
+            pixels: Vec::new(),
+        }
+    }
+
+    /// `out[i]` receives the detections of `images[i]`.
+    pub fn detect(
+        &mut self,
+        model: &Gelan,
+        images: &[&image::RgbImage],
+        device: Device,
+        nms: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        let cfg = model.config();
+        let [h, w] = cfg.imgsz;
+        let (nc, anchors) = (cfg.num_classes, cfg.num_anchors());
+        let plane = 3 * h * w;
+        self.pixels.resize(images.len() * plane, 0.0);
+        let mut placed = Vec::with_capacity(images.len());
+        for (k, img) in images.iter().enumerate() {
+            let p = self
+                .letterbox
+                .run(
+                    img,
+                    w as u32,
+                    h as u32,
+                    &mut self.pixels[k * plane..(k + 1) * plane],
+                )
+                .map_err(Error::Runtime)?;
+            placed.push(p);
+        }
+        let batch = Tensor::from_slice(&self.pixels)
+            .view([images.len() as i64, 3, h as i64, w as i64])
+            .to_device(device);
+        let y = tch::no_grad(|| model.forward_t(&batch, false))?;
+        let y = Vec::<f32>::try_from(y.to_device(Device::Cpu).flatten(0, -1))?;
+        let per = (4 + nc) * anchors;
+        out.resize_with(images.len(), Vec::new);
+        for (k, p) in placed.iter().enumerate() {
+            out[k].clear();
+            self.post
+                .run(&y[k * per..(k + 1) * per], nc, anchors, p, nms, &mut out[k])
+                .map_err(Error::Runtime)?;
+        }
+        Ok(())
+    }
+}
+
+/// mAP and friends of `model` (evaluation mode) on every image of `source`, `batch` at a time.
+pub fn evaluate(
+    model: &Gelan,
+    source: &Source,
+    batch: usize,
+    device: Device,
+    nms: &NmsConfig,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalSummary> {
+    nms.validate().map_err(Error::Runtime)?;
+    let cfg = model.config();
+    if source.num_classes() != cfg.num_classes {
+        return Err(Error::Data(format!(
+            "the model has {} classes, the data {}",
+            cfg.num_classes,
+            source.num_classes()
+        )));
+    }
+    let mut evaluator = Evaluator::new(cfg.num_classes);
+    let mut detector = TchDetector::new();
+    let mut results = Vec::new();
+    let indices: Vec<usize> = (0..source.len()).collect();
+    for chunk in indices.chunks(batch.max(1)) {
+        let samples = chunk
+            .iter()
+            .map(|&i| sample(source, i))
+            .collect::<Result<Vec<_>>>()?;
+        let images: Vec<&image::RgbImage> = samples.iter().map(|(img, _)| img).collect();
+        detector.detect(model, &images, device, nms, &mut results)?;
+        for ((_, gts), dets) in samples.iter().zip(&results) {
+            evaluator.add_image(gts, dets).map_err(Error::Runtime)?;
+        }
+        progress(chunk.len());
+    }
+    Ok(evaluator.summarize())
+}
