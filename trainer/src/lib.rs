@@ -6,6 +6,7 @@ pub mod error;
 pub mod eval;
 pub mod loss;
 pub mod model;
+pub mod plot;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -48,6 +48,8 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
     assert!(log.contains("epoch 2: box"), "{log}");
     assert!(log.contains("val: 2 images"), "{log}");
     let weights = project.join("tiny/weights");
+    let plot = image::open(project.join("tiny/losses.png")).unwrap();
+    assert_eq!((plot.width(), plot.height()), (900, 450));
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(weights.join("last.json")).unwrap()).unwrap();
     assert_eq!(state["epoch"], 2);

@@ -12,6 +12,7 @@ use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::Gelan;
 use kestrel_trainer::data::{Loader, Source, open_source};
 use kestrel_trainer::eval::evaluate;
+use kestrel_trainer::plot::{Series, curves};
 use kestrel_trainer::train::{TrainConfig, Trainer};
 use tch::{Device, nn};
 
@@ -223,6 +224,16 @@ fn main() -> Result<()> {
             ] {
                 trainer.run_info.insert(k.into(), v);
             }
+            // Loss history for the plot: kept in the checkpoint's JSON, so a resumed run keeps it.
+            let mut history: Vec<[f64; 3]> = if resume {
+                std::fs::read_to_string(dir.join("last.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| serde_json::from_value(v["history"].clone()).ok())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             while trainer.state.epoch < epochs {
                 let e = trainer.state.epoch;
                 let pb = bar(
@@ -245,7 +256,12 @@ fn main() -> Result<()> {
                     summary.dfl,
                     summary.images_per_s
                 );
+                history.push([summary.boxes, summary.classes, summary.dfl]);
+                trainer
+                    .run_info
+                    .insert("history".into(), serde_json::json!(history));
                 trainer.save(&dir, "last")?;
+                plot_losses(&project.join(&name).join("losses.png"), &history)?;
             }
             let val = open_source(&data, imgsz, Split::Val)?;
             validate(trainer.eval_model(), &val, batch_size, device)?;
@@ -320,5 +336,33 @@ fn validate(model: &Gelan, source: &Source, batch_size: usize, device: Device) -
         summary.ap50,
         summary.ap
     );
+    Ok(())
+}
+
+/// The loss terms per epoch as a PNG.
+fn plot_losses(path: &Path, history: &[[f64; 3]]) -> Result<()> {
+    let column = |k: usize| history.iter().map(|h| h[k]).collect::<Vec<f64>>();
+    let (b, c, d) = (column(0), column(1), column(2));
+    curves(
+        path,
+        "training losses (weighted, per image)",
+        &[
+            Series {
+                name: "box (CIoU)",
+                values: &b,
+                colour: [220, 50, 47],
+            },
+            Series {
+                name: "cls (BCE)",
+                values: &c,
+                colour: [38, 139, 210],
+            },
+            Series {
+                name: "dfl",
+                values: &d,
+                colour: [133, 153, 0],
+            },
+        ],
+    )?;
     Ok(())
 }

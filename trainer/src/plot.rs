@@ -1,0 +1,170 @@
+//! Training curves as a PNG: the three loss terms per epoch (and mAP when measured), so a run can
+//! be judged at a glance.
+
+use std::path::Path;
+
+use ab_glyph::{FontVec, PxScale};
+use image::{Rgb, RgbImage};
+use imageproc::drawing::{draw_line_segment_mut, draw_text_mut};
+
+use crate::error::{Error, Result};
+
+/// Fonts tried for labels (Debian's fonts-dejavu-core, installed by scripts/setup.sh).
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+];
+
+/// One named series of values per epoch.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub values: &'a [f64],
+    pub colour: [u8; 3],
+}
+
+const W: u32 = 900;
+const H: u32 = 450;
+const MARGIN: f32 = 60.0;
+
+/// Draw `series` against the epoch number and write a PNG to `path`. Without a font the curves
+/// are drawn without labels.
+pub fn curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+    let n = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+    let finite = series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let (lo, hi) = if lo.is_finite() {
+        (lo.min(0.0), hi.max(lo + 1e-9))
+    } else {
+        (0.0, 1.0)
+    };
+    let (x0, x1, y0, y1) = (MARGIN, W as f32 - 20.0, H as f32 - MARGIN, 40.0);
+    let grey = Rgb([120, 120, 120]);
+    draw_line_segment_mut(&mut img, (x0, y0), (x1, y0), grey);
+    draw_line_segment_mut(&mut img, (x0, y0), (x0, y1), grey);
+    let x = |i: usize| x0 + (x1 - x0) * i as f32 / (n.max(2) - 1) as f32;
+    let y = |v: f64| y0 - (y0 - y1) * ((v - lo) / (hi - lo)) as f32;
+    for s in series {
+        let colour = Rgb(s.colour);
+        for (i, w) in s.values.windows(2).enumerate() {
+            if w[0].is_finite() && w[1].is_finite() {
+                // Two pixels thick.
+                for d in [0.0, 1.0] {
+                    draw_line_segment_mut(
+                        &mut img,
+                        (x(i), y(w[0]) + d),
+                        (x(i + 1), y(w[1]) + d),
+                        colour,
+                    );
+                }
+            }
+        }
+        if s.values.len() == 1 && s.values[0].is_finite() {
+            draw_line_segment_mut(
+                &mut img,
+                (x(0) - 3.0, y(s.values[0])),
+                (x(0) + 3.0, y(s.values[0])),
+                colour,
+            );
+        }
+    }
+    if let Some(font) = FONT_PATHS.iter().find_map(|p| {
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| FontVec::try_from_vec(b).ok())
+    }) {
+        let scale = PxScale::from(16.0);
+        let black = Rgb([0, 0, 0]);
+        draw_text_mut(
+            &mut img,
+            black,
+            MARGIN as i32,
+            10,
+            PxScale::from(20.0),
+            &font,
+            title,
+        );
+        draw_text_mut(
+            &mut img,
+            black,
+            5,
+            y1 as i32 - 8,
+            scale,
+            &font,
+            &format!("{hi:.3}"),
+        );
+        draw_text_mut(
+            &mut img,
+            black,
+            5,
+            y0 as i32 - 8,
+            scale,
+            &font,
+            &format!("{lo:.3}"),
+        );
+        draw_text_mut(
+            &mut img,
+            black,
+            x1 as i32 - 80,
+            y0 as i32 + 10,
+            scale,
+            &font,
+            &format!("epoch {n}"),
+        );
+        for (k, s) in series.iter().enumerate() {
+            // A row in the top margin, right of the title, clear of the curves.
+            let (lx, ly) = (440 + 150 * k as i32, 12);
+            for d in 0..3 {
+                draw_line_segment_mut(
+                    &mut img,
+                    (lx as f32, (ly + 8 + d) as f32),
+                    (lx as f32 + 24.0, (ly + 8 + d) as f32),
+                    Rgb(s.colour),
+                );
+            }
+            draw_text_mut(&mut img, black, lx + 30, ly, scale, &font, s.name);
+        }
+    }
+    img.save(path)
+        .map_err(|e| Error::Data(format!("writing {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curves_are_drawn_in_their_colours() {
+        let path = std::env::temp_dir().join(format!("kestrel-plot-{}.png", std::process::id()));
+        let falling = [3.0, 2.0, 1.5, 1.2];
+        let flat = [0.5, 0.5, 0.5, f64::NAN];
+        curves(
+            &path,
+            "losses",
+            &[
+                Series {
+                    name: "box",
+                    values: &falling,
+                    colour: [220, 30, 30],
+                },
+                Series {
+                    name: "cls",
+                    values: &flat,
+                    colour: [30, 30, 220],
+                },
+            ],
+        )
+        .unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (W, H));
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(count([220, 30, 30]) > 500 && count([30, 30, 220]) > 300);
+        let _ = std::fs::remove_file(path);
+    }
+}
