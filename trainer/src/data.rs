@@ -1,6 +1,6 @@
 //! Training batches: images letterboxed to the network size (as inference does), boxes mapped
-//! with them, a deterministic shuffle per epoch, and horizontal flips. Images load on several
-//! threads. Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's
+//! with them, a deterministic shuffle per epoch, and YOLOv9's per-image augmentation: random
+//! scale and translation, HSV jitter and horizontal flips. Images load on several threads. Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's
 //! synthetic scenes rendered on the fly.
 
 use std::path::Path;
@@ -94,6 +94,12 @@ pub struct Loader {
     seed: u64,
     /// Probability of a horizontal flip (YOLOv9: 0.5).
     pub flip: f64,
+    /// Random scale gain: the image is zoomed by a factor in `1 ± scale` (YOLOv9: 0.9).
+    pub scale: f64,
+    /// Random translation, as a fraction of the input size in each direction (YOLOv9: 0.1).
+    pub translate: f64,
+    /// HSV gains: hue, saturation, value (YOLOv9: 0.015, 0.7, 0.4).
+    pub hsv: [f64; 3],
     /// Worker threads for image loading.
     pub workers: usize,
 }
@@ -132,6 +138,9 @@ impl Loader {
             batch_size,
             seed,
             flip: 0.5,
+            scale: 0.9,
+            translate: 0.1,
+            hsv: [0.015, 0.7, 0.4],
             workers,
         })
     }
@@ -242,7 +251,34 @@ impl Loader {
             .run(&img, self.imgsz, self.imgsz, out)
             .map_err(Error::Runtime)?;
         let size = self.imgsz as f32;
-        let flip = unit(mix(self.seed ^ mix(epoch as u64 ^ mix(index as u64)))) < self.flip;
+        // Every random choice of this image in this epoch derives from one seed.
+        let mut z = mix(self.seed ^ mix(epoch as u64 ^ mix(index as u64)));
+        let mut uniform = || {
+            z = mix(z);
+            unit(z)
+        };
+        let flip = uniform() < self.flip;
+        let zoom = 1.0 + self.scale * (2.0 * uniform() - 1.0);
+        let shift = [
+            self.translate * (2.0 * uniform() - 1.0) * size as f64,
+            self.translate * (2.0 * uniform() - 1.0) * size as f64,
+        ];
+        let gains = [
+            1.0 + self.hsv[0] * (2.0 * uniform() - 1.0),
+            1.0 + self.hsv[1] * (2.0 * uniform() - 1.0),
+            1.0 + self.hsv[2] * (2.0 * uniform() - 1.0),
+        ];
+        let geometry = Affine {
+            zoom: zoom.max(0.05) as f32,
+            shift: [shift[0] as f32, shift[1] as f32],
+            centre: size / 2.0,
+        };
+        if self.scale > 0.0 || self.translate > 0.0 {
+            geometry.warp(out, self.imgsz as usize);
+        }
+        if self.hsv.iter().any(|&g| g > 0.0) {
+            jitter_hsv(out, gains);
+        }
         if flip {
             let s = self.imgsz as usize;
             for row in out.chunks_mut(s) {
@@ -251,8 +287,18 @@ impl Loader {
         }
         Ok(objects
             .into_iter()
-            .map(|(c, b)| {
-                let b = p.to_input(b);
+            .filter_map(|(c, b)| {
+                let original = p.to_input(b);
+                let b = geometry.apply(original).clip(size, size);
+                let (w, h) = (b.x2 - b.x1, b.y2 - b.y1);
+                let (w0, h0) = (
+                    (original.x2 - original.x1) * geometry.zoom,
+                    (original.y2 - original.y1) * geometry.zoom,
+                );
+                // YOLOv9's box_candidates: over 2 px a side, over 10 % of the (scaled) box still
+                // in the image, aspect ratio under 100.
+                let keep =
+                    w > 2.0 && h > 2.0 && w * h > 0.1 * w0 * h0 && (w / h).max(h / w) < 100.0;
                 let b = if flip {
                     BoxXyxy {
                         x1: size - b.x2,
@@ -263,14 +309,120 @@ impl Loader {
                 } else {
                     b
                 };
-                (c, b)
+                keep.then_some((c, b))
             })
-            .filter(|(_, b)| b.x2 - b.x1 > 1.0 && b.y2 - b.y1 > 1.0)
             .collect())
     }
 }
 
-/// Load a split of a YOLO data YAML, or synthetic scenes for `synthetic[:SEED[:COUNT]]` (the
+/// Zoom about the image centre, then shift (input pixels): `x' = (x − c)·zoom + c + shift`.
+#[derive(Debug, Clone, Copy)]
+struct Affine {
+    zoom: f32,
+    shift: [f32; 2],
+    centre: f32,
+}
+
+impl Affine {
+    fn apply(&self, b: BoxXyxy) -> BoxXyxy {
+        let f = |v: f32, k: usize| (v - self.centre) * self.zoom + self.centre + self.shift[k];
+        BoxXyxy {
+            x1: f(b.x1, 0),
+            y1: f(b.y1, 1),
+            x2: f(b.x2, 0),
+            y2: f(b.y2, 1),
+        }
+    }
+
+    /// Resample the NCHW planes of one `size`×`size` image through the transform (bilinear),
+    /// filling what comes from outside with the letterbox grey.
+    fn warp(&self, planes: &mut [f32], size: usize) {
+        let src = planes.to_vec();
+        let fill = kestrel_runtime::letterbox::FILL as f32 / 255.0;
+        let inv = 1.0 / self.zoom;
+        for y in 0..size {
+            let sy = (y as f32 + 0.5 - self.centre - self.shift[1]) * inv + self.centre - 0.5;
+            for x in 0..size {
+                let sx = (x as f32 + 0.5 - self.centre - self.shift[0]) * inv + self.centre - 0.5;
+                let inside = sx > -1.0 && sy > -1.0 && sx < size as f32 && sy < size as f32;
+                for c in 0..3 {
+                    let plane = &src[c * size * size..(c + 1) * size * size];
+                    planes[c * size * size + y * size + x] = if inside {
+                        bilinear(plane, size, sx, sy, fill)
+                    } else {
+                        fill
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn bilinear(plane: &[f32], size: usize, x: f32, y: f32, fill: f32) -> f32 {
+    let (x0, y0) = (x.floor(), y.floor());
+    let (fx, fy) = (x - x0, y - y0);
+    let at = |xi: f32, yi: f32| {
+        if xi < 0.0 || yi < 0.0 || xi >= size as f32 || yi >= size as f32 {
+            fill
+        } else {
+            plane[yi as usize * size + xi as usize]
+        }
+    };
+    let top = at(x0, y0) * (1.0 - fx) + at(x0 + 1.0, y0) * fx;
+    let bottom = at(x0, y0 + 1.0) * (1.0 - fx) + at(x0 + 1.0, y0 + 1.0) * fx;
+    top * (1.0 - fy) + bottom * fy
+}
+
+/// YOLOv9's `augment_hsv` on RGB planes in [0, 1]: hue multiplied by `gains[0]` (wrapping),
+/// saturation and value by `gains[1]` and `gains[2]` (clipped).
+fn jitter_hsv(planes: &mut [f32], gains: [f64; 3]) {
+    let n = planes.len() / 3;
+    let (r, rest) = planes.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for i in 0..n {
+        let (h, s, v) = rgb_to_hsv(r[i], g[i], b[i]);
+        let h = (h * gains[0] as f32).rem_euclid(360.0);
+        let s = (s * gains[1] as f32).clamp(0.0, 1.0);
+        let v = (v * gains[2] as f32).clamp(0.0, 1.0);
+        let (rr, gg, bb) = hsv_to_rgb(h, s, v);
+        (r[i], g[i], b[i]) = (rr, gg, bb);
+    }
+}
+
+/// Hue in degrees, saturation and value in [0, 1].
+fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    let d = max - min;
+    let h = if d <= 0.0 {
+        0.0
+    } else if max == r {
+        60.0 * ((g - b) / d).rem_euclid(6.0)
+    } else if max == g {
+        60.0 * ((b - r) / d + 2.0)
+    } else {
+        60.0 * ((r - g) / d + 4.0)
+    };
+    let s = if max <= 0.0 { 0.0 } else { d / max };
+    (h, s, max)
+}
+
+fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
+    let c = v * s;
+    let x = c * (1.0 - ((h / 60.0).rem_euclid(2.0) - 1.0).abs());
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    (r + m, g + m, b + m)
+}
+
+/// Load a split of a YOLO data YAML/// Load a split of a YOLO data YAML, or synthetic scenes for `synthetic[:SEED[:COUNT]]` (the
 /// validation split of synthetic data is another seed: `SEED + 1_000_003`, a quarter as many).
 pub fn open_source(data: &str, imgsz: u32, split: Split) -> Result<Source> {
     if let Some(rest) = data.strip_prefix("synthetic") {
@@ -301,4 +453,57 @@ pub fn open_source(data: &str, imgsz: u32, split: Split) -> Result<Source> {
     }
     let d = Dataset::from_yolo_yaml(Path::new(data), split).map_err(Error::Runtime)?;
     Ok(Source::Dataset(d))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hsv_round_trips_and_gains_of_one_change_nothing() {
+        let mut planes = vec![0.9, 0.1, 0.5, 0.3, 0.2, 0.8, 0.4, 0.7, 0.6, 0.5, 0.5, 0.5];
+        let before = planes.clone();
+        jitter_hsv(&mut planes, [1.0, 1.0, 1.0]);
+        for (a, b) in planes.iter().zip(&before) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Value gain 0.5 halves every channel; grey stays grey under hue and saturation gains.
+        let mut grey = vec![0.5, 0.5, 0.5];
+        jitter_hsv(&mut grey, [1.3, 1.7, 0.5]);
+        assert_eq!(grey, vec![0.25, 0.25, 0.25]);
+    }
+
+    #[test]
+    fn the_warp_moves_pixels_where_the_boxes_go() {
+        // A white 8x8 square at (20..28, 12..20) in a 64x64 grey image.
+        let size = 64;
+        let mut planes = vec![0.45f32; 3 * size * size];
+        for c in 0..3 {
+            for y in 12..20 {
+                for x in 20..28 {
+                    planes[c * size * size + y * size + x] = 1.0;
+                }
+            }
+        }
+        let t = Affine {
+            zoom: 1.5,
+            shift: [5.0, -3.0],
+            centre: 32.0,
+        };
+        t.warp(&mut planes, size);
+        let b = t.apply(BoxXyxy {
+            x1: 20.0,
+            y1: 12.0,
+            x2: 28.0,
+            y2: 20.0,
+        });
+        // x' = (x - 32)·1.5 + 32 + 5, y' = (y - 32)·1.5 + 32 - 3.
+        assert_eq!((b.x1, b.x2), (19.0, 31.0));
+        assert_eq!((b.y1, b.y2), (-1.0, 11.0));
+        let at = |x: usize, y: usize| planes[y * size + x];
+        // Inside the moved box (away from its edges): white; just outside: grey.
+        assert!(at(25, 5) > 0.99 && at(21, 2) > 0.99 && at(29, 9) > 0.99);
+        assert!((at(25, 14) - 0.45).abs() < 1e-5 && (at(16, 5) - 0.45).abs() < 1e-5);
+    }
 }

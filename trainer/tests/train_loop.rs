@@ -32,6 +32,10 @@ fn batches_are_deterministic_and_flips_move_the_boxes() {
     e1.sort_unstable();
     assert_eq!(e0, e1);
 
+    // Flips alone (the other augmentations are not mirror-symmetric).
+    loader.scale = 0.0;
+    loader.translate = 0.0;
+    loader.hsv = [0.0; 3];
     loader.flip = 0.0;
     let plain = loader.batch(0, 0, Device::Cpu).unwrap();
     loader.flip = 1.0;
@@ -50,6 +54,33 @@ fn batches_are_deterministic_and_flips_move_the_boxes() {
             assert_eq!((fb[1], fb[3]), (pb[1], pb[3]));
         }
     }
+}
+
+#[test]
+fn augmentation_changes_the_pixels_and_keeps_boxes_in_the_image() {
+    let loader = Loader::new(synthetic(8), 64, 8, 2).unwrap();
+    let mut plain = loader.clone();
+    plain.scale = 0.0;
+    plain.translate = 0.0;
+    plain.hsv = [0.0; 3];
+    let a = loader.batch(0, 0, Device::Cpu).unwrap();
+    let b = plain.batch(0, 0, Device::Cpu).unwrap();
+    assert!(!a.images.equal(&b.images));
+    let boxes = Vec::<f32>::try_from(a.boxes.flatten(0, -1)).unwrap();
+    let valid = Vec::<f32>::try_from(a.valid.flatten(0, -1)).unwrap();
+    assert!(valid.iter().filter(|&&v| v > 0.0).count() > 4);
+    for (k, v) in valid.iter().enumerate() {
+        if *v > 0.0 {
+            let bx = &boxes[k * 4..k * 4 + 4];
+            assert!(
+                bx[0] >= 0.0 && bx[1] >= 0.0 && bx[2] <= 64.0 && bx[3] <= 64.0,
+                "{bx:?}"
+            );
+            assert!(bx[2] - bx[0] > 2.0 && bx[3] - bx[1] > 2.0, "{bx:?}");
+        }
+    }
+    let px = Vec::<f32>::try_from(a.images.flatten(0, -1)).unwrap();
+    assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
 }
 
 #[test]
