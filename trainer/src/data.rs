@@ -1,7 +1,8 @@
 //! Training batches: images letterboxed to the network size (as inference does), boxes mapped
-//! with them, a deterministic shuffle per epoch, and YOLOv9's per-image augmentation: random
-//! scale and translation, HSV jitter and horizontal flips. Images load on several threads. Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's
-//! synthetic scenes rendered on the fly.
+//! with them, a deterministic shuffle per epoch, and YOLOv9's augmentation: four-image mosaics,
+//! random scale and translation, HSV jitter and horizontal flips. Images load on several threads.
+//! Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's synthetic scenes
+//! rendered on the fly.
 
 use std::path::Path;
 
@@ -100,6 +101,9 @@ pub struct Loader {
     pub translate: f64,
     /// HSV gains: hue, saturation, value (YOLOv9: 0.015, 0.7, 0.4).
     pub hsv: [f64; 3],
+    /// Probability of a four-image mosaic (YOLOv9: 1.0; set to 0 for the last epochs, YOLOv9's
+    /// `close_mosaic`).
+    pub mosaic: f64,
     /// Worker threads for image loading.
     pub workers: usize,
 }
@@ -141,6 +145,7 @@ impl Loader {
             scale: 0.9,
             translate: 0.1,
             hsv: [0.015, 0.7, 0.4],
+            mosaic: 1.0,
             workers,
         })
     }
@@ -231,15 +236,8 @@ impl Loader {
         })
     }
 
-    /// Load image `index`, letterbox it into `out` (NCHW planes), flip it when its coin says so,
-    /// and return its objects in input pixels (degenerate boxes dropped).
-    fn load_one(
-        &self,
-        lb: &mut Letterboxer,
-        epoch: usize,
-        index: usize,
-        out: &mut [f32],
-    ) -> Result<Vec<(usize, BoxXyxy)>> {
+    /// One image `index` with its objects, class ids checked.
+    fn load_checked(&self, index: usize) -> Result<(image::RgbImage, Vec<(usize, BoxXyxy)>)> {
         let (img, objects) = self.source.load(index)?;
         let nc = self.source.num_classes();
         if let Some((c, _)) = objects.iter().find(|(c, _)| *c >= nc) {
@@ -247,10 +245,22 @@ impl Loader {
                 "image {index}: class {c} is out of range for {nc} classes"
             )));
         }
-        let p = lb
-            .run(&img, self.imgsz, self.imgsz, out)
-            .map_err(Error::Runtime)?;
+        Ok((img, objects))
+    }
+
+    /// Image `index` for the network, augmented, into `out` (NCHW planes), with its objects in
+    /// input pixels. With probability `mosaic` it is YOLOv9's mosaic: four images (this one and
+    /// three drawn from the dataset) letterboxed into the quadrants around a random centre of a
+    /// canvas twice the input size, which the random zoom and shift then crop to the input.
+    fn load_one(
+        &self,
+        lb: &mut Letterboxer,
+        epoch: usize,
+        index: usize,
+        out: &mut [f32],
+    ) -> Result<Vec<(usize, BoxXyxy)>> {
         let size = self.imgsz as f32;
+        let n = self.imgsz as usize;
         // Every random choice of this image in this epoch derives from one seed.
         let mut z = mix(self.seed ^ mix(epoch as u64 ^ mix(index as u64)));
         let mut uniform = || {
@@ -268,27 +278,75 @@ impl Loader {
             1.0 + self.hsv[1] * (2.0 * uniform() - 1.0),
             1.0 + self.hsv[2] * (2.0 * uniform() - 1.0),
         ];
+        let use_mosaic = uniform() < self.mosaic;
+
+        // The source canvas (side `canvas`) and the objects in its pixels.
+        let (canvas, pixels, objects) = if use_mosaic {
+            let side = 2 * n;
+            let fill = kestrel_runtime::letterbox::FILL as f32 / 255.0;
+            let mut pixels = vec![fill; 3 * side * side];
+            let mut tile = vec![0f32; 3 * n * n];
+            let centre = [(0.5 + uniform()) * n as f64, (0.5 + uniform()) * n as f64];
+            let (cx, cy) = (centre[0] as i64, centre[1] as i64);
+            let mut objects = Vec::new();
+            for k in 0..4 {
+                let pick = if k == 0 {
+                    index
+                } else {
+                    ((uniform() * self.source.len() as f64) as usize).min(self.source.len() - 1)
+                };
+                let (img, objs) = self.load_checked(pick)?;
+                let p = lb
+                    .run(&img, self.imgsz, self.imgsz, &mut tile)
+                    .map_err(Error::Runtime)?;
+                let (ox, oy) = match k {
+                    0 => (cx - n as i64, cy - n as i64),
+                    1 => (cx, cy - n as i64),
+                    2 => (cx - n as i64, cy),
+                    _ => (cx, cy),
+                };
+                paste(&tile, n, &mut pixels, side, ox, oy);
+                objects.extend(objs.into_iter().map(|(c, b)| {
+                    let b = p.to_input(b);
+                    let (dx, dy) = (ox as f32, oy as f32);
+                    let b = BoxXyxy {
+                        x1: b.x1 + dx,
+                        y1: b.y1 + dy,
+                        x2: b.x2 + dx,
+                        y2: b.y2 + dy,
+                    };
+                    (c, b.clip(side as f32, side as f32))
+                }));
+            }
+            (side, pixels, objects)
+        } else {
+            let (img, objs) = self.load_checked(index)?;
+            let p = lb
+                .run(&img, self.imgsz, self.imgsz, out)
+                .map_err(Error::Runtime)?;
+            let objects = objs.into_iter().map(|(c, b)| (c, p.to_input(b))).collect();
+            (n, out.to_vec(), objects)
+        };
         let geometry = Affine {
             zoom: zoom.max(0.05) as f32,
             shift: [shift[0] as f32, shift[1] as f32],
-            centre: size / 2.0,
+            src_centre: canvas as f32 / 2.0,
+            dst_centre: size / 2.0,
         };
-        if self.scale > 0.0 || self.translate > 0.0 {
-            geometry.warp(out, self.imgsz as usize);
+        if use_mosaic || self.scale > 0.0 || self.translate > 0.0 {
+            geometry.warp(&pixels, canvas, out, n);
         }
         if self.hsv.iter().any(|&g| g > 0.0) {
             jitter_hsv(out, gains);
         }
         if flip {
-            let s = self.imgsz as usize;
-            for row in out.chunks_mut(s) {
+            for row in out.chunks_mut(n) {
                 row.reverse();
             }
         }
         Ok(objects
             .into_iter()
-            .filter_map(|(c, b)| {
-                let original = p.to_input(b);
+            .filter_map(|(c, original)| {
                 let b = geometry.apply(original).clip(size, size);
                 let (w, h) = (b.x2 - b.x1, b.y2 - b.y1);
                 let (w0, h0) = (
@@ -315,17 +373,41 @@ impl Loader {
     }
 }
 
-/// Zoom about the image centre, then shift (input pixels): `x' = (x − c)·zoom + c + shift`.
+/// Copy NCHW planes of a `n`×`n` tile into a `side`×`side` canvas at (`ox`, `oy`), clipped.
+fn paste(tile: &[f32], n: usize, canvas: &mut [f32], side: usize, ox: i64, oy: i64) {
+    for c in 0..3 {
+        for y in 0..n as i64 {
+            let cy = oy + y;
+            if cy < 0 || cy >= side as i64 {
+                continue;
+            }
+            let x0 = ox.max(0);
+            let x1 = (ox + n as i64).min(side as i64);
+            if x1 <= x0 {
+                continue;
+            }
+            let src = c * n * n + y as usize * n + (x0 - ox) as usize;
+            let dst = c * side * side + cy as usize * side + x0 as usize;
+            let len = (x1 - x0) as usize;
+            canvas[dst..dst + len].copy_from_slice(&tile[src..src + len]);
+        }
+    }
+}
+
+/// Zoom about the source centre, then shift (input pixels):
+/// `x' = (x − src_centre)·zoom + dst_centre + shift`.
 #[derive(Debug, Clone, Copy)]
 struct Affine {
     zoom: f32,
     shift: [f32; 2],
-    centre: f32,
+    src_centre: f32,
+    dst_centre: f32,
 }
 
 impl Affine {
     fn apply(&self, b: BoxXyxy) -> BoxXyxy {
-        let f = |v: f32, k: usize| (v - self.centre) * self.zoom + self.centre + self.shift[k];
+        let f =
+            |v: f32, k: usize| (v - self.src_centre) * self.zoom + self.dst_centre + self.shift[k];
         BoxXyxy {
             x1: f(b.x1, 0),
             y1: f(b.y1, 1),
@@ -334,21 +416,24 @@ impl Affine {
         }
     }
 
-    /// Resample the NCHW planes of one `size`×`size` image through the transform (bilinear),
-    /// filling what comes from outside with the letterbox grey.
-    fn warp(&self, planes: &mut [f32], size: usize) {
-        let src = planes.to_vec();
+    /// Resample the NCHW planes of a `src_size`² image through the transform into a `dst_size`²
+    /// one (bilinear), filling what comes from outside with the letterbox grey.
+    fn warp(&self, src: &[f32], src_size: usize, dst: &mut [f32], dst_size: usize) {
         let fill = kestrel_runtime::letterbox::FILL as f32 / 255.0;
         let inv = 1.0 / self.zoom;
-        for y in 0..size {
-            let sy = (y as f32 + 0.5 - self.centre - self.shift[1]) * inv + self.centre - 0.5;
-            for x in 0..size {
-                let sx = (x as f32 + 0.5 - self.centre - self.shift[0]) * inv + self.centre - 0.5;
-                let inside = sx > -1.0 && sy > -1.0 && sx < size as f32 && sy < size as f32;
+        let to_src = |v: usize, k: usize| {
+            (v as f32 + 0.5 - self.dst_centre - self.shift[k]) * inv + self.src_centre - 0.5
+        };
+        for y in 0..dst_size {
+            let sy = to_src(y, 1);
+            for x in 0..dst_size {
+                let sx = to_src(x, 0);
+                let limit = src_size as f32;
+                let inside = sx > -1.0 && sy > -1.0 && sx < limit && sy < limit;
                 for c in 0..3 {
-                    let plane = &src[c * size * size..(c + 1) * size * size];
-                    planes[c * size * size + y * size + x] = if inside {
-                        bilinear(plane, size, sx, sy, fill)
+                    let plane = &src[c * src_size * src_size..(c + 1) * src_size * src_size];
+                    dst[c * dst_size * dst_size + y * dst_size + x] = if inside {
+                        bilinear(plane, src_size, sx, sy, fill)
                     } else {
                         fill
                     };
@@ -489,9 +574,11 @@ mod tests {
         let t = Affine {
             zoom: 1.5,
             shift: [5.0, -3.0],
-            centre: 32.0,
+            src_centre: 32.0,
+            dst_centre: 32.0,
         };
-        t.warp(&mut planes, size);
+        let src = planes.clone();
+        t.warp(&src, size, &mut planes, size);
         let b = t.apply(BoxXyxy {
             x1: 20.0,
             y1: 12.0,

@@ -36,6 +36,7 @@ fn batches_are_deterministic_and_flips_move_the_boxes() {
     loader.scale = 0.0;
     loader.translate = 0.0;
     loader.hsv = [0.0; 3];
+    loader.mosaic = 0.0;
     loader.flip = 0.0;
     let plain = loader.batch(0, 0, Device::Cpu).unwrap();
     loader.flip = 1.0;
@@ -63,6 +64,7 @@ fn augmentation_changes_the_pixels_and_keeps_boxes_in_the_image() {
     plain.scale = 0.0;
     plain.translate = 0.0;
     plain.hsv = [0.0; 3];
+    plain.mosaic = 0.0;
     let a = loader.batch(0, 0, Device::Cpu).unwrap();
     let b = plain.batch(0, 0, Device::Cpu).unwrap();
     assert!(!a.images.equal(&b.images));
@@ -81,6 +83,33 @@ fn augmentation_changes_the_pixels_and_keeps_boxes_in_the_image() {
     }
     let px = Vec::<f32>::try_from(a.images.flatten(0, -1)).unwrap();
     assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
+}
+
+#[test]
+fn mosaics_gather_the_objects_of_four_images() {
+    let mut single = Loader::new(synthetic(16), 64, 16, 4).unwrap();
+    single.scale = 0.0;
+    single.translate = 0.0;
+    single.hsv = [0.0; 3];
+    single.mosaic = 0.0;
+    let mut mosaic = single.clone();
+    mosaic.mosaic = 1.0;
+    let count = |l: &Loader| {
+        let b = l.batch(0, 0, Device::Cpu).unwrap();
+        Vec::<f32>::try_from(b.valid.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .count()
+    };
+    let (one, four) = (count(&single), count(&mosaic));
+    println!("objects in a batch of 16: {one} single images, {four} mosaics");
+    assert!(four > one, "{four} vs {one}");
+    let a = mosaic.batch(1, 0, Device::Cpu).unwrap();
+    let b = mosaic.batch(1, 0, Device::Cpu).unwrap();
+    assert!(a.images.equal(&b.images) && a.boxes.equal(&b.boxes));
+    let boxes = Vec::<f32>::try_from(a.boxes.flatten(0, -1)).unwrap();
+    assert!(boxes.iter().all(|v| (0.0..=64.0).contains(v)));
 }
 
 #[test]

@@ -63,6 +63,9 @@ enum Command {
         /// Cosine instead of linear learning-rate decay.
         #[arg(long)]
         cosine: bool,
+        /// Train the last N epochs without mosaics (YOLOv9's close-mosaic).
+        #[arg(long, default_value_t = 15)]
+        close_mosaic: usize,
     },
     /// mAP of a training checkpoint on a validation split (YOLOv9's settings: conf 0.001,
     /// IoU 0.7, 300 detections, multi-label), through the runtime's post-processing and evaluator.
@@ -195,6 +198,7 @@ fn main() -> Result<()> {
             seed,
             lr0,
             cosine,
+            close_mosaic,
         } => {
             let device = parse_device(&device)?;
             tch::manual_seed(seed as i64);
@@ -234,13 +238,20 @@ fn main() -> Result<()> {
             } else {
                 Vec::new()
             };
+            let mut closing = loader.clone();
+            closing.mosaic = 0.0;
             while trainer.state.epoch < epochs {
                 let e = trainer.state.epoch;
+                let loader = if e + close_mosaic >= epochs {
+                    &closing
+                } else {
+                    &loader
+                };
                 let pb = bar(
                     loader.batches_per_epoch() as u64,
                     &format!("epoch {}/{epochs}", e + 1),
                 );
-                let summary = trainer.train_epoch(&loader, |r| {
+                let summary = trainer.train_epoch(loader, |r| {
                     pb.set_message(format!(
                         "box {:.3} cls {:.3} dfl {:.3} lr {:.2e}",
                         r.boxes, r.classes, r.dfl, r.lr
