@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
-use kestrel_runtime::BoxXyxy;
 use kestrel_runtime::dataset::{Dataset, Split, load_rgb};
 use kestrel_runtime::letterbox::Letterboxer;
 use kestrel_runtime::synth::{image_seed, render_scene};
+use kestrel_runtime::{BoxXyxy, GroundTruth};
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -46,26 +46,27 @@ impl Source {
         }
     }
 
-    /// Image `index` as RGB with its objects (class id, box in its pixels).
-    fn load(&self, index: usize) -> Result<(image::RgbImage, Vec<(usize, BoxXyxy)>)> {
+    /// Image `index` as RGB with its ground truth in its pixels (crowd regions included: the
+    /// evaluator ignores them, training skips them).
+    pub fn load(&self, index: usize) -> Result<(image::RgbImage, Vec<GroundTruth>)> {
         match self {
             Source::Dataset(d) => {
                 let s = &d.samples[index];
                 let img = load_rgb(&s.image).map_err(Error::Runtime)?;
-                let objects = s
-                    .objects
-                    .iter()
-                    .filter(|o| !o.iscrowd)
-                    .map(|o| (o.class_id, o.bbox))
-                    .collect();
-                Ok((img, objects))
+                Ok((img, s.objects.clone()))
             }
             Source::Synthetic { seed, size, .. } => {
                 let (img, objects) = render_scene(image_seed(*seed, index), *size, *size);
-                Ok((
-                    img,
-                    objects.into_iter().map(|o| (o.class_id, o.bbox)).collect(),
-                ))
+                let objects = objects
+                    .into_iter()
+                    .map(|o| GroundTruth {
+                        area: o.bbox.area(),
+                        bbox: o.bbox,
+                        class_id: o.class_id,
+                        iscrowd: false,
+                    })
+                    .collect();
+                Ok((img, objects))
             }
         }
     }
@@ -239,6 +240,11 @@ impl Loader {
     /// One image `index` with its objects, class ids checked.
     fn load_checked(&self, index: usize) -> Result<(image::RgbImage, Vec<(usize, BoxXyxy)>)> {
         let (img, objects) = self.source.load(index)?;
+        let objects: Vec<(usize, BoxXyxy)> = objects
+            .into_iter()
+            .filter(|o| !o.iscrowd)
+            .map(|o| (o.class_id, o.bbox))
+            .collect();
         let nc = self.source.num_classes();
         if let Some((c, _)) = objects.iter().find(|(c, _)| *c >= nc) {
             return Err(Error::Data(format!(

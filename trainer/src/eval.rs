@@ -2,43 +2,15 @@
 //! runtime's own letterbox, post-processing (decode, multi-label NMS) and COCO evaluator: the
 //! same path `kestrel val` takes for the exported ONNX, so the two agree.
 
-use kestrel_runtime::dataset::load_rgb;
+use kestrel_runtime::Detection;
 use kestrel_runtime::eval::{EvalSummary, Evaluator};
 use kestrel_runtime::letterbox::Letterboxer;
 use kestrel_runtime::nms::{NmsConfig, Postprocessor};
-use kestrel_runtime::synth::{image_seed, render_scene};
-use kestrel_runtime::{Detection, GroundTruth};
 use tch::{Device, Tensor};
 
 use crate::data::Source;
 use crate::error::{Error, Result};
 use crate::model::Gelan;
-
-/// One image and its ground truth (crowd regions kept: the evaluator ignores them).
-fn sample(source: &Source, index: usize) -> Result<(image::RgbImage, Vec<GroundTruth>)> {
-    match source {
-        Source::Dataset(d) => {
-            let s = &d.samples[index];
-            Ok((
-                load_rgb(&s.image).map_err(Error::Runtime)?,
-                s.objects.clone(),
-            ))
-        }
-        Source::Synthetic { seed, size, .. } => {
-            let (img, objects) = render_scene(image_seed(*seed, index), *size, *size);
-            let gts = objects
-                .into_iter()
-                .map(|o| GroundTruth {
-                    area: (o.bbox.x2 - o.bbox.x1) * (o.bbox.y2 - o.bbox.y1),
-                    bbox: o.bbox,
-                    class_id: o.class_id,
-                    iscrowd: false,
-                })
-                .collect();
-            Ok((img, gts))
-        }
-    }
-}
 
 /// Detections of `model` (evaluation mode) on `images`, boxes in each image's pixels: the
 /// runtime's letterbox and post-processing around the tch forward pass.
@@ -132,7 +104,7 @@ pub fn evaluate(
     for chunk in indices.chunks(batch.max(1)) {
         let samples = chunk
             .iter()
-            .map(|&i| sample(source, i))
+            .map(|&i| source.load(i))
             .collect::<Result<Vec<_>>>()?;
         let images: Vec<&image::RgbImage> = samples.iter().map(|(img, _)| img).collect();
         detector.detect(model, &images, device, nms, &mut results)?;

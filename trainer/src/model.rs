@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use kestrel_exporter::ModelConfig;
+use kestrel_exporter::export::anchor_grid;
 use kestrel_exporter::spec::{Activation, Block, REG_MAX, STRIDES, make_divisible};
 use kestrel_exporter::weights::Tensor as NamedTensor;
 use tch::nn::{self, Module, ModuleT};
@@ -241,7 +242,11 @@ struct Detect {
     boxes: Vec<(ConvBn, ConvBn, nn::Conv2D)>,
     classes: Vec<(ConvBn, ConvBn, nn::Conv2D)>,
     num_classes: usize,
-    imgsz: [usize; 2],
+    /// Anchor centres `[1, 2, A]` (grid cells) and strides `[1, 1, A]` (pixels), and the DFL
+    /// projection, made once on the model's device.
+    anchors: Tensor,
+    strides: Tensor,
+    dfl: Tensor,
 }
 
 /// One layer of the network.
@@ -646,12 +651,20 @@ impl Detect {
                 last,
             ));
         }
+        let (anchors, strides) = anchor_grid(config);
+        let device = p.device();
         Ok(Self {
             path: path_name(p),
             boxes,
             classes,
             num_classes: nc,
-            imgsz: config.imgsz,
+            anchors: Tensor::from_slice(&anchors)
+                .view([1, 2, -1])
+                .to_device(device),
+            strides: Tensor::from_slice(&strides)
+                .view([1, 1, -1])
+                .to_device(device),
+            dfl: dfl_projection().to_device(device),
         })
     }
 
@@ -681,7 +694,6 @@ impl Detect {
     /// Decoded output `[B, 4 + classes, A]` (xywh in pixels, sigmoid scores).
     fn forward_t(&self, levels: &[&Tensor], train: bool) -> Result<Tensor> {
         let raw = self.raw_t(levels, train)?;
-        let device = raw.device();
         let n = size_of(&raw, 0);
         let a = size_of(&raw, 2);
         let parts = raw.split_with_sizes([(4 * REG_MAX) as i64, self.num_classes as i64], 1);
@@ -689,20 +701,13 @@ impl Detect {
             .view([n, 4, REG_MAX as i64, a])
             .softmax(2, Kind::Float)
             .transpose(1, 2)
-            .conv2d(
-                &dfl_projection().to_device(device),
-                None::<Tensor>,
-                [1, 1],
-                [0, 0],
-                [1, 1],
-                1,
-            )
+            .conv2d(&self.dfl, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
             .view([n, 4, a]);
-        let (anchors, strides) = anchor_tensors(self.imgsz, device);
+        let (anchors, strides) = (&self.anchors, &self.strides);
         let lt = dist.narrow(1, 0, 2);
         let rb = dist.narrow(1, 2, 2);
-        let x1y1 = &anchors - lt;
-        let x2y2 = &anchors + rb;
+        let x1y1 = anchors - lt;
+        let x2y2 = anchors + rb;
         let cxy = (&x1y1 + &x2y2) / 2.0;
         let wh = x2y2 - x1y1;
         let boxes = Tensor::cat(&[cxy, wh], 1) * strides;
@@ -711,37 +716,16 @@ impl Detect {
 }
 
 /// Anchor centres `[A, 2]` in grid units (cells + 0.5) and each anchor's stride `[A, 1]` in
-/// pixels, level by level: what the loss takes.
-pub fn anchor_points(imgsz: [usize; 2], device: tch::Device) -> (Tensor, Tensor) {
-    let (a, s) = anchor_tensors(imgsz, device);
-    (
-        a.squeeze_dim(0).transpose(0, 1),
-        s.squeeze_dim(0).transpose(0, 1),
-    )
-}
-
-/// Anchor centres `[1, 2, A]` (grid cells + 0.5) and strides `[1, 1, A]`, as the exporter's
-/// `anchor_grid`.
-fn anchor_tensors(imgsz: [usize; 2], device: tch::Device) -> (Tensor, Tensor) {
-    let mut xs = Vec::new();
-    let mut ys = Vec::new();
-    let mut strides = Vec::new();
-    for s in STRIDES {
-        let (h, w) = (imgsz[0] / s, imgsz[1] / s);
-        for y in 0..h {
-            for x in 0..w {
-                xs.push(x as f32 + 0.5);
-                ys.push(y as f32 + 0.5);
-                strides.push(s as f32);
-            }
-        }
-    }
+/// pixels, level by level (the exporter's [`anchor_grid`]): what the loss takes.
+pub fn anchor_points(config: &ModelConfig, device: tch::Device) -> (Tensor, Tensor) {
+    let (centres, strides) = anchor_grid(config);
     let a = strides.len() as i64;
-    xs.extend(ys);
     (
-        Tensor::from_slice(&xs).view([1, 2, a]).to_device(device),
-        Tensor::from_slice(&strides)
-            .view([1, 1, a])
+        Tensor::from_slice(&centres)
+            .view([2, a])
+            .transpose(0, 1)
+            .contiguous()
             .to_device(device),
+        Tensor::from_slice(&strides).view([a, 1]).to_device(device),
     )
 }

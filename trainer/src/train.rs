@@ -157,7 +157,7 @@ impl Trainer {
         .build(&vs, config.lr0)?;
         opt.set_weight_decay_group(0, decay);
         opt.set_weight_decay_group(NO_DECAY_GROUP, 0.0);
-        let (anchors, strides) = anchor_points(model_config.imgsz, device);
+        let (anchors, strides) = anchor_points(model_config, device);
         Ok(Self {
             vs,
             model,

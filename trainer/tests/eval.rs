@@ -5,11 +5,9 @@
 use kestrel_exporter::weights::save_safetensors;
 use kestrel_exporter::{ExportOptions, ModelConfig, WeightFile, WeightSource, export, write_model};
 use kestrel_runtime::Detector;
-use kestrel_runtime::GroundTruth;
 use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
 use kestrel_runtime::eval::Evaluator;
 use kestrel_runtime::nms::NmsConfig;
-use kestrel_runtime::synth::{image_seed, render_scene};
 use kestrel_trainer::Gelan;
 use kestrel_trainer::data::Source;
 use kestrel_trainer::eval::{TchDetector, evaluate};
@@ -60,16 +58,7 @@ fn trainer_evaluation_matches_the_runtime_on_the_exported_model() {
     let mut tch_detector = TchDetector::new();
     let mut ours_per_image = Vec::new();
     for i in 0..6 {
-        let (img, objects) = render_scene(image_seed(9, i), size, size);
-        let gts: Vec<GroundTruth> = objects
-            .into_iter()
-            .map(|o| GroundTruth {
-                area: (o.bbox.x2 - o.bbox.x1) * (o.bbox.y2 - o.bbox.y1),
-                bbox: o.bbox,
-                class_id: o.class_id,
-                iscrowd: false,
-            })
-            .collect();
+        let (img, gts) = source.load(i).unwrap();
         detector.detect(&[&img], &nms, &mut results).unwrap();
         detections += results[0].len();
         // The same detections, one by one.

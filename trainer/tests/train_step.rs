@@ -39,7 +39,7 @@ fn a_few_optimiser_steps_on_a_fixed_batch_lower_the_loss() {
     let gt_classes = Tensor::from_slice(&[0i64, 1]).view([2, 1]);
     let gt_boxes = Tensor::from_slice(boxes.as_flattened()).view([2, 1, 4]);
     let valid = Tensor::ones([2, 1], (Kind::Float, Device::Cpu));
-    let (anchors, strides) = anchor_points(cfg.imgsz, Device::Cpu);
+    let (anchors, strides) = anchor_points(&cfg, Device::Cpu);
 
     let mut losses = Vec::new();
     for _ in 0..STEPS {

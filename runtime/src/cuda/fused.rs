@@ -170,6 +170,26 @@ impl Desc {
         self.set(name, T::CUDNN_TYPE_BACKEND_DESCRIPTOR, &raw)
     }
 
+    /// Read up to `out.len()` elements of an attribute (none: only count them); returns how
+    /// many the attribute has.
+    fn get<V>(&self, name: A, ty: T, out: &mut [V], what: &str) -> Result<i64> {
+        let mut count = 0i64;
+        let ptr = if out.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            out.as_mut_ptr().cast::<c_void>()
+        };
+        // SAFETY: `out` has room for `out.len()` elements of the type `ty` names (the callers
+        // pair them); with none requested cuDNN writes only the count.
+        check(
+            unsafe {
+                nsys::cudnnBackendGetAttribute(self.0, name, ty, out.len() as i64, &mut count, ptr)
+            },
+            what,
+        )?;
+        Ok(count)
+    }
+
     fn finalize(&self, what: &str) -> Result<()> {
         // SAFETY: a live descriptor.
         check(unsafe { nsys::cudnnBackendFinalize(self.0) }, what)
@@ -442,39 +462,22 @@ impl FusedConvGraph {
             if heur.finalize("cuDNN engine heuristics").is_err() {
                 continue;
             }
-            let mut count = 0i64;
-            // SAFETY: a count query (no elements requested).
-            check(
-                unsafe {
-                    nsys::cudnnBackendGetAttribute(
-                        heur.0,
-                        A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                        T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                        0,
-                        &mut count,
-                        std::ptr::null_mut(),
-                    )
-                },
+            let count = heur.get::<nsys::cudnnBackendDescriptor_t>(
+                A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                &mut [],
                 "counting cuDNN engine configurations",
             )?;
             let configs = (0..count.max(0))
                 .map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
                 .collect::<Result<Vec<_>>>()?;
+            // cuDNN fills the engine-config descriptors created here.
             let mut raw: Vec<nsys::cudnnBackendDescriptor_t> =
                 configs.iter().map(|d| d.0).collect();
-            let mut returned = 0i64;
-            // SAFETY: `raw` holds `count` created engine-config descriptors for cuDNN to fill.
-            check(
-                unsafe {
-                    nsys::cudnnBackendGetAttribute(
-                        heur.0,
-                        A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                        T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                        count,
-                        &mut returned,
-                        raw.as_mut_ptr().cast::<c_void>(),
-                    )
-                },
+            let returned = heur.get(
+                A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+                T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                &mut raw,
                 "reading cuDNN engine configurations",
             )?;
             for cfg in configs.into_iter().take(returned.max(0) as usize) {
@@ -491,22 +494,14 @@ impl FusedConvGraph {
                 if plan.finalize("a cuDNN execution plan").is_err() {
                     continue;
                 }
-                let mut workspace = 0i64;
-                let mut n = 0i64;
-                // SAFETY: one int64 element.
-                check(
-                    unsafe {
-                        nsys::cudnnBackendGetAttribute(
-                            plan.0,
-                            A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                            T::CUDNN_TYPE_INT64,
-                            1,
-                            &mut n,
-                            (&mut workspace as *mut i64).cast::<c_void>(),
-                        )
-                    },
+                let mut workspace = [0i64];
+                plan.get(
+                    A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+                    T::CUDNN_TYPE_INT64,
+                    &mut workspace,
                     "reading a plan's workspace size",
                 )?;
+                let workspace = workspace[0];
                 if workspace < 0 || workspace as usize > workspace_limit {
                     continue;
                 }

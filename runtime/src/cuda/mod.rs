@@ -175,6 +175,15 @@ const INT8_ROW_BYTES: usize = 80;
 
 /// Dynamic shared memory of an INT8 convolution tile of `bm` pixels x `bn` channels with
 /// `stages` reduction tiles in flight, in bytes.
+/// Bytes per element of a value in `layout` (`half`: the trunk is FP16).
+fn element_bytes(layout: Layout, half: bool) -> usize {
+    match layout {
+        Layout::NhwcInt8 => 1,
+        Layout::Nhwc if half => 2,
+        _ => 4,
+    }
+}
+
 /// A value stored inside another's buffer: channels `channel_offset..` of each pixel row of
 /// `channel_stride` channels (a concat input written where the concat wants it).
 #[derive(Debug, Clone, Copy)]
@@ -301,12 +310,9 @@ impl CudaEngine {
                 buffers.push(None);
                 continue;
             }
-            let elem = match v.layout {
-                Layout::NhwcInt8 => 1,
-                Layout::Nhwc if half => 2,
-                _ => 4,
-            };
-            buffers.push(Some(DeviceBuffer::new(v.numel(max_b) * elem)?));
+            buffers.push(Some(DeviceBuffer::new(
+                v.numel(max_b) * element_bytes(v.layout, half),
+            )?));
         }
         let constants = plan
             .constants
@@ -714,19 +720,19 @@ impl CudaEngine {
                 continue;
             };
             let values = &self.plan.values;
-            let elem = match values[v].layout {
-                Layout::NhwcInt8 => 1,
-                Layout::Nhwc if self.half => 2,
-                _ => continue,
-            };
+            // Views are for the trunk's int8 and fp16 tensors only.
+            let elem = element_bytes(values[v].layout, self.half);
+            if elem == 4 {
+                continue;
+            }
             let channels = |id: ValueId| values[id].dims.get(1).and_then(|d| d.fixed());
             let (Some(cv), Some(ct)) = (channels(v), channels(cat)) else {
                 continue;
             };
             if values[cat].layout != values[v].layout
                 || count as i64 != cv
-                || (out_offset * elem) % 16 != 0
-                || (ct as usize * elem) % 16 != 0
+                || !(out_offset * elem).is_multiple_of(16)
+                || !(ct as usize * elem).is_multiple_of(16)
                 || v == self.plan.output
                 || aliased.contains(&v)
                 || values[v].alias_of.is_some()
@@ -827,11 +833,17 @@ impl CudaEngine {
         const REPEATS: usize = 5;
         enqueue()?;
         self.stream.synchronize()?;
+        Ok(self.event_ms(REPEATS, enqueue)? / REPEATS as f64)
+    }
+
+    /// Device time of `repeats` back-to-back calls of `enqueue` between two events, in
+    /// milliseconds (all of them together).
+    fn event_ms(&self, repeats: usize, enqueue: impl Fn() -> Result<()>) -> Result<f64> {
         let (start, end) = (Event::new()?, Event::new()?);
         // SAFETY: live events and stream.
         unsafe { drv::event::record(start.0, self.stream.0) }
             .map_err(|e| cuda_error("recording an event", e))?;
-        for _ in 0..REPEATS {
+        for _ in 0..repeats {
             enqueue()?;
         }
         // SAFETY: as above.
@@ -840,17 +852,13 @@ impl CudaEngine {
         self.stream.synchronize()?;
         // SAFETY: both events recorded and complete.
         let ms = unsafe { drv::event::elapsed(start.0, end.0) }
-            .map_err(|e| cuda_error("reading an event", e))? as f64;
-        Ok(ms / REPEATS as f64)
+            .map_err(|e| cuda_error("reading an event", e))?;
+        Ok(ms as f64)
     }
 
     fn ptr(&self, v: ValueId) -> Result<u64> {
         if let Some(view) = self.views.get(&v) {
-            let elem = match self.plan.values[v].layout {
-                Layout::NhwcInt8 => 1,
-                Layout::Nhwc if self.half => 2,
-                _ => 4,
-            };
+            let elem = element_bytes(self.plan.values[v].layout, self.half);
             return Ok(self.ptr(view.buffer)? + (view.channel_offset * elem) as u64);
         }
         let v = self.plan.storage_of(v);
@@ -1332,21 +1340,8 @@ impl CudaEngine {
     pub fn profile_steps(&self, b: usize) -> Result<Vec<LayerTime>> {
         const PROFILE_REPEATS: usize = 20;
         let mut out = Vec::with_capacity(self.plan.steps.len());
-        let (start, end) = (Event::new()?, Event::new()?);
         for (i, step) in self.plan.steps.iter().enumerate() {
-            // SAFETY: live events and stream.
-            unsafe { drv::event::record(start.0, self.stream.0) }
-                .map_err(|e| cuda_error("recording an event", e))?;
-            for _ in 0..PROFILE_REPEATS {
-                self.enqueue_step(i, b)?;
-            }
-            // SAFETY: as above.
-            unsafe { drv::event::record(end.0, self.stream.0) }
-                .map_err(|e| cuda_error("recording an event", e))?;
-            self.stream.synchronize()?;
-            // SAFETY: both events recorded and complete.
-            let ms = unsafe { drv::event::elapsed(start.0, end.0) }
-                .map_err(|e| cuda_error("reading an event", e))? as f64;
+            let ms = self.event_ms(PROFILE_REPEATS, || self.enqueue_step(i, b))?;
             let kind = match step {
                 _ if self.skipped.contains(&i) => "concat (written in place)",
                 _ if self.fused.contains_key(&(i, b)) => match step {
