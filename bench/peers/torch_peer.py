@@ -62,14 +62,18 @@ class OnnxNet(torch.nn.Module):
             return env[name]
         return getattr(self, self.names[name])
 
+    def conv(self, x, name, a):
+        """The ONNX Conv producing `name`: inputs `x` (data, weight[, bias]), attributes `a`."""
+        p = a.get("pads", [0, 0, 0, 0])
+        return F.conv2d(x[0], x[1], x[2] if len(x) > 2 else None, a.get("strides", [1, 1]),
+                        (p[0], p[1]), a.get("dilations", [1, 1]), a.get("group", 1))
+
     def forward(self, images):
         env = {self.input: images}
         for op, ins, outs, a in self.program:
             x = [self.value(env, i) for i in ins if i and (i in env or i in self.names)]
             if op == "Conv":
-                p = a.get("pads", [0, 0, 0, 0])
-                y = F.conv2d(x[0], x[1], x[2] if len(x) > 2 else None, a.get("strides", [1, 1]),
-                             (p[0], p[1]), a.get("dilations", [1, 1]), a.get("group", 1))
+                y = self.conv(x, outs[0], a)
             elif op == "SiLU":
                 y = F.silu(x[0])
             elif op == "Sigmoid":

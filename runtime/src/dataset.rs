@@ -97,6 +97,26 @@ impl Dataset {
     /// Labels follow YOLO's convention: `.../images/<sub>/x.png` → `.../labels/<sub>/x.txt`; a missing
     /// label file means an image without objects.
     pub fn from_yolo_yaml(data_yaml: &Path, split: Split) -> Result<Dataset> {
+        Self::read_yolo_yaml(data_yaml, split, None)
+    }
+
+    /// [`Self::from_yolo_yaml`], but an image that cannot be used (listed but missing, unreadable
+    /// or corrupt header, a label file with a bad line) is left out and its error pushed to
+    /// `skipped` instead of failing the whole split. Errors in the YAML itself, and a split left
+    /// without images, still fail.
+    pub fn from_yolo_yaml_skipping_bad(
+        data_yaml: &Path,
+        split: Split,
+        skipped: &mut Vec<Error>,
+    ) -> Result<Dataset> {
+        Self::read_yolo_yaml(data_yaml, split, Some(skipped))
+    }
+
+    fn read_yolo_yaml(
+        data_yaml: &Path,
+        split: Split,
+        mut skipped: Option<&mut Vec<Error>>,
+    ) -> Result<Dataset> {
         let text = std::fs::read_to_string(data_yaml).map_err(|e| Error::io(data_yaml, e))?;
         let yaml_err = |line: Option<usize>, message: String| Error::Dataset {
             path: data_yaml.to_path_buf(),
@@ -127,7 +147,8 @@ impl Dataset {
                 if p.is_absolute() {
                     p.to_path_buf()
                 } else {
-                    yaml_dir.join(p)
+                    // Without `.` components, so messages name files as users write them.
+                    yaml_dir.join(p).components().collect()
                 }
             }
             Some(_) => {
@@ -169,7 +190,13 @@ impl Dataset {
         let mut images = Vec::new();
         for entry in &entries {
             let p = root.join(entry);
-            collect_images(&p, data_yaml, key_line(&text, key), &mut images)?;
+            collect_images(
+                &p,
+                data_yaml,
+                key_line(&text, key),
+                &mut images,
+                skipped.as_deref_mut(),
+            )?;
         }
         images.sort();
         images.dedup();
@@ -189,21 +216,34 @@ impl Dataset {
         }
 
         let mut samples = Vec::with_capacity(images.len());
-        for (i, image) in images.into_iter().enumerate() {
-            let (width, height) = image_size(&image)?;
-            let label = label_path_for(&image);
-            let objects = match std::fs::read_to_string(&label) {
-                Ok(text) => parse_yolo_labels(&text, &label, width, height, names.len())?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(Error::io(&label, e)),
-            };
-            samples.push(Sample {
-                image,
-                image_id: i as u64 + 1,
-                width,
-                height,
-                objects,
-            });
+        for image in images {
+            let sample = (|| {
+                let (width, height) = image_size(&image)?;
+                let label = label_path_for(&image);
+                let objects = match std::fs::read_to_string(&label) {
+                    Ok(text) => parse_yolo_labels(&text, &label, width, height, names.len())?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(Error::io(&label, e)),
+                };
+                Ok(Sample {
+                    image_id: samples.len() as u64 + 1,
+                    image: image.clone(),
+                    width,
+                    height,
+                    objects,
+                })
+            })();
+            match (sample, skipped.as_deref_mut()) {
+                (Ok(s), _) => samples.push(s),
+                (Err(e), Some(skipped)) => skipped.push(e),
+                (Err(e), None) => return Err(e),
+            }
+        }
+        if samples.is_empty() {
+            return Err(yaml_err(
+                key_line(&text, key),
+                format!("every image of the `{key}:` split is bad (see the warnings)"),
+            ));
         }
         let category_ids = (0..names.len() as u64).collect();
         Ok(Dataset {
@@ -487,6 +527,7 @@ fn collect_images(
     yaml: &Path,
     yaml_line: Option<usize>,
     out: &mut Vec<PathBuf>,
+    mut skipped: Option<&mut Vec<Error>>,
 ) -> Result<()> {
     if entry.is_dir() {
         return walk_images(entry, 0, out);
@@ -514,14 +555,21 @@ fn collect_images(
             }
             let p = base.join(line);
             if !p.is_file() {
-                return Err(Error::Dataset {
+                let e = Error::Dataset {
                     path: entry.to_path_buf(),
                     line: Some(i + 1),
                     message: format!(
                         "image {} does not exist (relative paths are taken from this list's folder)",
                         p.display()
                     ),
-                });
+                };
+                match skipped.as_deref_mut() {
+                    Some(skipped) => {
+                        skipped.push(e);
+                        continue;
+                    }
+                    None => return Err(e),
+                }
             }
             out.push(p);
         }

@@ -414,6 +414,9 @@ impl Evaluator {
                 recall: yolo_r[k],
                 ap50: coco.mean_precision(Some(0), Some(k), 0, 2),
                 ap: coco.mean_precision(None, Some(k), 0, 2),
+                pr50: (0..NUM_RECALL_POINTS)
+                    .map(|r| coco.precision[coco.p_index(0, r, k, 0, 2)].max(0.0))
+                    .collect(),
             })
             .collect::<Vec<_>>();
         let mean = |v: &dyn Fn(&ClassAp) -> f64| {
@@ -716,6 +719,9 @@ pub struct ClassAp {
     pub ap50: f64,
     /// COCO AP averaged over IoU 0.50:0.95, in [0, 1].
     pub ap: f64,
+    /// The precision-recall curve at IoU 0.50 as pycocotools interpolates it: precision at
+    /// recall 0, 0.01, …, 1 (101 values, 0 beyond the highest recall reached).
+    pub pr50: Vec<f64>,
 }
 
 /// The result of an evaluation. COCO numbers follow pycocotools: in [0, 1], or -1 when undefined (no

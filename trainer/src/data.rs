@@ -4,7 +4,9 @@
 //! Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's synthetic scenes
 //! rendered on the fly.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kestrel_runtime::dataset::{Dataset, Split, load_rgb};
 use kestrel_runtime::letterbox::Letterboxer;
@@ -43,6 +45,17 @@ impl Source {
         match self {
             Source::Dataset(d) => d.num_classes(),
             Source::Synthetic { .. } => kestrel_runtime::synth::CLASS_NAMES.len(),
+        }
+    }
+
+    /// Where image `index` comes from, for messages: its file, or the synthetic scene's seed.
+    pub fn describe(&self, index: usize) -> String {
+        match self {
+            Source::Dataset(d) => d.samples.get(index).map_or_else(
+                || format!("image {index}"),
+                |s| s.image.display().to_string(),
+            ),
+            Source::Synthetic { seed, .. } => format!("synthetic scene {index} of seed {seed}"),
         }
     }
 
@@ -87,10 +100,38 @@ pub struct Batch {
     pub indices: Vec<usize>,
 }
 
+impl Batch {
+    /// The same batch on `device` (the loader builds batches on the CPU, off the training thread).
+    pub fn to_device(self, device: Device) -> Batch {
+        if device == Device::Cpu {
+            return self;
+        }
+        Batch {
+            images: self.images.to_device(device),
+            classes: self.classes.to_device(device),
+            boxes: self.boxes.to_device(device),
+            valid: self.valid.to_device(device),
+            indices: self.indices,
+        }
+    }
+}
+
+/// A decoded image with its objects (class id, box in its pixels).
+type Item = Arc<(image::RgbImage, Vec<(usize, BoxXyxy)>)>;
+
+/// Images that failed to load and were skipped (`--skip-bad`): dataset index → the reason.
+pub type SkippedImages = Arc<Mutex<BTreeMap<usize, String>>>;
+
 /// Batches of one source for a network input of `imgsz` pixels.
 #[derive(Debug, Clone)]
 pub struct Loader {
     source: Source,
+    /// Decoded images kept in memory (`--cache`, and always for synthetic scenes, which are
+    /// expensive to render); shared by clones of the loader.
+    cache: Option<Arc<Vec<OnceLock<Item>>>>,
+    /// Skip images that fail to load (warning, counted in [`Self::skipped`]) instead of failing.
+    skip_bad: bool,
+    skipped: SkippedImages,
     imgsz: u32,
     batch_size: usize,
     seed: u64,
@@ -137,8 +178,13 @@ impl Loader {
             )));
         }
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cache = matches!(source, Source::Synthetic { .. })
+            .then(|| Arc::new((0..source.len()).map(|_| OnceLock::new()).collect()));
         Ok(Self {
             source,
+            cache,
+            skip_bad: false,
+            skipped: Arc::default(),
             imgsz,
             batch_size,
             seed,
@@ -153,6 +199,26 @@ impl Loader {
 
     pub fn source(&self) -> &Source {
         &self.source
+    }
+
+    /// Keep decoded images in memory after their first use (about width × height × 3 bytes each).
+    pub fn cache_images(&mut self) {
+        if self.cache.is_none() {
+            self.cache = Some(Arc::new(
+                (0..self.source.len()).map(|_| OnceLock::new()).collect(),
+            ));
+        }
+    }
+
+    /// Skip images that fail to load (each reported once on stderr and recorded in
+    /// [`Self::skipped`]); another image of the dataset takes the place of a bad one.
+    pub fn skip_bad_images(&mut self) {
+        self.skip_bad = true;
+    }
+
+    /// The images skipped so far, with the reasons.
+    pub fn skipped(&self) -> BTreeMap<usize, String> {
+        self.skipped.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// Batches per epoch (the last one may be smaller).
@@ -171,8 +237,8 @@ impl Loader {
         order
     }
 
-    /// Batch `b` of `epoch`, on `device`.
-    pub fn batch(&self, epoch: usize, b: usize, device: Device) -> Result<Batch> {
+    /// Batch `b` of `epoch`, on the CPU (see [`Batch::to_device`]).
+    pub fn batch(&self, epoch: usize, b: usize) -> Result<Batch> {
         let order = self.order(epoch);
         let start = b * self.batch_size;
         if start >= order.len() {
@@ -227,18 +293,54 @@ impl Loader {
         }
         let (n, m, s) = (n as i64, most as i64, size as i64);
         Ok(Batch {
-            images: Tensor::from_slice(&pixels)
-                .view([n, 3, s, s])
-                .to_device(device),
-            classes: Tensor::from_slice(&classes).view([n, m]).to_device(device),
-            boxes: Tensor::from_slice(&boxes).view([n, m, 4]).to_device(device),
-            valid: Tensor::from_slice(&valid).view([n, m]).to_device(device),
+            images: Tensor::from_slice(&pixels).view([n, 3, s, s]),
+            classes: Tensor::from_slice(&classes).view([n, m]),
+            boxes: Tensor::from_slice(&boxes).view([n, m, 4]),
+            valid: Tensor::from_slice(&valid).view([n, m]),
             indices,
         })
     }
 
+    /// Image `index`, or with `skip_bad` the first image from `index` on that loads.
+    fn load_good(&self, index: usize) -> Result<Item> {
+        let len = self.source.len();
+        let mut last = None;
+        for k in 0..len {
+            let i = (index + k) % len;
+            match self.load_cached(i) {
+                Ok(item) => return Ok(item),
+                Err(e) if self.skip_bad => {
+                    let message = e.to_string();
+                    if let Ok(mut skipped) = self.skipped.lock()
+                        && !skipped.contains_key(&i)
+                    {
+                        eprintln!("warning: skipping a bad image: {message}");
+                        skipped.insert(i, message);
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Data(format!(
+            "no image of the training split loads (the last error: {})",
+            last.map_or_else(|| "none".to_string(), |e| e.to_string())
+        )))
+    }
+
+    fn load_cached(&self, index: usize) -> Result<Item> {
+        let Some(cache) = &self.cache else {
+            return self.load_checked(index);
+        };
+        if let Some(item) = cache[index].get() {
+            return Ok(item.clone());
+        }
+        let item = self.load_checked(index)?;
+        Ok(cache[index].get_or_init(|| item).clone())
+    }
+
     /// One image `index` with its objects, class ids checked.
-    fn load_checked(&self, index: usize) -> Result<(image::RgbImage, Vec<(usize, BoxXyxy)>)> {
+    fn load_checked(&self, index: usize) -> Result<Item> {
         let (img, objects) = self.source.load(index)?;
         let objects: Vec<(usize, BoxXyxy)> = objects
             .into_iter()
@@ -248,10 +350,11 @@ impl Loader {
         let nc = self.source.num_classes();
         if let Some((c, _)) = objects.iter().find(|(c, _)| *c >= nc) {
             return Err(Error::Data(format!(
-                "image {index}: class {c} is out of range for {nc} classes"
+                "{}: class {c} is out of range for {nc} classes",
+                self.source.describe(index)
             )));
         }
-        Ok((img, objects))
+        Ok(Arc::new((img, objects)))
     }
 
     /// Image `index` for the network, augmented, into `out` (NCHW planes), with its objects in
@@ -301,9 +404,10 @@ impl Loader {
                 } else {
                     ((uniform() * self.source.len() as f64) as usize).min(self.source.len() - 1)
                 };
-                let (img, objs) = self.load_checked(pick)?;
+                let item = self.load_good(pick)?;
+                let (img, objs) = (&item.0, &item.1);
                 let p = lb
-                    .run(&img, self.imgsz, self.imgsz, &mut tile)
+                    .run(img, self.imgsz, self.imgsz, &mut tile)
                     .map_err(Error::Runtime)?;
                 let (ox, oy) = match k {
                     0 => (cx - n as i64, cy - n as i64),
@@ -312,7 +416,7 @@ impl Loader {
                     _ => (cx, cy),
                 };
                 paste(&tile, n, &mut pixels, side, ox, oy);
-                objects.extend(objs.into_iter().map(|(c, b)| {
+                objects.extend(objs.iter().map(|&(c, b)| {
                     let b = p.to_input(b);
                     let (dx, dy) = (ox as f32, oy as f32);
                     let b = BoxXyxy {
@@ -326,11 +430,12 @@ impl Loader {
             }
             (side, pixels, objects)
         } else {
-            let (img, objs) = self.load_checked(index)?;
+            let item = self.load_good(index)?;
+            let (img, objs) = (&item.0, &item.1);
             let p = lb
-                .run(&img, self.imgsz, self.imgsz, out)
+                .run(img, self.imgsz, self.imgsz, out)
                 .map_err(Error::Runtime)?;
-            let objects = objs.into_iter().map(|(c, b)| (c, p.to_input(b))).collect();
+            let objects = objs.iter().map(|&(c, b)| (c, p.to_input(b))).collect();
             (n, out.to_vec(), objects)
         };
         let geometry = Affine {
@@ -513,9 +618,21 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     (r + m, g + m, b + m)
 }
 
-/// Load a split of a YOLO data YAML/// Load a split of a YOLO data YAML, or synthetic scenes for `synthetic[:SEED[:COUNT]]` (the
-/// validation split of synthetic data is another seed: `SEED + 1_000_003`, a quarter as many).
-pub fn open_source(data: &str, imgsz: u32, split: Split) -> Result<Source> {
+/// Most scenes in the validation split of synthetic data.
+pub const SYNTHETIC_VAL_MAX: usize = 500;
+
+/// Load a split of a YOLO data YAML, or synthetic scenes for `synthetic[:SEED[:COUNT]]` (the
+/// validation split of synthetic data is another seed: `SEED + 1_000_003`, a quarter as many,
+/// at most [`SYNTHETIC_VAL_MAX`]).
+///
+/// With `skipped`, images of a dataset that cannot be used (missing, corrupt, bad label lines)
+/// are left out and their errors pushed there; without it the first one fails.
+pub fn open_source(
+    data: &str,
+    imgsz: u32,
+    split: Split,
+    skipped: Option<&mut Vec<kestrel_runtime::Error>>,
+) -> Result<Source> {
     if let Some(rest) = data.strip_prefix("synthetic") {
         let parts: Vec<&str> = rest.trim_start_matches(':').split(':').collect();
         let num = |i: usize, default: u64| -> Result<u64> {
@@ -537,12 +654,16 @@ pub fn open_source(data: &str, imgsz: u32, split: Split) -> Result<Source> {
             },
             Split::Val => Source::Synthetic {
                 seed: seed.wrapping_add(1_000_003),
-                count: count.div_ceil(4),
+                count: count.div_ceil(4).min(SYNTHETIC_VAL_MAX),
                 size: imgsz,
             },
         });
     }
-    let d = Dataset::from_yolo_yaml(Path::new(data), split).map_err(Error::Runtime)?;
+    let d = match skipped {
+        Some(skipped) => Dataset::from_yolo_yaml_skipping_bad(Path::new(data), split, skipped),
+        None => Dataset::from_yolo_yaml(Path::new(data), split),
+    }
+    .map_err(Error::Runtime)?;
     Ok(Source::Dataset(d))
 }
 

@@ -102,10 +102,21 @@ pub fn evaluate(
     let mut results = Vec::new();
     let indices: Vec<usize> = (0..source.len()).collect();
     for chunk in indices.chunks(batch.max(1)) {
-        let samples = chunk
-            .iter()
-            .map(|&i| source.load(i))
-            .collect::<Result<Vec<_>>>()?;
+        // Decoding (or rendering) images is the slow part on a GPU: one thread per image.
+        let samples = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&i| scope.spawn(move || source.load(i)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Data("an image loader thread panicked".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         let images: Vec<&image::RgbImage> = samples.iter().map(|(img, _)| img).collect();
         detector.detect(model, &images, device, nms, &mut results)?;
         for ((_, gts), dets) in samples.iter().zip(&results) {

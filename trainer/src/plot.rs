@@ -1,5 +1,5 @@
-//! Training curves as a PNG: the three loss terms per epoch (and mAP when measured), so a run can
-//! be judged at a glance.
+//! Training pictures as PNGs, so a run can be judged at a glance: the loss terms and the mAP per
+//! epoch, and the precision-recall curves of the final model.
 
 use std::path::Path;
 
@@ -29,6 +29,26 @@ const MARGIN: f32 = 60.0;
 /// Draw `series` against the epoch number and write a PNG to `path`. Without a font the curves
 /// are drawn without labels.
 pub fn curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    let n = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+    chart(path, title, series, &format!("epoch {n}"), None, false)
+}
+
+/// Precision-recall curves: each series holds precision at evenly spaced recall from 0 to 1
+/// (pycocotools' 101 points), drawn on fixed [0, 1] axes with the legend as a column.
+pub fn pr_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    chart(path, title, series, "recall 0 → 1", Some((0.0, 1.0)), true)
+}
+
+/// Line chart of `series` against their index; `range` fixes the y axis (else it spans the data
+/// and 0).
+fn chart(
+    path: &Path,
+    title: &str,
+    series: &[Series],
+    x_label: &str,
+    range: Option<(f64, f64)>,
+    legend_column: bool,
+) -> Result<()> {
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
     let n = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
     let finite = series
@@ -38,10 +58,10 @@ pub fn curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
         (a.min(v), b.max(v))
     });
-    let (lo, hi) = if lo.is_finite() {
-        (lo.min(0.0), hi.max(lo + 1e-9))
-    } else {
-        (0.0, 1.0)
+    let (lo, hi) = match range {
+        Some(r) => r,
+        None if lo.is_finite() => (lo.min(0.0), hi.max(lo + 1e-9)),
+        None => (0.0, 1.0),
     };
     let (x0, x1, y0, y1) = (MARGIN, W as f32 - 20.0, H as f32 - MARGIN, 40.0);
     let grey = Rgb([120, 120, 120]);
@@ -51,26 +71,27 @@ pub fn curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     let y = |v: f64| y0 - (y0 - y1) * ((v - lo) / (hi - lo)) as f32;
     for s in series {
         let colour = Rgb(s.colour);
-        for (i, w) in s.values.windows(2).enumerate() {
-            if w[0].is_finite() && w[1].is_finite() {
-                // Two pixels thick.
-                for d in [0.0, 1.0] {
-                    draw_line_segment_mut(
-                        &mut img,
-                        (x(i), y(w[0]) + d),
-                        (x(i + 1), y(w[1]) + d),
-                        colour,
-                    );
-                }
+        // Missing values (NaN: epochs without validation) are bridged from point to point.
+        let points: Vec<(f32, f32)> = s
+            .values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, &v)| (x(i), y(v)))
+            .collect();
+        for w in points.windows(2) {
+            // Two pixels thick.
+            for d in [0.0, 1.0] {
+                draw_line_segment_mut(&mut img, (w[0].0, w[0].1 + d), (w[1].0, w[1].1 + d), colour);
             }
         }
-        if s.values.len() == 1 && s.values[0].is_finite() {
-            draw_line_segment_mut(
-                &mut img,
-                (x(0) - 3.0, y(s.values[0])),
-                (x(0) + 3.0, y(s.values[0])),
-                colour,
-            );
+        if points.len() == 1 || points.len() < s.values.len() / 2 {
+            // Sparse points (a single one, or validation every few epochs) also get a marker.
+            for &(px, py) in &points {
+                for d in [-1.0, 0.0, 1.0] {
+                    draw_line_segment_mut(&mut img, (px - 3.0, py + d), (px + 3.0, py + d), colour);
+                }
+            }
         }
     }
     if let Some(font) = FONT_PATHS.iter().find_map(|p| {
@@ -110,15 +131,23 @@ pub fn curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         draw_text_mut(
             &mut img,
             black,
-            x1 as i32 - 80,
+            x1 as i32 - 110,
             y0 as i32 + 10,
             scale,
             &font,
-            &format!("epoch {n}"),
+            x_label,
         );
         for (k, s) in series.iter().enumerate() {
-            // A row in the top margin, right of the title, clear of the curves.
-            let (lx, ly) = (440 + 150 * k as i32, 12);
+            // A row in the top margin, right of the title, clear of the curves; or a column in
+            // the lower left, where precision-recall curves do not go.
+            let (lx, ly) = if legend_column {
+                (
+                    MARGIN as i32 + 20,
+                    y0 as i32 - 30 - 22 * (series.len() - 1 - k) as i32,
+                )
+            } else {
+                (440 + 150 * k as i32, 12)
+            };
             for d in 0..3 {
                 draw_line_segment_mut(
                     &mut img,

@@ -1,14 +1,16 @@
 //! YOLOv9's training recipe on a [`Gelan`]: SGD (Nesterov momentum 0.937) with linear warm-up of
 //! the learning rate and momentum, a linear or cosine decay to `lrf · lr0`, weight decay on
 //! convolution weights only (not BatchNorm), gradient accumulation to a nominal batch of 64, an
-//! exponential moving average (EMA) of the weights, and checkpoints with resume.
+//! exponential moving average (EMA) of the weights, mixed precision (FP16 autocast with a dynamic
+//! loss scale) on CUDA, and checkpoints with resume. Batches are built on a loader thread while
+//! the previous one trains.
 
 use std::path::Path;
 
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::data::Loader;
+use crate::data::{Batch, Loader};
 use crate::error::{Error, Result};
 use crate::loss::{AssignerConfig, LossWeights, detection_loss};
 use crate::model::{Gelan, anchor_points};
@@ -35,6 +37,13 @@ pub struct TrainConfig {
     pub nominal_batch: usize,
     pub loss: LossWeights,
     pub assigner: AssignerConfig,
+    /// Mixed precision on CUDA: the forward pass under FP16 autocast, the loss in FP32, gradients
+    /// scaled to stay representable (ignored on the CPU). Off by default: on the H200 we measured
+    /// no gain (training there is bound by per-operation overhead, not arithmetic), and libtorch
+    /// prints deprecation warnings for each of tch's autocast calls.
+    pub amp: bool,
+    /// Gradients are clipped to this L2 norm (over all parameters) before each step.
+    pub max_grad_norm: f64,
 }
 
 impl Default for TrainConfig {
@@ -52,6 +61,8 @@ impl Default for TrainConfig {
             nominal_batch: 64,
             loss: LossWeights::default(),
             assigner: AssignerConfig::default(),
+            amp: false,
+            max_grad_norm: 10.0,
         }
     }
 }
@@ -79,6 +90,45 @@ pub struct RunState {
     pub ema_updates: u64,
 }
 
+/// The dynamic loss scale of mixed precision (PyTorch's `GradScaler` rule): gradients are
+/// computed for `scale × loss`; a step whose gradients overflow is skipped and halves the scale,
+/// and 2000 good steps in a row double it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub scale: f64,
+    /// Good steps since the last change.
+    pub good_steps: u64,
+    /// Steps skipped because a gradient overflowed (since the run started or resumed).
+    pub skipped_steps: u64,
+}
+
+impl LossScale {
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    fn new() -> Self {
+        Self {
+            scale: Self::INITIAL,
+            good_steps: 0,
+            skipped_steps: 0,
+        }
+    }
+
+    fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped_steps += 1;
+        }
+    }
+}
+
 /// Mean loss terms of an epoch (each already weighted) and its throughput.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EpochSummary {
@@ -88,6 +138,8 @@ pub struct EpochSummary {
     pub dfl: f64,
     /// Training images per second (data loading included).
     pub images_per_s: f64,
+    /// Optimiser steps skipped because FP16 gradients overflowed (mixed precision only).
+    pub skipped_steps: u64,
 }
 
 /// One batch's report, for progress bars.
@@ -115,6 +167,7 @@ pub struct Trainer {
     anchors: Tensor,
     strides: Tensor,
     accumulate: usize,
+    loss_scale: LossScale,
 }
 
 /// BatchNorm parameters live in this optimiser group (no weight decay); everything else in 0.
@@ -130,6 +183,10 @@ impl Trainer {
     ) -> Result<Self> {
         if batch_size == 0 {
             return Err(Error::Data("batch size 0: give at least 1".into()));
+        }
+        if device.is_cuda() {
+            // Let cuDNN time its algorithms for each layer's shapes (they never change here).
+            tch::Cuda::cudnn_set_benchmark(true);
         }
         let vs = nn::VarStore::new(device);
         let model = Gelan::new(&vs.root(), model_config)?;
@@ -169,6 +226,7 @@ impl Trainer {
             anchors,
             strides,
             accumulate,
+            loss_scale: LossScale::new(),
         })
     }
 
@@ -177,9 +235,25 @@ impl Trainer {
         self.ema.as_ref().map_or(&self.model, |(_, m)| m)
     }
 
+    /// True when the forward pass runs under FP16 autocast (AMP asked for, model on CUDA).
+    pub fn mixed_precision(&self) -> bool {
+        self.config.amp && self.vs.device().is_cuda()
+    }
+
+    /// The current loss scale (1 without mixed precision).
+    pub fn loss_scale(&self) -> LossScale {
+        self.loss_scale
+    }
+
     /// The loss of one batch at the current weights (training-mode BatchNorm), without a step.
-    pub fn batch_loss(&self, batch: &crate::data::Batch) -> Result<crate::loss::LossTerms> {
-        let raw = self.model.forward_raw_t(&batch.images, true)?;
+    /// With mixed precision only the network runs under FP16 autocast; the loss (assignment,
+    /// IoUs, the DFL expectation) stays in FP32. (YOLOv9 runs its loss under autocast too; a run
+    /// of ours with the whole step under autocast diverged, cause not isolated, so we do not.)
+    pub fn batch_loss(&self, batch: &Batch) -> Result<crate::loss::LossTerms> {
+        let raw = tch::autocast(self.mixed_precision(), || {
+            self.model.forward_raw_t(&batch.images, true)
+        })?;
+        let raw = raw.to_kind(Kind::Float);
         detection_loss(
             &raw,
             &self.anchors,
@@ -204,9 +278,56 @@ impl Trainer {
         let started = std::time::Instant::now();
         let device = self.vs.device();
         let (mut sums, mut images) = ([0.0f64; 3], 0usize);
+        let skipped_before = self.loss_scale.skipped_steps;
         self.opt.zero_grad();
-        for b in 0..nb {
-            let batch = loader.batch(epoch, b, device)?;
+        std::thread::scope(|scope| -> Result<()> {
+                // The loader thread builds the next batches (pinned CPU memory) while this one trains.
+                let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
+                scope.spawn(move || {
+                    for b in 0..nb {
+                        let batch = loader.batch(epoch, b);
+                        let failed = batch.is_err();
+                        if sender.send(batch).is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+                for b in 0..nb {
+                    let batch = batches
+                        .recv()
+                        .map_err(|_| Error::Data("the batch loader thread stopped".into()))??
+                        .to_device(device);
+                    self.train_batch(&batch, epoch, b, nb, warmup, &mut sums, &mut progress)?;
+                    images += batch.indices.len();
+                }
+                Ok(())
+        })?;
+        self.state.epoch += 1;
+        let n = images.max(1) as f64;
+        Ok(EpochSummary {
+            epoch,
+            boxes: sums[0] / n,
+            classes: sums[1] / n,
+            dfl: sums[2] / n,
+            images_per_s: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            skipped_steps: self.loss_scale.skipped_steps - skipped_before,
+        })
+    }
+
+    /// Forward, backward and (every `accumulate` batches, and at the epoch's end) an optimiser
+    /// step for batch `b` of `nb`; adds the weighted loss terms × images to `sums`.
+    #[allow(clippy::too_many_arguments)]
+    fn train_batch(
+        &mut self,
+        batch: &Batch,
+        epoch: usize,
+        b: usize,
+        nb: usize,
+        warmup: u64,
+        sums: &mut [f64; 3],
+        progress: &mut impl FnMut(&StepReport),
+    ) -> Result<()> {
+        {
             let it = self.state.iteration;
             let lr = self.config.lr0 * self.config.lr_factor(epoch as f64);
             let (lr, momentum) = if it < warmup {
@@ -222,21 +343,26 @@ impl Trainer {
             self.opt.set_lr(lr);
             self.opt.set_momentum(momentum);
 
-            let loss = self.batch_loss(&batch)?;
+            let loss = self.batch_loss(batch)?;
             let n = batch.indices.len();
+            let scale = if self.mixed_precision() {
+                self.loss_scale.scale
+            } else {
+                1.0
+            };
             // YOLOv9 scales the loss by the batch size.
-            (&loss.total * n as f64).backward();
+            (&loss.total * (n as f64 * scale)).backward();
             self.state.iteration += 1;
             if self.state.iteration.is_multiple_of(self.accumulate as u64) || b + 1 == nb {
-                self.opt.clip_grad_norm(10.0);
-                self.opt.step();
+                if self.unscale_and_clip(scale) {
+                    self.opt.step();
+                    self.update_ema();
+                }
                 self.opt.zero_grad();
-                self.update_ema();
             }
             for (s, v) in sums.iter_mut().zip([loss.boxes, loss.classes, loss.dfl]) {
                 *s += v * n as f64;
             }
-            images += n;
             if [loss.boxes, loss.classes, loss.dfl]
                 .iter()
                 .any(|v| !v.is_finite())
@@ -256,15 +382,43 @@ impl Trainer {
                 lr,
             });
         }
-        self.state.epoch += 1;
-        let n = images.max(1) as f64;
-        Ok(EpochSummary {
-            epoch,
-            boxes: sums[0] / n,
-            classes: sums[1] / n,
-            dfl: sums[2] / n,
-            images_per_s: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        })
+        Ok(())
+    }
+
+    /// Divide the gradients by the loss `scale` and clip their global L2 norm to
+    /// `max_grad_norm`, in one pass. Returns false, and updates nothing, when a gradient is not
+    /// finite (an FP16 overflow under mixed precision: the step is skipped and the scale halved).
+    fn unscale_and_clip(&mut self, scale: f64) -> bool {
+        let grads: Vec<Tensor> = self
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        if grads.is_empty() {
+            return false;
+        }
+        let norm = tch::no_grad(|| {
+            let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+            Tensor::stack(&norms, 0).norm().double_value(&[])
+        }) / scale;
+        let finite = norm.is_finite();
+        if self.mixed_precision() {
+            self.loss_scale.update(finite);
+        }
+        if !finite {
+            return false;
+        }
+        let factor = (self.config.max_grad_norm / (norm + 1e-6)).min(1.0) / scale;
+        if factor != 1.0 {
+            tch::no_grad(|| {
+                for mut g in grads {
+                    let _ = g.g_mul_scalar_(factor);
+                }
+            });
+        }
+        true
     }
 
     /// ema = d · ema + (1 − d) · model, d ramping to 0.9999 (YOLOv9's `ModelEMA`), over every
@@ -312,6 +466,7 @@ impl Trainer {
             "lr0": self.config.lr0,
             "lrf": self.config.lrf,
             "cosine": self.config.cosine,
+            "loss_scale": self.loss_scale.scale,
         });
         if let Some(obj) = state.as_object_mut() {
             for (k, v) in &self.run_info {
@@ -357,6 +512,9 @@ impl Trainer {
             iteration: field("iteration")?,
             ema_updates: field("ema_updates")?,
         };
+        if let Some(scale) = v.get("loss_scale").and_then(serde_json::Value::as_f64) {
+            self.loss_scale.scale = scale;
+        }
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! The training-form network (BatchNorm, RepConvN branches) against the ONNX the exporter writes
-//! from its fused weights, run by the CPU backend: one check of the architecture mirror, the
-//! BatchNorm folding, the RepConvN merge and the weight names at once.
+//! from its fused weights, run by the CPU backend and by onnxruntime: one check of the
+//! architecture mirror, the BatchNorm folding, the RepConvN merge and the weight names at once.
 #![allow(clippy::unwrap_used)]
 
 use kestrel_exporter::weights::save_safetensors;
@@ -83,6 +83,31 @@ fn training_form_matches_exported_fused_form(name: &str) {
     let e = rel_l2(&ours, &exported);
     println!("{name}: training form (tch) vs fused ONNX (cpu backend): rel L2 {e:.2e}");
     assert!(e < 1e-4, "{name}: {e}");
+
+    // And against onnxruntime, a reference nobody here wrote.
+    let write_f32 = |path: &std::path::Path, v: &[f32]| {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(path, bytes).unwrap();
+    };
+    let (in_path, ours_path) = (dir.join("input.f32"), dir.join("tch.f32"));
+    write_f32(&in_path, &input);
+    write_f32(&ours_path, &ours);
+    let report = kestrel_tests::run_python(
+        "ort_compare.py",
+        &[
+            path.to_str().unwrap(),
+            in_path.to_str().unwrap(),
+            &format!("{batch},3,{imgsz},{imgsz}"),
+            ours_path.to_str().unwrap(),
+            "3",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    println!("{name}: training form (tch) vs fused ONNX (onnxruntime): {v}");
+    for key in ["rel_l2", "rel_l2_boxes", "rel_l2_scores"] {
+        let e = v[key].as_f64().unwrap();
+        assert!(e < 1e-4, "{name}: {key} = {e}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

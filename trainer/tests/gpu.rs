@@ -22,26 +22,91 @@ fn gelan_s_trains_on_cuda() {
         size: imgsz,
     };
     let loader = Loader::new(source, imgsz, batch, 1).unwrap();
-    let config = TrainConfig {
-        epochs: 3,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(&cfg, config, batch, Device::Cuda(0)).unwrap();
-    assert!(trainer.vs.device().is_cuda());
-    // The first epoch warms up cuDNN's algorithm choice; the second is timed.
-    let first = trainer.train_epoch(&loader, |_| {}).unwrap();
-    let second = trainer.train_epoch(&loader, |_| {}).unwrap();
-    println!(
-        "gelan-s {imgsz}px batch {batch} on cuda:0: epoch 1 {:.1} images/s, epoch 2 {:.1} images/s \
-         (fp32, data loading on {} threads included); loss box {:.3} cls {:.3} dfl {:.3}",
-        first.images_per_s,
-        second.images_per_s,
-        loader.workers,
-        second.boxes,
-        second.classes,
-        second.dfl
-    );
-    for v in [second.boxes, second.classes, second.dfl] {
-        assert!(v.is_finite());
+    // FP32, then mixed precision; in each, the first epoch warms up cuDNN's algorithm choice (and
+    // renders the scenes into the loader's cache) and the second is timed.
+    for amp in [false, true] {
+        let config = TrainConfig {
+            epochs: 3,
+            amp,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(&cfg, config, batch, Device::Cuda(0)).unwrap();
+        assert!(trainer.vs.device().is_cuda());
+        assert_eq!(trainer.mixed_precision(), amp);
+        let first = trainer.train_epoch(&loader, |_| {}).unwrap();
+        let second = trainer.train_epoch(&loader, |_| {}).unwrap();
+        println!(
+            "gelan-s {imgsz}px batch {batch} on cuda:0, {}: epoch 1 {:.1} images/s, epoch 2 {:.1} \
+             images/s (data loading on {} threads included); loss box {:.3} cls {:.3} dfl {:.3}; \
+             {} steps skipped for overflow",
+            if amp { "mixed precision" } else { "fp32" },
+            first.images_per_s,
+            second.images_per_s,
+            loader.workers,
+            second.boxes,
+            second.classes,
+            second.dfl,
+            first.skipped_steps + second.skipped_steps
+        );
+        for v in [second.boxes, second.classes, second.dfl] {
+            assert!(v.is_finite());
+        }
+    }
+}
+
+/// The framework-only step that `bench/peers/torch_train_peer.py` times in PyTorch: forward
+/// (training-mode BatchNorm), loss = mean(output²), backward, SGD step, FP32 and mixed precision,
+/// gelan-s at 640, batch 16, input already on the GPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn network_step_speed() {
+    use tch::nn::OptimizerConfig;
+    assert!(tch::Cuda::is_available(), "libtorch sees no CUDA device");
+    tch::manual_seed(0);
+    // As the PyTorch peer sets torch.backends.cudnn.benchmark (and the trainer does on CUDA).
+    tch::Cuda::cudnn_set_benchmark(true);
+    let batch = 16i64;
+    let cfg = ModelConfig::new("gelan-s", 6, 640).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cuda(0));
+    let model = kestrel_trainer::Gelan::new(&vs.root(), &cfg).unwrap();
+    let mut opt = tch::nn::Sgd {
+        momentum: 0.937,
+        dampening: 0.0,
+        wd: 5e-4,
+        nesterov: true,
+    }
+    .build(&vs, 1e-3)
+    .unwrap();
+    let x = tch::Tensor::rand([batch, 3, 640, 640], (tch::Kind::Float, Device::Cuda(0)));
+    for amp in [false, true] {
+        // A fixed loss scale is enough here: the step's cost is what is measured.
+        let scale = if amp { 1024.0 } else { 1.0 };
+        let mut step = || {
+            let y = model.forward_t(&x, true).unwrap();
+            let loss = y.to_kind(tch::Kind::Float).square().mean(None);
+            (loss * scale).backward();
+            opt.step();
+            opt.zero_grad();
+        };
+        tch::autocast(amp, || {
+            for _ in 0..5 {
+                step();
+            }
+            tch::Cuda::synchronize(0);
+            let iters = 30;
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters {
+                step();
+            }
+            tch::Cuda::synchronize(0);
+            let s = t0.elapsed().as_secs_f64() / iters as f64;
+            println!(
+                "{{\"tool\": \"kestrel-trainer (tch)\", \"precision\": \"{}\", \"batch\": {batch}, \
+             \"ms_per_step\": {:.3}, \"images_per_s\": {:.1}}}",
+                if amp { "mixed (fp16 autocast)" } else { "fp32" },
+                s * 1e3,
+                batch as f64 / s
+            );
+        });
     }
 }

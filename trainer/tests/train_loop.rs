@@ -19,8 +19,8 @@ fn synthetic(count: usize) -> Source {
 fn batches_are_deterministic_and_flips_move_the_boxes() {
     let mut loader = Loader::new(synthetic(6), 64, 4, 1).unwrap();
     assert_eq!(loader.batches_per_epoch(), 2);
-    let a = loader.batch(0, 0, Device::Cpu).unwrap();
-    let b = loader.batch(0, 0, Device::Cpu).unwrap();
+    let a = loader.batch(0, 0).unwrap();
+    let b = loader.batch(0, 0).unwrap();
     assert_eq!(a.indices, b.indices);
     assert!(a.images.equal(&b.images) && a.boxes.equal(&b.boxes));
     assert_eq!(a.images.size(), vec![4, 3, 64, 64]);
@@ -38,9 +38,9 @@ fn batches_are_deterministic_and_flips_move_the_boxes() {
     loader.hsv = [0.0; 3];
     loader.mosaic = 0.0;
     loader.flip = 0.0;
-    let plain = loader.batch(0, 0, Device::Cpu).unwrap();
+    let plain = loader.batch(0, 0).unwrap();
     loader.flip = 1.0;
-    let flipped = loader.batch(0, 0, Device::Cpu).unwrap();
+    let flipped = loader.batch(0, 0).unwrap();
     assert!(plain.images.flip([3]).equal(&flipped.images));
     let (p, f) = (
         Vec::<f32>::try_from(plain.boxes.flatten(0, -1)).unwrap(),
@@ -65,8 +65,8 @@ fn augmentation_changes_the_pixels_and_keeps_boxes_in_the_image() {
     plain.translate = 0.0;
     plain.hsv = [0.0; 3];
     plain.mosaic = 0.0;
-    let a = loader.batch(0, 0, Device::Cpu).unwrap();
-    let b = plain.batch(0, 0, Device::Cpu).unwrap();
+    let a = loader.batch(0, 0).unwrap();
+    let b = plain.batch(0, 0).unwrap();
     assert!(!a.images.equal(&b.images));
     let boxes = Vec::<f32>::try_from(a.boxes.flatten(0, -1)).unwrap();
     let valid = Vec::<f32>::try_from(a.valid.flatten(0, -1)).unwrap();
@@ -95,7 +95,7 @@ fn mosaics_gather_the_objects_of_four_images() {
     let mut mosaic = single.clone();
     mosaic.mosaic = 1.0;
     let count = |l: &Loader| {
-        let b = l.batch(0, 0, Device::Cpu).unwrap();
+        let b = l.batch(0, 0).unwrap();
         Vec::<f32>::try_from(b.valid.flatten(0, -1))
             .unwrap()
             .iter()
@@ -105,8 +105,8 @@ fn mosaics_gather_the_objects_of_four_images() {
     let (one, four) = (count(&single), count(&mosaic));
     println!("objects in a batch of 16: {one} single images, {four} mosaics");
     assert!(four > one, "{four} vs {one}");
-    let a = mosaic.batch(1, 0, Device::Cpu).unwrap();
-    let b = mosaic.batch(1, 0, Device::Cpu).unwrap();
+    let a = mosaic.batch(1, 0).unwrap();
+    let b = mosaic.batch(1, 0).unwrap();
     assert!(a.images.equal(&b.images) && a.boxes.equal(&b.boxes));
     let boxes = Vec::<f32>::try_from(a.boxes.flatten(0, -1)).unwrap();
     assert!(boxes.iter().all(|v| (0.0..=64.0).contains(v)));
@@ -124,6 +124,7 @@ fn unusable_data_is_refused_with_the_reason() {
         "synthetic:x",
         64,
         kestrel_runtime::dataset::Split::Train,
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -148,7 +149,7 @@ fn a_checkpoint_resumes_with_the_same_next_step_loss() {
 
     let dir = std::env::temp_dir().join(format!("kestrel-trainer-ckpt-{}", std::process::id()));
     trainer.save(&dir, "last").unwrap();
-    let next = loader.batch(1, 0, Device::Cpu).unwrap();
+    let next = loader.batch(1, 0).unwrap();
     let want = trainer.batch_loss(&next).unwrap();
 
     let mut resumed = Trainer::new(&cfg, config, 4, Device::Cpu).unwrap();

@@ -8,11 +8,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kestrel_exporter::weights::save_safetensors;
 use kestrel_exporter::{ExportOptions, ModelConfig, WeightFile, WeightSource, export, write_model};
 use kestrel_runtime::dataset::Split;
+use kestrel_runtime::eval::EvalSummary;
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::Gelan;
 use kestrel_trainer::data::{Loader, Source, open_source};
 use kestrel_trainer::eval::evaluate;
-use kestrel_trainer::plot::{Series, curves};
+use kestrel_trainer::plot::{Series, curves, pr_curves};
 use kestrel_trainer::train::{TrainConfig, Trainer};
 use tch::{Device, nn};
 
@@ -66,6 +67,21 @@ enum Command {
         /// Train the last N epochs without mosaics (YOLOv9's close-mosaic).
         #[arg(long, default_value_t = 15)]
         close_mosaic: usize,
+        /// Validate every N epochs (and after the last); 0: only after the last.
+        #[arg(long, default_value_t = 1)]
+        val_interval: usize,
+        /// Skip images that cannot be used (missing, corrupt, bad label lines) with a warning,
+        /// instead of stopping; they are counted in the run summary.
+        #[arg(long)]
+        skip_bad: bool,
+        /// Keep decoded training images in memory (width × height × 3 bytes each; synthetic
+        /// scenes are always kept).
+        #[arg(long)]
+        cache: bool,
+        /// Mixed precision on CUDA: the network under FP16 autocast, the loss in FP32, a dynamic
+        /// loss scale (default FP32, with TF32 convolutions).
+        #[arg(long)]
+        amp: bool,
     },
     /// mAP of a training checkpoint on a validation split (YOLOv9's settings: conf 0.001,
     /// IoU 0.7, 300 detections, multi-label), through the runtime's post-processing and evaluator.
@@ -80,6 +96,15 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Also draw the precision-recall curves at IoU 0.50 to this PNG.
+        #[arg(long)]
+        pr_plot: Option<PathBuf>,
+    },
+    /// Redraw a run's losses.png and map.png from the history in its last checkpoint (for runs
+    /// made on a machine without fonts, whose plots have no labels).
+    Plots {
+        /// The run folder (PROJECT/NAME).
+        run: PathBuf,
     },
     /// Fold BatchNorm and merge RepConvN: training checkpoint → deployment safetensors.
     Fuse {
@@ -167,6 +192,18 @@ fn checkpoint_config(weights: &Path) -> Result<ModelConfig> {
     Ok(ModelConfig::new(model, classes as usize, imgsz as usize)?)
 }
 
+/// The class names recorded next to a checkpoint, when it has them for every class.
+fn checkpoint_names(weights: &Path, classes: usize) -> Option<Vec<String>> {
+    let name = weights.file_name()?.to_str()?;
+    let stem = name
+        .strip_suffix(".ema.safetensors")
+        .or_else(|| name.strip_suffix(".safetensors"))?;
+    let text = std::fs::read_to_string(weights.with_file_name(format!("{stem}.json"))).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let names: Vec<String> = serde_json::from_value(v["names"].clone()).ok()?;
+    (names.len() == classes).then_some(names)
+}
+
 /// Load a training checkpoint and fuse it.
 fn fused(
     weights: &Path,
@@ -199,16 +236,34 @@ fn main() -> Result<()> {
             lr0,
             cosine,
             close_mosaic,
+            val_interval,
+            skip_bad,
+            cache,
+            amp,
         } => {
             let device = parse_device(&device)?;
             tch::manual_seed(seed as i64);
-            let source = open_source(&data, imgsz, Split::Train)?;
+            let started = std::time::Instant::now();
+            let mut bad = Vec::new();
+            let source = open_source(&data, imgsz, Split::Train, skip_bad.then_some(&mut bad))?;
+            let val = open_source(&data, imgsz, Split::Val, skip_bad.then_some(&mut bad))?;
+            for e in &bad {
+                eprintln!("warning: skipping a bad image: {e}");
+            }
+            let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
             let cfg = ModelConfig::new(&model, source.num_classes(), imgsz as usize)?;
-            let loader = Loader::new(source, imgsz, batch_size, seed)?;
+            let mut loader = Loader::new(source, imgsz, batch_size, seed)?;
+            if cache {
+                loader.cache_images();
+            }
+            if skip_bad {
+                loader.skip_bad_images();
+            }
             let config = TrainConfig {
                 epochs,
                 lr0,
                 cosine,
+                amp,
                 ..Default::default()
             };
             let mut trainer = Trainer::new(&cfg, config, batch_size, device)?;
@@ -222,14 +277,16 @@ fn main() -> Result<()> {
                 );
             }
             for (k, v) in [
+                ("names", serde_json::json!(class_names(loader.source()))),
                 ("data", serde_json::json!(data)),
                 ("batch_size", serde_json::json!(batch_size)),
                 ("seed", serde_json::json!(seed)),
             ] {
                 trainer.run_info.insert(k.into(), v);
             }
-            // Loss history for the plot: kept in the checkpoint's JSON, so a resumed run keeps it.
-            let mut history: Vec<[f64; 3]> = if resume {
+            // Per-epoch history for the plots: kept in the checkpoint's JSON, so a resumed run
+            // keeps it.
+            let mut history: Vec<EpochRecord> = if resume {
                 std::fs::read_to_string(dir.join("last.json"))
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -238,8 +295,17 @@ fn main() -> Result<()> {
             } else {
                 Vec::new()
             };
+            let mut best = history
+                .iter()
+                .filter_map(EpochRecord::fitness)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let run_dir = project.join(&name);
             let mut closing = loader.clone();
             closing.mosaic = 0.0;
+            if trainer.mixed_precision() {
+                eprintln!("mixed precision: FP16 autocast, dynamic loss scale");
+            }
+            let mut last_eval = None;
             while trainer.state.epoch < epochs {
                 let e = trainer.state.epoch;
                 let loader = if e + close_mosaic >= epochs {
@@ -259,29 +325,82 @@ fn main() -> Result<()> {
                     pb.inc(1);
                 })?;
                 pb.finish();
-                eprintln!(
-                    "epoch {}: box {:.4} cls {:.4} dfl {:.4}, {:.1} images/s",
-                    e + 1,
-                    summary.boxes,
-                    summary.classes,
-                    summary.dfl,
-                    summary.images_per_s
-                );
-                history.push([summary.boxes, summary.classes, summary.dfl]);
+                if summary.skipped_steps > 0 {
+                    eprintln!(
+                        "  {} steps skipped for FP16 gradient overflow; loss scale now {}",
+                        summary.skipped_steps,
+                        trainer.loss_scale().scale
+                    );
+                }
+                let mut record = EpochRecord {
+                    epoch: e + 1,
+                    boxes: summary.boxes,
+                    classes: summary.classes,
+                    dfl: summary.dfl,
+                    images_per_s: summary.images_per_s,
+                    metrics: None,
+                };
+                let due = e + 1 == epochs || (val_interval > 0 && (e + 1) % val_interval == 0);
+                if due {
+                    let m = validate(trainer.eval_model(), &val, batch_size, device)?;
+                    record.metrics = Some([m.precision, m.recall, m.ap50, m.ap]);
+                    last_eval = Some(m);
+                }
+                eprintln!("epoch {}: {record}", e + 1);
+                let improved = record.fitness().is_some_and(|f| f > best);
+                history.push(record);
                 trainer
                     .run_info
                     .insert("history".into(), serde_json::json!(history));
                 trainer.save(&dir, "last")?;
-                plot_losses(&project.join(&name).join("losses.png"), &history)?;
+                if improved {
+                    best = record.fitness().unwrap_or(best);
+                    trainer.save(&dir, "best")?;
+                }
+                write_history(&run_dir, &history)?;
             }
-            let val = open_source(&data, imgsz, Split::Val)?;
-            validate(trainer.eval_model(), &val, batch_size, device)?;
+            let last = match last_eval {
+                Some(m) => m,
+                None => validate(trainer.eval_model(), &val, batch_size, device)?,
+            };
+            plot_pr(&run_dir.join("pr.png"), &last, &class_names(&val))?;
             let out = dir.join("fused.safetensors");
             save_safetensors(&out, &trainer.eval_model().fuse()?)?;
             let which = if trainer.config.ema { "EMA" } else { "trained" };
             println!(
-                "wrote {} (deployment form of the {which} weights)",
+                "wrote {} (deployment form of the {which} weights of the last epoch)",
                 out.display()
+            );
+            let skipped_loading = loader.skipped();
+            let summary = serde_json::json!({
+                "model": model,
+                "data": data,
+                "epochs": epochs,
+                "imgsz": imgsz,
+                "batch_size": batch_size,
+                "device": format!("{device:?}"),
+                "mixed_precision": trainer.mixed_precision(),
+                "wall_s": started.elapsed().as_secs_f64(),
+                "final": {"precision": last.precision, "recall": last.recall,
+                          "map50": last.ap50, "map50_95": last.ap},
+                "best_fitness": best,
+                "skipped_images": bad.len() + skipped_loading.len(),
+                "skipped": bad.iter().cloned().chain(skipped_loading.into_values()).collect::<Vec<_>>(),
+            });
+            let path = run_dir.join("summary.json");
+            std::fs::write(&path, format!("{summary:#}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            let skipped = summary["skipped_images"].as_u64().unwrap_or(0);
+            if skipped > 0 {
+                println!(
+                    "{skipped} bad images skipped (listed in {})",
+                    path.display()
+                );
+            }
+            println!(
+                "run summary {}; plots losses.png, map.png, pr.png in {}",
+                path.display(),
+                run_dir.display()
             );
         }
         Command::Val {
@@ -289,6 +408,7 @@ fn main() -> Result<()> {
             data,
             batch_size,
             device,
+            pr_plot,
         } => {
             let device = parse_device(&device)?;
             let cfg = checkpoint_config(&weights)?;
@@ -297,8 +417,27 @@ fn main() -> Result<()> {
             vs.load(&weights).with_context(|| {
                 format!("{}: not a {} checkpoint", weights.display(), cfg.spec.name)
             })?;
-            let source = open_source(&data, cfg.imgsz[0] as u32, Split::Val)?;
-            validate(&model, &source, batch_size, device)?;
+            let source = open_source(&data, cfg.imgsz[0] as u32, Split::Val, None)?;
+            let summary = validate(&model, &source, batch_size, device)?;
+            if let Some(path) = pr_plot {
+                plot_pr(&path, &summary, &class_names(&source))?;
+                println!("wrote {}", path.display());
+            }
+        }
+        Command::Plots { run } => {
+            let json = run.join("weights/last.json");
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("reading {} (the run's last checkpoint)", json.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json.display()))?;
+            let history: Vec<EpochRecord> = serde_json::from_value(v["history"].clone())
+                .with_context(|| format!("{}: no per-epoch \"history\"", json.display()))?;
+            write_history(&run, &history)?;
+            println!(
+                "wrote {} epochs to results.csv, losses.png and map.png in {}",
+                history.len(),
+                run.display()
+            );
         }
         Command::Fuse { weights, output } => {
             let (_, tensors) = fused(&weights)?;
@@ -310,7 +449,11 @@ fn main() -> Result<()> {
             let tmp = output.with_extension("fused.safetensors");
             save_safetensors(&tmp, &tensors)?;
             let mut source = WeightSource::File(WeightFile::load(&tmp)?);
-            let onnx = export(&cfg, &mut source, &ExportOptions::dynamic(cfg.num_classes))?;
+            let mut options = ExportOptions::dynamic(cfg.num_classes);
+            if let Some(names) = checkpoint_names(&weights, cfg.num_classes) {
+                options.class_names = names;
+            }
+            let onnx = export(&cfg, &mut source, &options)?;
             write_model(&onnx, &output)?;
             let _ = std::fs::remove_file(&tmp);
             println!(
@@ -327,7 +470,12 @@ fn main() -> Result<()> {
 }
 
 /// Evaluate and print P, R, mAP50 and mAP50-95 like `kestrel val`.
-fn validate(model: &Gelan, source: &Source, batch_size: usize, device: Device) -> Result<()> {
+fn validate(
+    model: &Gelan,
+    source: &Source,
+    batch_size: usize,
+    device: Device,
+) -> Result<EvalSummary> {
     let pb = bar(source.len() as u64, "val");
     let summary = evaluate(
         model,
@@ -347,13 +495,158 @@ fn validate(model: &Gelan, source: &Source, batch_size: usize, device: Device) -
         summary.ap50,
         summary.ap
     );
+    Ok(summary)
+}
+
+/// One epoch of a run: mean weighted loss terms, throughput, and the validation metrics when
+/// measured (P, R, mAP50, mAP50-95).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct EpochRecord {
+    epoch: usize,
+    #[serde(rename = "box")]
+    boxes: f64,
+    #[serde(rename = "cls")]
+    classes: f64,
+    dfl: f64,
+    images_per_s: f64,
+    metrics: Option<[f64; 4]>,
+}
+
+impl EpochRecord {
+    /// YOLOv9's fitness, which picks `best`: 0.1 · mAP50 + 0.9 · mAP50-95.
+    fn fitness(&self) -> Option<f64> {
+        self.metrics.map(|m| 0.1 * m[2] + 0.9 * m[3])
+    }
+}
+
+impl std::fmt::Display for EpochRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "box {:.4} cls {:.4} dfl {:.4}, {:.1} images/s",
+            self.boxes, self.classes, self.dfl, self.images_per_s
+        )?;
+        if let Some([p, r, m50, m]) = self.metrics {
+            write!(f, "; val P {p:.4} R {r:.4} mAP50 {m50:.4} mAP50-95 {m:.4}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `results.csv` and the loss and mAP plots of a run.
+fn write_history(run_dir: &Path, history: &[EpochRecord]) -> Result<()> {
+    let mut csv = String::from("epoch,box,cls,dfl,images_per_s,precision,recall,map50,map50_95\n");
+    for r in history {
+        let m = r.metrics.map_or_else(
+            || ",,,".to_string(),
+            |m| format!("{:.5},{:.5},{:.5},{:.5}", m[0], m[1], m[2], m[3]),
+        );
+        csv += &format!(
+            "{},{:.5},{:.5},{:.5},{:.1},{m}\n",
+            r.epoch, r.boxes, r.classes, r.dfl, r.images_per_s
+        );
+    }
+    let path = run_dir.join("results.csv");
+    std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+    plot_losses(&run_dir.join("losses.png"), history)?;
+    // Epochs without validation are gaps (NaN) in the mAP curves.
+    let metric = |k: usize| -> Vec<f64> {
+        history
+            .iter()
+            .map(|r| r.metrics.map_or(f64::NAN, |m| m[k]))
+            .collect()
+    };
+    let (m50, m) = (metric(2), metric(3));
+    curves(
+        &run_dir.join("map.png"),
+        "validation mAP (EMA weights)",
+        &[
+            Series {
+                name: "mAP50",
+                values: &m50,
+                colour: [38, 139, 210],
+            },
+            Series {
+                name: "mAP50-95",
+                values: &m,
+                colour: [220, 50, 47],
+            },
+        ],
+    )?;
     Ok(())
 }
 
+/// The class names of a source: the data YAML's, or the synthetic shapes'.
+fn class_names(source: &Source) -> Vec<String> {
+    match source {
+        Source::Dataset(d) => d.names.clone(),
+        Source::Synthetic { .. } => kestrel_runtime::synth::CLASS_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    }
+}
+
+/// Precision-recall curves at IoU 0.50, per class and their mean.
+fn plot_pr(path: &Path, summary: &EvalSummary, names: &[String]) -> Result<()> {
+    let labels: Vec<String> = summary
+        .per_class
+        .iter()
+        .map(|c| {
+            let name = names.get(c.class_id).map_or("?", String::as_str);
+            format!("{name} {:.3}", c.ap50)
+        })
+        .collect();
+    let points = summary.per_class.first().map_or(0, |c| c.pr50.len());
+    let mean: Vec<f64> = (0..points)
+        .map(|r| {
+            summary.per_class.iter().map(|c| c.pr50[r]).sum::<f64>()
+                / summary.per_class.len().max(1) as f64
+        })
+        .collect();
+    let mean_label = format!("all classes {:.3} mAP50", summary.ap50);
+    let mut series: Vec<Series> = summary
+        .per_class
+        .iter()
+        .zip(&labels)
+        .map(|(c, label)| Series {
+            name: label,
+            values: &c.pr50,
+            colour: palette(c.class_id),
+        })
+        .collect();
+    series.push(Series {
+        name: &mean_label,
+        values: &mean,
+        colour: [0, 0, 0],
+    });
+    pr_curves(path, "precision-recall at IoU 0.50", &series)?;
+    Ok(())
+}
+
+/// A distinct colour per class (golden-angle hues).
+fn palette(k: usize) -> [u8; 3] {
+    let h = (k as f64 * 137.508) % 360.0;
+    let x = 1.0 - ((h / 60.0) % 2.0 - 1.0).abs();
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (1.0, x, 0.0),
+        1 => (x, 1.0, 0.0),
+        2 => (0.0, 1.0, x),
+        3 => (0.0, x, 1.0),
+        4 => (x, 0.0, 1.0),
+        _ => (1.0, 0.0, x),
+    };
+    [(r * 200.0) as u8, (g * 200.0) as u8, (b * 200.0) as u8]
+}
+
 /// The loss terms per epoch as a PNG.
-fn plot_losses(path: &Path, history: &[[f64; 3]]) -> Result<()> {
-    let column = |k: usize| history.iter().map(|h| h[k]).collect::<Vec<f64>>();
-    let (b, c, d) = (column(0), column(1), column(2));
+fn plot_losses(path: &Path, history: &[EpochRecord]) -> Result<()> {
+    let column = |f: fn(&EpochRecord) -> f64| history.iter().map(f).collect::<Vec<f64>>();
+    let (b, c, d) = (
+        column(|r| r.boxes),
+        column(|r| r.classes),
+        column(|r| r.dfl),
+    );
     curves(
         path,
         "training losses (weighted, per image)",
