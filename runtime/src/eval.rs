@@ -926,6 +926,28 @@ mod tests {
         assert!((s.ap - 0.5).abs() < 1e-9, "{}", s.ap);
         assert_close(s.ar100, 1.0);
         assert_close(s.ar1, 0.0);
+        // The curve at IoU .50 is that 1/2 at all 101 recall points, and its mean is AP50.
+        let pr = &s.per_class[0].pr50;
+        assert_eq!(pr.len(), NUM_RECALL_POINTS);
+        assert!(pr.iter().all(|&p| (p - 0.5).abs() < 1e-12), "{pr:?}");
+    }
+
+    #[test]
+    fn the_pr_curve_averages_to_ap50_and_drops_to_zero_past_the_last_recall() {
+        // Two objects, one found: precision 1 up to recall 0.5, then 0.
+        let mut ev = Evaluator::new(1);
+        let g = [
+            gt(0.0, 0.0, 100.0, 100.0, 0),
+            gt(200.0, 200.0, 300.0, 300.0, 0),
+        ];
+        ev.add_image(&g, &[dt(0.0, 0.0, 100.0, 100.0, 0, 0.9)])
+            .unwrap();
+        let s = ev.summarize();
+        let c = &s.per_class[0];
+        assert!(c.pr50[..=50].iter().all(|&p| p == 1.0), "{:?}", c.pr50);
+        assert!(c.pr50[51..].iter().all(|&p| p == 0.0), "{:?}", c.pr50);
+        let mean = c.pr50.iter().sum::<f64>() / c.pr50.len() as f64;
+        assert!((mean - c.ap50).abs() < 1e-12, "{mean} vs {}", c.ap50);
     }
 
     #[test]

@@ -196,4 +196,60 @@ mod tests {
         assert!(count([220, 30, 30]) > 500 && count([30, 30, 220]) > 300);
         let _ = std::fs::remove_file(path);
     }
+
+    #[test]
+    fn sparse_points_are_joined_across_the_gaps() {
+        // Validation every fourth epoch: NaN in between must not hide the curve.
+        let path =
+            std::env::temp_dir().join(format!("kestrel-plot-gaps-{}.png", std::process::id()));
+        let map = [
+            f64::NAN,
+            f64::NAN,
+            f64::NAN,
+            0.3,
+            f64::NAN,
+            f64::NAN,
+            f64::NAN,
+            0.6,
+        ];
+        curves(
+            &path,
+            "mAP",
+            &[Series {
+                name: "mAP50-95",
+                values: &map,
+                colour: [10, 160, 10],
+            }],
+        )
+        .unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        // A line from epoch 4 to epoch 8: green pixels across the right half of the plot.
+        let columns = (0..W)
+            .filter(|&x| (0..H).any(|y| img.get_pixel(x, y).0 == [10, 160, 10]))
+            .count();
+        assert!(columns > 300, "{columns}");
+        let _ = std::fs::remove_file(&path);
+
+        // Precision-recall curves: fixed [0, 1] axes, one series per class.
+        let flat = vec![0.5; 101];
+        pr_curves(
+            &path,
+            "pr",
+            &[Series {
+                name: "a",
+                values: &flat,
+                colour: [200, 0, 0],
+            }],
+        )
+        .unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        // Precision 0.5 is drawn halfway up the plot area (y0 = H - MARGIN, y1 = 40).
+        let mid = ((H as f32 - MARGIN + 40.0) / 2.0) as u32;
+        let x = W / 2;
+        assert!(
+            (mid - 2..=mid + 2).any(|y| img.get_pixel(x, y).0 == [200, 0, 0]),
+            "no red at ({x}, {mid})"
+        );
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -281,26 +281,26 @@ impl Trainer {
         let skipped_before = self.loss_scale.skipped_steps;
         self.opt.zero_grad();
         std::thread::scope(|scope| -> Result<()> {
-                // The loader thread builds the next batches (pinned CPU memory) while this one trains.
-                let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
-                scope.spawn(move || {
-                    for b in 0..nb {
-                        let batch = loader.batch(epoch, b);
-                        let failed = batch.is_err();
-                        if sender.send(batch).is_err() || failed {
-                            break;
-                        }
-                    }
-                });
+            // The loader thread builds the next batches (pinned CPU memory) while this one trains.
+            let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
+            scope.spawn(move || {
                 for b in 0..nb {
-                    let batch = batches
-                        .recv()
-                        .map_err(|_| Error::Data("the batch loader thread stopped".into()))??
-                        .to_device(device);
-                    self.train_batch(&batch, epoch, b, nb, warmup, &mut sums, &mut progress)?;
-                    images += batch.indices.len();
+                    let batch = loader.batch(epoch, b);
+                    let failed = batch.is_err();
+                    if sender.send(batch).is_err() || failed {
+                        break;
+                    }
                 }
-                Ok(())
+            });
+            for b in 0..nb {
+                let batch = batches
+                    .recv()
+                    .map_err(|_| Error::Data("the batch loader thread stopped".into()))??
+                    .to_device(device);
+                self.train_batch(&batch, epoch, b, nb, warmup, &mut sums, &mut progress)?;
+                images += batch.indices.len();
+            }
+            Ok(())
         })?;
         self.state.epoch += 1;
         let n = images.max(1) as f64;
@@ -529,4 +529,28 @@ fn checkpoint_error(path: &Path, e: tch::TchError) -> Error {
         "{}: not a checkpoint of this model ({e}); check --model and the file",
         path.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loss_scale_halves_on_overflow_and_doubles_after_2000_good_steps() {
+        let mut s = LossScale::new();
+        s.update(false);
+        s.update(false);
+        assert_eq!((s.scale, s.skipped_steps), (16384.0, 2));
+        for _ in 0..1999 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 16384.0);
+        s.update(true);
+        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+        // An overflow resets the run of good steps; the scale never goes below 1.
+        for _ in 0..40 {
+            s.update(false);
+        }
+        assert_eq!((s.scale, s.good_steps), (1.0, 0));
+    }
 }

@@ -47,23 +47,48 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
     ]);
     assert!(log.contains("epoch 2: box"), "{log}");
     assert!(log.contains("val: 2 images"), "{log}");
-    let weights = project.join("tiny/weights");
-    let plot = image::open(project.join("tiny/losses.png")).unwrap();
-    assert_eq!((plot.width(), plot.height()), (900, 450));
+    let run_dir = project.join("tiny");
+    let weights = run_dir.join("weights");
+    for png in ["losses.png", "map.png", "pr.png"] {
+        let plot = image::open(run_dir.join(png)).unwrap();
+        assert_eq!((plot.width(), plot.height()), (900, 450), "{png}");
+    }
+    // Validated every epoch: two rows with metrics, and a best checkpoint.
+    let csv = std::fs::read_to_string(run_dir.join("results.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows[0].starts_with("epoch,box,cls,dfl"), "{csv}");
+    assert_eq!(rows[2].split(',').count(), 9, "{csv}");
+    assert!(!rows[2].ends_with(','), "epoch 2 has no metrics: {csv}");
+    assert!(weights.join("best.ema.safetensors").exists());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["skipped_images"], 0);
+    assert!(summary["final"]["map50_95"].as_f64().unwrap() >= 0.0);
+    // `plots` redraws the curves from the checkpoint's history.
+    std::fs::remove_file(run_dir.join("map.png")).unwrap();
+    let redrawn = run(&["plots", run_dir.to_str().unwrap()]);
+    assert!(redrawn.contains("wrote 2 epochs"), "{redrawn}");
+    assert!(run_dir.join("map.png").exists());
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(weights.join("last.json")).unwrap()).unwrap();
     assert_eq!(state["epoch"], 2);
     assert_eq!(state["model"], "gelan-t");
     assert_eq!(state["data"], "synthetic:3:8");
 
+    let pr = dir.join("pr.png");
     let val = run(&[
         "val",
         "--weights",
         weights.join("last.safetensors").to_str().unwrap(),
         "--data",
         "synthetic:3:8",
+        "--pr-plot",
+        pr.to_str().unwrap(),
     ]);
     assert!(val.contains("mAP50-95"), "{val}");
+    assert!(pr.exists(), "{val}");
     let onnx = dir.join("tiny.onnx");
     let ema = weights.join("last.ema.safetensors");
     run(&[
@@ -82,6 +107,18 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
             max: 1,
         },
     };
+    // The class names recorded at training travel into the model's metadata.
+    let model = kestrel_exporter::onnx::read_model(&onnx).unwrap();
+    let names = model
+        .metadata_props
+        .iter()
+        .find(|p| p.key == "names")
+        .map(|p| p.value.clone())
+        .unwrap_or_default();
+    assert!(
+        names.contains("circle") && names.contains("cross"),
+        "{names}"
+    );
     let mut engine = build_engine(&onnx, &options).unwrap();
     let out = engine.run(&vec![0.5f32; 3 * 64 * 64], 1).unwrap();
     // 4 box rows + 6 synthetic classes, 84 anchors at 64x64.

@@ -426,10 +426,11 @@ fn main() -> Result<()> {
         }
         Command::Plots { run } => {
             let json = run.join("weights/last.json");
-            let text = std::fs::read_to_string(&json)
-                .with_context(|| format!("reading {} (the run's last checkpoint)", json.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json.display()))?;
+            let text = std::fs::read_to_string(&json).with_context(|| {
+                format!("reading {} (the run's last checkpoint)", json.display())
+            })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not JSON", json.display()))?;
             let history: Vec<EpochRecord> = serde_json::from_value(v["history"].clone())
                 .with_context(|| format!("{}: no per-epoch \"history\"", json.display()))?;
             write_history(&run, &history)?;
