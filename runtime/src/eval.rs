@@ -944,7 +944,11 @@ mod tests {
             .unwrap();
         let s = ev.summarize();
         let c = &s.per_class[0];
-        assert!(c.pr50[..=50].iter().all(|&p| p == 1.0), "{:?}", c.pr50);
+        assert!(
+            c.pr50[..=50].iter().all(|&p| (p - 1.0).abs() < 1e-9),
+            "{:?}",
+            c.pr50
+        );
         assert!(c.pr50[51..].iter().all(|&p| p == 0.0), "{:?}", c.pr50);
         let mean = c.pr50.iter().sum::<f64>() / c.pr50.len() as f64;
         assert!((mean - c.ap50).abs() < 1e-12, "{mean} vs {}", c.ap50);

@@ -4,6 +4,7 @@
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod import;
 pub mod loss;
 pub mod model;
 pub mod plot;

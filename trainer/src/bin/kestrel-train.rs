@@ -100,6 +100,26 @@ enum Command {
         #[arg(long)]
         pr_plot: Option<PathBuf>,
     },
+    /// Import weights trained with the original YOLOv9 code (a state dict saved as safetensors by
+    /// scripts/py/yolov9_to_safetensors.py): a GELAN checkpoint as is, a YOLOv9 dual-branch one
+    /// (yolov9-c …) reparameterized to its GELAN (gelan-c …). Writes OUTPUT.safetensors and
+    /// OUTPUT.json, a checkpoint the other commands take (val, export, fuse).
+    Import {
+        #[arg(long)]
+        weights: PathBuf,
+        /// The GELAN model the weights are for (yolov9-c → gelan-c, yolov9-e → gelan-e, …).
+        #[arg(long)]
+        model: String,
+        /// Network input size the checkpoint will be evaluated and exported at.
+        #[arg(long, default_value_t = 640)]
+        imgsz: usize,
+        /// Class names, one per line (default: class0, class1, …).
+        #[arg(long)]
+        names: Option<PathBuf>,
+        /// Output path (without extension, or ending in .safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Redraw a run's losses.png and map.png from the history in its last checkpoint (for runs
     /// made on a machine without fonts, whose plots have no labels).
     Plots {
@@ -423,6 +443,76 @@ fn main() -> Result<()> {
                 plot_pr(&path, &summary, &class_names(&source))?;
                 println!("wrote {}", path.display());
             }
+        }
+        Command::Import {
+            weights,
+            model,
+            imgsz,
+            names,
+            output,
+        } => {
+            let tensors = kestrel_trainer::import::read_checkpoint(&weights)?;
+            let classes = kestrel_trainer::import::checkpoint_classes(&tensors)?;
+            let cfg = ModelConfig::new(&model, classes, imgsz)?;
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let gelan = Gelan::new(&vs.root(), &cfg)?;
+            let head = cfg.spec.layers.len() - 1;
+            let report = kestrel_trainer::import::import_weights(&mut vs, &tensors, head)
+                .with_context(|| format!("importing {} as {model}", weights.display()))?;
+            let names: Vec<String> = match names {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let names: Vec<String> = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from)
+                        .collect();
+                    if names.len() != classes {
+                        bail!(
+                            "{} has {} names, the checkpoint {classes} classes",
+                            path.display(),
+                            names.len()
+                        );
+                    }
+                    names
+                }
+                None => (0..classes).map(|i| format!("class{i}")).collect(),
+            };
+            let stem = output.with_extension("");
+            let out = stem.with_extension("safetensors");
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            vs.save(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            let json = serde_json::json!({
+                "model": model,
+                "classes": classes,
+                "imgsz": imgsz,
+                "names": names,
+                "imported_from": weights.display().to_string(),
+                "layout": format!("{:?}", report.layout),
+                "epoch": 0,
+                "iteration": 0,
+                "ema_updates": 0,
+            });
+            let json_path = stem.with_extension("json");
+            std::fs::write(&json_path, format!("{json:#}\n"))
+                .with_context(|| format!("writing {}", json_path.display()))?;
+            drop(gelan);
+            println!(
+                "imported {} ({:?} layout, {classes} classes): {} tensors loaded, {} unused \
+                 (auxiliary branch, counters); wrote {} and {}",
+                weights.display(),
+                report.layout,
+                report.loaded,
+                report.unused,
+                out.display(),
+                json_path.display()
+            );
         }
         Command::Plots { run } => {
             let json = run.join("weights/last.json");
