@@ -7,6 +7,7 @@ pub mod eval;
 pub mod import;
 pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod plot;
 pub mod train;
 

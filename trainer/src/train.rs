@@ -1,19 +1,21 @@
 //! YOLOv9's training recipe on a [`Gelan`]: SGD (Nesterov momentum 0.937) with linear warm-up of
 //! the learning rate and momentum, a linear or cosine decay to `lrf · lr0`, weight decay on
-//! convolution weights only (not BatchNorm), gradient accumulation to a nominal batch of 64, an
-//! exponential moving average (EMA) of the weights, mixed precision (FP16 autocast with a dynamic
-//! loss scale) on CUDA, and checkpoints with resume. Batches are built on a loader thread while
-//! the previous one trains.
+//! convolution weights only (not BatchNorm weights, not biases), gradient accumulation to a
+//! nominal batch of 64, an exponential moving average (EMA) of the weights, optional mixed
+//! precision (FP16 autocast with a dynamic loss scale) on CUDA, and checkpoints with exact resume.
+//! The optimiser, the clipping and the EMA work on flat buffers ([`crate::optim`]); batches are
+//! built on a loader thread while the previous one trains.
 
 use std::path::Path;
 
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Batch, Loader};
 use crate::error::{Error, Result};
 use crate::loss::{AssignerConfig, LossWeights, detection_loss};
 use crate::model::{Gelan, anchor_points};
+use crate::optim::{FlatSgd, FlatVars};
 use kestrel_exporter::ModelConfig;
 
 /// Hyperparameters (YOLOv9's `hyp.scratch-high.yaml` defaults).
@@ -158,8 +160,10 @@ pub struct StepReport {
 pub struct Trainer {
     pub vs: nn::VarStore,
     pub model: Gelan,
-    ema: Option<(nn::VarStore, Gelan)>,
-    opt: nn::Optimizer,
+    /// The model's variables as views of one buffer, and the optimiser over it.
+    vars: FlatVars,
+    sgd: FlatSgd,
+    ema: Option<Ema>,
     pub config: TrainConfig,
     pub state: RunState,
     /// Extra fields written into every checkpoint's JSON (the CLI records its data and seed).
@@ -170,8 +174,23 @@ pub struct Trainer {
     loss_scale: LossScale,
 }
 
-/// BatchNorm parameters live in this optimiser group (no weight decay); everything else in 0.
+/// BatchNorm parameters live in this optimiser group of the VarStore; the weight decay itself
+/// follows [`decayed`].
 pub const NO_DECAY_GROUP: usize = 1;
+
+/// YOLOv9's parameter groups: convolution weights are decayed; BatchNorm weights and all biases
+/// are not.
+pub fn decayed(name: &str) -> bool {
+    name.ends_with(".weight") && !name.ends_with("bn.weight")
+}
+
+/// The exponential moving average of a model: its own VarStore and network, flat like the
+/// model's.
+struct Ema {
+    vs: nn::VarStore,
+    model: Gelan,
+    vars: FlatVars,
+}
 
 impl Trainer {
     /// A fresh model of `model_config` on `device`, trained with batches of `batch_size`.
@@ -190,12 +209,18 @@ impl Trainer {
         }
         let vs = nn::VarStore::new(device);
         let model = Gelan::new(&vs.root(), model_config)?;
+        let vars = FlatVars::bind(&vs);
         let ema = if config.ema {
             let mut evs = nn::VarStore::new(device);
             let em = Gelan::new(&evs.root(), model_config)?;
             evs.copy(&vs)?;
             evs.freeze();
-            Some((evs, em))
+            let evars = FlatVars::bind_like(&evs, &vars);
+            Some(Ema {
+                vs: evs,
+                model: em,
+                vars: evars,
+            })
         } else {
             None
         };
@@ -205,21 +230,15 @@ impl Trainer {
         // YOLOv9 scales the decay with the effective batch.
         let decay =
             config.weight_decay * (batch_size * accumulate) as f64 / config.nominal_batch as f64;
-        let mut opt = nn::Sgd {
-            momentum: config.momentum,
-            dampening: 0.0,
-            wd: 0.0,
-            nesterov: true,
-        }
-        .build(&vs, config.lr0)?;
-        opt.set_weight_decay_group(0, decay);
-        opt.set_weight_decay_group(NO_DECAY_GROUP, 0.0);
+        let mut sgd = FlatSgd::new(&vars, &vars.trainable_mask(decayed), decay, config.momentum);
+        sgd.lr = config.lr0;
         let (anchors, strides) = anchor_points(model_config, device);
         Ok(Self {
             vs,
             model,
+            vars,
+            sgd,
             ema,
-            opt,
             config,
             state: RunState::default(),
             run_info: serde_json::Map::new(),
@@ -232,7 +251,7 @@ impl Trainer {
 
     /// The weights to evaluate and export: the EMA when kept, else the trained ones.
     pub fn eval_model(&self) -> &Gelan {
-        self.ema.as_ref().map_or(&self.model, |(_, m)| m)
+        self.ema.as_ref().map_or(&self.model, |e| &e.model)
     }
 
     /// True when the forward pass runs under FP16 autocast (AMP asked for, model on CUDA).
@@ -279,7 +298,7 @@ impl Trainer {
         let device = self.vs.device();
         let (mut sums, mut images) = ([0.0f64; 3], 0usize);
         let skipped_before = self.loss_scale.skipped_steps;
-        self.opt.zero_grad();
+        self.vars.zero_gradients();
         std::thread::scope(|scope| -> Result<()> {
             // The loader thread builds the next batches (pinned CPU memory) while this one trains.
             let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
@@ -340,8 +359,8 @@ impl Trainer {
             } else {
                 (lr, self.config.momentum)
             };
-            self.opt.set_lr(lr);
-            self.opt.set_momentum(momentum);
+            self.sgd.lr = lr;
+            self.sgd.momentum = momentum;
 
             let loss = self.batch_loss(batch)?;
             let n = batch.indices.len();
@@ -354,11 +373,11 @@ impl Trainer {
             (&loss.total * (n as f64 * scale)).backward();
             self.state.iteration += 1;
             if self.state.iteration.is_multiple_of(self.accumulate as u64) || b + 1 == nb {
-                if self.unscale_and_clip(scale) {
-                    self.opt.step();
+                if let Some(grad) = self.unscale_and_clip(scale) {
+                    self.sgd.step(&self.vars, &grad);
                     self.update_ema();
                 }
-                self.opt.zero_grad();
+                self.vars.zero_gradients();
             }
             for (s, v) in sums.iter_mut().zip([loss.boxes, loss.classes, loss.dfl]) {
                 *s += v * n as f64;
@@ -385,63 +404,41 @@ impl Trainer {
         Ok(())
     }
 
-    /// Divide the gradients by the loss `scale` and clip their global L2 norm to
-    /// `max_grad_norm`, in one pass. Returns false, and updates nothing, when a gradient is not
-    /// finite (an FP16 overflow under mixed precision: the step is skipped and the scale halved).
-    fn unscale_and_clip(&mut self, scale: f64) -> bool {
-        let grads: Vec<Tensor> = self
-            .vs
-            .trainable_variables()
-            .iter()
-            .map(Tensor::grad)
-            .filter(Tensor::defined)
-            .collect();
-        if grads.is_empty() {
-            return false;
-        }
-        let norm = tch::no_grad(|| {
-            let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-            Tensor::stack(&norms, 0).norm().double_value(&[])
-        }) / scale;
+    /// The flat gradient divided by the loss `scale` and clipped to a global L2 norm of
+    /// `max_grad_norm`; `None`, and nothing to update, when a gradient is not finite (an FP16
+    /// overflow under mixed precision: the step is skipped and the scale halved).
+    fn unscale_and_clip(&mut self, scale: f64) -> Option<Tensor> {
+        let grad = tch::no_grad(|| self.vars.gradients());
+        let norm = tch::no_grad(|| grad.norm().double_value(&[])) / scale;
         let finite = norm.is_finite();
         if self.mixed_precision() {
             self.loss_scale.update(finite);
         }
         if !finite {
-            return false;
+            return None;
         }
         let factor = (self.config.max_grad_norm / (norm + 1e-6)).min(1.0) / scale;
-        if factor != 1.0 {
-            tch::no_grad(|| {
-                for mut g in grads {
-                    let _ = g.g_mul_scalar_(factor);
-                }
-            });
-        }
-        true
+        Some(if factor != 1.0 { grad * factor } else { grad })
     }
 
     /// ema = d · ema + (1 − d) · model, d ramping to 0.9999 (YOLOv9's `ModelEMA`), over every
-    /// variable including BatchNorm statistics.
+    /// variable including BatchNorm statistics: two operations on the flat buffers.
     fn update_ema(&mut self) {
-        let Some((evs, _)) = &mut self.ema else {
+        let Some(ema) = &mut self.ema else {
             return;
         };
         self.state.ema_updates += 1;
         let d = 0.9999 * (1.0 - (-(self.state.ema_updates as f64) / 2000.0).exp());
-        let src = self.vs.variables();
         tch::no_grad(|| {
-            for (name, mut e) in evs.variables() {
-                if let Some(m) = src.get(&name) {
-                    let blended = &e * d + m.detach() * (1.0 - d);
-                    e.copy_(&blended);
-                }
-            }
+            let mut e = ema.vars.flat.shallow_clone();
+            let _ = e.g_mul_scalar_(d);
+            let _ = e.g_add_(&(&self.vars.flat * (1.0 - d)));
         });
     }
 
-    /// Write `{stem}.safetensors` (weights), `{stem}.ema.safetensors` (EMA weights, when kept)
-    /// and `{stem}.json` (run state and hyperparameters) in `dir`. Files are written to a
+    /// Write `{stem}.safetensors` (weights), `{stem}.ema.safetensors` (EMA weights, when kept),
+    /// `{stem}.optim.safetensors` (SGD's momentum) and `{stem}.json` (run state and
+    /// hyperparameters) in `dir`. Files are written to a
     /// temporary name and renamed, so an interrupted save leaves the previous checkpoint whole.
     pub fn save(&self, dir: &Path, stem: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Data(format!("{}: {e}", dir.display())))?;
@@ -449,11 +446,14 @@ impl Trainer {
         let weights = dir.join(format!("{stem}.safetensors"));
         self.vs.save(tmp(&weights))?;
         rename(&tmp(&weights), &weights)?;
-        if let Some((evs, _)) = &self.ema {
+        if let Some(ema) = &self.ema {
             let path = dir.join(format!("{stem}.ema.safetensors"));
-            evs.save(tmp(&path))?;
+            ema.vs.save(tmp(&path))?;
             rename(&tmp(&path), &path)?;
         }
+        let optim = dir.join(format!("{stem}.optim.safetensors"));
+        Tensor::write_safetensors(&[("momentum", &self.sgd.momentum_buffer)], tmp(&optim))?;
+        rename(&tmp(&optim), &optim)?;
         let model = self.model.config();
         let mut state = serde_json::json!({
             "model": model.spec.name,
@@ -480,18 +480,36 @@ impl Trainer {
         rename(&tmp_json, &json)
     }
 
-    /// Load a checkpoint written by [`Self::save`] into this trainer (same model and settings).
-    /// SGD's momentum buffers are not part of it (tch does not expose them): a resumed run's
-    /// first steps rebuild them, so it continues close to, not exactly like, an uninterrupted one.
+    /// Load a checkpoint written by [`Self::save`] into this trainer (same model and settings):
+    /// weights, EMA, momentum and run state, so the run continues as if never stopped.
     pub fn resume(&mut self, dir: &Path, stem: &str) -> Result<()> {
         let weights = dir.join(format!("{stem}.safetensors"));
         self.vs
             .load(&weights)
             .map_err(|e| checkpoint_error(&weights, e))?;
-        if let Some((evs, _)) = &mut self.ema {
+        // Loading replaces the variables' storage: make them views of one buffer again.
+        self.vars = FlatVars::bind(&self.vs);
+        if let Some(ema) = &mut self.ema {
             let path = dir.join(format!("{stem}.ema.safetensors"));
-            evs.load(&path).map_err(|e| checkpoint_error(&path, e))?;
+            ema.vs.load(&path).map_err(|e| checkpoint_error(&path, e))?;
+            ema.vars = FlatVars::bind_like(&ema.vs, &self.vars);
         }
+        let optim = dir.join(format!("{stem}.optim.safetensors"));
+        let momentum = Tensor::read_safetensors(&optim)
+            .map_err(|e| checkpoint_error(&optim, e))?
+            .into_iter()
+            .find(|(name, _)| name == "momentum")
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::Data(format!("{}: no \"momentum\" tensor", optim.display())))?;
+        if momentum.size() != self.sgd.momentum_buffer.size() {
+            return Err(Error::Data(format!(
+                "{}: momentum for {:?} elements, this model trains {:?}",
+                optim.display(),
+                momentum.size(),
+                self.sgd.momentum_buffer.size()
+            )));
+        }
+        tch::no_grad(|| self.sgd.momentum_buffer.copy_(&momentum));
         let json = dir.join(format!("{stem}.json"));
         let text = std::fs::read_to_string(&json)
             .map_err(|e| Error::Data(format!("{}: {e}", json.display())))?;

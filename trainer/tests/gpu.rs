@@ -56,57 +56,82 @@ fn gelan_s_trains_on_cuda() {
 
 /// The framework-only step that `bench/peers/torch_train_peer.py` times in PyTorch: forward
 /// (training-mode BatchNorm), loss = mean(output²), backward, SGD step, FP32 and mixed precision,
-/// gelan-s at 640, batch 16, input already on the GPU.
+/// gelan-s at 640, batch 16, input already on the GPU; with libtorch's SGD (tch's optimiser) and
+/// with Kestrel's flat SGD (what the trainer uses).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn network_step_speed() {
+    use kestrel_trainer::optim::{FlatSgd, FlatVars};
     use tch::nn::OptimizerConfig;
     assert!(tch::Cuda::is_available(), "libtorch sees no CUDA device");
-    tch::manual_seed(0);
     // As the PyTorch peer sets torch.backends.cudnn.benchmark (and the trainer does on CUDA).
     tch::Cuda::cudnn_set_benchmark(true);
     let batch = 16i64;
     let cfg = ModelConfig::new("gelan-s", 6, 640).unwrap();
-    let vs = tch::nn::VarStore::new(Device::Cuda(0));
-    let model = kestrel_trainer::Gelan::new(&vs.root(), &cfg).unwrap();
-    let mut opt = tch::nn::Sgd {
-        momentum: 0.937,
-        dampening: 0.0,
-        wd: 5e-4,
-        nesterov: true,
-    }
-    .build(&vs, 1e-3)
-    .unwrap();
     let x = tch::Tensor::rand([batch, 3, 640, 640], (tch::Kind::Float, Device::Cuda(0)));
-    for amp in [false, true] {
-        // A fixed loss scale is enough here: the step's cost is what is measured.
-        let scale = if amp { 1024.0 } else { 1.0 };
-        let mut step = || {
-            let y = model.forward_t(&x, true).unwrap();
-            let loss = y.to_kind(tch::Kind::Float).square().mean(None);
-            (loss * scale).backward();
-            opt.step();
-            opt.zero_grad();
-        };
-        tch::autocast(amp, || {
-            for _ in 0..5 {
-                step();
-            }
-            tch::Cuda::synchronize(0);
-            let iters = 30;
-            let t0 = std::time::Instant::now();
-            for _ in 0..iters {
-                step();
-            }
-            tch::Cuda::synchronize(0);
-            let s = t0.elapsed().as_secs_f64() / iters as f64;
-            println!(
-                "{{\"tool\": \"kestrel-trainer (tch)\", \"precision\": \"{}\", \"batch\": {batch}, \
-             \"ms_per_step\": {:.3}, \"images_per_s\": {:.1}}}",
-                if amp { "mixed (fp16 autocast)" } else { "fp32" },
-                s * 1e3,
-                batch as f64 / s
+    for flat in [false, true] {
+        tch::manual_seed(0);
+        let vs = tch::nn::VarStore::new(Device::Cuda(0));
+        let model = kestrel_trainer::Gelan::new(&vs.root(), &cfg).unwrap();
+        let mut opt = tch::nn::Sgd {
+            momentum: 0.937,
+            dampening: 0.0,
+            wd: 5e-4,
+            nesterov: true,
+        }
+        .build(&vs, 1e-3)
+        .unwrap();
+        let vars = flat.then(|| FlatVars::bind(&vs));
+        let mut sgd = vars.as_ref().map(|v| {
+            let mut s = FlatSgd::new(
+                v,
+                &v.trainable_mask(kestrel_trainer::train::decayed),
+                5e-4,
+                0.937,
             );
+            s.lr = 1e-3;
+            s
         });
+        for amp in [false, true] {
+            // A fixed loss scale is enough here: the step's cost is what is measured.
+            let scale = if amp { 1024.0 } else { 1.0 };
+            let mut step = || {
+                let y = model.forward_t(&x, true).unwrap();
+                let loss = y.to_kind(tch::Kind::Float).square().mean(None);
+                (loss * scale).backward();
+                match (&vars, &mut sgd) {
+                    (Some(v), Some(s)) => {
+                        let g = tch::no_grad(|| v.gradients());
+                        s.step(v, &g);
+                        v.zero_gradients();
+                    }
+                    _ => {
+                        opt.step();
+                        opt.zero_grad();
+                    }
+                }
+            };
+            tch::autocast(amp, || {
+                for _ in 0..5 {
+                    step();
+                }
+                tch::Cuda::synchronize(0);
+                let iters = 30;
+                let t0 = std::time::Instant::now();
+                for _ in 0..iters {
+                    step();
+                }
+                tch::Cuda::synchronize(0);
+                let s = t0.elapsed().as_secs_f64() / iters as f64;
+                println!(
+                    "{{\"tool\": \"kestrel-trainer (tch)\", \"optimizer\": \"{}\", \"precision\": \"{}\", \
+                     \"batch\": {batch}, \"ms_per_step\": {:.3}, \"images_per_s\": {:.1}}}",
+                    if flat { "flat SGD" } else { "libtorch SGD" },
+                    if amp { "mixed (fp16 autocast)" } else { "fp32" },
+                    s * 1e3,
+                    batch as f64 / s
+                );
+            });
+        }
     }
 }

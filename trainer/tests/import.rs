@@ -94,7 +94,8 @@ fn a_gelan_state_dict_loads_as_is_and_fp16_is_widened() {
         "counters and the DFL projection are not used"
     );
     let d = max_diff(&forward(&source, 64), &forward(&target, 64));
-    assert!(d == 0.0, "{d}");
+    // Same weights; only the CPU kernels' thread split can reorder sums.
+    assert!(d < 1e-4, "{d}");
 
     // Half-precision checkpoints (YOLOv9 saves its models in FP16) are widened on the way in.
     let half: Vec<(String, Tensor)> = tensors
@@ -164,7 +165,8 @@ fn a_yolov9_dual_branch_state_dict_is_reparameterized_to_gelan() {
     assert_eq!(report.layout, Layout::Dual { shift: 1, head: 38 });
     assert_eq!(report.loaded, vs.variables().len());
     let d = max_diff(&forward(&source, 64), &forward(&target, 64));
-    assert!(d == 0.0, "{d}");
+    // Same weights; only the CPU kernels' thread split can reorder sums.
+    assert!(d < 1e-4, "{d}");
 
     // The CLI: import, then the checkpoint exports like a trained one.
     let out = dir.join("imported");
