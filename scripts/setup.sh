@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in pkg-config python3-venv fonts-dejavu-core g++; do
+# GStreamer 1.22 (headers for the plugin crate, the check library for its tests, gst-launch-1.0 and
+# the base/good elements the pipelines use: videoconvert, videotestsrc, pngenc, multifilesink).
+for pkg in pkg-config python3-venv fonts-dejavu-core g++ libgstreamer1.0-dev \
+    libgstreamer-plugins-base1.0-dev gstreamer1.0-tools gstreamer1.0-plugins-base \
+    gstreamer1.0-plugins-good; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -17,12 +21,12 @@ if ((${#need_apt[@]})); then
 fi
 
 if ! command -v cargo >/dev/null; then
-  echo "setup: cargo is not installed. Install Rust 1.91 or newer (rustup), then run this again." >&2
+  echo "setup: cargo is not installed. Install Rust 1.92 or newer (rustup), then run this again." >&2
   exit 1
 fi
 rustc_minor=$(rustc --version | sed -E 's/rustc 1\.([0-9]+).*/\1/')
-if [ "$rustc_minor" -lt 91 ]; then
-  echo "setup: rustc $(rustc --version) is too old; Kestrel needs 1.91 or newer (rustup update)." >&2
+if [ "$rustc_minor" -lt 92 ]; then
+  echo "setup: rustc $(rustc --version) is too old; Kestrel needs 1.92 or newer (rustup update)." >&2
   exit 1
 fi
 

@@ -7,4 +7,6 @@ bash scripts/setup.sh
 nvrtc_lib=$(.venv/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export KESTREL_REQUIRE_NVRTC=1
+# The GStreamer plugin as a shared library, for the gst-launch-1.0 / gst-inspect-1.0 tests.
+cargo build --locked -p gst-kestrel
 cargo test --workspace --locked

@@ -1,0 +1,122 @@
+//! How detections travel on buffers: one `GstVideoRegionOfInterestMeta` per detection, its type
+//! the class label and its rectangle the box in frame pixels, carrying a `kestrel/detection`
+//! structure with the exact box and the scores. Standard consumers see the regions; Kestrel's
+//! overlay and applications read the structure.
+
+use gst_video::VideoRegionOfInterestMeta;
+use kestrel_runtime::{BoxXyxy, Detection};
+
+/// Name of the structure attached to each region.
+pub const STRUCTURE_NAME: &str = "kestrel/detection";
+
+/// One detection as found on a buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameDetection {
+    /// Class index of the model.
+    pub class_id: u32,
+    /// Class label (the region's type).
+    pub label: String,
+    /// Confidence in [0, 1].
+    pub confidence: f64,
+    /// Index of the detection in its frame (best first).
+    pub instance_id: u32,
+    /// `unique-id` of the `kestrelinfer` that made it.
+    pub unique_id: u32,
+    /// Box in frame pixels (exact, not rounded).
+    pub bbox: BoxXyxy,
+    /// The region's integer rectangle: x, y, width, height in pixels.
+    pub rect: (u32, u32, u32, u32),
+}
+
+/// The integer rectangle covering `b`, clipped to a `width` × `height` frame.
+pub fn rect_of(b: &BoxXyxy, width: u32, height: u32) -> (u32, u32, u32, u32) {
+    let x0 = (b.x1.floor().max(0.0) as u32).min(width.saturating_sub(1));
+    let y0 = (b.y1.floor().max(0.0) as u32).min(height.saturating_sub(1));
+    let x1 = (b.x2.ceil().max(0.0) as u32).clamp(x0 + 1, width.max(x0 + 1));
+    let y1 = (b.y2.ceil().max(0.0) as u32).clamp(y0 + 1, height.max(y0 + 1));
+    (x0, y0, x1 - x0, y1 - y0)
+}
+
+/// Attach `det` to `buffer` (a `width` × `height` frame).
+pub fn attach(
+    buffer: &mut gst::BufferRef,
+    det: &Detection,
+    label: &str,
+    instance_id: u32,
+    unique_id: u32,
+    (width, height): (u32, u32),
+) {
+    let rect = rect_of(&det.bbox, width, height);
+    let mut meta = VideoRegionOfInterestMeta::add(buffer, label, rect);
+    meta.set_id(instance_id as i32);
+    meta.add_param(
+        gst::Structure::builder(STRUCTURE_NAME)
+            .field("class-id", det.class_id as u32)
+            .field("label", label)
+            .field("confidence", f64::from(det.score))
+            .field("instance-id", instance_id)
+            .field("unique-id", unique_id)
+            .field("x1", f64::from(det.bbox.x1))
+            .field("y1", f64::from(det.bbox.y1))
+            .field("x2", f64::from(det.bbox.x2))
+            .field("y2", f64::from(det.bbox.y2))
+            .build(),
+    );
+}
+
+/// The Kestrel detections on `buffer`, in attachment order (regions without a
+/// `kestrel/detection` structure are someone else's and skipped).
+pub fn read(buffer: &gst::BufferRef) -> Vec<FrameDetection> {
+    buffer
+        .iter_meta::<VideoRegionOfInterestMeta>()
+        .filter_map(|meta| {
+            let s = meta.param(STRUCTURE_NAME)?;
+            let f = |k: &str| s.get::<f64>(k).ok();
+            Some(FrameDetection {
+                class_id: s.get::<u32>("class-id").ok()?,
+                label: s.get::<String>("label").ok()?,
+                confidence: f("confidence")?,
+                instance_id: s.get::<u32>("instance-id").ok()?,
+                unique_id: s.get::<u32>("unique-id").ok()?,
+                bbox: BoxXyxy {
+                    x1: f("x1")? as f32,
+                    y1: f("y1")? as f32,
+                    x2: f("x2")? as f32,
+                    y2: f("y2")? as f32,
+                },
+                rect: meta.rect(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rectangles_cover_the_box_and_stay_in_the_frame() {
+        let b = BoxXyxy {
+            x1: 10.4,
+            y1: 5.6,
+            x2: 20.2,
+            y2: 9.0,
+        };
+        assert_eq!(rect_of(&b, 100, 100), (10, 5, 11, 4));
+        let outside = BoxXyxy {
+            x1: -5.0,
+            y1: 90.0,
+            x2: 130.0,
+            y2: 140.0,
+        };
+        assert_eq!(rect_of(&outside, 100, 100), (0, 90, 100, 10));
+        // A degenerate box still gets one pixel.
+        let dot = BoxXyxy {
+            x1: 99.5,
+            y1: 99.5,
+            x2: 99.5,
+            y2: 99.5,
+        };
+        assert_eq!(rect_of(&dot, 100, 100), (99, 99, 1, 1));
+    }
+}

@@ -1,0 +1,291 @@
+//! The `kestreloverlay` element: a video filter that draws the `kestrel/detection` regions of
+//! each buffer into an RGBA layer and blends it onto the frame in place.
+
+use std::sync::{LazyLock, Mutex};
+
+use ab_glyph::{Font, FontVec, PxScale, ScaleFont};
+use gst::glib;
+use gst::subclass::prelude::*;
+use gst_base::subclass::BaseTransformMode;
+use gst_video::prelude::*;
+use gst_video::subclass::prelude::*;
+use image::{Rgba, RgbaImage};
+
+use crate::detection::{self, FrameDetection};
+use crate::frame;
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "kestreloverlay",
+        gst::DebugColorFlags::empty(),
+        Some("Kestrel detection overlay"),
+    )
+});
+
+/// Fonts tried for labels (Debian's fonts-dejavu-core); without one, boxes are drawn unlabelled.
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+];
+
+const DEFAULT_LINE: u32 = 2;
+const DEFAULT_FONT_SCALE: f64 = 1.0;
+/// Label text height at font-scale 1, pixels.
+const BASE_TEXT_PX: f32 = 16.0;
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    line_width: u32,
+    font_scale: f64,
+}
+
+pub struct KestrelOverlay {
+    settings: Mutex<Settings>,
+    /// The drawing layer, reused from frame to frame.
+    layer: Mutex<RgbaImage>,
+    font: Option<FontVec>,
+}
+
+/// A distinct colour per class (golden-angle hues at full saturation).
+pub fn class_colour(class_id: u32) -> [u8; 3] {
+    let h = (f64::from(class_id) * 137.508) % 360.0;
+    let x = 1.0 - ((h / 60.0) % 2.0 - 1.0).abs();
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (1.0, x, 0.0),
+        1 => (x, 1.0, 0.0),
+        2 => (0.0, 1.0, x),
+        3 => (0.0, x, 1.0),
+        4 => (x, 0.0, 1.0),
+        _ => (1.0, 0.0, x),
+    };
+    [(r * 230.0) as u8, (g * 230.0) as u8, (b * 230.0) as u8]
+}
+
+impl KestrelOverlay {
+    /// Draw `dets` into `layer`; returns the rows touched.
+    fn draw(
+        &self,
+        layer: &mut RgbaImage,
+        dets: &[FrameDetection],
+        s: Settings,
+    ) -> std::ops::Range<u32> {
+        let (w, h) = layer.dimensions();
+        let (mut top, mut bottom) = (h, 0u32);
+        let mut fill = |layer: &mut RgbaImage, x0: u32, y0: u32, x1: u32, y1: u32, c: [u8; 4]| {
+            let (x1, y1) = (x1.min(w), y1.min(h));
+            for y in y0..y1 {
+                for x in x0..x1 {
+                    layer.put_pixel(x, y, Rgba(c));
+                }
+            }
+            if y0 < y1 {
+                top = top.min(y0);
+                bottom = bottom.max(y1);
+            }
+        };
+        let t = s.line_width;
+        for d in dets {
+            let [r, g, b] = class_colour(d.class_id);
+            let c = [r, g, b, 255];
+            let (x, y, rw, rh) = d.rect;
+            let (x1, y1) = (x + rw, y + rh);
+            fill(layer, x, y, x1, y + t, c);
+            fill(layer, x, y1.saturating_sub(t), x1, y1, c);
+            fill(layer, x, y, x + t, y1, c);
+            fill(layer, x1.saturating_sub(t), y, x1, y1, c);
+            let Some(font) = &self.font else { continue };
+            let text = format!("{} {:.2}", d.label, d.confidence);
+            let px = BASE_TEXT_PX * s.font_scale as f32;
+            let scaled = font.as_scaled(PxScale::from(px));
+            let text_w: f32 = text
+                .chars()
+                .map(|ch| scaled.h_advance(font.glyph_id(ch)))
+                .sum();
+            let (tw, th) = (text_w.ceil() as u32 + 4, (px * 1.25).ceil() as u32);
+            // Above the box when there is room, else inside it.
+            let ty = if y >= th { y - th } else { y };
+            fill(layer, x, ty, x + tw, ty + th, [r / 2, g / 2, b / 2, 230]);
+            let mut caret = x as f32 + 2.0;
+            for ch in text.chars() {
+                let id = font.glyph_id(ch);
+                let glyph = id.with_scale_and_position(
+                    PxScale::from(px),
+                    ab_glyph::point(caret, ty as f32 + scaled.ascent() + px * 0.1),
+                );
+                caret += scaled.h_advance(id);
+                if let Some(outlined) = font.outline_glyph(glyph) {
+                    let bounds = outlined.px_bounds();
+                    outlined.draw(|gx, gy, coverage| {
+                        let (px_x, px_y) = (
+                            bounds.min.x as i64 + gx as i64,
+                            bounds.min.y as i64 + gy as i64,
+                        );
+                        if px_x >= 0
+                            && px_y >= 0
+                            && (px_x as u32) < w
+                            && (px_y as u32) < h
+                            && coverage > 0.0
+                        {
+                            let a = (coverage.min(1.0) * 255.0) as u8;
+                            let p = layer.get_pixel_mut(px_x as u32, px_y as u32);
+                            // White text over the label background.
+                            let k = f32::from(a) / 255.0;
+                            for ch in 0..3 {
+                                p.0[ch] = (f32::from(p.0[ch]) * (1.0 - k) + 255.0 * k) as u8;
+                            }
+                            p.0[3] = p.0[3].max(a);
+                        }
+                    });
+                }
+            }
+        }
+        top.min(bottom)..bottom
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for KestrelOverlay {
+    const NAME: &'static str = "GstKestrelOverlay";
+    type Type = super::KestrelOverlay;
+    type ParentType = gst_video::VideoFilter;
+
+    fn new() -> Self {
+        let font = FONT_PATHS.iter().find_map(|p| {
+            std::fs::read(p)
+                .ok()
+                .and_then(|b| FontVec::try_from_vec(b).ok())
+        });
+        Self {
+            settings: Mutex::new(Settings {
+                line_width: DEFAULT_LINE,
+                font_scale: DEFAULT_FONT_SCALE,
+            }),
+            layer: Mutex::new(RgbaImage::new(0, 0)),
+            font,
+        }
+    }
+}
+
+impl ObjectImpl for KestrelOverlay {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecUInt::builder("line-width")
+                    .nick("Line width")
+                    .blurb("Box outline width in pixels")
+                    .minimum(1)
+                    .maximum(50)
+                    .default_value(DEFAULT_LINE)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("font-scale")
+                    .nick("Font scale")
+                    .blurb("Label size relative to 16-pixel text")
+                    .minimum(0.25)
+                    .maximum(10.0)
+                    .default_value(DEFAULT_FONT_SCALE)
+                    .mutable_playing()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match pspec.name() {
+            "line-width" => s.line_width = value.get().unwrap_or(DEFAULT_LINE),
+            "font-scale" => s.font_scale = value.get().unwrap_or(DEFAULT_FONT_SCALE),
+            other => gst::warning!(CAT, imp = self, "no property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match pspec.name() {
+            "line-width" => s.line_width.to_value(),
+            "font-scale" => s.font_scale.to_value(),
+            _ => pspec.default_value().clone(),
+        }
+    }
+}
+
+impl GstObjectImpl for KestrelOverlay {}
+
+impl ElementImpl for KestrelOverlay {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Kestrel detection overlay",
+                "Filter/Effect/Video",
+                "Draws the boxes and labels kestrelinfer attached to each frame",
+                "Kestrel",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = frame::caps();
+            vec![
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid src template"),
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid sink template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl BaseTransformImpl for KestrelOverlay {
+    const MODE: BaseTransformMode = BaseTransformMode::AlwaysInPlace;
+    const PASSTHROUGH_ON_SAME_CAPS: bool = false;
+    const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
+}
+
+impl VideoFilterImpl for KestrelOverlay {
+    fn transform_frame_ip(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let dets = detection::read(frame.buffer());
+        if dets.is_empty() {
+            return Ok(gst::FlowSuccess::Ok);
+        }
+        let settings = *self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut layer = self
+            .layer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (w, h) = (frame.width(), frame.height());
+        if layer.dimensions() != (w, h) {
+            *layer = RgbaImage::new(w, h);
+        } else {
+            layer.fill(0);
+        }
+        let rows = self.draw(&mut layer, &dets, settings);
+        frame::composite(frame, &layer, rows)?;
+        Ok(gst::FlowSuccess::Ok)
+    }
+}
