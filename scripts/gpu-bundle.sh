@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ../shared/tools/gpu-bundle -- -p kestrel-tests --test cuda_engine
-cargo build --release --locked -p kestrel-service
+# Without GStreamer: the GPU machine has none (no `kestrel pipeline` there).
+cargo build --release --locked -p kestrel-service --no-default-features
 cp target/release/kestrel .gpu/bin/ && strip .gpu/bin/kestrel
 grep -qx '/.gpux/' .git/info/exclude 2>/dev/null || echo '/.gpux/' >> .git/info/exclude
 mkdir -p .gpux && rm -f .gpux/bundle.tar.xz

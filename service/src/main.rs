@@ -37,6 +37,10 @@ enum Command {
     Build(commands::build::Args),
     /// Generate the synthetic shapes dataset (images, YOLO labels, COCO json).
     Synth(commands::synth::Args),
+    /// Run a GStreamer pipeline through kestrelinfer and kestreloverlay: numbered frames or a
+    /// test pattern in, annotated frames and detections.jsonl out.
+    #[cfg(feature = "gstreamer")]
+    Pipeline(commands::pipeline::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
         Command::Build(a) => commands::build::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        #[cfg(feature = "gstreamer")]
+        Command::Pipeline(a) => commands::pipeline::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

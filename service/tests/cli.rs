@@ -527,3 +527,111 @@ fn quantize_errors_name_the_problem() {
     );
     assert!(!output.exists(), "nothing is written on failure");
 }
+
+/// `kestrel pipeline` over a synthetic clip with the bundled model: one annotated frame and one
+/// JSON line per input frame, with the detections `kestrel infer` finds on the same images.
+#[cfg(feature = "gstreamer")]
+#[test]
+fn pipeline_over_a_synthetic_clip_matches_infer() {
+    let dir = scratch("pipeline");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/gelan-t-shapes.onnx");
+    let clip = dir.join("clip");
+    assert_success(&kestrel(&[
+        "synth",
+        "-o",
+        p(&clip),
+        "--images",
+        "6",
+        "--seed",
+        "21",
+        "--imgsz",
+        "320",
+        "--val-fraction",
+        "1",
+    ]));
+    let frames = clip.join("images/val");
+    let pattern = format!("{}/%06d.png", frames.display());
+    let out = dir.join("out");
+    let run = kestrel(&[
+        "pipeline",
+        "--model",
+        p(&model),
+        "--input",
+        &pattern,
+        "-o",
+        p(&out),
+    ]);
+    assert_success(&run);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("6 frames") && stdout.contains("frames/s"),
+        "{stdout}"
+    );
+    let pngs = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert_eq!(pngs, 6);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("detections.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+
+    let infer_out = dir.join("infer");
+    assert_success(&kestrel(&[
+        "infer",
+        "--model",
+        p(&model),
+        p(&frames),
+        "-o",
+        p(&infer_out),
+    ]));
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["frame"], i as u64);
+        let want: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(infer_out.join(format!("{i:06}.json"))).unwrap(),
+        )
+        .unwrap();
+        let (got, want) = (
+            line["detections"].as_array().unwrap(),
+            want["detections"].as_array().unwrap(),
+        );
+        assert_eq!(got.len(), want.len(), "frame {i}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["class_id"], w["class_id"]);
+            assert!(
+                (g["confidence"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs() < 1e-6
+            );
+        }
+    }
+
+    // Bad input is named, no panic.
+    let missing = kestrel(&[
+        "pipeline",
+        "--model",
+        p(&model),
+        "--input",
+        "nowhere/%06d.png",
+        "-o",
+        p(&out),
+    ]);
+    assert_user_error(&missing, &["nowhere/000000.png", "does not exist"]);
+    let backend = kestrel(&[
+        "pipeline",
+        "--model",
+        p(&model),
+        "--backend",
+        "gpu",
+        "-o",
+        p(&out),
+    ]);
+    assert_user_error(&backend, &["--backend gpu"]);
+}

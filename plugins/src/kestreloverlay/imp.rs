@@ -102,8 +102,9 @@ impl KestrelOverlay {
                 .map(|ch| scaled.h_advance(font.glyph_id(ch)))
                 .sum();
             let (tw, th) = (text_w.ceil() as u32 + 4, (px * 1.25).ceil() as u32);
-            // Above the box when there is room, else inside it.
+            // Above the box when there is room, else inside it; moved left to stay in the frame.
             let ty = if y >= th { y - th } else { y };
+            let x = x.min(w.saturating_sub(tw));
             fill(layer, x, ty, x + tw, ty + th, [r / 2, g / 2, b / 2, 230]);
             let mut caret = x as f32 + 2.0;
             for ch in text.chars() {

@@ -5,6 +5,8 @@ pub mod build;
 pub mod export;
 pub mod infer;
 pub mod inspect;
+#[cfg(feature = "gstreamer")]
+pub mod pipeline;
 pub mod quantize;
 pub mod synth;
 pub mod val;
