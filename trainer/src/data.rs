@@ -2,7 +2,7 @@
 //! with them, a deterministic shuffle per epoch, and YOLOv9's augmentation: four-image mosaics,
 //! random scale and translation, HSV jitter and horizontal flips. Images load on several threads.
 //! Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's synthetic scenes
-//! rendered on the fly.
+//! (rendered on first use and kept in memory).
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -300,7 +300,7 @@ impl Trainer {
         let skipped_before = self.loss_scale.skipped_steps;
         self.vars.zero_gradients();
         std::thread::scope(|scope| -> Result<()> {
-            // The loader thread builds the next batches (pinned CPU memory) while this one trains.
+            // The loader thread builds the next batches on the CPU while this one trains.
             let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
             scope.spawn(move || {
                 for b in 0..nb {
