@@ -7,6 +7,8 @@ bash scripts/setup.sh
 nvrtc_lib=$(.venv/bin/python -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export KESTREL_REQUIRE_NVRTC=1
-# The GStreamer plugin as a shared library, for the gst-launch-1.0 / gst-inspect-1.0 tests.
-cargo build --locked -p gst-kestrel
+# Everything the tests need, in one build with the tests' feature set; this also writes the
+# GStreamer plugin's shared library (target/debug/libgstkestrel.so) for the gst-launch-1.0 and
+# gst-inspect-1.0 tests, which `cargo test` alone does not.
+cargo build --workspace --all-targets --locked
 cargo test --workspace --locked

@@ -382,7 +382,7 @@ fn gst_launch_runs_the_elements_on_odd_sized_i420_and_gst_inspect_lists_the_prop
     assert!(
         dir.join("libgstkestrel.so").exists(),
         "libgstkestrel.so not next to the tests in {}: build it first with \
-         `cargo build -p gst-kestrel` (scripts/test.sh does)",
+         `cargo build --workspace --all-targets` (scripts/test.sh does)",
         dir.display()
     );
     let out_dir = std::env::temp_dir().join(format!("kestrel-gst-launch-{}", std::process::id()));
