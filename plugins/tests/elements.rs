@@ -209,6 +209,43 @@ fn frames_are_batched_by_size_and_eos_drains_the_rest() {
 }
 
 #[test]
+fn a_partial_batch_runs_when_its_timeout_expires() {
+    init();
+    let img = scene(16);
+    // Without a timeout a lone frame waits for the batch to fill.
+    let mut waiting = Harness::new_parse(&format!(
+        "kestrelinfer model={} batch-size=4",
+        model().display()
+    ));
+    waiting.set_src_caps(rgb_caps(&img));
+    waiting.play();
+    waiting.push(rgb_buffer(&img, 0)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(waiting.buffers_in_queue(), 0);
+
+    // With 150 ms, it runs on its own after that time; frames pushed later keep their order.
+    let mut h = Harness::new_parse(&format!(
+        "kestrelinfer model={} batch-size=4 batch-timeout=150000",
+        model().display()
+    ));
+    h.set_src_caps(rgb_caps(&img));
+    h.play();
+    let pushed = std::time::Instant::now();
+    h.push(rgb_buffer(&img, 0)).unwrap();
+    h.push(rgb_buffer(&img, 1)).unwrap();
+    let first = h.pull().unwrap();
+    assert!(pushed.elapsed() >= std::time::Duration::from_millis(150));
+    assert_eq!(first.pts(), Some(gst::ClockTime::from_mseconds(0)));
+    assert!(!detection::read(&first).is_empty());
+    let second = h.pull().unwrap();
+    assert_eq!(second.pts(), Some(gst::ClockTime::from_mseconds(40)));
+    h.push(rgb_buffer(&img, 2)).unwrap();
+    let third = h.pull().unwrap();
+    assert_eq!(third.pts(), Some(gst::ClockTime::from_mseconds(80)));
+    assert!(!detection::read(&third).is_empty());
+}
+
+#[test]
 fn interval_and_class_filter_apply() {
     init();
     let img = scene(14);
@@ -291,6 +328,7 @@ fn properties_round_trip() {
     let e = gst::ElementFactory::make("kestrelinfer")
         .property("model", "m.onnx")
         .property("batch-size", 8u32)
+        .property("batch-timeout", 40_000u32)
         .property("conf-threshold", 0.5f32)
         .property("iou-threshold", 0.6f32)
         .property("max-detections", 50u32)
@@ -307,6 +345,7 @@ fn properties_round_trip() {
         Some("m.onnx")
     );
     assert_eq!(e.property::<u32>("batch-size"), 8);
+    assert_eq!(e.property::<u32>("batch-timeout"), 40_000);
     assert_eq!(e.property::<f32>("conf-threshold"), 0.5);
     assert_eq!(e.property::<f32>("iou-threshold"), 0.6);
     assert_eq!(e.property::<u32>("max-detections"), 50);
@@ -423,6 +462,7 @@ fn gst_launch_runs_the_elements_on_odd_sized_i420_and_gst_inspect_lists_the_prop
         "backend",
         "precision",
         "batch-size",
+        "batch-timeout",
         "conf-threshold",
         "iou-threshold",
         "max-detections",

@@ -2,7 +2,8 @@
 //! queue, and event handling.
 
 use std::path::PathBuf;
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use gst::glib;
 use gst::prelude::*;
@@ -67,6 +68,7 @@ struct Settings {
     backend: BackendChoice,
     precision: PrecisionChoice,
     batch_size: u32,
+    batch_timeout_us: u32,
     conf_threshold: f32,
     iou_threshold: f32,
     max_detections: u32,
@@ -83,6 +85,7 @@ impl Default for Settings {
             backend: BackendChoice::Cpu,
             precision: PrecisionChoice::Fp32,
             batch_size: DEFAULT_BATCH,
+            batch_timeout_us: 0,
             conf_threshold: DEFAULT_CONF,
             iou_threshold: DEFAULT_IOU,
             max_detections: DEFAULT_MAX_DET,
@@ -106,6 +109,10 @@ struct State {
     names: Vec<String>,
     nms: NmsConfig,
     batch_size: usize,
+    /// A partial batch runs this long after its first frame arrived (`None`: only when full).
+    batch_timeout: Option<Duration>,
+    /// When the queued partial batch is due.
+    deadline: Option<Instant>,
     interval: u64,
     unique_id: u32,
     info: Option<VideoInfo>,
@@ -122,6 +129,12 @@ pub struct KestrelInfer {
     srcpad: gst::Pad,
     settings: Mutex<Settings>,
     state: Mutex<Option<State>>,
+    /// Held from running a batch until its buffers are pushed, so the streaming thread and the
+    /// batch-timeout thread keep the buffers in order.
+    push_lock: Mutex<()>,
+    /// Wakes the batch-timeout thread when a deadline is set or the element stops.
+    wake: Condvar,
+    timer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -238,6 +251,9 @@ impl KestrelInfer {
             names,
             nms,
             batch_size: batch,
+            batch_timeout: (s.batch_timeout_us > 0)
+                .then(|| Duration::from_micros(u64::from(s.batch_timeout_us))),
+            deadline: None,
             interval: u64::from(s.interval.max(1)),
             unique_id: s.unique_id,
             info: None,
@@ -251,6 +267,7 @@ impl KestrelInfer {
     /// Run the queued frames (a full batch or what is left), attach their detections and hand
     /// the buffers back in order.
     fn run_pending(&self, state: &mut State) -> Result<Vec<gst::Buffer>, gst::FlowError> {
+        state.deadline = None;
         let mut pending = std::mem::take(&mut state.pending);
         let todo: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].infer).collect();
         if !todo.is_empty() {
@@ -320,6 +337,7 @@ impl KestrelInfer {
     }
 
     fn sink_chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let _order = lock(&self.push_lock);
         let ready = {
             let mut guard = lock(&self.state);
             let Some(state) = guard.as_mut() else {
@@ -337,14 +355,58 @@ impl KestrelInfer {
             if queued >= state.batch_size {
                 self.run_pending(state)?
             } else {
+                if state.deadline.is_none()
+                    && let Some(t) = state.batch_timeout
+                {
+                    state.deadline = Some(Instant::now() + t);
+                    self.wake.notify_all();
+                }
                 Vec::new()
             }
         };
         self.push_all(ready)
     }
 
+    /// The batch-timeout thread: runs a partial batch once its deadline passes; ends when the
+    /// element leaves READY (its state is dropped).
+    fn timer_loop(element: glib::WeakRef<super::KestrelInfer>) {
+        loop {
+            let Some(obj) = element.upgrade() else { return };
+            let imp = obj.imp();
+            let guard = lock(&imp.state);
+            let Some(state) = guard.as_ref() else { return };
+            let now = Instant::now();
+            match state.deadline {
+                Some(due) if due <= now => {
+                    drop(guard);
+                    let _order = lock(&imp.push_lock);
+                    let ready = {
+                        let mut guard = lock(&imp.state);
+                        match guard.as_mut() {
+                            // Still due: the streaming thread did not fill the batch meanwhile.
+                            Some(state) if state.deadline.is_some_and(|d| d <= Instant::now()) => {
+                                imp.run_pending(state)
+                            }
+                            _ => Ok(Vec::new()),
+                        }
+                    };
+                    if let Err(e) = ready.and_then(|r| imp.push_all(r)) {
+                        gst::debug!(CAT, imp = imp, "timed-out batch: {e:?}");
+                    }
+                }
+                due => {
+                    // Sleep until the deadline, or a while when none is set (a new deadline or
+                    // the element stopping wakes the thread earlier).
+                    let wait = due.map_or(Duration::from_millis(200), |d| d - now);
+                    let _ = imp.wake.wait_timeout(guard, wait);
+                }
+            }
+        }
+    }
+
     /// Run whatever is queued and push it (EOS, caps changes, other serialized events).
     fn drain(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let _order = lock(&self.push_lock);
         let ready = {
             let mut guard = lock(&self.state);
             match guard.as_mut() {
@@ -361,6 +423,7 @@ impl KestrelInfer {
             EventView::FlushStop(_) => {
                 if let Some(state) = lock(&self.state).as_mut() {
                     state.pending.clear();
+                    state.deadline = None;
                 }
             }
             EventView::Caps(c) => {
@@ -434,6 +497,9 @@ impl ObjectSubclass for KestrelInfer {
             srcpad,
             settings: Mutex::new(Settings::default()),
             state: Mutex::new(None),
+            push_lock: Mutex::new(()),
+            wake: Condvar::new(),
+            timer: Mutex::new(None),
         }
     }
 }
@@ -463,6 +529,14 @@ impl ObjectImpl for KestrelInfer {
                     .minimum(1)
                     .maximum(MAX_BATCH)
                     .default_value(DEFAULT_BATCH)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt::builder("batch-timeout")
+                    .nick("Batch timeout")
+                    .blurb("Microseconds a partial batch waits for more frames before it runs (0: until full)")
+                    .minimum(0)
+                    .maximum(10_000_000)
+                    .default_value(0)
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecFloat::builder("conf-threshold")
@@ -526,6 +600,7 @@ impl ObjectImpl for KestrelInfer {
             "backend" => s.backend = value.get().unwrap_or(BackendChoice::Cpu),
             "precision" => s.precision = value.get().unwrap_or(PrecisionChoice::Fp32),
             "batch-size" => s.batch_size = value.get().unwrap_or(DEFAULT_BATCH),
+            "batch-timeout" => s.batch_timeout_us = value.get().unwrap_or(0),
             "conf-threshold" => s.conf_threshold = value.get().unwrap_or(DEFAULT_CONF),
             "iou-threshold" => s.iou_threshold = value.get().unwrap_or(DEFAULT_IOU),
             "max-detections" => s.max_detections = value.get().unwrap_or(DEFAULT_MAX_DET),
@@ -544,6 +619,7 @@ impl ObjectImpl for KestrelInfer {
             "backend" => s.backend.to_value(),
             "precision" => s.precision.to_value(),
             "batch-size" => s.batch_size.to_value(),
+            "batch-timeout" => s.batch_timeout_us.to_value(),
             "conf-threshold" => s.conf_threshold.to_value(),
             "iou-threshold" => s.iou_threshold.to_value(),
             "max-detections" => s.max_detections.to_value(),
@@ -610,7 +686,11 @@ impl ElementImpl for KestrelInfer {
     ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         if transition == gst::StateChange::NullToReady {
             match self.start() {
-                Ok(state) => *lock(&self.state) = Some(state),
+                Ok(state) => {
+                    *lock(&self.state) = Some(state);
+                    let weak = self.obj().downgrade();
+                    *lock(&self.timer) = Some(std::thread::spawn(move || Self::timer_loop(weak)));
+                }
                 Err(message) => {
                     gst::element_imp_error!(self, gst::LibraryError::Settings, ("{}", message));
                     return Err(gst::StateChangeError);
@@ -622,11 +702,18 @@ impl ElementImpl for KestrelInfer {
             gst::StateChange::PausedToReady => {
                 if let Some(state) = lock(&self.state).as_mut() {
                     state.pending.clear();
+                    state.deadline = None;
                     state.frames = 0;
                     state.info = None;
                 }
             }
-            gst::StateChange::ReadyToNull => *lock(&self.state) = None,
+            gst::StateChange::ReadyToNull => {
+                *lock(&self.state) = None;
+                self.wake.notify_all();
+                if let Some(timer) = lock(&self.timer).take() {
+                    let _ = timer.join();
+                }
+            }
             _ => {}
         }
         result

@@ -7,8 +7,9 @@
 //!     ! pngenc ! multifilesink location=frame%05d.png
 //! ```
 //!
-//! Frames are queued and run as one batch when `batch-size` of them wait (and at EOS, a caps
-//! change or a flush-less drain, the partial batch runs); each buffer then leaves with one
+//! Frames are queued and run as one batch when `batch-size` of them wait, or when the first of
+//! them has waited `batch-timeout` microseconds (a partial batch also runs at EOS, caps changes
+//! and other serialized events; a flush drops it); each buffer then leaves with one
 //! `GstVideoRegionOfInterestMeta` per detection (see [`crate::detection`]).
 
 use gst::glib;
