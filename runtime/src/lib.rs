@@ -12,6 +12,7 @@ pub mod engine;
 pub mod engine_file;
 pub mod error;
 pub mod eval;
+pub mod labels;
 pub mod letterbox;
 pub mod nms;
 pub mod synth;

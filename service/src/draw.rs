@@ -5,50 +5,22 @@ use image::{Rgb, RgbImage};
 use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
 use imageproc::rect::Rect;
 use kestrel_runtime::Detection;
-
-/// Fonts tried for labels, in order (Debian's fonts-dejavu-core, installed by scripts/setup.sh).
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-];
+use kestrel_runtime::labels;
 
 /// Draws detections; holds the label font.
 pub struct Annotator {
     font: Option<FontVec>,
 }
 
-/// A distinct, stable colour for a class: hues spaced by the golden angle.
+/// The class's colour ([`kestrel_runtime::labels::class_colour`]) as an image pixel.
 pub fn class_colour(class_id: usize) -> Rgb<u8> {
-    let h = (class_id as f32 * 137.507_77) % 360.0;
-    let (s, v) = (0.85f32, 0.95f32);
-    let c = v * s;
-    let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
-    let (r, g, b) = match (h / 60.0) as u32 {
-        0 => (c, x, 0.0),
-        1 => (x, c, 0.0),
-        2 => (0.0, c, x),
-        3 => (0.0, x, c),
-        4 => (x, 0.0, c),
-        _ => (c, 0.0, x),
-    };
-    let m = v - c;
-    let to = |u: f32| ((u + m) * 255.0).round() as u8;
-    Rgb([to(r), to(g), to(b)])
+    Rgb(labels::class_colour(class_id))
 }
 
 impl Annotator {
     /// Loads the first font found (`$KESTREL_FONT` first); without one, boxes are drawn without text.
     pub fn new() -> Self {
-        let env = std::env::var("KESTREL_FONT").ok();
-        let font = env
-            .iter()
-            .map(String::as_str)
-            .chain(FONT_PATHS)
-            .find_map(|p| {
-                std::fs::read(p)
-                    .ok()
-                    .and_then(|b| FontVec::try_from_vec(b).ok())
-            });
+        let font = labels::label_font_bytes().and_then(|b| FontVec::try_from_vec(b).ok());
         if font.is_none() {
             tracing::warn!(
                 "no label font found (install fonts-dejavu-core); drawing boxes without labels"
@@ -94,18 +66,6 @@ impl Annotator {
                     &text,
                 );
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn colours_differ_between_neighbouring_classes() {
-        for c in 0..20 {
-            assert_ne!(class_colour(c), class_colour(c + 1));
         }
     }
 }

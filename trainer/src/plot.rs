@@ -9,12 +9,6 @@ use imageproc::drawing::{draw_line_segment_mut, draw_text_mut};
 
 use crate::error::{Error, Result};
 
-/// Fonts tried for labels (Debian's fonts-dejavu-core, installed by scripts/setup.sh).
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
-];
-
 /// One named series of values per epoch.
 pub struct Series<'a> {
     pub name: &'a str,
@@ -94,11 +88,9 @@ fn chart(
             }
         }
     }
-    if let Some(font) = FONT_PATHS.iter().find_map(|p| {
-        std::fs::read(p)
-            .ok()
-            .and_then(|b| FontVec::try_from_vec(b).ok())
-    }) {
+    if let Some(font) =
+        kestrel_runtime::labels::label_font_bytes().and_then(|b| FontVec::try_from_vec(b).ok())
+    {
         let scale = PxScale::from(16.0);
         let black = Rgb([0, 0, 0]);
         draw_text_mut(

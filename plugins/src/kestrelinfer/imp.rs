@@ -193,12 +193,7 @@ impl KestrelInfer {
             Some(file) => {
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| format!("labels file {file}: {e}"))?;
-                let names: Vec<String> = text
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(String::from)
-                    .collect();
+                let names = kestrel_runtime::labels::parse_class_names(&text);
                 if names.len() != info.num_classes {
                     return Err(format!(
                         "labels file {file} has {} names, the model {} classes",

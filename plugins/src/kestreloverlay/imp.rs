@@ -22,12 +22,6 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     )
 });
 
-/// Fonts tried for labels (Debian's fonts-dejavu-core); without one, boxes are drawn unlabelled.
-const FONT_PATHS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-];
-
 const DEFAULT_LINE: u32 = 2;
 const DEFAULT_FONT_SCALE: f64 = 1.0;
 /// Label text height at font-scale 1, pixels.
@@ -44,21 +38,6 @@ pub struct KestrelOverlay {
     /// The drawing layer, reused from frame to frame.
     layer: Mutex<RgbaImage>,
     font: Option<FontVec>,
-}
-
-/// A distinct colour per class (golden-angle hues at full saturation).
-pub fn class_colour(class_id: u32) -> [u8; 3] {
-    let h = (f64::from(class_id) * 137.508) % 360.0;
-    let x = 1.0 - ((h / 60.0) % 2.0 - 1.0).abs();
-    let (r, g, b) = match (h / 60.0) as u32 {
-        0 => (1.0, x, 0.0),
-        1 => (x, 1.0, 0.0),
-        2 => (0.0, 1.0, x),
-        3 => (0.0, x, 1.0),
-        4 => (x, 0.0, 1.0),
-        _ => (1.0, 0.0, x),
-    };
-    [(r * 230.0) as u8, (g * 230.0) as u8, (b * 230.0) as u8]
 }
 
 impl KestrelOverlay {
@@ -85,7 +64,7 @@ impl KestrelOverlay {
         };
         let t = s.line_width;
         for d in dets {
-            let [r, g, b] = class_colour(d.class_id);
+            let [r, g, b] = kestrel_runtime::labels::class_colour(d.class_id as usize);
             let c = [r, g, b, 255];
             let (x, y, rw, rh) = d.rect;
             let (x1, y1) = (x + rw, y + rh);
@@ -151,11 +130,8 @@ impl ObjectSubclass for KestrelOverlay {
     type ParentType = gst_video::VideoFilter;
 
     fn new() -> Self {
-        let font = FONT_PATHS.iter().find_map(|p| {
-            std::fs::read(p)
-                .ok()
-                .and_then(|b| FontVec::try_from_vec(b).ok())
-        });
+        let font =
+            kestrel_runtime::labels::label_font_bytes().and_then(|b| FontVec::try_from_vec(b).ok());
         Self {
             settings: Mutex::new(Settings {
                 line_width: DEFAULT_LINE,

@@ -52,12 +52,7 @@ impl ModelArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("{}: cannot read the class names", path.display()))?;
-                let names: Vec<String> = text
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(String::from)
-                    .collect();
+                let names = kestrel_runtime::labels::parse_class_names(&text);
                 if names.len() != self.classes {
                     bail!(
                         "{}: {} class names for --classes {}; give one name per line for each class",

@@ -463,12 +463,7 @@ fn main() -> Result<()> {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    let names: Vec<String> = text
-                        .lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(String::from)
-                        .collect();
+                    let names = kestrel_runtime::labels::parse_class_names(&text);
                     if names.len() != classes {
                         bail!(
                             "{} has {} names, the checkpoint {classes} classes",
@@ -703,7 +698,7 @@ fn plot_pr(path: &Path, summary: &EvalSummary, names: &[String]) -> Result<()> {
         .map(|(c, label)| Series {
             name: label,
             values: &c.pr50,
-            colour: palette(c.class_id),
+            colour: kestrel_runtime::labels::class_colour(c.class_id),
         })
         .collect();
     series.push(Series {
@@ -713,21 +708,6 @@ fn plot_pr(path: &Path, summary: &EvalSummary, names: &[String]) -> Result<()> {
     });
     pr_curves(path, "precision-recall at IoU 0.50", &series)?;
     Ok(())
-}
-
-/// A distinct colour per class (golden-angle hues).
-fn palette(k: usize) -> [u8; 3] {
-    let h = (k as f64 * 137.508) % 360.0;
-    let x = 1.0 - ((h / 60.0) % 2.0 - 1.0).abs();
-    let (r, g, b) = match (h / 60.0) as u32 {
-        0 => (1.0, x, 0.0),
-        1 => (x, 1.0, 0.0),
-        2 => (0.0, 1.0, x),
-        3 => (0.0, x, 1.0),
-        4 => (x, 0.0, 1.0),
-        _ => (1.0, 0.0, x),
-    };
-    [(r * 200.0) as u8, (g * 200.0) as u8, (b * 200.0) as u8]
 }
 
 /// The loss terms per epoch as a PNG.
