@@ -40,10 +40,16 @@ case "$what" in
   tests)
     .gpu/bin/test-gpu-test --include-ignored --nocapture --test-threads 1 >> "$OUT/log.txt" 2>&1
     echo "gpu tests exit $?" >> "$OUT/log.txt"
-    if [ -x .gpu/bin/kestrel ]; then
-      .gpu/bin/kestrel export --model gelan-s --classes 6 --imgsz 640 --dynamic -o /tmp/gelan-s.onnx \
+    # The peer's network: gelan-s exported here (the kestrel binary, built without GStreamer, or the
+    # file bundled with `--file gelan-s.onnx`).
+    onnx=$PWD/.gpu/files/gelan-s.onnx
+    if [ ! -f $onnx ] && [ -x .gpu/bin/kestrel ]; then
+      onnx=/tmp/gelan-s.onnx
+      .gpu/bin/kestrel export --model gelan-s --classes 6 --imgsz 640 --dynamic -o $onnx \
         >> "$OUT/log.txt" 2>&1
-      (cd bench/peers && /opt/torch/.venv/bin/python torch_train_peer.py /tmp/gelan-s.onnx \
+    fi
+    if [ -f $onnx ]; then
+      (cd bench/peers && /opt/torch/.venv/bin/python torch_train_peer.py "$onnx" \
         --batch 16 --json "$OUT/train-peer.json") >> "$OUT/log.txt" 2>&1
       echo "peer exit $?" >> "$OUT/log.txt"
     fi

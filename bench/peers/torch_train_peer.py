@@ -6,13 +6,15 @@ with fresh random weights. One step is what `trainer/tests/gpu.rs::network_step_
 tch: forward, loss = mean(output²), backward, SGD (Nesterov momentum 0.937, weight decay 5e-4), in
 FP32 and in mixed precision (FP16 autocast, a fixed loss scale), on a batch already on the GPU. The
 detection loss and data loading are left out on both sides: this compares the frameworks.
-RepConvN runs as its fused 3x3 branch here (the ONNX has no 1x1 branch), slightly less work than
-tch's two-branch training form.
+RepConvN (the Conv named `….m.{j}.cv1` in the export) gets its training form back, as in
+kestrel-trainer: a 3x3 Conv+BatchNorm and a 1x1 Conv+BatchNorm on the same input, summed before the
+activation. Both sides then run the same layers.
 
 usage: torch_train_peer.py MODEL.onnx --batch 16 [--iters 30] [--json out.json]
 """
 import argparse
 import json
+import re
 import time
 
 import onnx
@@ -22,11 +24,15 @@ from torch_peer import OnnxNet
 
 
 class TrainNet(OnnxNet):
-    """OnnxNet with trainable convolutions (random init), each followed by BatchNorm."""
+    """OnnxNet with trainable convolutions (random init), each followed by BatchNorm; RepConvN
+    with its 1x1 branch."""
+
+    REPCONVN = re.compile(r"\.m\.\d+\.cv1\.conv_out$")
 
     def __init__(self, model):
         super().__init__(model)
         self.layers = torch.nn.ModuleDict()
+        self.branches = torch.nn.ModuleDict()
         for op, ins, outs, a in self.program:
             if op != "Conv":
                 continue
@@ -37,13 +43,21 @@ class TrainNet(OnnxNet):
                                    (p[0], p[1]), a.get("dilations", [1, 1]), g, bias=False)
             self.layers[self.key(outs[0])] = torch.nn.Sequential(
                 conv, torch.nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03))
+            if self.REPCONVN.search(outs[0]) and (kh, kw) == (3, 3) and g == 1:
+                self.branches[self.key(outs[0])] = torch.nn.Sequential(
+                    torch.nn.Conv2d(c_in_g, c_out, 1, a.get("strides", [1, 1]), 0, bias=False),
+                    torch.nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.03))
 
     @staticmethod
     def key(name):
         return "l" + "".join(c if c.isalnum() else "_" for c in name)
 
     def conv(self, x, name, a):
-        return self.layers[self.key(name)](x[0])
+        k = self.key(name)
+        y = self.layers[k](x[0])
+        if k in self.branches:
+            y = y + self.branches[k](x[0])
+        return y
 
 
 def main():
@@ -57,7 +71,8 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     net = TrainNet(onnx.load(args.model)).to(dev).train()
-    params = list(net.layers.parameters())
+    params = list(net.layers.parameters()) + list(net.branches.parameters())
+    print(f"{len(net.layers)} convolutions, {len(net.branches)} RepConvN 1x1 branches", flush=True)
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.937, nesterov=True, weight_decay=5e-4)
     x = torch.rand(args.batch, 3, 640, 640, device=dev)
     results = []

@@ -16,6 +16,10 @@ pub struct FlatVars {
     pub trainable_numel: i64,
     /// (name, trainable, variable), in layout order.
     vars: Vec<(String, bool, Tensor)>,
+    /// The gradients of the trainable prefix, once every trainable variable has one: each
+    /// variable's gradient is then a view of this buffer (backward accumulates into it in place),
+    /// so gathering them is free and zeroing them is one kernel instead of one per variable.
+    grad: std::cell::OnceCell<Tensor>,
 }
 
 impl FlatVars {
@@ -81,6 +85,7 @@ impl FlatVars {
             flat,
             trainable_numel,
             vars,
+            grad: std::cell::OnceCell::new(),
         }
     }
 
@@ -89,9 +94,13 @@ impl FlatVars {
         self.flat.narrow(0, 0, self.trainable_numel)
     }
 
-    /// The gradients of the trainable variables in layout order, gathered into one tensor (zeros
-    /// for a variable without a gradient).
+    /// The gradients of the trainable variables in layout order, as one tensor (zeros for a
+    /// variable without a gradient). Once the gradients share one buffer (after the first
+    /// [`Self::zero_gradients`] that follows a backward pass), this is that buffer, not a copy.
     pub fn gradients(&self) -> Tensor {
+        if let Some(g) = self.grad.get() {
+            return g.shallow_clone();
+        }
         let grads: Vec<Tensor> = self
             .vars
             .iter()
@@ -109,13 +118,35 @@ impl FlatVars {
     }
 
     /// Zero every trainable variable's gradient (kept allocated for the next backward pass).
+    /// The first time every trainable variable has a gradient, the gradients move into one flat
+    /// buffer (each becomes a view of it, as the variables are of [`Self::flat`]); from then on
+    /// this is a single kernel.
     pub fn zero_gradients(&self) {
-        for (_, train, v) in &self.vars {
-            if *train {
-                let mut g = v.grad();
-                if g.defined() {
-                    let _ = g.zero_();
+        if let Some(g) = self.grad.get() {
+            let _ = g.shallow_clone().zero_();
+            return;
+        }
+        let trainable = || self.vars.iter().filter(|(_, train, _)| *train);
+        if trainable().all(|(_, _, v)| v.grad().defined()) {
+            let flat = Tensor::zeros([self.trainable_numel], (Kind::Float, self.flat.device()));
+            let mut offset = 0;
+            tch::no_grad(|| {
+                for (_, _, v) in trainable() {
+                    let n = v.numel() as i64;
+                    // The gradient keeps its identity (autograd's handle), its data moves.
+                    v.grad()
+                        .set_data(&flat.narrow(0, offset, n).view(v.size().as_slice()));
+                    offset += n;
                 }
+            });
+            // `set` fails only when already set, which the early return above rules out.
+            let _ = self.grad.set(flat);
+            return;
+        }
+        for (_, _, v) in trainable() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
             }
         }
     }
@@ -246,6 +277,24 @@ mod tests {
             assert!(d < 1e-6, "{name}: {d}");
             let moved = (&t - &ours_vs_start[&name]).abs().max().double_value(&[]);
             assert!(moved > 1e-4, "{name} did not move: {moved}");
+        }
+        // After the first zeroing, the gradients are views of one buffer that backward fills.
+        ours_net.forward(&x).square().mean(None).backward();
+        let g = flat.gradients();
+        let gathered: Vec<Tensor> = ours_vs
+            .trainable_variables()
+            .iter()
+            .map(|v| v.grad().view([-1]))
+            .collect();
+        assert!(g.abs().sum(Kind::Double).double_value(&[]) > 0.0);
+        assert_eq!(
+            g.sort(0, false).0,
+            Tensor::cat(&gathered, 0).sort(0, false).0,
+            "the flat gradient holds every variable's gradient"
+        );
+        flat.zero_gradients();
+        for v in ours_vs.trainable_variables() {
+            assert_eq!(v.grad().abs().max().double_value(&[]), 0.0);
         }
         // The variables are views of the flat buffer: changing it changes them.
         let _ = flat.flat.shallow_clone().fill_(0.25);
