@@ -67,27 +67,55 @@ pub fn attach(
 /// The Kestrel detections on `buffer`, in attachment order (regions without a
 /// `kestrel/detection` structure are someone else's and skipped).
 pub fn read(buffer: &gst::BufferRef) -> Vec<FrameDetection> {
-    buffer
-        .iter_meta::<VideoRegionOfInterestMeta>()
-        .filter_map(|meta| {
-            let s = meta.param(STRUCTURE_NAME)?;
-            let f = |k: &str| s.get::<f64>(k).ok();
-            Some(FrameDetection {
-                class_id: s.get::<u32>("class-id").ok()?,
-                label: s.get::<String>("label").ok()?,
-                confidence: f("confidence")?,
-                instance_id: s.get::<u32>("instance-id").ok()?,
-                unique_id: s.get::<u32>("unique-id").ok()?,
-                bbox: BoxXyxy {
-                    x1: f("x1")? as f32,
-                    y1: f("y1")? as f32,
-                    x2: f("x2")? as f32,
-                    y2: f("y2")? as f32,
-                },
+    let mut out = Vec::new();
+    read_into(buffer, &mut out);
+    out
+}
+
+/// [`read`] into `out`, reusing its entries (and their label strings): per frame, nothing is
+/// allocated once `out` has held as many detections.
+pub fn read_into(buffer: &gst::BufferRef, out: &mut Vec<FrameDetection>) {
+    let mut n = 0;
+    for meta in buffer.iter_meta::<VideoRegionOfInterestMeta>() {
+        let Some(s) = meta.param(STRUCTURE_NAME) else {
+            continue;
+        };
+        let f = |k: &str| s.get::<f64>(k).ok().map(|v| v as f32);
+        let (Ok(class_id), Ok(label), Some(confidence), Ok(instance_id), Ok(unique_id)) = (
+            s.get::<u32>("class-id"),
+            s.get::<&str>("label"),
+            s.get::<f64>("confidence").ok(),
+            s.get::<u32>("instance-id"),
+            s.get::<u32>("unique-id"),
+        ) else {
+            continue;
+        };
+        let (Some(x1), Some(y1), Some(x2), Some(y2)) = (f("x1"), f("y1"), f("x2"), f("y2")) else {
+            continue;
+        };
+        if out.len() == n {
+            out.push(FrameDetection {
+                class_id,
+                label: String::new(),
+                confidence,
+                instance_id,
+                unique_id,
+                bbox: BoxXyxy { x1, y1, x2, y2 },
                 rect: meta.rect(),
-            })
-        })
-        .collect()
+            });
+        }
+        let d = &mut out[n];
+        d.class_id = class_id;
+        d.label.clear();
+        d.label.push_str(label);
+        d.confidence = confidence;
+        d.instance_id = instance_id;
+        d.unique_id = unique_id;
+        d.bbox = BoxXyxy { x1, y1, x2, y2 };
+        d.rect = meta.rect();
+        n += 1;
+    }
+    out.truncate(n);
 }
 
 #[cfg(test)]

@@ -8,6 +8,14 @@ mod frame;
 mod kestrelinfer;
 mod kestreloverlay;
 
+/// Names of what `kestrelinfer` measures: its metrics (through the `metrics` facade) and its
+/// `kestrel/stats` element messages.
+pub mod stats {
+    pub use crate::kestrelinfer::{
+        BATCH_FILL, BATCHES, DROPPED, FRAMES, INFERRED, LATENCY, STATS_MESSAGE,
+    };
+}
+
 /// Register every element of the plugin with `plugin`.
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     kestrelinfer::register(plugin)?;

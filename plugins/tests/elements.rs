@@ -336,6 +336,7 @@ fn properties_round_trip() {
         .property("labels", "l.txt")
         .property("unique-id", 7u32)
         .property("classes", "1,2")
+        .property("stats-interval", 250u32)
         .property_from_str("backend", "cuda")
         .property_from_str("precision", "fp16")
         .build()
@@ -359,6 +360,7 @@ fn properties_round_trip() {
         e.property::<Option<String>>("classes").as_deref(),
         Some("1,2")
     );
+    assert_eq!(e.property::<u32>("stats-interval"), 250);
     let backend = e.property_value("backend");
     let (_, v) = gst::glib::EnumValue::from_value(&backend).unwrap();
     assert_eq!(v.nick(), "cuda");
@@ -470,10 +472,223 @@ fn gst_launch_runs_the_elements_on_odd_sized_i420_and_gst_inspect_lists_the_prop
         "labels",
         "unique-id",
         "classes",
+        "stats-interval",
     ] {
         assert!(
             text.contains(&format!("  {prop} ")),
             "gst-inspect lacks {prop}:\n{text}"
         );
     }
+}
+
+/// An RGB frame of `img` at size `w`×`h` (a crop of a larger scene), for a second stream.
+fn scene_sized(seed: u64, w: u32, h: u32) -> image::RgbImage {
+    let (img, _) = render_scene(image_seed(seed, 0), w, h);
+    img
+}
+
+/// The Prometheus recorder of this test process (installed once; every test's elements record
+/// into it, told apart by the `element` label).
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap()
+    })
+}
+
+/// The value of the Prometheus sample `name{labels}` in `text` (labels in the exporter's order).
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn two_streams_share_the_batches_and_keep_their_order_and_their_own_detections() {
+    init();
+    let metrics = prometheus();
+    let a = scene(21);
+    let b = scene_sized(22, 301, 207);
+    let (want_a, want_b) = (reference(&a), reference(&b));
+    assert!(!want_a.is_empty() && !want_b.is_empty());
+    let element = gst::ElementFactory::make("kestrelinfer")
+        .name("two-streams")
+        .property("model", model())
+        .property("batch-size", 2u32)
+        .property("stats-interval", 1u32)
+        .build()
+        .unwrap();
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    let mut h0 = Harness::with_element(&element, Some("sink"), Some("src"));
+    let mut h1 = Harness::with_element(&element, Some("sink_1"), Some("src_1"));
+    assert!(element.static_pad("src_1").is_some(), "sink_1 brings src_1");
+    h0.set_src_caps(rgb_caps(&a));
+    h1.set_src_caps(rgb_caps(&b));
+    h0.play();
+    h1.play();
+    // Batches of two fill from both streams: a frame waits until the other stream's arrives.
+    for i in 0..3 {
+        h0.push(rgb_buffer(&a, i)).unwrap();
+        assert_eq!(h0.buffers_in_queue(), 0, "frame {i} of stream 0 waits");
+        h1.push(rgb_buffer(&b, i)).unwrap();
+        assert_eq!((h0.buffers_in_queue(), h1.buffers_in_queue()), (1, 1));
+        for (h, img, want) in [(&mut h0, &a, &want_a), (&mut h1, &b, &want_b)] {
+            let out = h.pull().unwrap();
+            assert_eq!(out.pts(), Some(gst::ClockTime::from_mseconds(i * 40)));
+            assert_eq!(
+                out.size(),
+                rgb_buffer(img, 0).size(),
+                "the stream's own frame"
+            );
+            let got = detection::read(&out);
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want.iter()) {
+                assert_eq!(g.class_id as usize, w.class_id);
+                assert!(
+                    (g.bbox.x1 - w.bbox.x1).abs() < 1e-3 && (g.bbox.y2 - w.bbox.y2).abs() < 1e-3
+                );
+            }
+        }
+    }
+    // Two frames of stream 1 in a row fill a batch on their own, in order.
+    h1.push(rgb_buffer(&b, 3)).unwrap();
+    h1.push(rgb_buffer(&b, 4)).unwrap();
+    assert_eq!(
+        h1.pull().unwrap().pts(),
+        Some(gst::ClockTime::from_mseconds(120))
+    );
+    assert_eq!(
+        h1.pull().unwrap().pts(),
+        Some(gst::ClockTime::from_mseconds(160))
+    );
+    // EOS on stream 0 drains its waiting frame out of its own pad only.
+    h0.push(rgb_buffer(&a, 3)).unwrap();
+    assert!(h0.push_event(gst::event::Eos::new()));
+    assert_eq!(
+        h0.pull().unwrap().pts(),
+        Some(gst::ClockTime::from_mseconds(120))
+    );
+    assert_eq!(h1.buffers_in_queue(), 0);
+    assert!(
+        std::iter::from_fn(|| h0.try_pull_event()).any(|e| e.type_() == gst::EventType::Eos),
+        "EOS went out of src"
+    );
+    assert!(
+        !std::iter::from_fn(|| h1.try_pull_event()).any(|e| e.type_() == gst::EventType::Eos),
+        "stream 1 is not at EOS"
+    );
+
+    // Stats messages, one per stream, and the metrics.
+    let mut seen = std::collections::HashMap::new();
+    while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Element]) {
+        let s = msg.structure().unwrap();
+        if s.name() == gstkestrel::stats::STATS_MESSAGE {
+            seen.insert(s.get::<u32>("stream").unwrap(), s.to_owned());
+        }
+    }
+    let (s0, s1) = (&seen[&0], &seen[&1]);
+    assert_eq!(s0.get::<u64>("frames").unwrap(), 4);
+    assert_eq!(s1.get::<u64>("frames").unwrap(), 5);
+    assert_eq!(s1.get::<u64>("dropped").unwrap(), 0);
+    assert!(s0.get::<u64>("batches").unwrap() >= 5);
+    assert!(s0.get::<f64>("latency-max-ms").unwrap() > 0.0);
+    let fill = s0.get::<f64>("batch-fill").unwrap();
+    assert!(fill > 0.0 && fill <= 1.0, "{fill}");
+    let text = metrics.render();
+    let labels = |stream: u32| format!("element=\"two-streams\",stream=\"{stream}\"");
+    assert_eq!(
+        sample(&text, gstkestrel::stats::FRAMES, &labels(0)),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, gstkestrel::stats::FRAMES, &labels(1)),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(&text, gstkestrel::stats::INFERRED, &labels(1)),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(&text, gstkestrel::stats::BATCHES, "element=\"two-streams\""),
+        Some(5.0),
+        "3 mixed batches, 1 of stream 1, the drained one"
+    );
+    assert!(
+        text.contains(&format!(
+            "{}{{element=\"two-streams\",stream=\"1\",quantile=",
+            gstkestrel::stats::LATENCY
+        )),
+        "{text}"
+    );
+
+    // A released pad takes its src pad with it.
+    let sink_1 = element.static_pad("sink_1").unwrap();
+    drop(h1);
+    element.release_request_pad(&sink_1);
+    assert!(element.static_pad("src_1").is_none());
+}
+
+#[test]
+fn a_flush_drops_the_queued_frames_and_counts_them() {
+    init();
+    let metrics = prometheus();
+    let img = scene(23);
+    let element = gst::ElementFactory::make("kestrelinfer")
+        .name("flushed")
+        .property("model", model())
+        .property("batch-size", 4u32)
+        .build()
+        .unwrap();
+    let mut h = Harness::with_element(&element, Some("sink"), Some("src"));
+    h.set_src_caps(rgb_caps(&img));
+    h.play();
+    h.push(rgb_buffer(&img, 0)).unwrap();
+    h.push(rgb_buffer(&img, 1)).unwrap();
+    assert!(h.push_event(gst::event::FlushStart::new()));
+    assert!(h.push_event(gst::event::FlushStop::new(true)));
+    assert!(
+        h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+            gst::ClockTime,
+        >::new()))
+    );
+    assert!(h.push_event(gst::event::Eos::new()));
+    assert_eq!(h.buffers_in_queue(), 0, "nothing queued survives the flush");
+    let text = metrics.render();
+    assert_eq!(
+        sample(
+            &text,
+            gstkestrel::stats::DROPPED,
+            "element=\"flushed\",stream=\"0\""
+        ),
+        Some(2.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_overlay_leaves_nothing_of_the_previous_frame() {
+    init();
+    let (a, b) = (scene(31), scene(32));
+    let launch = format!("kestrelinfer model={} ! kestreloverlay", model().display());
+    // a then b through one overlay, b alone through a fresh one: b comes out the same.
+    let mut both = Harness::new_parse(&launch);
+    both.set_src_caps(rgb_caps(&a));
+    both.push(rgb_buffer(&a, 0)).unwrap();
+    let _ = both.pull().unwrap();
+    both.push(rgb_buffer(&b, 1)).unwrap();
+    let after_a = both.pull().unwrap();
+    let mut fresh = Harness::new_parse(&launch);
+    fresh.set_src_caps(rgb_caps(&b));
+    fresh.push(rgb_buffer(&b, 1)).unwrap();
+    let alone = fresh.pull().unwrap();
+    assert!(
+        after_a.map_readable().unwrap().as_slice() == alone.map_readable().unwrap().as_slice(),
+        "boxes of the first frame stayed on the second"
+    );
 }

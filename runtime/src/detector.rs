@@ -34,10 +34,11 @@ impl Detector {
     }
 
     /// Detect objects in a batch of images (at most the engine's maximum batch). `out[i]` receives
-    /// the detections of `images[i]`, boxes in that image's pixels, best first.
-    pub fn detect(
+    /// the detections of `images[i]`, boxes in that image's pixels, best first. `images` holds
+    /// references or the images themselves (a reused batch of frames needs no slice of references).
+    pub fn detect<I: std::borrow::Borrow<RgbImage>>(
         &mut self,
-        images: &[&RgbImage],
+        images: &[I],
         cfg: &NmsConfig,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<()> {
@@ -62,7 +63,7 @@ impl Detector {
         self.input.resize(batch * per_image, 0.0);
         self.placements.clear();
         for i in 0..batch {
-            let img = images[i.min(n - 1)];
+            let img = images[i.min(n - 1)].borrow();
             let dst = &mut self.input[i * per_image..(i + 1) * per_image];
             let p = self.letterboxer.run(img, w as u32, h as u32, dst)?;
             self.placements.push(p);

@@ -584,6 +584,22 @@ fn pipeline_over_a_synthetic_clip_matches_infer() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 6);
+    // The element's metrics, in Prometheus's text format.
+    let prom = std::fs::read_to_string(out.join("metrics.prom")).unwrap();
+    assert!(
+        prom.contains("kestrel_gst_frames_total{element=\"infer\",stream=\"0\"} 6"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains(
+            "kestrel_gst_latency_seconds_bucket{element=\"infer\",stream=\"0\",le=\"+Inf\"} 6"
+        ),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("# HELP kestrel_gst_batch_fill_ratio"),
+        "{prom}"
+    );
 
     let infer_out = dir.join("infer");
     assert_success(&kestrel(&[

@@ -2,7 +2,7 @@
 //! queue, and event handling.
 
 use std::path::PathBuf;
-use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use gst::glib;
@@ -14,6 +14,7 @@ use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, op
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_runtime::{Detection, Detector};
 
+use super::stats::{self, BatchStats, StreamOut};
 use crate::detection;
 use crate::frame;
 
@@ -61,6 +62,8 @@ const MAX_BATCH: u32 = 64;
 const DEFAULT_CONF: f32 = 0.25;
 const DEFAULT_IOU: f32 = 0.45;
 const DEFAULT_MAX_DET: u32 = 300;
+/// Streams one element serves: `sink`/`src` (stream 0) and `sink_1` … `sink_255`.
+const MAX_STREAMS: u32 = 256;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -76,6 +79,7 @@ struct Settings {
     labels: Option<String>,
     unique_id: u32,
     classes: Option<String>,
+    stats_interval_ms: u32,
 }
 
 impl Default for Settings {
@@ -93,14 +97,35 @@ impl Default for Settings {
             labels: None,
             unique_id: 0,
             classes: None,
+            stats_interval_ms: 0,
         }
     }
 }
 
-/// A queued frame: the buffer and whether it is to be inferred (`interval` skips some).
+/// A queued frame: the buffer, whether it is to be inferred (`interval` skips some), when it
+/// arrived and the stream it leaves by.
 struct Pending {
     buffer: gst::Buffer,
     infer: bool,
+    arrived: Instant,
+    stream: Arc<StreamOut>,
+}
+
+/// A stream's pads (stream 0: the always pads `sink` and `src`; N: the request pad `sink_N` and
+/// the `src_N` made with it).
+#[derive(Clone)]
+struct StreamPads {
+    index: u32,
+    sink: gst::Pad,
+    src: gst::Pad,
+}
+
+/// What a stream needs while the element runs.
+struct StreamState {
+    out: Arc<StreamOut>,
+    info: Option<VideoInfo>,
+    /// Frames seen since the start (for `interval`).
+    frames: u64,
 }
 
 /// What exists between READY and NULL.
@@ -115,23 +140,63 @@ struct State {
     deadline: Option<Instant>,
     interval: u64,
     unique_id: u32,
-    info: Option<VideoInfo>,
+    /// Indexed by stream number (`None`: no such pad).
+    streams: Vec<Option<StreamState>>,
+    /// The frames of all streams, in arrival order.
     pending: Vec<Pending>,
-    /// Frames seen since the start (for `interval`).
-    frames: u64,
-    /// Reused RGB copies of the frames of a batch, and the detections.
+    /// Reused per batch: which pending frames are inferred, their RGB copies, their detections.
+    todo: Vec<usize>,
     images: Vec<RgbImage>,
     results: Vec<Vec<Detection>>,
+    batch_stats: BatchStats,
+    stats_interval: Option<Duration>,
+    last_stats: Instant,
+    element_name: String,
+}
+
+impl State {
+    fn add_stream(&mut self, pads: &StreamPads) {
+        let i = pads.index as usize;
+        if self.streams.len() <= i {
+            self.streams.resize_with(i + 1, || None);
+        }
+        self.streams[i] = Some(StreamState {
+            out: Arc::new(StreamOut::new(
+                pads.index,
+                pads.src.clone(),
+                &self.element_name,
+            )),
+            info: None,
+            frames: 0,
+        });
+    }
+
+    /// Drop the queued frames of `stream` (all streams: `None`), counting them as dropped.
+    fn drop_pending(&mut self, stream: Option<u32>) {
+        self.pending.retain(|p| {
+            let hit = stream.is_none_or(|s| p.stream.index == s);
+            if hit {
+                p.stream.dropped(1);
+            }
+            !hit
+        });
+        if self.pending.is_empty() {
+            self.deadline = None;
+        }
+    }
 }
 
 pub struct KestrelInfer {
+    /// Stream 0's pads, always there.
     sinkpad: gst::Pad,
     srcpad: gst::Pad,
+    /// Every stream's pads, stream 0 first.
+    pads: Mutex<Vec<StreamPads>>,
     settings: Mutex<Settings>,
     state: Mutex<Option<State>>,
-    /// Held from running a batch until its buffers are pushed, so the streaming thread and the
-    /// batch-timeout thread keep the buffers in order.
-    push_lock: Mutex<()>,
+    /// The frames of a batch on their way out. Held from running a batch until its buffers are
+    /// pushed, so the streaming threads and the batch-timeout thread keep the buffers in order.
+    outbox: Mutex<Vec<Pending>>,
     /// Wakes the batch-timeout thread when a deadline is set or the element stops.
     wake: Condvar,
     timer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -241,7 +306,9 @@ impl KestrelInfer {
             info.num_classes,
             info.input_hw
         );
-        Ok(State {
+        stats::describe();
+        let element_name = self.obj().name().to_string();
+        let mut state = State {
             detector,
             names,
             nms,
@@ -251,115 +318,232 @@ impl KestrelInfer {
             deadline: None,
             interval: u64::from(s.interval.max(1)),
             unique_id: s.unique_id,
-            info: None,
+            streams: Vec::new(),
             pending: Vec::with_capacity(batch),
-            frames: 0,
+            todo: Vec::with_capacity(batch),
             images: Vec::new(),
             results: Vec::new(),
-        })
+            batch_stats: BatchStats::new(&element_name),
+            stats_interval: (s.stats_interval_ms > 0)
+                .then(|| Duration::from_millis(u64::from(s.stats_interval_ms))),
+            last_stats: Instant::now(),
+            element_name,
+        };
+        for pads in lock(&self.pads).iter() {
+            state.add_stream(pads);
+        }
+        Ok(state)
     }
 
-    /// Run the queued frames (a full batch or what is left), attach their detections and hand
-    /// the buffers back in order.
-    fn run_pending(&self, state: &mut State) -> Result<Vec<gst::Buffer>, gst::FlowError> {
+    /// Run the queued frames (a full batch or what is left) and attach their detections; they
+    /// move to `outbox` in arrival order. When the batch fails, its frames are dropped (and
+    /// counted).
+    fn run_pending(
+        &self,
+        state: &mut State,
+        outbox: &mut Vec<Pending>,
+    ) -> Result<(), gst::FlowError> {
+        let result = self.run_batch(state, outbox);
+        if result.is_err() {
+            for p in outbox.drain(..) {
+                p.stream.dropped(1);
+            }
+        }
+        result
+    }
+
+    fn run_batch(
+        &self,
+        state: &mut State,
+        outbox: &mut Vec<Pending>,
+    ) -> Result<(), gst::FlowError> {
         state.deadline = None;
-        let mut pending = std::mem::take(&mut state.pending);
-        let todo: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].infer).collect();
-        if !todo.is_empty() {
-            let Some(info) = state.info.clone() else {
+        // `append` keeps both vectors' capacity: no allocation after the first batches.
+        let first = outbox.len();
+        outbox.append(&mut state.pending);
+        let State {
+            detector,
+            names,
+            nms,
+            batch_size,
+            unique_id,
+            streams,
+            todo,
+            images,
+            results,
+            batch_stats,
+            ..
+        } = state;
+        todo.clear();
+        todo.extend((first..outbox.len()).filter(|&i| outbox[i].infer));
+        if todo.is_empty() {
+            return Ok(());
+        }
+        if images.len() < todo.len() {
+            images.resize_with(todo.len(), RgbImage::default);
+        }
+        for (k, &i) in todo.iter().enumerate() {
+            let p = &outbox[i];
+            let info = streams
+                .get(p.stream.index as usize)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.info.as_ref());
+            let Some(info) = info else {
                 gst::element_imp_error!(
                     self,
                     gst::CoreError::Negotiation,
-                    ("a buffer arrived before the caps")
+                    (
+                        "a buffer of stream {} arrived before its caps",
+                        p.stream.index
+                    )
                 );
                 return Err(gst::FlowError::NotNegotiated);
             };
-            if state.images.len() < todo.len() {
-                state.images.resize_with(todo.len(), RgbImage::default);
-            }
-            for (k, &i) in todo.iter().enumerate() {
-                let frame =
-                    VideoFrameRef::from_buffer_ref_readable(pending[i].buffer.as_ref(), &info)
-                        .map_err(|_| {
-                            gst::element_imp_error!(
-                                self,
-                                gst::StreamError::Format,
-                                (
-                                    "a buffer is smaller than its caps say ({}x{} {})",
-                                    info.width(),
-                                    info.height(),
-                                    info.format().to_str()
-                                )
-                            );
-                            gst::FlowError::Error
-                        })?;
-                frame::to_rgb(&frame, &mut state.images[k])?;
-            }
-            let images: Vec<&RgbImage> = state.images[..todo.len()].iter().collect();
-            state
-                .detector
-                .detect(&images, &state.nms, &mut state.results)
-                .map_err(|e| {
+            let frame =
+                VideoFrameRef::from_buffer_ref_readable(p.buffer.as_ref(), info).map_err(|_| {
                     gst::element_imp_error!(
                         self,
-                        gst::LibraryError::Failed,
-                        ("inference failed: {}", e)
+                        gst::StreamError::Format,
+                        (
+                            "a buffer of stream {} is smaller than its caps say ({}x{} {})",
+                            p.stream.index,
+                            info.width(),
+                            info.height(),
+                            info.format().to_str()
+                        )
                     );
                     gst::FlowError::Error
                 })?;
-            let size = (info.width(), info.height());
-            for (k, &i) in todo.iter().enumerate() {
-                let buffer = pending[i].buffer.make_mut();
-                for (n, det) in state.results[k].iter().enumerate() {
-                    let label = state
-                        .names
-                        .get(det.class_id)
-                        .map_or("object", String::as_str);
-                    detection::attach(buffer, det, label, n as u32, state.unique_id, size);
+            frame::to_rgb(&frame, &mut images[k])?;
+        }
+        detector
+            .detect(&images[..todo.len()], nms, results)
+            .map_err(|e| {
+                gst::element_imp_error!(
+                    self,
+                    gst::LibraryError::Failed,
+                    ("inference failed: {}", e)
+                );
+                gst::FlowError::Error
+            })?;
+        batch_stats.ran(todo.len(), *batch_size);
+        for (k, &i) in todo.iter().enumerate() {
+            let p = &mut outbox[i];
+            let (w, h) = (images[k].width(), images[k].height());
+            let buffer = p.buffer.make_mut();
+            for (n, det) in results[k].iter().enumerate() {
+                let label = names.get(det.class_id).map_or("object", String::as_str);
+                detection::attach(buffer, det, label, n as u32, *unique_id, (w, h));
+            }
+        }
+        Ok(())
+    }
+
+    /// Push the frames of `outbox` out of their streams' src pads, in order. Returns the flow of
+    /// `own` (the stream whose streaming thread calls); another stream's error is kept for its
+    /// next buffer.
+    fn push_all(
+        &self,
+        outbox: &mut Vec<Pending>,
+        own: Option<u32>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let mut result = Ok(gst::FlowSuccess::Ok);
+        for p in outbox.drain(..) {
+            let latency = p.arrived.elapsed();
+            match p.stream.srcpad.push(p.buffer) {
+                Ok(_) => p.stream.pushed(latency),
+                Err(e) => {
+                    p.stream.dropped(1);
+                    if own == Some(p.stream.index) {
+                        if result.is_ok() {
+                            result = Err(e);
+                        }
+                    } else {
+                        p.stream.set_flow_error(e);
+                    }
                 }
             }
         }
-        Ok(pending.drain(..).map(|p| p.buffer).collect())
+        self.post_stats();
+        result
     }
 
-    fn push_all(&self, buffers: Vec<gst::Buffer>) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let mut last = Ok(gst::FlowSuccess::Ok);
-        for b in buffers {
-            last = self.srcpad.push(b);
-            last?;
+    /// Post a `kestrel/stats` message per stream when `stats-interval` has passed.
+    fn post_stats(&self) {
+        let messages: Vec<gst::Structure> = {
+            let mut guard = lock(&self.state);
+            let Some(state) = guard.as_mut() else { return };
+            let Some(every) = state.stats_interval else {
+                return;
+            };
+            if state.last_stats.elapsed() < every {
+                return;
+            }
+            state.last_stats = Instant::now();
+            let fill = state.batch_stats.take_mean_fill();
+            let batches = state.batch_stats.batches;
+            state
+                .streams
+                .iter()
+                .flatten()
+                .map(|s| stats::message_structure(&s.out.snapshot(), batches, fill))
+                .collect()
+        };
+        for s in messages {
+            let _ = self
+                .obj()
+                .post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
         }
-        last
     }
 
-    fn sink_chain(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let _order = lock(&self.push_lock);
-        let ready = {
+    fn sink_chain(
+        &self,
+        index: u32,
+        buffer: gst::Buffer,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let mut outbox = lock(&self.outbox);
+        {
             let mut guard = lock(&self.state);
             let Some(state) = guard.as_mut() else {
                 return Err(gst::FlowError::Flushing);
             };
-            let infer = state.frames % state.interval == 0;
-            state.frames += 1;
+            let interval = state.interval;
+            let Some(stream) = state
+                .streams
+                .get_mut(index as usize)
+                .and_then(Option::as_mut)
+            else {
+                return Err(gst::FlowError::Flushing);
+            };
+            if let Some(e) = stream.out.take_flow_error() {
+                return Err(e);
+            }
+            let infer = stream.frames % interval == 0;
+            stream.frames += 1;
+            stream.out.arrived(infer);
+            let pending = Pending {
+                buffer,
+                infer,
+                arrived: Instant::now(),
+                stream: stream.out.clone(),
+            };
             if !infer && state.pending.is_empty() {
                 // Nothing queued ahead of a frame that is not inferred: it passes at once.
-                drop(guard);
-                return self.srcpad.push(buffer);
-            }
-            state.pending.push(Pending { buffer, infer });
-            let queued = state.pending.iter().filter(|p| p.infer).count();
-            if queued >= state.batch_size {
-                self.run_pending(state)?
+                outbox.push(pending);
             } else {
-                if state.deadline.is_none()
+                state.pending.push(pending);
+                let queued = state.pending.iter().filter(|p| p.infer).count();
+                if queued >= state.batch_size {
+                    self.run_pending(state, &mut outbox)?;
+                } else if state.deadline.is_none()
                     && let Some(t) = state.batch_timeout
                 {
                     state.deadline = Some(Instant::now() + t);
                     self.wake.notify_all();
                 }
-                Vec::new()
             }
-        };
-        self.push_all(ready)
+        }
+        self.push_all(&mut outbox, Some(index))
     }
 
     /// The batch-timeout thread: runs a partial batch once its deadline passes; ends when the
@@ -374,18 +558,18 @@ impl KestrelInfer {
             match state.deadline {
                 Some(due) if due <= now => {
                     drop(guard);
-                    let _order = lock(&imp.push_lock);
-                    let ready = {
+                    let mut outbox = lock(&imp.outbox);
+                    let ran = {
                         let mut guard = lock(&imp.state);
                         match guard.as_mut() {
-                            // Still due: the streaming thread did not fill the batch meanwhile.
+                            // Still due: the streaming threads did not fill the batch meanwhile.
                             Some(state) if state.deadline.is_some_and(|d| d <= Instant::now()) => {
-                                imp.run_pending(state)
+                                imp.run_pending(state, &mut outbox)
                             }
-                            _ => Ok(Vec::new()),
+                            _ => Ok(()),
                         }
                     };
-                    if let Err(e) = ready.and_then(|r| imp.push_all(r)) {
+                    if let Err(e) = ran.and_then(|()| imp.push_all(&mut outbox, None)) {
                         gst::debug!(CAT, imp = imp, "timed-out batch: {e:?}");
                     }
                 }
@@ -399,37 +583,43 @@ impl KestrelInfer {
         }
     }
 
-    /// Run whatever is queued and push it (EOS, caps changes, other serialized events).
-    fn drain(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let _order = lock(&self.push_lock);
-        let ready = {
+    /// Run whatever is queued and push it (EOS, caps changes, other serialized events, a
+    /// released pad), on behalf of stream `own`.
+    fn drain(&self, own: Option<u32>) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let mut outbox = lock(&self.outbox);
+        let ran = {
             let mut guard = lock(&self.state);
             match guard.as_mut() {
-                Some(state) if !state.pending.is_empty() => self.run_pending(state)?,
-                _ => Vec::new(),
+                Some(state) if !state.pending.is_empty() => self.run_pending(state, &mut outbox),
+                _ => Ok(()),
             }
         };
-        self.push_all(ready)
+        ran?;
+        self.push_all(&mut outbox, own)
     }
 
-    fn sink_event(&self, pad: &gst::Pad, event: gst::Event) -> bool {
+    fn sink_event(&self, index: u32, pad: &gst::Pad, event: gst::Event) -> bool {
         use gst::EventView;
         match event.view() {
             EventView::FlushStop(_) => {
                 if let Some(state) = lock(&self.state).as_mut() {
-                    state.pending.clear();
-                    state.deadline = None;
+                    state.drop_pending(Some(index));
+                    if let Some(Some(s)) = state.streams.get(index as usize) {
+                        s.out.take_flow_error();
+                    }
                 }
             }
             EventView::Caps(c) => {
                 // Frames queued under the old caps are run with them first.
-                if self.drain().is_err() {
+                if self.drain(Some(index)).is_err() {
                     return false;
                 }
                 match VideoInfo::from_caps(c.caps()) {
                     Ok(info) => {
-                        if let Some(state) = lock(&self.state).as_mut() {
-                            state.info = Some(info);
+                        if let Some(state) = lock(&self.state).as_mut()
+                            && let Some(Some(s)) = state.streams.get_mut(index as usize)
+                        {
+                            s.info = Some(info);
                         }
                     }
                     Err(_) => {
@@ -444,13 +634,79 @@ impl KestrelInfer {
             }
             _ if event.is_serialized() && event.type_() != gst::EventType::FlushStop => {
                 // EOS, segments, gaps, tags …: queued buffers go first, in order.
-                if let Err(e) = self.drain() {
+                if let Err(e) = self.drain(Some(index)) {
                     gst::debug!(CAT, imp = self, "drain before {:?}: {e:?}", event.type_());
                 }
             }
             _ => {}
         }
+        // Forwarded to the stream's own src pad (the internal link).
         gst::Pad::event_default(pad, Some(&*self.obj()), event)
+    }
+
+    /// A pad's partner: `sink_N` ↔ `src_N` (`sink` ↔ `src`); events and queries go through it.
+    fn internal_links(&self, pad: &gst::Pad) -> gst::Iterator<gst::Pad> {
+        let partner = lock(&self.pads).iter().find_map(|p| {
+            if &p.sink == pad {
+                Some(p.src.clone())
+            } else if &p.src == pad {
+                Some(p.sink.clone())
+            } else {
+                None
+            }
+        });
+        gst::Iterator::from_vec(partner.into_iter().collect())
+    }
+
+    /// The pads of stream `index` from the templates `sink_templ` and `src_templ`, named
+    /// `sink_name` and `src_name`.
+    fn make_pads(
+        index: u32,
+        sink_templ: &gst::PadTemplate,
+        src_templ: &gst::PadTemplate,
+        names: Option<(&str, &str)>,
+    ) -> StreamPads {
+        let mut sink = gst::Pad::builder_from_template(sink_templ)
+            .chain_function(move |_pad, parent, buffer| {
+                KestrelInfer::catch_panic_pad_function(
+                    parent,
+                    || Err(gst::FlowError::Error),
+                    |this| this.sink_chain(index, buffer),
+                )
+            })
+            .event_function(move |pad, parent, event| {
+                KestrelInfer::catch_panic_pad_function(
+                    parent,
+                    || false,
+                    |this| this.sink_event(index, pad, event),
+                )
+            })
+            .iterate_internal_links_function(|pad, parent| {
+                KestrelInfer::catch_panic_pad_function(
+                    parent,
+                    || gst::Iterator::from_vec(Vec::new()),
+                    |this| this.internal_links(pad),
+                )
+            })
+            .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION);
+        let mut src = gst::Pad::builder_from_template(src_templ)
+            .iterate_internal_links_function(|pad, parent| {
+                KestrelInfer::catch_panic_pad_function(
+                    parent,
+                    || gst::Iterator::from_vec(Vec::new()),
+                    |this| this.internal_links(pad),
+                )
+            })
+            .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION);
+        if let Some((sink_name, src_name)) = names {
+            sink = sink.name(sink_name);
+            src = src.name(src_name);
+        }
+        StreamPads {
+            index,
+            sink: sink.build(),
+            src: src.build(),
+        }
     }
 }
 
@@ -464,35 +720,17 @@ impl ObjectSubclass for KestrelInfer {
         let sink = klass
             .pad_template("sink")
             .expect("the class has a sink template");
-        let sinkpad = gst::Pad::builder_from_template(&sink)
-            .chain_function(|_pad, parent, buffer| {
-                KestrelInfer::catch_panic_pad_function(
-                    parent,
-                    || Err(gst::FlowError::Error),
-                    |this| this.sink_chain(buffer),
-                )
-            })
-            .event_function(|pad, parent, event| {
-                KestrelInfer::catch_panic_pad_function(
-                    parent,
-                    || false,
-                    |this| this.sink_event(pad, event),
-                )
-            })
-            .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION)
-            .build();
         let src = klass
             .pad_template("src")
             .expect("the class has a src template");
-        let srcpad = gst::Pad::builder_from_template(&src)
-            .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION)
-            .build();
+        let pads = Self::make_pads(0, &sink, &src, None);
         Self {
-            sinkpad,
-            srcpad,
+            sinkpad: pads.sink.clone(),
+            srcpad: pads.src.clone(),
+            pads: Mutex::new(vec![pads]),
             settings: Mutex::new(Settings::default()),
             state: Mutex::new(None),
-            push_lock: Mutex::new(()),
+            outbox: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             timer: Mutex::new(None),
         }
@@ -582,6 +820,14 @@ impl ObjectImpl for KestrelInfer {
                     .blurb("Comma-separated class indices to keep (default: all)")
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("stats-interval")
+                    .nick("Stats interval")
+                    .blurb("Milliseconds between kestrel/stats element messages, one per stream: frames, inferred, dropped, batches, latency-mean-ms, latency-max-ms, batch-fill (0: none)")
+                    .minimum(0)
+                    .maximum(3_600_000)
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -603,6 +849,7 @@ impl ObjectImpl for KestrelInfer {
             "labels" => s.labels = value.get().unwrap_or_default(),
             "unique-id" => s.unique_id = value.get().unwrap_or(0),
             "classes" => s.classes = value.get().unwrap_or_default(),
+            "stats-interval" => s.stats_interval_ms = value.get().unwrap_or(0),
             other => gst::warning!(CAT, imp = self, "no property {other}"),
         }
     }
@@ -622,6 +869,7 @@ impl ObjectImpl for KestrelInfer {
             "labels" => s.labels.to_value(),
             "unique-id" => s.unique_id.to_value(),
             "classes" => s.classes.to_value(),
+            "stats-interval" => s.stats_interval_ms.to_value(),
             _ => pspec.default_value().clone(),
         }
     }
@@ -655,24 +903,104 @@ impl ElementImpl for KestrelInfer {
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
             let caps = frame::caps();
+            let template = |name, direction, presence| {
+                gst::PadTemplate::new(name, direction, presence, &caps).expect("valid pad template")
+            };
             vec![
-                gst::PadTemplate::new(
-                    "src",
+                template("src", gst::PadDirection::Src, gst::PadPresence::Always),
+                template("sink", gst::PadDirection::Sink, gst::PadPresence::Always),
+                // More streams through the same engine: each requested sink_N brings its src_N.
+                template(
+                    "src_%u",
                     gst::PadDirection::Src,
-                    gst::PadPresence::Always,
-                    &caps,
-                )
-                .expect("valid src template"),
-                gst::PadTemplate::new(
-                    "sink",
+                    gst::PadPresence::Sometimes,
+                ),
+                template(
+                    "sink_%u",
                     gst::PadDirection::Sink,
-                    gst::PadPresence::Always,
-                    &caps,
-                )
-                .expect("valid sink template"),
+                    gst::PadPresence::Request,
+                ),
             ]
         });
         TEMPLATES.as_ref()
+    }
+
+    fn request_new_pad(
+        &self,
+        templ: &gst::PadTemplate,
+        name: Option<&str>,
+        _caps: Option<&gst::Caps>,
+    ) -> Option<gst::Pad> {
+        if templ.name_template() != "sink_%u" {
+            return None;
+        }
+        let mut pads = lock(&self.pads);
+        let index = match name.map(|n| n.strip_prefix("sink_").and_then(|i| i.parse::<u32>().ok()))
+        {
+            None => (1..MAX_STREAMS).find(|i| pads.iter().all(|p| p.index != *i)),
+            Some(Some(i)) if (1..MAX_STREAMS).contains(&i) && pads.iter().all(|p| p.index != i) => {
+                Some(i)
+            }
+            Some(_) => None,
+        };
+        let Some(index) = index else {
+            gst::element_imp_warning!(
+                self,
+                gst::CoreError::Pad,
+                (
+                    "no pad {}: request sink_1 … sink_{} once each (sink/src are stream 0)",
+                    name.unwrap_or("sink_%u"),
+                    MAX_STREAMS - 1
+                )
+            );
+            return None;
+        };
+        let src_templ = self.obj().element_class().pad_template("src_%u")?;
+        let (sink_name, src_name) = (format!("sink_{index}"), format!("src_{index}"));
+        let new = Self::make_pads(index, templ, &src_templ, Some((&sink_name, &src_name)));
+        pads.push(new.clone());
+        drop(pads);
+        if let Some(state) = lock(&self.state).as_mut() {
+            state.add_stream(&new);
+        }
+        let obj = self.obj();
+        if obj.add_pad(&new.src).is_err() || obj.add_pad(&new.sink).is_err() {
+            let _ = obj.remove_pad(&new.src);
+            lock(&self.pads).retain(|p| p.index != index);
+            return None;
+        }
+        Some(new.sink)
+    }
+
+    fn release_pad(&self, pad: &gst::Pad) {
+        let Some(gone) = lock(&self.pads)
+            .iter()
+            .find(|p| &p.sink == pad && p.index != 0)
+            .cloned()
+        else {
+            return;
+        };
+        // Its queued frames leave first.
+        if let Err(e) = self.drain(None) {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "drain before releasing {}: {e:?}",
+                pad.name()
+            );
+        }
+        if let Some(state) = lock(&self.state).as_mut() {
+            state.drop_pending(Some(gone.index));
+            if let Some(slot) = state.streams.get_mut(gone.index as usize) {
+                *slot = None;
+            }
+        }
+        lock(&self.pads).retain(|p| p.index != gone.index);
+        let obj = self.obj();
+        for p in [&gone.src, &gone.sink] {
+            let _ = p.set_active(false);
+            let _ = obj.remove_pad(p);
+        }
     }
 
     fn change_state(
@@ -696,10 +1024,12 @@ impl ElementImpl for KestrelInfer {
         match transition {
             gst::StateChange::PausedToReady => {
                 if let Some(state) = lock(&self.state).as_mut() {
-                    state.pending.clear();
-                    state.deadline = None;
-                    state.frames = 0;
-                    state.info = None;
+                    state.drop_pending(None);
+                    for s in state.streams.iter_mut().flatten() {
+                        s.frames = 0;
+                        s.info = None;
+                        s.out.take_flow_error();
+                    }
                 }
             }
             gst::StateChange::ReadyToNull => {

@@ -1,6 +1,7 @@
 //! The `kestreloverlay` element: a video filter that draws the `kestrel/detection` regions of
 //! each buffer into an RGBA layer and blends it onto the frame in place.
 
+use std::fmt::Write;
 use std::sync::{LazyLock, Mutex};
 
 use ab_glyph::{Font, FontVec, PxScale, ScaleFont};
@@ -33,19 +34,29 @@ struct Settings {
     font_scale: f64,
 }
 
+/// What the overlay reuses from frame to frame, so drawing allocates nothing once warm.
+struct Scratch {
+    /// The drawing layer, transparent outside `dirty`.
+    layer: RgbaImage,
+    /// Rows of `layer` drawn on for the previous frame.
+    dirty: std::ops::Range<u32>,
+    detections: Vec<FrameDetection>,
+    text: String,
+}
+
 pub struct KestrelOverlay {
     settings: Mutex<Settings>,
-    /// The drawing layer, reused from frame to frame.
-    layer: Mutex<RgbaImage>,
+    scratch: Mutex<Scratch>,
     font: Option<FontVec>,
 }
 
 impl KestrelOverlay {
-    /// Draw `dets` into `layer`; returns the rows touched.
+    /// Draw `dets` into `layer` (`text`: a scratch string); returns the rows touched.
     fn draw(
         &self,
         layer: &mut RgbaImage,
         dets: &[FrameDetection],
+        text: &mut String,
         s: Settings,
     ) -> std::ops::Range<u32> {
         let (w, h) = layer.dimensions();
@@ -73,7 +84,8 @@ impl KestrelOverlay {
             fill(layer, x, y, x + t, y1, c);
             fill(layer, x1.saturating_sub(t), y, x1, y1, c);
             let Some(font) = &self.font else { continue };
-            let text = format!("{} {:.2}", d.label, d.confidence);
+            text.clear();
+            let _ = write!(text, "{} {:.2}", d.label, d.confidence);
             let px = BASE_TEXT_PX * s.font_scale as f32;
             let scaled = font.as_scaled(PxScale::from(px));
             let text_w: f32 = text
@@ -137,7 +149,12 @@ impl ObjectSubclass for KestrelOverlay {
                 line_width: DEFAULT_LINE,
                 font_scale: DEFAULT_FONT_SCALE,
             }),
-            layer: Mutex::new(RgbaImage::new(0, 0)),
+            scratch: Mutex::new(Scratch {
+                layer: RgbaImage::new(0, 0),
+                dirty: 0..0,
+                detections: Vec::new(),
+                text: String::new(),
+            }),
             font,
         }
     }
@@ -243,26 +260,35 @@ impl VideoFilterImpl for KestrelOverlay {
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let dets = detection::read(frame.buffer());
-        if dets.is_empty() {
+        let mut scratch = self
+            .scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Scratch {
+            layer,
+            dirty,
+            detections,
+            text,
+        } = &mut *scratch;
+        detection::read_into(frame.buffer(), detections);
+        if detections.is_empty() {
             return Ok(gst::FlowSuccess::Ok);
         }
         let settings = *self
             .settings
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut layer = self
-            .layer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (w, h) = (frame.width(), frame.height());
         if layer.dimensions() != (w, h) {
             *layer = RgbaImage::new(w, h);
-        } else {
-            layer.fill(0);
+        } else if dirty.start < dirty.end {
+            // Only the rows the previous frame drew on need clearing.
+            let row = w as usize * 4;
+            layer.as_mut()[dirty.start as usize * row..dirty.end as usize * row].fill(0);
         }
-        let rows = self.draw(&mut layer, &dets, settings);
-        frame::composite(frame, &layer, rows)?;
+        let rows = self.draw(layer, detections, text, settings);
+        *dirty = rows.clone();
+        frame::composite(frame, layer, rows)?;
         Ok(gst::FlowSuccess::Ok)
     }
 }

@@ -1,6 +1,7 @@
 //! `kestrel pipeline`: a GStreamer pipeline through `kestrelinfer` and `kestreloverlay` for
 //! people who do not write `gst-launch-1.0` lines: numbered images or a test source in, annotated
-//! PNG frames and one JSON line of detections per frame out, throughput printed.
+//! PNG frames and one JSON line of detections per frame out, throughput printed, and the
+//! element's metrics in Prometheus's text format (`metrics.prom`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ pub struct Args {
     /// Frames of the test pattern when there is no --input.
     #[arg(long, default_value_t = 60)]
     test_frames: u32,
-    /// Output folder: annotated frames (`%05d.png`) and `detections.jsonl`.
+    /// Output folder: annotated frames (`%05d.png`), `detections.jsonl` and `metrics.prom`.
     #[arg(long, short = 'o')]
     output: PathBuf,
     /// Backend: cpu or cuda.
@@ -90,6 +91,21 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
+    // kestrelinfer's metrics reach this recorder (installed before the element starts).
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(gstkestrel::stats::LATENCY.into()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(gstkestrel::stats::BATCH_FILL.into()),
+                &[0.125, 0.25, 0.5, 0.75, 1.0],
+            )
+        })
+        .context("configuring the metrics")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     gst::init().context("initialising GStreamer")?;
     gstkestrel::register_static().context("registering Kestrel's GStreamer elements")?;
     std::fs::create_dir_all(&a.output)
@@ -196,9 +212,12 @@ pub fn run(a: Args) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("the detection writer panicked"))?;
     c.2.flush()
         .with_context(|| format!("writing {}", jsonl_path.display()))?;
+    let metrics_path = a.output.join("metrics.prom");
+    std::fs::write(&metrics_path, metrics.render())
+        .with_context(|| format!("writing {}", metrics_path.display()))?;
     println!(
         "{} frames, {} detections in {elapsed:.2} s: {:.1} frames/s (decode, inference, overlay \
-         and PNG encoding); annotated frames and detections.jsonl in {}",
+         and PNG encoding); annotated frames, detections.jsonl and metrics.prom in {}",
         c.0,
         c.1,
         c.0 as f64 / elapsed.max(1e-9),
