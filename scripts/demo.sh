@@ -25,7 +25,7 @@ echo "== 4. evaluate on the val split (YOLOv9's settings: conf 0.001, IoU 0.7) =
 $K val --model "$MODEL" --data "$OUT/synth/data.yaml"
 echo "== 5. the same model in a GStreamer pipeline (kestrelinfer ! kestreloverlay) over a synthetic clip =="
 $K synth -o "$OUT/clip" --images 30 --seed 8 --imgsz 320 --val-fraction 1
-$K pipeline --model "$MODEL" --input "$OUT/clip/images/val/%06d.png" -o "$OUT/pipeline"
+$K pipeline --model "$MODEL" --input "$OUT/clip/images/val/%06d.png" --video annotated.avi -o "$OUT/pipeline"
 echo "   (gst-launch-1.0 users: GST_PLUGIN_PATH=target/release, elements kestrelinfer and kestreloverlay)"
 echo "== 6. benchmark the CPU backend =="
 $K bench --model "$MODEL" --batch 1,4 --duration 5 --json "$OUT/bench.json"

@@ -629,6 +629,49 @@ fn pipeline_over_a_synthetic_clip_matches_infer() {
         }
     }
 
+    // An annotated video out, and that video back in: one JSON line per frame each time.
+    let video_out = dir.join("video");
+    assert_success(&kestrel(&[
+        "pipeline",
+        "--model",
+        p(&model),
+        "--input",
+        &pattern,
+        "--video",
+        "annotated.avi",
+        "-o",
+        p(&video_out),
+    ]));
+    let avi = video_out.join("annotated.avi");
+    assert!(std::fs::metadata(&avi).unwrap().len() > 10_000);
+    let again = dir.join("again");
+    let run = kestrel(&[
+        "pipeline",
+        "--model",
+        p(&model),
+        "--input",
+        p(&avi),
+        "-o",
+        p(&again),
+    ]);
+    assert_success(&run);
+    let lines = std::fs::read_to_string(again.join("detections.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6, "{lines}");
+    assert!(
+        lines.contains("\"label\""),
+        "the decoded frames still show the shapes"
+    );
+    let bad_video = kestrel(&[
+        "pipeline",
+        "--model",
+        p(&model),
+        "--video",
+        "out.mp4",
+        "-o",
+        p(&again),
+    ]);
+    assert_user_error(&bad_video, &["--video out.mp4", ".avi"]);
+
     // Bad input is named, no panic.
     let missing = kestrel(&[
         "pipeline",

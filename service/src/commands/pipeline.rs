@@ -1,7 +1,7 @@
 //! `kestrel pipeline`: a GStreamer pipeline through `kestrelinfer` and `kestreloverlay` for
-//! people who do not write `gst-launch-1.0` lines: numbered images or a test source in, annotated
-//! PNG frames and one JSON line of detections per frame out, throughput printed, and the
-//! element's metrics in Prometheus's text format (`metrics.prom`).
+//! people who do not write `gst-launch-1.0` lines: numbered images, a video file or a test source
+//! in; annotated PNG frames or an annotated video, and one JSON line of detections per frame out;
+//! throughput printed, and the element's metrics in Prometheus's text format (`metrics.prom`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,16 +15,22 @@ pub struct Args {
     /// The model: an ONNX file or a Kestrel engine file.
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// Numbered PNG frames, as a printf pattern starting at 0 (`clip/%06d.png`); without it a
-    /// GStreamer test pattern (`--test-frames`) is the input.
+    /// Numbered PNG frames, as a printf pattern starting at 0 (`clip/%06d.png`), or a video file
+    /// any installed GStreamer demuxer and decoder reads (`decodebin`); without it a GStreamer
+    /// test pattern (`--test-frames`) is the input.
     #[arg(long)]
     input: Option<String>,
     /// Frames of the test pattern when there is no --input.
     #[arg(long, default_value_t = 60)]
     test_frames: u32,
-    /// Output folder: annotated frames (`%05d.png`), `detections.jsonl` and `metrics.prom`.
+    /// Output folder: annotated frames (`%05d.png`, or the `--video` file), `detections.jsonl`
+    /// and `metrics.prom`.
     #[arg(long, short = 'o')]
     output: PathBuf,
+    /// Write the annotated frames as one video in the output folder instead of PNGs: a name
+    /// ending in .avi or .mkv (Motion JPEG) or .webm (VP8), encoders of GStreamer's good plugins.
+    #[arg(long)]
+    video: Option<String>,
     /// Backend: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -81,16 +87,34 @@ pub fn run(a: Args) -> Result<()> {
             a.model.display()
         );
     }
-    if let Some(pattern) = &a.input {
-        let first = frame_path(pattern, 0).with_context(|| {
-            format!("--input {pattern}: expected a numbered pattern such as clip/%06d.png")
-        })?;
-        if !Path::new(&first).is_file() {
-            bail!(
-                "--input {pattern}: the first frame {first} does not exist (numbering starts at 0)"
-            );
+    let numbered = a.input.as_deref().is_some_and(|i| i.contains('%'));
+    match &a.input {
+        Some(pattern) if numbered => {
+            let first = frame_path(pattern, 0).with_context(|| {
+                format!("--input {pattern}: expected a numbered pattern such as clip/%06d.png")
+            })?;
+            if !Path::new(&first).is_file() {
+                bail!(
+                    "--input {pattern}: the first frame {first} does not exist (numbering starts \
+                     at 0)"
+                );
+            }
         }
+        Some(file) if !Path::new(file).is_file() => {
+            bail!("--input {file} does not exist: give a video file or numbered frames (%06d.png)")
+        }
+        _ => {}
     }
+    let encoder = match a.video.as_deref() {
+        None => "pngenc ! multifilesink name=sink",
+        Some(v) if v.contains('/') => {
+            bail!("--video {v}: give a file name; it is written in the output folder")
+        }
+        Some(v) if v.ends_with(".avi") => "jpegenc ! avimux ! filesink name=sink",
+        Some(v) if v.ends_with(".mkv") => "jpegenc ! matroskamux ! filesink name=sink",
+        Some(v) if v.ends_with(".webm") => "vp8enc deadline=1 ! webmmux ! filesink name=sink",
+        Some(v) => bail!("--video {v}: give a name ending in .avi, .mkv or .webm"),
+    };
     // kestrelinfer's metrics reach this recorder (installed before the element starts).
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -112,9 +136,10 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("creating {}", a.output.display()))?;
 
     let source = match &a.input {
-        Some(_) => {
+        Some(_) if numbered => {
             "multifilesrc name=src index=0 caps=image/png,framerate=25/1 ! pngdec".to_string()
         }
+        Some(_) => "filesrc name=src ! decodebin".to_string(),
         None => format!(
             "videotestsrc num-buffers={} ! video/x-raw,width=640,height=480",
             a.test_frames
@@ -122,10 +147,13 @@ pub fn run(a: Args) -> Result<()> {
     };
     let description = format!(
         "{source} ! videoconvert ! kestrelinfer name=infer ! kestreloverlay ! videoconvert \
-         ! pngenc ! multifilesink name=sink"
+         ! {encoder}"
     );
     let pipeline = gst::parse::launch(&description)
-        .context("building the pipeline")?
+        .context(
+            "building the pipeline (a missing element needs GStreamer's base or good plugins: \
+             apt install gstreamer1.0-plugins-base gstreamer1.0-plugins-good)",
+        )?
         .downcast::<gst::Pipeline>()
         .map_err(|_| anyhow::anyhow!("the pipeline description did not make a pipeline"))?;
     let by_name = |name: &str| {
@@ -143,10 +171,8 @@ pub fn run(a: Args) -> Result<()> {
     infer.set_property("batch-size", a.batch_size);
     infer.set_property("conf-threshold", a.conf);
     infer.set_property("iou-threshold", a.iou);
-    by_name("sink")?.set_property(
-        "location",
-        a.output.join("%05d.png").to_string_lossy().as_ref(),
-    );
+    let written = a.output.join(a.video.as_deref().unwrap_or("%05d.png"));
+    by_name("sink")?.set_property("location", written.to_string_lossy().as_ref());
 
     // One JSON line per frame, written from a probe on kestrelinfer's output.
     let jsonl_path = a.output.join("detections.jsonl");
@@ -217,10 +243,11 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("writing {}", metrics_path.display()))?;
     println!(
         "{} frames, {} detections in {elapsed:.2} s: {:.1} frames/s (decode, inference, overlay \
-         and PNG encoding); annotated frames, detections.jsonl and metrics.prom in {}",
+         and encoding); {}, detections.jsonl and metrics.prom in {}",
         c.0,
         c.1,
         c.0 as f64 / elapsed.max(1e-9),
+        a.video.as_deref().unwrap_or("annotated frames"),
         a.output.display()
     );
     Ok(())
