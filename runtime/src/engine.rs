@@ -391,6 +391,18 @@ pub fn build_engine_from_bytes(
     path: &Path,
     options: &BuildOptions,
 ) -> Result<Box<dyn Engine>> {
+    build_replaying(bytes, path, options, None)
+}
+
+/// [`build_engine_from_bytes`], replaying the layer choices an engine file recorded (`recorded`,
+/// its header's `layer_choices`) instead of timing them again: the same plans, so the same
+/// results as when the file was built, and a faster load.
+fn build_replaying(
+    bytes: &[u8],
+    path: &Path,
+    options: &BuildOptions,
+    recorded: Option<&serde_json::Value>,
+) -> Result<Box<dyn Engine>> {
     let model = decode_model(bytes, path).map_err(|e| Error::Model {
         path: path.to_path_buf(),
         message: e.to_string().replace(&format!("{}: ", path.display()), ""),
@@ -398,7 +410,9 @@ pub fn build_engine_from_bytes(
     let info = describe_model(&model, path, options)?;
     match options.backend {
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
-        Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(&model, info, path)?)),
+        Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(
+            &model, info, path, recorded,
+        )?)),
     }
 }
 
@@ -464,11 +478,15 @@ pub fn open_engine(
         let file = EngineFile::decode(&bytes, path)?;
         let options = options_from_header(&file.header, path)?;
         let env = build_environment(options.backend)?;
-        let source = match file.header.mismatch(&env) {
-            None => EngineSource::EngineFile,
-            Some(reason) => EngineSource::RebuiltFromEngineFile { reason },
+        // Choices are replayed only where they were made: same libraries, same kind of GPU.
+        let (source, recorded) = match file.header.mismatch(&env) {
+            None => (EngineSource::EngineFile, Some(&file.header.layer_choices)),
+            Some(reason) => (EngineSource::RebuiltFromEngineFile { reason }, None),
         };
-        return Ok((build_engine_from_bytes(&file.onnx, path, &options)?, source));
+        return Ok((
+            build_replaying(&file.onnx, path, &options, recorded)?,
+            source,
+        ));
     }
     let Some(cache) = cache else {
         return Ok((
@@ -480,7 +498,8 @@ pub fn open_engine(
     let wanted = EngineHeader::new(&bytes, options, &env);
     match cache.lookup(&wanted, &env) {
         Ok(file) => {
-            let engine = build_engine_from_bytes(&file.onnx, path, options)?;
+            let engine =
+                build_replaying(&file.onnx, path, options, Some(&file.header.layer_choices))?;
             Ok((engine, EngineSource::Cache(CacheOutcome::Hit)))
         }
         Err(reason) => {

@@ -695,6 +695,68 @@ fn trained_model_int8_detections_match_onnxruntime() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An engine file records which convolutions run as fused cuDNN graphs, and with which plan;
+/// loading it on the same kind of GPU replays those choices instead of timing them again (so the
+/// engine is the one that was built, and two loads give bit-identical results).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn engine_files_replay_their_layer_choices() {
+    use kestrel_runtime::engine::{EngineSource, build_engine_file, open_engine};
+    let dir = scratch_dir("cuda-replay");
+    let onnx_path = dir.join("gelan-t.onnx");
+    export_to("gelan-t", &onnx_path);
+    let opts = BuildOptions {
+        backend: Backend::Cuda,
+        precision: Precision::Fp16,
+        profile: BatchProfile {
+            min: 1,
+            opt: 2,
+            max: 2,
+        },
+    };
+    let engine_path = dir.join("gelan-t.engine");
+    let started = std::time::Instant::now();
+    let header = build_engine_file(&onnx_path, &opts, &engine_path).unwrap();
+    let built_s = started.elapsed().as_secs_f64();
+    let recorded = &header.layer_choices;
+    assert_eq!(recorded["fused_selection"], "timed");
+    let fused: Vec<usize> = ["1", "2"]
+        .iter()
+        .map(|b| {
+            recorded["fused_convolutions"][*b]
+                .as_object()
+                .unwrap()
+                .len()
+        })
+        .collect();
+    assert!(
+        fused[0] > 0,
+        "no layer was fused: nothing to replay ({recorded})"
+    );
+
+    let started = std::time::Instant::now();
+    let (mut loaded, source) = open_engine(&engine_path, &opts, None).unwrap();
+    let loaded_s = started.elapsed().as_secs_f64();
+    assert_eq!(source, EngineSource::EngineFile);
+    let choices = loaded.layer_choices();
+    assert_eq!(choices["fused_selection"], "replayed", "{choices}");
+    assert_eq!(
+        choices["fused_convolutions"],
+        recorded["fused_convolutions"]
+    );
+    let (mut again, _) = open_engine(&engine_path, &opts, None).unwrap();
+    let input = scenes(300, 2);
+    let a = loaded.run(&input, 2).unwrap().to_vec();
+    let b = again.run(&input, 2).unwrap().to_vec();
+    assert!(a == b, "two loads of one engine file differ");
+    println!(
+        "gelan-t fp16 engine file: built (timed) in {built_s:.1} s with {} and {} fused layers \
+         (buckets 1, 2); loaded (replayed) in {loaded_s:.1} s",
+        fused[0], fused[1]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Without a GPU, asking for the cuda backend is a clear error, not a panic.
 #[test]
 fn cuda_without_a_gpu_is_a_clear_error() {

@@ -441,6 +441,8 @@ impl FusedConvGraph {
 
     /// Execution plans for this graph in the order cuDNN's heuristics rank them, at most `limit`,
     /// skipping engines whose workspace exceeds `workspace_limit` bytes or that fail to build.
+    /// Each plan's [`FusedConvPlan::label`] names the heuristic and its rank there, so an engine
+    /// file can ask for the same plan again with [`Self::plan_labelled`].
     pub fn plans(
         self: &std::sync::Arc<Self>,
         dnn: &Dnn,
@@ -448,73 +450,14 @@ impl FusedConvGraph {
         workspace_limit: usize,
     ) -> Result<Vec<FusedConvPlan>> {
         let mut out = Vec::new();
-        for mode in [
-            nsys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-            nsys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
-        ] {
-            let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
-            heur.set_descs(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&self.graph])?;
-            heur.set(
-                A::CUDNN_ATTR_ENGINEHEUR_MODE,
-                T::CUDNN_TYPE_HEUR_MODE,
-                &[mode],
-            )?;
-            if heur.finalize("cuDNN engine heuristics").is_err() {
-                continue;
-            }
-            let count = heur.get::<nsys::cudnnBackendDescriptor_t>(
-                A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                &mut [],
-                "counting cuDNN engine configurations",
-            )?;
-            let configs = (0..count.max(0))
-                .map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
-                .collect::<Result<Vec<_>>>()?;
-            // cuDNN fills the engine-config descriptors created here.
-            let mut raw: Vec<nsys::cudnnBackendDescriptor_t> =
-                configs.iter().map(|d| d.0).collect();
-            let returned = heur.get(
-                A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
-                T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                &mut raw,
-                "reading cuDNN engine configurations",
-            )?;
-            for cfg in configs.into_iter().take(returned.max(0) as usize) {
+        for mode in HEURISTIC_MODES {
+            for (rank, cfg) in self.heuristic_configs(mode)?.into_iter().enumerate() {
                 if out.len() >= limit {
                     return Ok(out);
                 }
-                let plan = Desc::new(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
-                plan.set(
-                    A::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
-                    T::CUDNN_TYPE_HANDLE,
-                    &[dnn.0],
-                )?;
-                plan.set_descs(A::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg])?;
-                if plan.finalize("a cuDNN execution plan").is_err() {
-                    continue;
+                if let Some(p) = self.finalize(dnn, mode, rank, cfg, workspace_limit)? {
+                    out.push(p);
                 }
-                let mut workspace = [0i64];
-                plan.get(
-                    A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                    T::CUDNN_TYPE_INT64,
-                    &mut workspace,
-                    "reading a plan's workspace size",
-                )?;
-                let workspace = workspace[0];
-                if workspace < 0 || workspace as usize > workspace_limit {
-                    continue;
-                }
-                out.push(FusedConvPlan {
-                    exec: std::sync::Arc::new(ExecPlan {
-                        spec: self.spec,
-                        _graph: self.clone(),
-                        plan,
-                        _config: cfg,
-                        label: format!("{mode:?} #{} ({workspace} B workspace)", out.len()),
-                    }),
-                    variant: None,
-                });
             }
             if !out.is_empty() {
                 break;
@@ -522,7 +465,120 @@ impl FusedConvGraph {
         }
         Ok(out)
     }
+
+    /// The plan `label` names (one of [`Self::plans`]' labels), built alone: `None` when cuDNN
+    /// here no longer ranks the same engine there, or it builds with another workspace.
+    pub fn plan_labelled(
+        self: &std::sync::Arc<Self>,
+        dnn: &Dnn,
+        label: &str,
+        workspace_limit: usize,
+    ) -> Result<Option<FusedConvPlan>> {
+        let Some((mode_name, rest)) = label.split_once(" #") else {
+            return Ok(None);
+        };
+        let Some(rank) = rest
+            .split_once(' ')
+            .and_then(|(r, _)| r.parse::<usize>().ok())
+        else {
+            return Ok(None);
+        };
+        let Some(mode) = HEURISTIC_MODES
+            .into_iter()
+            .find(|m| format!("{m:?}") == mode_name)
+        else {
+            return Ok(None);
+        };
+        let Some(cfg) = self.heuristic_configs(mode)?.into_iter().nth(rank) else {
+            return Ok(None);
+        };
+        Ok(self
+            .finalize(dnn, mode, rank, cfg, workspace_limit)?
+            .filter(|p| p.label() == label))
+    }
+
+    /// The engine configurations heuristic `mode` offers for this graph, best first (none when
+    /// the heuristic does not apply).
+    fn heuristic_configs(&self, mode: nsys::cudnnBackendHeurMode_t) -> Result<Vec<Desc>> {
+        let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
+        heur.set_descs(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &[&self.graph])?;
+        heur.set(
+            A::CUDNN_ATTR_ENGINEHEUR_MODE,
+            T::CUDNN_TYPE_HEUR_MODE,
+            &[mode],
+        )?;
+        if heur.finalize("cuDNN engine heuristics").is_err() {
+            return Ok(Vec::new());
+        }
+        let count = heur.get::<nsys::cudnnBackendDescriptor_t>(
+            A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut [],
+            "counting cuDNN engine configurations",
+        )?;
+        let configs = (0..count.max(0))
+            .map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
+            .collect::<Result<Vec<_>>>()?;
+        // cuDNN fills the engine-config descriptors created here.
+        let mut raw: Vec<nsys::cudnnBackendDescriptor_t> = configs.iter().map(|d| d.0).collect();
+        let returned = heur.get(
+            A::CUDNN_ATTR_ENGINEHEUR_RESULTS,
+            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            &mut raw,
+            "reading cuDNN engine configurations",
+        )?;
+        Ok(configs.into_iter().take(returned.max(0) as usize).collect())
+    }
+
+    /// An execution plan of engine configuration `cfg` (rank `rank` of heuristic `mode`); `None`
+    /// when it does not build or needs more than `workspace_limit` bytes of workspace.
+    fn finalize(
+        self: &std::sync::Arc<Self>,
+        dnn: &Dnn,
+        mode: nsys::cudnnBackendHeurMode_t,
+        rank: usize,
+        cfg: Desc,
+        workspace_limit: usize,
+    ) -> Result<Option<FusedConvPlan>> {
+        let plan = Desc::new(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+        plan.set(
+            A::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+            T::CUDNN_TYPE_HANDLE,
+            &[dnn.0],
+        )?;
+        plan.set_descs(A::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, &[&cfg])?;
+        if plan.finalize("a cuDNN execution plan").is_err() {
+            return Ok(None);
+        }
+        let mut workspace = [0i64];
+        plan.get(
+            A::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+            T::CUDNN_TYPE_INT64,
+            &mut workspace,
+            "reading a plan's workspace size",
+        )?;
+        let workspace = workspace[0];
+        if workspace < 0 || workspace as usize > workspace_limit {
+            return Ok(None);
+        }
+        Ok(Some(FusedConvPlan {
+            exec: std::sync::Arc::new(ExecPlan {
+                spec: self.spec,
+                _graph: self.clone(),
+                plan,
+                _config: cfg,
+                label: format!("{mode:?} #{rank} ({workspace} B workspace)"),
+            }),
+            variant: None,
+        }))
+    }
 }
+
+/// cuDNN's heuristics, in the order they are asked for engines.
+const HEURISTIC_MODES: [nsys::cudnnBackendHeurMode_t; 2] = [
+    nsys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+    nsys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+];
 
 /// A finalized cuDNN execution plan. Plans hold no buffer addresses, so layers with the same
 /// spec share one (each with its own variant pack).

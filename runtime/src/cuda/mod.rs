@@ -124,6 +124,12 @@ pub struct CudaEngine {
     forced_int8_tile: Option<(&'static str, usize, usize)>,
     /// INT8 pipeline depth the kernels were compiled with (sizes their shared memory).
     int8_stages: usize,
+    /// The fused-convolution choices of the engine file this engine is loaded from, (step,
+    /// bucket) → plan label (a step missing: it was not fused); replayed instead of timed.
+    recorded_fused: Option<HashMap<(usize, usize), String>>,
+    /// How the fused convolutions were chosen: "timed", or "replayed" from an engine file (with
+    /// the layers that had to be timed again, if any).
+    fused_selection: String,
 }
 
 // SAFETY: every handle inside is used only through `&mut self`, after binding the context to the
@@ -251,9 +257,35 @@ fn oihw_to_krsc<T: Copy + Default>(values: &[T], dims: &[usize]) -> Vec<T> {
     krsc
 }
 
+/// The fused-convolution choices of an engine file's `layer_choices` (see
+/// [`CudaEngine::layer_choices`]): (step, bucket) → plan label, for exactly `buckets`; `None` when
+/// the record has none or was made for other buckets (then the build times again).
+fn recorded_fused_choices(
+    recorded: &serde_json::Value,
+    buckets: &[usize],
+) -> Option<HashMap<(usize, usize), String>> {
+    let per_bucket = recorded.get("fused_convolutions")?.as_object()?;
+    if per_bucket.len() != buckets.len() {
+        return None;
+    }
+    let mut out = HashMap::new();
+    for &b in buckets {
+        for (step, label) in per_bucket.get(&b.to_string())?.as_object()? {
+            out.insert((step.parse().ok()?, b), label.as_str()?.to_string());
+        }
+    }
+    Some(out)
+}
+
 impl CudaEngine {
-    /// Build an engine for `model` on GPU 0.
-    pub fn new(model: &pb::ModelProto, info: EngineInfo, _path: &Path) -> Result<Self> {
+    /// Build an engine for `model` on GPU 0; `recorded`: the layer choices of the engine file it
+    /// comes from (made by the same libraries on the same kind of GPU), replayed instead of timed.
+    pub fn new(
+        model: &pb::ModelProto,
+        info: EngineInfo,
+        _path: &Path,
+        recorded: Option<&serde_json::Value>,
+    ) -> Result<Self> {
         // fp32 is the debugging mode; int8 and best keep every non-INT8 layer in fp16.
         let half = info.precision != Precision::Fp32;
         let int8 = matches!(info.precision, Precision::Int8 | Precision::Best);
@@ -382,6 +414,8 @@ impl CudaEngine {
             sm_count,
             forced_int8_tile: forced_int8_tile(),
             int8_stages,
+            recorded_fused: recorded.and_then(|r| recorded_fused_choices(r, &buckets)),
+            fused_selection: "timed".into(),
         };
         engine.prepare_buckets()?;
         engine.choose_fused_convolutions()?;
@@ -503,8 +537,16 @@ impl CudaEngine {
             .and_then(|v| v.parse().ok())
             .unwrap_or(FUSED_CANDIDATES);
         let buckets = self.buckets.clone();
+        let recorded = self.recorded_fused.take();
+        let mut retimed = 0usize;
         for i in 0..self.plan.steps.len() {
             if self.fused_spec(i, buckets[0]).is_none() {
+                continue;
+            }
+            if let Some(r) = &recorded
+                && !r.contains_key(&(i, buckets[0]))
+            {
+                // The engine file's build kept this layer's current implementation.
                 continue;
             }
             if let Step::Conv {
@@ -523,6 +565,19 @@ impl CudaEngine {
             }
             tried += 1;
             let pointers = self.fused_pointers(i)?;
+            if let Some(r) = &recorded {
+                match self.replay_fused(i, r, pointers)? {
+                    Some(chosen) => {
+                        kept += 1;
+                        for (b, p) in chosen {
+                            self.fused.insert((i, b), p);
+                        }
+                        continue;
+                    }
+                    // cuDNN here no longer offers that plan: time the layer as a build would.
+                    None => retimed += 1,
+                }
+            }
             // One implementation for every bucket of a layer (decided on the sum of their times),
             // so a batch gives each image what it gets alone up to the bucket's own rounding.
             let (mut chosen, mut fused_ms, mut current_ms) = (Vec::new(), 0.0, 0.0);
@@ -552,14 +607,55 @@ impl CudaEngine {
                 }
             }
         }
+        if recorded.is_some() {
+            self.fused_selection = if retimed == 0 {
+                "replayed".into()
+            } else {
+                format!("replayed; {retimed} layers timed again (their recorded plan is gone)")
+            };
+        }
         if std::env::var_os("KESTREL_FUSED_CONV_LOG").is_some() {
             eprintln!(
-                "fused convolutions: {kept} of {tried} layers, {} distinct specs, {:.1} s",
+                "fused convolutions ({}): {kept} of {tried} layers, {} distinct specs timed, \
+                 {:.1} s",
+                self.fused_selection,
                 by_spec.len(),
                 started.elapsed().as_secs_f64()
             );
         }
         Ok(())
+    }
+
+    /// The fused plans `recorded` names for step `i` in every bucket, built without timing and
+    /// bound to the step's buffers; `None` when one of them cannot be built again here.
+    fn replay_fused(
+        &self,
+        i: usize,
+        recorded: &HashMap<(usize, usize), String>,
+        pointers: FusedConvPointers,
+    ) -> Result<Option<Vec<(usize, FusedConvPlan)>>> {
+        let mut chosen = Vec::with_capacity(self.buckets.len());
+        for &b in &self.buckets {
+            let (Some(spec), Some(label)) = (self.fused_spec(i, b), recorded.get(&(i, b))) else {
+                return Ok(None);
+            };
+            let Ok(graph) = FusedConvGraph::new(&self.dnn, spec) else {
+                return Ok(None);
+            };
+            let Some(mut p) = std::sync::Arc::new(graph).plan_labelled(
+                &self.dnn,
+                label,
+                FUSED_WORKSPACE_LIMIT,
+            )?
+            else {
+                return Ok(None);
+            };
+            if p.bind(pointers).is_err() {
+                return Ok(None);
+            }
+            chosen.push((b, p));
+        }
+        Ok(Some(chosen))
     }
 
     /// Build up to `candidates` fused plans for step `i` at bucket `b` and time them against the
@@ -1564,6 +1660,7 @@ impl Engine for CudaEngine {
             "conv_algorithms": per_bucket,
             "int8_tiles": int8_tiles,
             "fused_convolutions": fused,
+            "fused_selection": self.fused_selection,
             "concat_copies_written_in_place": self.skipped.len(),
         })
     }
@@ -1635,6 +1732,29 @@ impl Drop for CudaEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_fused_choices_are_read_for_the_same_buckets_only() {
+        let recorded = serde_json::json!({
+            "fused_convolutions": {
+                "1": {"3": "CUDNN_HEUR_MODE_A #0 (0 B workspace)"},
+                "2": {"3": "CUDNN_HEUR_MODE_A #1 (64 B workspace)"},
+            },
+            "fused_selection": "timed",
+        });
+        let got = recorded_fused_choices(&recorded, &[1, 2]).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[&(3, 2)], "CUDNN_HEUR_MODE_A #1 (64 B workspace)");
+        // Other buckets, no record, or a malformed one: time again.
+        assert!(recorded_fused_choices(&recorded, &[1, 2, 4]).is_none());
+        assert!(recorded_fused_choices(&recorded, &[1, 4]).is_none());
+        assert!(recorded_fused_choices(&serde_json::Value::Null, &[1]).is_none());
+        let bad = serde_json::json!({"fused_convolutions": {"1": {"x": "a"}}});
+        assert!(recorded_fused_choices(&bad, &[1]).is_none());
+        // A record where no layer was fused replays as "none fused".
+        let none = serde_json::json!({"fused_convolutions": {"1": {}}});
+        assert!(recorded_fused_choices(&none, &[1]).unwrap().is_empty());
+    }
 
     #[test]
     fn buckets_cover_the_profile() {
