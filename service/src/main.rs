@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod draw;
+mod serve;
 mod util;
 
 /// Kestrel: deploy quantized YOLOv9 detectors. Runs on the CPU backend out of the box.
@@ -37,6 +38,9 @@ enum Command {
     Build(commands::build::Args),
     /// Generate the synthetic shapes dataset (images, YOLO labels, COCO json).
     Synth(commands::synth::Args),
+    /// Serve models over HTTP: KServe v2 (Triton clients), an image endpoint, dynamic batching,
+    /// Prometheus metrics at /metrics.
+    Serve(serve::Args),
     /// Run a GStreamer pipeline through kestrelinfer and kestreloverlay: numbered frames or a
     /// test pattern in, annotated frames and detections.jsonl out.
     #[cfg(feature = "gstreamer")]
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Build(a) => commands::build::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Serve(a) => serve::run(a),
         #[cfg(feature = "gstreamer")]
         Command::Pipeline(a) => commands::pipeline::run(a),
     };

@@ -1,0 +1,632 @@
+//! The HTTP handlers: KServe v2 (health, metadata, infer with JSON or binary tensors, model
+//! repository) and the image endpoint.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kestrel_runtime::letterbox::Letterboxer;
+use kestrel_runtime::nms::{NmsConfig, Postprocessor};
+use serde::Deserialize;
+
+use super::batcher::{Reply, SubmitError};
+use super::repository::{LoadedModel, valid_name};
+use super::{ApiError, AppState, metrics as m};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+const BINARY_HEADER: &str = "inference-header-content-length";
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, message)
+}
+
+/// A body that could not be read: over `--max-body-bytes` (413) or broken, as a JSON error.
+fn body_of(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body exceeds --max-body-bytes".to_string()
+        } else {
+            format!("reading the request body: {}", e.body_text())
+        };
+        ApiError::new(status, message)
+    })
+}
+
+/// The served model `name` (`version`: a path segment, the newest when `None`).
+fn lookup(state: &AppState, name: &str, version: Option<&str>) -> ApiResult<Arc<LoadedModel>> {
+    if !valid_name(name) {
+        return Err(bad_request(format!(
+            "{name:?} is not a model name (letters, digits, '-', '_', '.')"
+        )));
+    }
+    let version = match version {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| bad_request(format!("version {v:?} is not a number")))?,
+        ),
+    };
+    Ok(state.repo.get(name, version)?)
+}
+
+/// Count a finished request and its duration.
+fn record(model: &str, endpoint: &'static str, started: Instant, outcome: &ApiResult<Response>) {
+    let outcome = match outcome {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.status.as_u16().to_string(),
+    };
+    ::metrics::counter!(m::REQUESTS, "model" => model.to_string(), "endpoint" => endpoint,
+        "outcome" => outcome)
+    .increment(1);
+    ::metrics::histogram!(m::REQUEST_SECONDS, "model" => model.to_string(), "endpoint" => endpoint)
+        .record(started.elapsed().as_secs_f64());
+}
+
+pub async fn live() -> impl IntoResponse {
+    Json(serde_json::json!({ "live": true }))
+}
+
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.repo.all_ready() {
+        Json(serde_json::json!({ "ready": true })).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "a model failed to load").into_response()
+    }
+}
+
+pub async fn server_metadata() -> impl IntoResponse {
+    Json(serde_json::json!({
+        "name": "kestrel",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_repository"],
+    }))
+}
+
+fn metadata(model: &LoadedModel) -> serde_json::Value {
+    let info = &model.info;
+    let [h, w] = info.input_hw;
+    serde_json::json!({
+        "name": model.name,
+        "versions": [model.version.to_string()],
+        "platform": format!("kestrel_{}", info.backend),
+        "inputs": [{"name": info.input_name, "datatype": "FP32", "shape": [-1, 3, h, w]}],
+        "outputs": [{
+            "name": info.output_name,
+            "datatype": "FP32",
+            "shape": [-1, info.output_channels, info.anchors],
+        }],
+    })
+}
+
+pub async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let m = lookup(&state, &model, None)?;
+    Ok(Json(metadata(&m)))
+}
+
+pub async fn model_metadata_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let m = lookup(&state, &model, Some(&version))?;
+    Ok(Json(metadata(&m)))
+}
+
+pub async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    lookup(&state, &model, None)?;
+    Ok(Json(serde_json::json!({ "name": model, "ready": true })))
+}
+
+pub async fn model_ready_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    lookup(&state, &model, Some(&version))?;
+    Ok(Json(
+        serde_json::json!({ "name": model, "version": version, "ready": true }),
+    ))
+}
+
+pub async fn model_config(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let m = lookup(&state, &model, None)?;
+    let c = &m.config;
+    let [h, w] = m.info.input_hw;
+    Ok(Json(serde_json::json!({
+        "name": m.name,
+        "platform": format!("kestrel_{}", m.info.backend),
+        "backend": c.backend,
+        "precision": c.precision,
+        "max_batch_size": c.max_batch_size,
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": c.max_queue_delay_us,
+            "default_queue_policy": { "max_queue_size": c.max_queue_size },
+        },
+        "input": [{"name": m.info.input_name, "data_type": "TYPE_FP32", "dims": [3, h, w]}],
+        "output": [{
+            "name": m.info.output_name,
+            "data_type": "TYPE_FP32",
+            "dims": [m.info.output_channels, m.info.anchors],
+        }],
+        "class_names": m.class_names,
+        "detect_defaults": {
+            "conf_threshold": c.conf_threshold,
+            "iou_threshold": c.iou_threshold,
+            "max_detections": c.max_detections,
+        },
+    })))
+}
+
+pub async fn repository_index(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(serde_json::Value::Array(state.repo.index()))
+}
+
+pub async fn load(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let s = Arc::clone(&state);
+    let name = model.clone();
+    tokio::task::spawn_blocking(move || s.repo.load(&name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(serde_json::json!({ "name": model, "state": "READY" })))
+}
+
+pub async fn unload(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if !valid_name(&model) {
+        return Err(bad_request(format!("{model:?} is not a model name")));
+    }
+    let s = Arc::clone(&state);
+    let name = model.clone();
+    // Blocking: waits for the model's queued requests to complete.
+    tokio::task::spawn_blocking(move || s.repo.unload(&name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(
+        serde_json::json!({ "name": model, "state": "UNAVAILABLE" }),
+    ))
+}
+
+/// Queue `images` rows of input on the model's batcher and wait for them (with the request
+/// timeout).
+async fn run_batched(
+    state: &AppState,
+    model: &LoadedModel,
+    input: Vec<f32>,
+    images: usize,
+) -> ApiResult<Reply> {
+    let receiver = model.batcher.submit(input, images).map_err(|e| match e {
+        SubmitError::QueueFull => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "model {} has {} requests waiting (max_queue_size): retry shortly",
+                    model.name,
+                    model.batcher.config().max_queue_size
+                ),
+            );
+            e.retry_after = Some(1);
+            e
+        }
+        SubmitError::Stopped => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("model {} is being unloaded", model.name),
+        ),
+    })?;
+    ::metrics::gauge!(m::QUEUE_DEPTH, "model" => model.name.clone())
+        .set(model.batcher.queue_depth() as f64);
+    let reply = match tokio::time::timeout(state.request_timeout, receiver).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "no result within {:.1} s (--request-timeout-s)",
+                    state.request_timeout.as_secs_f64()
+                ),
+            ));
+        }
+        Ok(Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model stopped before running the request",
+            ));
+        }
+        Ok(Ok(Err(message))) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("inference failed: {message}"),
+            ));
+        }
+        Ok(Ok(Ok(reply))) => reply,
+    };
+    ::metrics::histogram!(m::QUEUE_SECONDS, "model" => model.name.clone()).record(reply.queued_s);
+    Ok(reply)
+}
+
+#[derive(Debug, Deserialize)]
+struct InferRequest {
+    id: Option<String>,
+    inputs: Vec<InferInput>,
+    #[serde(default)]
+    outputs: Vec<RequestedOutput>,
+    #[serde(default)]
+    parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InferInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: serde_json::Map<String, serde_json::Value>,
+    data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Append the numbers of a JSON tensor (flat or nested, row-major) to `out`.
+fn flatten(v: &serde_json::Value, out: &mut Vec<f32>) -> ApiResult<()> {
+    match v {
+        serde_json::Value::Array(items) => {
+            for i in items {
+                flatten(i, out)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Number(n) => {
+            out.push(n.as_f64().unwrap_or(f64::NAN) as f32);
+            Ok(())
+        }
+        other => Err(bad_request(format!(
+            "tensor data holds {other}, not a number"
+        ))),
+    }
+}
+
+pub async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_any(state, model, None, headers, body).await
+}
+
+pub async fn infer_version(
+    State(state): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer_any(state, model, Some(version), headers, body).await
+}
+
+async fn infer_any(
+    state: Arc<AppState>,
+    model: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = match body_of(body) {
+        Ok(body) => infer_request(&state, &model, version.as_deref(), &headers, &body).await,
+        Err(e) => Err(e),
+    };
+    record(&model, "infer", started, &result);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn infer_request(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<Response> {
+    let model = lookup(state, name, version)?;
+    let (json_part, mut binary) = match headers.get(BINARY_HEADER) {
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| bad_request("Inference-Header-Content-Length is not a number"))?;
+            if n > body.len() {
+                return Err(bad_request(format!(
+                    "Inference-Header-Content-Length {n} exceeds the body ({} bytes)",
+                    body.len()
+                )));
+            }
+            (&body[..n], &body[n..])
+        }
+        None => (body, &body[..0]),
+    };
+    let request: InferRequest = serde_json::from_slice(json_part)
+        .map_err(|e| bad_request(format!("the inference request is not valid JSON: {e}")))?;
+    let info = &model.info;
+    let [h, w] = info.input_hw;
+    let [input] = request.inputs.as_slice() else {
+        return Err(bad_request(format!(
+            "give exactly one input, {} (FP32 [batch, 3, {h}, {w}])",
+            info.input_name
+        )));
+    };
+    if input.name != info.input_name {
+        return Err(bad_request(format!(
+            "no input {:?}: the model's input is {} (FP32 [batch, 3, {h}, {w}])",
+            input.name, info.input_name
+        )));
+    }
+    if input.datatype != "FP32" {
+        return Err(bad_request(format!(
+            "input {} is {}: the model takes FP32",
+            input.name, input.datatype
+        )));
+    }
+    let images = match input.shape.as_slice() {
+        [b, 3, ih, iw] if *b >= 1 && *ih == h as i64 && *iw == w as i64 => *b as usize,
+        other => {
+            return Err(bad_request(format!(
+                "input shape {other:?}: the model takes [batch, 3, {h}, {w}]"
+            )));
+        }
+    };
+    let max = model.batcher.config().max_batch_size;
+    if images > max {
+        return Err(bad_request(format!(
+            "a batch of {images} images exceeds max_batch_size {max}: send at most {max} per request"
+        )));
+    }
+    let (per_in, per_out) = model.batcher.per_image();
+    let want = images * per_in;
+    let mut values = Vec::with_capacity(want);
+    if let Some(size) = input
+        .parameters
+        .get("binary_data_size")
+        .and_then(serde_json::Value::as_u64)
+    {
+        let size = size as usize;
+        if size != want * 4 || size > binary.len() {
+            return Err(bad_request(format!(
+                "binary input {}: {size} bytes given, [{images}, 3, {h}, {w}] FP32 needs {}{}",
+                input.name,
+                want * 4,
+                if size > binary.len() {
+                    " (and the body is shorter)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        values.extend(
+            binary[..size]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        binary = &binary[size..];
+    } else if let Some(data) = &input.data {
+        flatten(data, &mut values)?;
+    } else {
+        return Err(bad_request(format!(
+            "input {} has neither data nor parameters.binary_data_size",
+            input.name
+        )));
+    }
+    let _ = binary;
+    if values.len() != want {
+        return Err(bad_request(format!(
+            "input {} holds {} values; shape {:?} needs {want}",
+            input.name,
+            values.len(),
+            input.shape
+        )));
+    }
+    for o in &request.outputs {
+        if o.name != info.output_name {
+            return Err(bad_request(format!(
+                "no output {:?}: the model's output is {}",
+                o.name, info.output_name
+            )));
+        }
+    }
+    let binary_out = request.outputs.iter().any(|o| {
+        o.parameters
+            .get("binary_data")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
+    }) || request
+        .parameters
+        .get("binary_data_output")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+
+    let reply = run_batched(state, &model, values, images).await?;
+    debug_assert_eq!(reply.output.len(), images * per_out);
+    let shape = [images, info.output_channels, info.anchors];
+    let mut out = serde_json::json!({
+        "model_name": model.name,
+        "model_version": model.version.to_string(),
+        "outputs": [{ "name": info.output_name, "datatype": "FP32", "shape": shape }],
+    });
+    if let Some(id) = &request.id {
+        out["id"] = serde_json::json!(id);
+    }
+    if binary_out {
+        let bytes: Vec<u8> = reply.output.iter().flat_map(|v| v.to_le_bytes()).collect();
+        out["outputs"][0]["parameters"] = serde_json::json!({ "binary_data_size": bytes.len() });
+        let header_json = serde_json::to_vec(&out)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let n = header_json.len();
+        let mut body = header_json;
+        body.extend_from_slice(&bytes);
+        let mut r = (StatusCode::OK, body).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        r.headers_mut().insert(BINARY_HEADER, HeaderValue::from(n));
+        return Ok(r);
+    }
+    out["outputs"][0]["data"] = serde_json::json!(reply.output);
+    Ok(Json(out).into_response())
+}
+
+/// Query parameters of the image endpoint.
+#[derive(Debug, Deserialize)]
+pub struct DetectParams {
+    /// Confidence threshold, 0–1.
+    conf: Option<f32>,
+    /// NMS IoU threshold, 0–1.
+    iou: Option<f32>,
+    /// Detections kept, at most.
+    max_det: Option<usize>,
+}
+
+pub async fn detect(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    Query(params): Query<DetectParams>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = match body_of(body) {
+        Ok(body) => detect_request(&state, &model, params, body).await,
+        Err(e) => Err(e),
+    };
+    record(&model, "detect", started, &result);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn detect_request(
+    state: &AppState,
+    name: &str,
+    params: DetectParams,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let model = lookup(state, name, None)?;
+    let c = &model.config;
+    let nms = NmsConfig {
+        conf_threshold: params.conf.unwrap_or(c.conf_threshold),
+        iou_threshold: params.iou.unwrap_or(c.iou_threshold),
+        max_detections: params.max_det.unwrap_or(c.max_detections),
+        ..NmsConfig::display()
+    };
+    nms.validate()
+        .map_err(|e| bad_request(format!("query parameters: {e}")))?;
+    let [h, w] = model.info.input_hw;
+    let max_pixels = state.max_image_pixels;
+    let pre_started = Instant::now();
+    let (width, height, input, placement) = tokio::task::spawn_blocking(move || {
+        let image = decode_image(&body, max_pixels)?;
+        let (width, height) = image.dimensions();
+        let mut input = vec![0f32; 3 * h * w];
+        let placement = Letterboxer::new()
+            .run(&image, w as u32, h as u32, &mut input)
+            .map_err(|e| bad_request(e.to_string()))?;
+        Ok::<_, ApiError>((width, height, input, placement))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    ::metrics::histogram!(m::PREPROCESS_SECONDS, "model" => model.name.clone())
+        .record(pre_started.elapsed().as_secs_f64());
+    let reply = run_batched(state, &model, input, 1).await?;
+    let post_started = Instant::now();
+    let mut dets = Vec::new();
+    Postprocessor::new()
+        .run(
+            &reply.output,
+            model.info.num_classes,
+            model.info.anchors,
+            &placement,
+            &nms,
+            &mut dets,
+        )
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    ::metrics::histogram!(m::POSTPROCESS_SECONDS, "model" => model.name.clone())
+        .record(post_started.elapsed().as_secs_f64());
+    let detections: Vec<serde_json::Value> = dets
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "class_id": d.class_id,
+                "label": model.class_names.get(d.class_id).map_or("object", String::as_str),
+                "confidence": d.score,
+                "box_xyxy": [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2],
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "model_name": model.name,
+        "model_version": model.version.to_string(),
+        "width": width,
+        "height": height,
+        "detections": detections,
+        "batch_images": reply.batch_images,
+        "timing_ms": {
+            "queue": reply.queued_s * 1e3,
+            "inference": reply.inference_s * 1e3,
+        },
+    }))
+    .into_response())
+}
+
+/// Decode a PNG or JPEG body; the size is read from the header first, so an image over
+/// `max_pixels` is refused before any pixel is decoded.
+fn decode_image(body: &[u8], max_pixels: u64) -> ApiResult<image::RgbImage> {
+    use image::ImageReader;
+    let reader = || {
+        ImageReader::new(std::io::Cursor::new(body))
+            .with_guessed_format()
+            .map_err(|e| bad_request(format!("reading the image: {e}")))
+    };
+    let format = reader()?.format();
+    if !matches!(
+        format,
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::Bmp)
+    ) {
+        return Err(bad_request(
+            "the body is not a PNG, JPEG or BMP image (send the file's bytes)",
+        ));
+    }
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| bad_request(format!("the image header is unreadable: {e}")))?;
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a {w}×{h} image exceeds {max_pixels} pixels (--max-image-pixels)"),
+        ));
+    }
+    let mut r = reader()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8));
+    r.limits(limits);
+    Ok(r.decode()
+        .map_err(|e| bad_request(format!("the image does not decode: {e}")))?
+        .to_rgb8())
+}

@@ -1,0 +1,319 @@
+//! `kestrel serve`: the HTTP inference service. KServe v2 (Triton's HTTP protocol, with the binary
+//! tensor data and model repository extensions), an image endpoint, a dynamic batcher per model,
+//! Prometheus metrics, limits, and a graceful shutdown on SIGTERM / Ctrl-C.
+
+mod batcher;
+mod kserve;
+mod metrics;
+mod repository;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
+
+use repository::{ModelConfig, Repository};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model repository: one folder per model with numbered version folders (`1/model.onnx`)
+    /// and an optional `config.json`.
+    #[arg(long)]
+    repository: Option<PathBuf>,
+    /// A model file (ONNX or engine file) to serve under its file stem, as version 1
+    /// (repeatable; with or without --repository).
+    #[arg(long, short = 'm')]
+    model: Vec<PathBuf>,
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Defaults for models without a config.json: backend (cpu, cuda).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Precision: fp32, fp16, int8 or best.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Images per engine run, at most.
+    #[arg(long, default_value_t = 8)]
+    max_batch_size: usize,
+    /// Microseconds the first request of a batch waits for more (0: batching off).
+    #[arg(long, default_value_t = 2000)]
+    max_queue_delay_us: u64,
+    /// Requests waiting per model, at most; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue_size: usize,
+    /// Largest request body, bytes (more: 413).
+    #[arg(long, default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+    /// Largest image, pixels (width × height, read from the header before decoding).
+    #[arg(long, default_value_t = 50_000_000)]
+    max_image_pixels: u64,
+    /// Seconds a request may take before it gets 504.
+    #[arg(long, default_value_t = 30.0)]
+    request_timeout_s: f64,
+    /// Requests served at once, at most (more: 503).
+    #[arg(long, default_value_t = 256)]
+    max_concurrency: usize,
+    /// Bearer token the repository (control) endpoints require ($KESTREL_CONTROL_TOKEN).
+    #[arg(long)]
+    control_token: Option<String>,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    repo: Repository,
+    metrics: PrometheusHandle,
+    max_image_pixels: u64,
+    request_timeout: Duration,
+    control_token: Option<String>,
+    concurrency: Semaphore,
+}
+
+/// An error response: `{"error": "..."}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = axum::http::HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        r
+    }
+}
+
+impl From<repository::RepoError> for ApiError {
+    fn from(e: repository::RepoError) -> Self {
+        Self::new(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.message,
+        )
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.repository.is_none() && a.model.is_empty() {
+        bail!("nothing to serve: give --repository DIR and/or --model FILE");
+    }
+    if let Some(dir) = &a.repository
+        && !dir.is_dir()
+    {
+        bail!("--repository {}: not a folder", dir.display());
+    }
+    for f in &a.model {
+        crate::util::check_model_file(f)?;
+    }
+    let defaults = ModelConfig {
+        backend: a.backend.clone(),
+        precision: a.precision.clone(),
+        max_batch_size: a.max_batch_size,
+        max_queue_delay_us: a.max_queue_delay_us,
+        max_queue_size: a.max_queue_size,
+        ..ModelConfig::default()
+    };
+    let metrics = metrics::install()?;
+    let repo = Repository::new(a.repository.clone(), &a.model, defaults);
+    for name in repo.names() {
+        match repo.load(&name) {
+            Ok(()) => eprintln!("loaded model {name}"),
+            // The service still starts; the index says why, and a load can retry.
+            Err(e) => eprintln!("warning: model {name} not loaded: {}", e.message),
+        }
+    }
+    let state = Arc::new(AppState {
+        repo,
+        metrics,
+        max_image_pixels: a.max_image_pixels,
+        request_timeout: Duration::from_secs_f64(a.request_timeout_s.max(0.001)),
+        control_token: a
+            .control_token
+            .clone()
+            .or_else(|| std::env::var("KESTREL_CONTROL_TOKEN").ok())
+            .filter(|t| !t.is_empty()),
+        concurrency: Semaphore::new(a.max_concurrency.max(1)),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(state, a.listen, a.max_body_bytes))
+}
+
+async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Result<()> {
+    let app = router(Arc::clone(&state), max_body);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // Tests and scripts read this line to find the port.
+    println!("listening on http://{addr}");
+    let upkeep = {
+        let handle = state.metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                handle.run_upkeep();
+            }
+        })
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    upkeep.abort();
+    // In-flight requests have completed; stop the batchers.
+    let s = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || s.repo.unload_all())
+        .await
+        .context("stopping the models")?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C: the server stops accepting and drains what is in flight.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("shutting down: draining requests in flight");
+}
+
+fn router(state: Arc<AppState>, max_body: usize) -> Router {
+    let control = Router::new()
+        .route("/v2/repository/index", post(kserve::repository_index))
+        .route("/v2/repository/models/{model}/load", post(kserve::load))
+        .route("/v2/repository/models/{model}/unload", post(kserve::unload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ));
+    Router::new()
+        .route("/v2/health/live", get(kserve::live))
+        .route("/v2/health/ready", get(kserve::ready))
+        .route("/v2", get(kserve::server_metadata))
+        .route("/v2/models/{model}", get(kserve::model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(kserve::model_metadata_version),
+        )
+        .route("/v2/models/{model}/ready", get(kserve::model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(kserve::model_ready_version),
+        )
+        .route("/v2/models/{model}/config", get(kserve::model_config))
+        .route("/v2/models/{model}/infer", post(kserve::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(kserve::infer_version),
+        )
+        .route("/v1/models/{model}/detect", post(kserve::detect))
+        .route("/metrics", get(prometheus))
+        .merge(control)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            limit_concurrency,
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// At most `--max-concurrency` requests at once (more: 503 right away); the in-flight gauge.
+async fn limit_concurrency(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = state.concurrency.try_acquire() else {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests at once: retry shortly",
+        );
+        e.retry_after = Some(1);
+        return e.into_response();
+    };
+    let gauge = ::metrics::gauge!(metrics::IN_FLIGHT);
+    gauge.increment(1.0);
+    let response = next.run(request).await;
+    gauge.decrement(1.0);
+    response
+}
+
+/// The repository endpoints need `Authorization: Bearer <token>` when a token is set.
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.control_token {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the repository endpoints need `Authorization: Bearer <token>` (--control-token)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}

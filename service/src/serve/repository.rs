@@ -1,0 +1,433 @@
+//! The model repository: a folder with one folder per model, each holding numbered version
+//! folders with the model file and an optional `config.json`:
+//!
+//! ```text
+//! models/
+//!   shapes/
+//!     config.json          # optional, every field optional (see ModelConfig)
+//!     1/model.onnx         # or model.engine (a Kestrel engine file)
+//!     2/model.onnx
+//! ```
+//!
+//! Models load at start (each version with its own engine and batcher, warmed up before it
+//! reports ready) and can be loaded and unloaded through the repository API without a restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use kestrel_runtime::engine::{
+    Backend, BatchProfile, BuildOptions, EngineInfo, EngineSource, Precision, open_engine,
+};
+use kestrel_runtime::engine_file::{CacheOutcome, EngineCache};
+use serde::{Deserialize, Serialize};
+
+use super::batcher::{Batcher, BatcherConfig};
+use super::metrics as m;
+
+/// A model's settings (`config.json` in its folder; command-line defaults otherwise).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// cpu or cuda.
+    pub backend: String,
+    /// fp32, fp16, int8 or best.
+    pub precision: String,
+    /// Images per engine run, at most.
+    pub max_batch_size: usize,
+    /// Microseconds the first request of a batch waits for more (0: no waiting).
+    pub max_queue_delay_us: u64,
+    /// Requests waiting, at most (more: 503 with Retry-After).
+    pub max_queue_size: usize,
+    /// Image endpoint defaults (a request's query parameters override them).
+    pub conf_threshold: f32,
+    pub iou_threshold: f32,
+    pub max_detections: usize,
+    /// Class names, one per line (relative to the model's folder); default: the model's own.
+    pub labels: Option<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            backend: "cpu".into(),
+            precision: "fp32".into(),
+            max_batch_size: 8,
+            max_queue_delay_us: 2000,
+            max_queue_size: 64,
+            conf_threshold: 0.25,
+            iou_threshold: 0.45,
+            max_detections: 300,
+            labels: None,
+        }
+    }
+}
+
+/// One version of a model, ready to serve.
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub info: EngineInfo,
+    pub class_names: Vec<String>,
+    pub config: ModelConfig,
+    pub batcher: Batcher,
+}
+
+/// Where a model's versions come from.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// A folder of the repository.
+    Folder(PathBuf),
+    /// One file given on the command line (version 1).
+    File(PathBuf),
+}
+
+struct Entry {
+    origin: Origin,
+    versions: BTreeMap<u64, Arc<LoadedModel>>,
+    /// Why the last load failed, if it did.
+    failure: Option<String>,
+}
+
+/// A model name a client may use: letters, digits, `-`, `_` and `.`, not starting with a dot
+/// (so no path can be formed from it).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+pub struct Repository {
+    root: Option<PathBuf>,
+    defaults: ModelConfig,
+    entries: RwLock<BTreeMap<String, Entry>>,
+}
+
+/// A repository error, with the HTTP status it maps to.
+#[derive(Debug)]
+pub struct RepoError {
+    pub status: u16,
+    pub message: String,
+}
+
+fn repo_error(status: u16, message: impl Into<String>) -> RepoError {
+    RepoError {
+        status,
+        message: message.into(),
+    }
+}
+
+impl Repository {
+    /// The models of `root` (every model folder) and `files` (each under its file stem).
+    pub fn new(root: Option<PathBuf>, files: &[PathBuf], defaults: ModelConfig) -> Self {
+        let mut entries = BTreeMap::new();
+        for f in files {
+            let name = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            entries.insert(
+                name,
+                Entry {
+                    origin: Origin::File(f.clone()),
+                    versions: BTreeMap::new(),
+                    failure: None,
+                },
+            );
+        }
+        if let Some(dir) = &root
+            && let Ok(list) = std::fs::read_dir(dir)
+        {
+            for e in list.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if e.path().is_dir() && valid_name(&name) {
+                    entries.entry(name).or_insert(Entry {
+                        origin: Origin::Folder(e.path()),
+                        versions: BTreeMap::new(),
+                        failure: None,
+                    });
+                }
+            }
+        }
+        Self {
+            root,
+            defaults,
+            entries: RwLock::new(entries),
+        }
+    }
+
+    /// Every model's name.
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
+        self.entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>> {
+        self.entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The loaded `version` of `name` (the newest when `None`).
+    pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedModel>, RepoError> {
+        let entries = self.read();
+        let Some(entry) = entries.get(name) else {
+            return Err(repo_error(
+                404,
+                format!("no model {name} in the repository"),
+            ));
+        };
+        let found = match version {
+            Some(v) => entry.versions.get(&v),
+            None => entry.versions.values().next_back(),
+        };
+        found
+            .cloned()
+            .ok_or_else(|| match (version, &entry.failure) {
+                (_, Some(why)) => repo_error(503, format!("model {name} is not loaded: {why}")),
+                (Some(v), None) => {
+                    repo_error(404, format!("model {name} has no loaded version {v}"))
+                }
+                (None, None) => repo_error(503, format!("model {name} is not loaded")),
+            })
+    }
+
+    /// Every model with its versions and state, for the repository index.
+    pub fn index(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (name, e) in self.read().iter() {
+            if e.versions.is_empty() {
+                out.push(serde_json::json!({
+                    "name": name,
+                    "state": "UNAVAILABLE",
+                    "reason": e.failure.clone().unwrap_or_else(|| "unloaded".into()),
+                }));
+            }
+            for v in e.versions.keys() {
+                out.push(serde_json::json!({
+                    "name": name, "version": v.to_string(), "state": "READY", "reason": "",
+                }));
+            }
+        }
+        out
+    }
+
+    /// True when every model that should be served is loaded.
+    pub fn all_ready(&self) -> bool {
+        self.read()
+            .values()
+            .all(|e| !e.versions.is_empty() || e.failure.is_none())
+    }
+
+    /// Load (or reload) every version of `name`; blocking (engine builds, warm-up).
+    pub fn load(&self, name: &str) -> Result<(), RepoError> {
+        if !valid_name(name) {
+            return Err(repo_error(400, format!("{name:?} is not a model name")));
+        }
+        let origin = match self.read().get(name) {
+            Some(e) => e.origin.clone(),
+            None => match &self.root {
+                Some(root) if root.join(name).is_dir() => Origin::Folder(root.join(name)),
+                _ => {
+                    return Err(repo_error(
+                        404,
+                        format!("no model {name} in the repository"),
+                    ));
+                }
+            },
+        };
+        let loaded = load_versions(name, &origin, &self.defaults);
+        let mut entries = self.write();
+        let entry = entries.entry(name.to_string()).or_insert(Entry {
+            origin,
+            versions: BTreeMap::new(),
+            failure: None,
+        });
+        match loaded {
+            Ok(versions) => {
+                // The old batchers finish their queued requests as their last Arc goes.
+                entry.versions = versions;
+                entry.failure = None;
+                Ok(())
+            }
+            Err(message) => {
+                entry.failure = Some(message.clone());
+                Err(repo_error(400, message))
+            }
+        }
+    }
+
+    /// Stop serving `name`; requests already queued complete.
+    pub fn unload(&self, name: &str) -> Result<(), RepoError> {
+        let removed = {
+            let mut entries = self.write();
+            let Some(entry) = entries.get_mut(name) else {
+                return Err(repo_error(
+                    404,
+                    format!("no model {name} in the repository"),
+                ));
+            };
+            entry.failure = None;
+            std::mem::take(&mut entry.versions)
+        };
+        // Outside the lock: new requests are refused while the batchers drain.
+        for model in removed.values() {
+            model.batcher.stop();
+        }
+        Ok(())
+    }
+
+    /// Stop every model (shutdown), letting queued requests complete.
+    pub fn unload_all(&self) {
+        for name in self.names() {
+            let _ = self.unload(&name);
+        }
+    }
+}
+
+/// Load every version folder (or the one file) of a model.
+fn load_versions(
+    name: &str,
+    origin: &Origin,
+    defaults: &ModelConfig,
+) -> Result<BTreeMap<u64, Arc<LoadedModel>>, String> {
+    let (config, files, folder) = match origin {
+        Origin::File(f) => (defaults.clone(), vec![(1u64, f.clone())], None),
+        Origin::Folder(dir) => {
+            let config = match std::fs::read_to_string(dir.join("config.json")) {
+                Ok(text) => serde_json::from_str::<ModelConfig>(&text)
+                    .map_err(|e| format!("{}/config.json: {e}", dir.display()))?,
+                Err(_) => defaults.clone(),
+            };
+            let mut files = Vec::new();
+            for e in std::fs::read_dir(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .flatten()
+            {
+                let Ok(v) = e.file_name().to_string_lossy().parse::<u64>() else {
+                    continue;
+                };
+                let file = ["model.onnx", "model.engine"]
+                    .iter()
+                    .map(|f| e.path().join(f))
+                    .find(|p| p.is_file());
+                match file {
+                    Some(f) => files.push((v, f)),
+                    None => {
+                        return Err(format!(
+                            "{}: no model.onnx or model.engine",
+                            e.path().display()
+                        ));
+                    }
+                }
+            }
+            if files.is_empty() {
+                return Err(format!(
+                    "{}: no version folder (1/model.onnx, …)",
+                    dir.display()
+                ));
+            }
+            (config, files, Some(dir.clone()))
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (version, file) in files {
+        let model = load_one(name, version, &file, &config, folder.as_deref())?;
+        out.insert(version, Arc::new(model));
+    }
+    Ok(out)
+}
+
+fn load_one(
+    name: &str,
+    version: u64,
+    file: &Path,
+    config: &ModelConfig,
+    folder: Option<&Path>,
+) -> Result<LoadedModel, String> {
+    let backend: Backend = config.backend.parse().map_err(|e| format!("{e}"))?;
+    let precision: Precision = config.precision.parse().map_err(|e| format!("{e}"))?;
+    if !(1..=1024).contains(&config.max_batch_size) {
+        return Err(format!(
+            "max_batch_size {}: give 1 to 1024",
+            config.max_batch_size
+        ));
+    }
+    let options = BuildOptions {
+        backend,
+        precision,
+        profile: BatchProfile {
+            min: 1,
+            opt: config.max_batch_size,
+            max: config.max_batch_size,
+        },
+    };
+    let cache = (backend != Backend::Cpu).then(EngineCache::default_location);
+    let (mut engine, source) = open_engine(file, &options, cache.as_ref())
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let source = match source {
+        EngineSource::Onnx => "onnx",
+        EngineSource::EngineFile => "engine_file",
+        EngineSource::RebuiltFromEngineFile { .. } => "rebuilt",
+        EngineSource::Cache(CacheOutcome::Hit) => "cache_hit",
+        EngineSource::Cache(CacheOutcome::Built { .. }) => "cache_built",
+    };
+    metrics::counter!(m::ENGINE_LOADS, "source" => source).increment(1);
+    let info = engine.info().clone();
+    if info.profile.max < config.max_batch_size {
+        return Err(format!(
+            "{}: the engine takes batches of up to {}, the config asks for {}",
+            file.display(),
+            info.profile.max,
+            config.max_batch_size
+        ));
+    }
+    // Warm-up before the model reports ready: the first run pays for lazy initialisation.
+    let zeros = vec![0f32; info.input_len()];
+    engine
+        .run(&zeros, 1)
+        .map_err(|e| format!("{}: warm-up run failed: {e}", file.display()))?;
+    let class_names = match (&config.labels, folder) {
+        (Some(labels), Some(dir)) => {
+            let path = dir.join(labels);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("labels {}: {e}", path.display()))?;
+            let names = kestrel_runtime::labels::parse_class_names(&text);
+            if names.len() != info.num_classes {
+                return Err(format!(
+                    "labels {} has {} names, the model {} classes",
+                    path.display(),
+                    names.len(),
+                    info.num_classes
+                ));
+            }
+            names
+        }
+        _ => info.class_names.clone(),
+    };
+    let batcher = Batcher::start(
+        engine,
+        BatcherConfig {
+            max_batch_size: config.max_batch_size,
+            max_queue_delay: std::time::Duration::from_micros(config.max_queue_delay_us),
+            max_queue_size: config.max_queue_size,
+        },
+        name.to_string(),
+    );
+    Ok(LoadedModel {
+        name: name.to_string(),
+        version,
+        info,
+        class_names,
+        config: config.clone(),
+        batcher,
+    })
+}

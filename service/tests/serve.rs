@@ -1,0 +1,563 @@
+//! `kestrel serve` over real HTTP on loopback, with the bundled demo model on the CPU backend.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kestrel_runtime::engine::{BatchProfile, BuildOptions, build_engine};
+use kestrel_runtime::letterbox::Letterboxer;
+use kestrel_runtime::nms::NmsConfig;
+use kestrel_runtime::synth::{image_seed, render_scene};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/gelan-t-shapes.onnx")
+}
+
+/// A running `kestrel serve`, stopped (SIGTERM) when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Self { child, addr }
+    }
+
+    fn model_server(extra: &[&str]) -> Self {
+        let m = model();
+        let mut args = vec!["--model", m.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // The shell's own `kill` (procps may be missing on a minimal machine).
+        let _ = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", self.child.id())])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+/// One HTTP/1.1 request: (status, headers lower-cased, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 4 + n..];
+    }
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)))
+}
+
+fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
+    let (status, _, body) = http(addr, "GET", path, &[], b"");
+    (status, json(&body))
+}
+
+fn png_of(seed: u64, w: u32, h: u32) -> (image::RgbImage, Vec<u8>) {
+    let (img, _) = render_scene(image_seed(seed, 0), w, h);
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb8(img.clone())
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    (img, bytes)
+}
+
+fn letterboxed(img: &image::RgbImage) -> Vec<f32> {
+    let mut input = vec![0f32; 3 * 320 * 320];
+    Letterboxer::new().run(img, 320, 320, &mut input).unwrap();
+    input
+}
+
+/// The CPU engine's output0 for one letterboxed image.
+fn reference_output(input: &[f32]) -> Vec<f32> {
+    let options = BuildOptions {
+        profile: BatchProfile {
+            min: 1,
+            opt: 1,
+            max: 1,
+        },
+        ..Default::default()
+    };
+    build_engine(&model(), &options)
+        .unwrap()
+        .run(input, 1)
+        .unwrap()
+        .to_vec()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn kserve_endpoints_metadata_infer_json_and_binary() {
+    let server = Server::model_server(&["--max-queue-delay-us", "0"]);
+    let a = &server.addr;
+    assert_eq!(get(a, "/v2/health/live").0, 200);
+    assert_eq!(get(a, "/v2/health/ready").0, 200);
+    let (s, meta) = get(a, "/v2");
+    assert_eq!(s, 200);
+    assert_eq!(meta["name"], "kestrel");
+    let (s, m) = get(a, "/v2/models/gelan-t-shapes");
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(
+        m["inputs"][0]["shape"],
+        serde_json::json!([-1, 3, 320, 320])
+    );
+    assert_eq!(m["outputs"][0]["shape"], serde_json::json!([-1, 10, 2100]));
+    assert_eq!(get(a, "/v2/models/gelan-t-shapes/versions/1").0, 200);
+    assert_eq!(get(a, "/v2/models/gelan-t-shapes/ready").0, 200);
+    assert_eq!(get(a, "/v2/models/gelan-t-shapes/versions/1/ready").0, 200);
+    let (s, c) = get(a, "/v2/models/gelan-t-shapes/config");
+    assert_eq!(s, 200);
+    assert_eq!(c["max_batch_size"], 8);
+    assert_eq!(c["class_names"][0], "circle");
+    // Errors: JSON bodies with the right status.
+    let (s, e) = get(a, "/v2/models/nope");
+    assert_eq!(s, 404);
+    assert!(
+        e["error"].as_str().unwrap().contains("no model nope"),
+        "{e}"
+    );
+    assert_eq!(get(a, "/v2/models/gelan-t-shapes/versions/7").0, 404);
+    assert_eq!(get(a, "/v2/models/gelan-t-shapes/versions/x").0, 400);
+    assert_eq!(get(a, "/v2/models/..gelan/ready").0, 400);
+
+    let (img, _) = png_of(41, 400, 300);
+    let input = letterboxed(&img);
+    let want = reference_output(&input);
+    // JSON tensors.
+    let request = serde_json::json!({
+        "id": "r1",
+        "inputs": [{"name": "images", "shape": [1, 3, 320, 320], "datatype": "FP32", "data": input}],
+    });
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v2/models/gelan-t-shapes/infer",
+        &[("Content-Type", "application/json")],
+        request.to_string().as_bytes(),
+    );
+    let r = json(&body);
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["id"], "r1");
+    assert_eq!(r["outputs"][0]["shape"], serde_json::json!([1, 10, 2100]));
+    let got: Vec<f32> = r["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-3,
+        "JSON infer differs from the CPU engine"
+    );
+
+    // The binary tensor data extension, both ways.
+    let header = serde_json::json!({
+        "inputs": [{"name": "images", "shape": [1, 3, 320, 320], "datatype": "FP32",
+                    "parameters": {"binary_data_size": input.len() * 4}}],
+        "outputs": [{"name": "output0", "parameters": {"binary_data": true}}],
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(input.iter().flat_map(|v| v.to_le_bytes()));
+    let (s, headers, out) = http(
+        a,
+        "POST",
+        "/v2/models/gelan-t-shapes/versions/1/infer",
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Inference-Header-Content-Length", &header.len().to_string()),
+        ],
+        &body,
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&out));
+    let n: usize = headers
+        .iter()
+        .find(|(k, _)| k == "inference-header-content-length")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let meta = json(&out[..n]);
+    assert_eq!(
+        meta["outputs"][0]["parameters"]["binary_data_size"],
+        2100 * 10 * 4
+    );
+    let got: Vec<f32> = out[n..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert!(max_abs_diff(&got, &want) < 1e-3);
+
+    // Malformed requests are named.
+    for (body, expect) in [
+        ("{", "not valid JSON"),
+        (
+            r#"{"inputs":[{"name":"x","shape":[1,3,320,320],"datatype":"FP32","data":[]}]}"#,
+            "the model's input is images",
+        ),
+        (
+            r#"{"inputs":[{"name":"images","shape":[1,3,64,64],"datatype":"FP32","data":[]}]}"#,
+            "[batch, 3, 320, 320]",
+        ),
+        (
+            r#"{"inputs":[{"name":"images","shape":[1,3,320,320],"datatype":"FP32","data":[1,2]}]}"#,
+            "holds 2 values",
+        ),
+    ] {
+        let (s, _, b) = http(
+            a,
+            "POST",
+            "/v2/models/gelan-t-shapes/infer",
+            &[],
+            body.as_bytes(),
+        );
+        assert_eq!(s, 400, "{body}");
+        let e = json(&b);
+        assert!(e["error"].as_str().unwrap().contains(expect), "{e}");
+    }
+}
+
+#[test]
+fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
+    let server = Server::model_server(&[
+        "--max-body-bytes",
+        "2000000",
+        "--max-image-pixels",
+        "200000",
+    ]);
+    let a = &server.addr;
+    let (img, png) = png_of(42, 401, 299);
+    let (s, _, body) = http(a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png);
+    let r = json(&body);
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        (r["width"].as_u64(), r["height"].as_u64()),
+        (Some(401), Some(299))
+    );
+    let mut detector = kestrel_runtime::Detector::new(
+        build_engine(
+            &model(),
+            &BuildOptions {
+                profile: BatchProfile {
+                    min: 1,
+                    opt: 1,
+                    max: 1,
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let mut want = Vec::new();
+    detector
+        .detect(&[&img], &NmsConfig::display(), &mut want)
+        .unwrap();
+    let got = r["detections"].as_array().unwrap();
+    assert!(!want[0].is_empty());
+    assert_eq!(got.len(), want[0].len());
+    for (g, w) in got.iter().zip(&want[0]) {
+        assert_eq!(g["class_id"].as_u64().unwrap() as usize, w.class_id);
+        assert!((g["confidence"].as_f64().unwrap() - f64::from(w.score)).abs() < 1e-4);
+        assert!((g["box_xyxy"][0].as_f64().unwrap() - f64::from(w.bbox.x1)).abs() < 1e-2);
+    }
+    // Thresholds from the query.
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect?conf=0.99&max_det=1",
+        &[],
+        &png,
+    );
+    assert_eq!(s, 200);
+    assert!(json(&body)["detections"].as_array().unwrap().len() <= 1);
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect?conf=7",
+        &[],
+        &png,
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&body));
+
+    // Not an image; an image too large (by its header); a body too large.
+    let (s, _, body) = http(a, "POST", "/v1/models/gelan-t-shapes/detect", &[], b"hello");
+    assert_eq!(s, 400);
+    assert!(json(&body)["error"].as_str().unwrap().contains("not a PNG"));
+    let (_, big) = png_of(1, 600, 400);
+    let (s, _, body) = http(a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &big);
+    assert_eq!(s, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(json(&body)["error"].as_str().unwrap().contains("pixels"));
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect",
+        &[],
+        &vec![0u8; 3_000_000],
+    );
+    assert_eq!(s, 413);
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-body-bytes")
+    );
+    let (s, _, _) = http(a, "POST", "/v1/models/nope/detect", &[], &png);
+    assert_eq!(s, 404);
+}
+
+/// `samples` of `name{labels}` in Prometheus text.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_a_full_queue_says_retry() {
+    let server = Server::model_server(&["--max-queue-delay-us", "5000"]);
+    let a = server.addr.clone();
+    let (_, png) = png_of(43, 320, 240);
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let (a, png) = (a.clone(), png.clone());
+            std::thread::spawn(move || {
+                http(&a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png).0
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    let (_, _, text) = http(&a, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8(text).unwrap();
+    let batches = sample(&text, "kestrel_batch_size_count{model=\"gelan-t-shapes\"} ").unwrap();
+    let images = sample(&text, "kestrel_batch_size_sum{model=\"gelan-t-shapes\"} ").unwrap();
+    assert_eq!(images, 16.0, "{text}");
+    assert!(
+        batches < 16.0,
+        "16 concurrent requests ran as {batches} batches"
+    );
+    for name in [
+        "kestrel_requests_total{",
+        "kestrel_request_duration_seconds_bucket{",
+        "kestrel_queue_duration_seconds_bucket{",
+        "kestrel_inference_duration_seconds_bucket{",
+        "kestrel_preprocess_duration_seconds_bucket{",
+        "kestrel_postprocess_duration_seconds_bucket{",
+        "# HELP kestrel_in_flight_requests",
+        "kestrel_engine_loads_total{source=\"onnx\"} 1",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
+    }
+    drop(server);
+
+    // One request at a time, one waiting: the others are told to come back.
+    let server = Server::model_server(&["--max-batch-size", "1", "--max-queue-size", "1"]);
+    let a = server.addr.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (a, png) = (a.clone(), png.clone());
+            std::thread::spawn(move || {
+                let (s, h, _) = http(&a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png);
+                (s, h.iter().any(|(k, _)| k == "retry-after"))
+            })
+        })
+        .collect();
+    let results: Vec<(u16, bool)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(results.contains(&(503, true)), "{results:?}");
+    assert!(results.iter().any(|r| r.0 == 200), "{results:?}");
+}
+
+#[test]
+fn unload_and_sigterm_complete_the_requests_in_flight() {
+    let dir = std::env::temp_dir().join(format!("kestrel-serve-repo-{}", std::process::id()));
+    let version = dir.join("shapes/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::copy(model(), version.join("model.onnx")).unwrap();
+    std::fs::write(
+        dir.join("shapes/config.json"),
+        r#"{"max_batch_size": 4, "max_queue_delay_us": 400000}"#,
+    )
+    .unwrap();
+    let mut server = Server::start(&[
+        "--repository",
+        dir.to_str().unwrap(),
+        "--control-token",
+        "s3cret",
+    ]);
+    let a = server.addr.clone();
+    let (s, index) = {
+        let (s, _, b) = http(
+            &a,
+            "POST",
+            "/v2/repository/index",
+            &[("Authorization", "Bearer s3cret")],
+            b"",
+        );
+        (s, json(&b))
+    };
+    assert_eq!(s, 200);
+    assert_eq!(index[0]["name"], "shapes");
+    assert_eq!(index[0]["state"], "READY");
+    // The control endpoints need the token.
+    assert_eq!(http(&a, "POST", "/v2/repository/index", &[], b"").0, 401);
+    assert_eq!(
+        http(
+            &a,
+            "POST",
+            "/v2/repository/models/..%2F..%2Fetc/load",
+            &[("Authorization", "Bearer s3cret")],
+            b""
+        )
+        .0,
+        400
+    );
+
+    let (_, png) = png_of(44, 320, 240);
+    let send = |n: usize| -> Vec<std::thread::JoinHandle<u16>> {
+        (0..n)
+            .map(|_| {
+                let (a, png) = (a.clone(), png.clone());
+                std::thread::spawn(move || {
+                    http(&a, "POST", "/v1/models/shapes/detect", &[], &png).0
+                })
+            })
+            .collect()
+    };
+    // Three requests sit in the batcher (400 ms delay) when the unload comes: they complete.
+    let waiting = send(3);
+    std::thread::sleep(Duration::from_millis(150));
+    let (s, _, b) = http(
+        &a,
+        "POST",
+        "/v2/repository/models/shapes/unload",
+        &[("Authorization", "Bearer s3cret")],
+        b"",
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    for t in waiting {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    let (s, e) = get(&a, "/v2/models/shapes/ready");
+    assert_eq!(s, 503, "{e}");
+    // Load it again without a restart.
+    let (s, _, _) = http(
+        &a,
+        "POST",
+        "/v2/repository/models/shapes/load",
+        &[("Authorization", "Bearer s3cret")],
+        b"",
+    );
+    assert_eq!(s, 200);
+    assert_eq!(get(&a, "/v2/models/shapes/ready").0, 200);
+
+    // SIGTERM while requests wait: they complete, then the server exits cleanly.
+    let waiting = send(3);
+    std::thread::sleep(Duration::from_millis(150));
+    let status = server.terminate();
+    for t in waiting {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
