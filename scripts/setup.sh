@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 # GStreamer 1.22 (headers for the plugin crate, the check library for its tests, gst-launch-1.0 and
-# the base/good elements the pipelines use: videoconvert, videotestsrc, pngenc, multifilesink).
+# the base/good elements the pipelines use: videoconvert, videotestsrc, pngenc, multifilesink), and
+# Prometheus for `promtool check metrics` on the service's /metrics.
 for pkg in pkg-config python3-venv fonts-dejavu-core g++ libgstreamer1.0-dev \
     libgstreamer-plugins-base1.0-dev gstreamer1.0-tools gstreamer1.0-plugins-base \
-    gstreamer1.0-plugins-good; do
+    gstreamer1.0-plugins-good prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -37,7 +38,7 @@ fi
 stamp=.venv/.requirements.sha256
 want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing the reference tools into .venv (onnx, onnxruntime, pycocotools)"
+  echo "setup: installing the reference tools into .venv (onnx, onnxruntime, pycocotools, tritonclient)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements.txt
   echo "$want" > "$stamp"
 fi

@@ -561,3 +561,82 @@ fn unload_and_sigterm_complete_the_requests_in_flight() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Triton's official Python client (tritonclient[http], in the project's venv) checks readiness,
+/// reads the model metadata and runs inference with binary and JSON tensors.
+#[test]
+fn tritons_python_client_talks_to_kestrel_serve() {
+    let server = Server::model_server(&[]);
+    let (img, _) = png_of(45, 360, 280);
+    let input = letterboxed(&img);
+    let want = reference_output(&input);
+    let dir = std::env::temp_dir().join(format!("kestrel-triton-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, v: &[f32]| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        p
+    };
+    let (inp, reference) = (write("input.f32", &input), write("ref.f32", &want));
+    let report = kestrel_tests::run_python(
+        "triton_client_check.py",
+        &[
+            &server.addr,
+            "gelan-t-shapes",
+            inp.to_str().unwrap(),
+            reference.to_str().unwrap(),
+        ],
+    );
+    let r = json(report.as_bytes());
+    assert_eq!(r["server_live"], true, "{r}");
+    assert_eq!(r["server_ready"], true, "{r}");
+    assert_eq!(r["model_ready"], true, "{r}");
+    assert_eq!(r["input_shape"], serde_json::json!([-1, 3, 320, 320]));
+    for mode in ["binary", "json"] {
+        assert!(r["max_abs_diff"][mode].as_f64().unwrap() < 1e-3, "{r}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `promtool check metrics` (Debian's prometheus package) accepts /metrics.
+#[test]
+fn promtool_accepts_the_metrics() {
+    let server = Server::model_server(&[]);
+    let (_, png) = png_of(46, 320, 240);
+    assert_eq!(
+        http(
+            &server.addr,
+            "POST",
+            "/v1/models/gelan-t-shapes/detect",
+            &[],
+            &png
+        )
+        .0,
+        200
+    );
+    let (_, _, text) = http(&server.addr, "GET", "/metrics", &[], b"");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool is missing ({e}): run `bash scripts/setup.sh` (apt package prometheus)"
+            )
+        });
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&text)
+    );
+}
