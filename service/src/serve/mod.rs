@@ -133,6 +133,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     for f in &a.model {
         crate::util::check_model_file(f)?;
+        let stem = f.file_stem().map(|s| s.to_string_lossy().to_string());
+        if !stem.as_deref().is_some_and(repository::valid_name) {
+            bail!(
+                "--model {}: the file name is the model's name in URLs and must be letters, \
+                 digits, '-', '_' or '.'; rename the file",
+                f.display()
+            );
+        }
     }
     let defaults = ModelConfig {
         backend: a.backend.clone(),
