@@ -403,6 +403,61 @@ fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
     );
     let (s, _, _) = http(a, "POST", "/v1/models/nope/detect", &[], &png);
     assert_eq!(s, 404);
+
+    // A form upload (multipart/form-data) gives the same detections as the raw body.
+    let mut form = b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"; filename=\"s.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
+    form.extend_from_slice(&png);
+    form.extend_from_slice(b"\r\n--b0undary--\r\n");
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect",
+        &[("Content-Type", "multipart/form-data; boundary=b0undary")],
+        &form,
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["detections"], r["detections"]);
+    // Masks need a segmentation model.
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect?masks=rle",
+        &[],
+        &png,
+    );
+    assert_eq!(s, 400);
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("boxes only")
+    );
+}
+
+/// A preferred batch size runs as soon as it is reached: a lone request does not wait out a long
+/// queue delay.
+#[test]
+fn preferred_batch_sizes_skip_the_delay() {
+    let (_, png) = png_of(47, 320, 240);
+    let timed = |extra: &[&str]| {
+        let mut args = vec!["--max-queue-delay-us", "1500000"];
+        args.extend_from_slice(extra);
+        let server = Server::model_server(&args);
+        let t0 = std::time::Instant::now();
+        let (s, _, _) = http(
+            &server.addr,
+            "POST",
+            "/v1/models/gelan-t-shapes/detect",
+            &[],
+            &png,
+        );
+        assert_eq!(s, 200);
+        t0.elapsed()
+    };
+    let waited = timed(&[]);
+    let preferred = timed(&["--preferred-batch-sizes", "1,4"]);
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    assert!(preferred < Duration::from_millis(1000), "{preferred:?}");
 }
 
 /// `samples` of `name{labels}` in Prometheus text.

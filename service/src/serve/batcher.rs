@@ -43,7 +43,7 @@ struct Job {
 }
 
 /// Settings of a batcher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatcherConfig {
     /// Images per engine run, at most (the engine's profile maximum).
     pub max_batch_size: usize,
@@ -51,6 +51,9 @@ pub struct BatcherConfig {
     pub max_queue_delay: Duration,
     /// Requests waiting, at most; more are refused (HTTP 503).
     pub max_queue_size: usize,
+    /// Batch sizes (images) that run as soon as they are reached, without waiting out the
+    /// delay for more (Triton's `preferred_batch_size`); `max_batch_size` always is one.
+    pub preferred_batch_sizes: Vec<usize>,
 }
 
 pub struct Batcher {
@@ -72,7 +75,10 @@ impl Batcher {
         let worker_queued = Arc::clone(&queued);
         let worker = std::thread::Builder::new()
             .name(format!("batcher-{model}"))
-            .spawn(move || run(engine, receiver, config, worker_queued, model))
+            .spawn({
+                let config = config.clone();
+                move || run(engine, receiver, config, worker_queued, model)
+            })
             .ok();
         Self {
             sender: Mutex::new(Some(sender)),
@@ -89,8 +95,8 @@ impl Batcher {
         (self.per_image_in, self.per_image_out)
     }
 
-    pub fn config(&self) -> BatcherConfig {
-        self.config
+    pub fn config(&self) -> &BatcherConfig {
+        &self.config
     }
 
     /// Queue `images` images (`input`: that many rows of the engine input); the receiver gets
@@ -184,7 +190,7 @@ fn run(
         let deadline = first.submitted + config.max_queue_delay;
         let mut images = first.images;
         jobs.push(first);
-        while images < max {
+        while images < max && !config.preferred_batch_sizes.contains(&images) {
             // Requests already waiting join at once; then wait for more until the deadline.
             let now = Instant::now();
             let next = match receiver.try_recv() {

@@ -154,6 +154,7 @@ pub async fn model_config(
         "max_batch_size": c.max_batch_size,
         "dynamic_batching": {
             "max_queue_delay_microseconds": c.max_queue_delay_us,
+            "preferred_batch_size": c.preferred_batch_sizes,
             "default_queue_policy": { "max_queue_size": c.max_queue_size },
         },
         "input": [{"name": m.info.input_name, "data_type": "TYPE_FP32", "dims": [3, h, w]}],
@@ -505,16 +506,19 @@ pub struct DetectParams {
     iou: Option<f32>,
     /// Detections kept, at most.
     max_det: Option<usize>,
+    /// `rle` or `none`: instance masks, for segmentation models.
+    masks: Option<String>,
 }
 
 pub async fn detect(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     Query(params): Query<DetectParams>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = match body_of(body) {
+    let result = match body_of(body).and_then(|b| image_bytes(&headers, b)) {
         Ok(body) => detect_request(&state, &model, params, body).await,
         Err(e) => Err(e),
     };
@@ -529,6 +533,17 @@ async fn detect_request(
     body: Bytes,
 ) -> ApiResult<Response> {
     let model = lookup(state, name, None)?;
+    match params.masks.as_deref() {
+        None | Some("none") => {}
+        Some("rle") => {
+            return Err(bad_request(format!(
+                "masks=rle: model {} detects boxes only (no mask outputs); masks come with \
+                 segmentation models",
+                model.name
+            )));
+        }
+        Some(other) => return Err(bad_request(format!("masks={other}: give rle or none"))),
+    }
     let c = &model.config;
     let nms = NmsConfig {
         conf_threshold: params.conf.unwrap_or(c.conf_threshold),
@@ -595,6 +610,46 @@ async fn detect_request(
     .into_response())
 }
 
+/// The image of a request body: the body itself, or the first file part of a
+/// `multipart/form-data` body (an HTML form or `curl -F image=@scene.png`).
+fn image_bytes(headers: &HeaderMap, body: Bytes) -> ApiResult<Bytes> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        return Ok(body);
+    }
+    let boundary = content_type
+        .split(';')
+        .filter_map(|p| p.trim().strip_prefix("boundary="))
+        .next()
+        .map(|b| b.trim_matches('"'))
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| bad_request("multipart/form-data without a boundary"))?;
+    let part = first_multipart_part(&body, boundary.as_bytes())
+        .ok_or_else(|| bad_request("the multipart body has no part with a file"))?;
+    Ok(body.slice_ref(part))
+}
+
+/// The content of the first part of a multipart body (RFC 7578) delimited by `boundary`.
+fn first_multipart_part<'a>(body: &'a [u8], boundary: &[u8]) -> Option<&'a [u8]> {
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut delimiter = b"--".to_vec();
+    delimiter.extend_from_slice(boundary);
+    let start = find(body, &delimiter)? + delimiter.len();
+    let rest = &body[start..];
+    // The part's headers end at the first empty line.
+    let content = find(rest, b"\r\n\r\n")? + 4;
+    let mut closing = b"\r\n".to_vec();
+    closing.extend_from_slice(&delimiter);
+    let end = find(&rest[content..], &closing)?;
+    Some(&rest[content..content + end])
+}
+
 /// Decode a PNG or JPEG body; the size is read from the header first, so an image over
 /// `max_pixels` is refused before any pixel is decoded.
 fn decode_image(body: &[u8], max_pixels: u64) -> ApiResult<image::RgbImage> {
@@ -629,4 +684,37 @@ fn decode_image(body: &[u8], max_pixels: u64) -> ApiResult<image::RgbImage> {
     Ok(r.decode()
         .map_err(|e| bad_request(format!("the image does not decode: {e}")))?
         .to_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_bodies_give_their_first_part() {
+        let body =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\
+Content-Type: image/png\r\n\r\n\x89PNG\r\n--not-the-end\r\n--XyZ--\r\n";
+        assert_eq!(
+            first_multipart_part(body, b"XyZ"),
+            Some(&b"\x89PNG\r\n--not-the-end"[..])
+        );
+        assert_eq!(first_multipart_part(body, b"other"), None);
+        assert_eq!(first_multipart_part(b"--XyZ\r\nno end", b"XyZ"), None);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=XyZ"),
+        );
+        let got = image_bytes(&headers, Bytes::from_static(body)).unwrap();
+        assert_eq!(&got[..4], b"\x89PNG");
+        // Other content types pass the body through.
+        let plain = image_bytes(&HeaderMap::new(), Bytes::from_static(b"raw")).unwrap();
+        assert_eq!(&plain[..], b"raw");
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data"),
+        );
+        assert!(image_bytes(&headers, Bytes::from_static(body)).is_err());
+    }
 }

@@ -52,6 +52,10 @@ pub struct Args {
     /// Requests waiting per model, at most; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue_size: usize,
+    /// Batch sizes that run as soon as they are reached, without waiting out the delay
+    /// (comma-separated; max-batch-size always is one).
+    #[arg(long, value_delimiter = ',')]
+    preferred_batch_sizes: Vec<usize>,
     /// Largest request body, bytes (more: 413).
     #[arg(long, default_value_t = 64 << 20)]
     max_body_bytes: usize,
@@ -148,6 +152,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch_size: a.max_batch_size,
         max_queue_delay_us: a.max_queue_delay_us,
         max_queue_size: a.max_queue_size,
+        preferred_batch_sizes: a.preferred_batch_sizes.clone(),
         ..ModelConfig::default()
     };
     let metrics = metrics::install()?;

@@ -39,6 +39,8 @@ pub struct ModelConfig {
     pub max_queue_delay_us: u64,
     /// Requests waiting, at most (more: 503 with Retry-After).
     pub max_queue_size: usize,
+    /// Batch sizes that run as soon as they are reached, without waiting out the delay.
+    pub preferred_batch_sizes: Vec<usize>,
     /// Image endpoint defaults (a request's query parameters override them).
     pub conf_threshold: f32,
     pub iou_threshold: f32,
@@ -55,6 +57,7 @@ impl Default for ModelConfig {
             max_batch_size: 8,
             max_queue_delay_us: 2000,
             max_queue_size: 64,
+            preferred_batch_sizes: Vec::new(),
             conf_threshold: 0.25,
             iou_threshold: 0.45,
             max_detections: 300,
@@ -361,6 +364,16 @@ fn load_one(
             config.max_batch_size
         ));
     }
+    if let Some(p) = config
+        .preferred_batch_sizes
+        .iter()
+        .find(|&&p| p == 0 || p > config.max_batch_size)
+    {
+        return Err(format!(
+            "preferred_batch_sizes holds {p}: give sizes from 1 to max_batch_size ({})",
+            config.max_batch_size
+        ));
+    }
     let options = BuildOptions {
         backend,
         precision,
@@ -419,6 +432,7 @@ fn load_one(
             max_batch_size: config.max_batch_size,
             max_queue_delay: std::time::Duration::from_micros(config.max_queue_delay_us),
             max_queue_size: config.max_queue_size,
+            preferred_batch_sizes: config.preferred_batch_sizes.clone(),
         },
         name.to_string(),
     );
