@@ -695,3 +695,32 @@ fn promtool_accepts_the_metrics() {
         String::from_utf8_lossy(&text)
     );
 }
+
+/// Two engine instances of one model serve concurrent requests between them.
+#[test]
+fn several_instances_share_a_models_queue() {
+    let server = Server::model_server(&["--instance-count", "2", "--max-batch-size", "1"]);
+    let (_, png) = png_of(48, 320, 240);
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let (a, png) = (server.addr.clone(), png.clone());
+            std::thread::spawn(move || {
+                http(&a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png).0
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    let (_, _, text) = http(&server.addr, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(
+        sample(&text, "kestrel_engine_loads_total{source=\"onnx\"} "),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "kestrel_batch_size_sum{model=\"gelan-t-shapes\"} "),
+        Some(6.0)
+    );
+}

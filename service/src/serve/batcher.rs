@@ -1,7 +1,8 @@
 //! The dynamic batcher of one loaded model: requests from any connection queue on a bounded
-//! channel; one thread owns the engine and runs them as batches of up to `max_batch_size` images,
-//! waiting at most `max_queue_delay` after the first request of a batch for more. Each request
-//! gets its own rows of the output back, in the order of its images.
+//! channel; one thread per engine instance owns its engine and runs them as batches of up to
+//! `max_batch_size` images, waiting at most `max_queue_delay` after the first request of a batch
+//! for more. Each request gets its own rows of the output back, in the order of its images. With
+//! several instances, one thread forms its batch while the others run theirs.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -59,31 +60,38 @@ pub struct BatcherConfig {
 pub struct Batcher {
     sender: Mutex<Option<SyncSender<Job>>>,
     queued: Arc<AtomicUsize>,
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     per_image_in: usize,
     per_image_out: usize,
     config: BatcherConfig,
 }
 
 impl Batcher {
-    /// Start the batching thread for `engine`, labelled `model` in the metrics.
-    pub fn start(engine: Box<dyn Engine>, config: BatcherConfig, model: String) -> Self {
-        let info = engine.info();
-        let (per_image_in, per_image_out) = (info.input_len(), info.output_len());
+    /// Start one batching thread per engine of `engines` (instances of one model, at least one),
+    /// labelled `model` in the metrics.
+    pub fn start(engines: Vec<Box<dyn Engine>>, config: BatcherConfig, model: String) -> Self {
+        let (per_image_in, per_image_out) = engines
+            .first()
+            .map_or((0, 0), |e| (e.info().input_len(), e.info().output_len()));
         let (sender, receiver) = sync_channel(config.max_queue_size.max(1));
+        let receiver = Arc::new(Mutex::new(receiver));
         let queued = Arc::new(AtomicUsize::new(0));
-        let worker_queued = Arc::clone(&queued);
-        let worker = std::thread::Builder::new()
-            .name(format!("batcher-{model}"))
-            .spawn({
-                let config = config.clone();
-                move || run(engine, receiver, config, worker_queued, model)
+        let workers = engines
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, engine)| {
+                let (receiver, queued) = (Arc::clone(&receiver), Arc::clone(&queued));
+                let (config, model) = (config.clone(), model.clone());
+                std::thread::Builder::new()
+                    .name(format!("batcher-{model}-{i}"))
+                    .spawn(move || run(engine, &receiver, config, queued, model))
+                    .ok()
             })
-            .ok();
+            .collect();
         Self {
             sender: Mutex::new(Some(sender)),
             queued,
-            worker: Mutex::new(worker),
+            workers: Mutex::new(workers),
             per_image_in,
             per_image_out,
             config,
@@ -138,18 +146,19 @@ impl Batcher {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Refuse new requests, finish the queued ones and stop the thread (waits for it).
+    /// Refuse new requests, finish the queued ones and stop the threads (waits for them).
     pub fn stop(&self) {
         self.sender
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        let worker = self
-            .worker
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(w) = worker {
+        let workers = std::mem::take(
+            &mut *self
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for w in workers {
             let _ = w.join();
         }
     }
@@ -163,7 +172,7 @@ impl Drop for Batcher {
 
 fn run(
     mut engine: Box<dyn Engine>,
-    receiver: Receiver<Job>,
+    receiver: &Mutex<Receiver<Job>>,
     config: BatcherConfig,
     queued: Arc<AtomicUsize>,
     model: String,
@@ -178,6 +187,10 @@ fn run(
     let mut input: Vec<f32> = Vec::with_capacity(max * per_in);
     let mut carried: Option<Job> = None;
     loop {
+        // This instance forms its batch while holding the queue; the others run theirs meanwhile.
+        let receiver = receiver
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A job that did not fit the previous batch starts this one.
         let first = match carried.take() {
             Some(j) => j,
@@ -210,6 +223,7 @@ fn run(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
+        drop(receiver);
         let left = queued
             .fetch_sub(jobs.len(), Ordering::Relaxed)
             .saturating_sub(jobs.len());

@@ -56,6 +56,9 @@ pub struct Args {
     /// (comma-separated; max-batch-size always is one).
     #[arg(long, value_delimiter = ',')]
     preferred_batch_sizes: Vec<usize>,
+    /// Engines per model, each running its own batches (1–16).
+    #[arg(long, default_value_t = 1)]
+    instance_count: usize,
     /// Largest request body, bytes (more: 413).
     #[arg(long, default_value_t = 64 << 20)]
     max_body_bytes: usize,
@@ -153,6 +156,7 @@ pub fn run(a: Args) -> Result<()> {
         max_queue_delay_us: a.max_queue_delay_us,
         max_queue_size: a.max_queue_size,
         preferred_batch_sizes: a.preferred_batch_sizes.clone(),
+        instance_count: a.instance_count,
         ..ModelConfig::default()
     };
     let metrics = metrics::install()?;

@@ -41,6 +41,8 @@ pub struct ModelConfig {
     pub max_queue_size: usize,
     /// Batch sizes that run as soon as they are reached, without waiting out the delay.
     pub preferred_batch_sizes: Vec<usize>,
+    /// Engines of the model run at once (each with its own batches), 1–16.
+    pub instance_count: usize,
     /// Image endpoint defaults (a request's query parameters override them).
     pub conf_threshold: f32,
     pub iou_threshold: f32,
@@ -58,6 +60,7 @@ impl Default for ModelConfig {
             max_queue_delay_us: 2000,
             max_queue_size: 64,
             preferred_batch_sizes: Vec::new(),
+            instance_count: 1,
             conf_threshold: 0.25,
             iou_threshold: 0.45,
             max_detections: 300,
@@ -364,6 +367,12 @@ fn load_one(
             config.max_batch_size
         ));
     }
+    if !(1..=16).contains(&config.instance_count) {
+        return Err(format!(
+            "instance_count {}: give 1 to 16",
+            config.instance_count
+        ));
+    }
     if let Some(p) = config
         .preferred_batch_sizes
         .iter()
@@ -384,30 +393,37 @@ fn load_one(
         },
     };
     let cache = (backend != Backend::Cpu).then(EngineCache::default_location);
-    let (mut engine, source) = open_engine(file, &options, cache.as_ref())
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    let source = match source {
-        EngineSource::Onnx => "onnx",
-        EngineSource::EngineFile => "engine_file",
-        EngineSource::RebuiltFromEngineFile { .. } => "rebuilt",
-        EngineSource::Cache(CacheOutcome::Hit) => "cache_hit",
-        EngineSource::Cache(CacheOutcome::Built { .. }) => "cache_built",
-    };
-    metrics::counter!(m::ENGINE_LOADS, "source" => source).increment(1);
-    let info = engine.info().clone();
-    if info.profile.max < config.max_batch_size {
-        return Err(format!(
-            "{}: the engine takes batches of up to {}, the config asks for {}",
-            file.display(),
-            info.profile.max,
-            config.max_batch_size
-        ));
+    let mut engines = Vec::with_capacity(config.instance_count);
+    for _ in 0..config.instance_count {
+        let (mut engine, source) = open_engine(file, &options, cache.as_ref())
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let source = match source {
+            EngineSource::Onnx => "onnx",
+            EngineSource::EngineFile => "engine_file",
+            EngineSource::RebuiltFromEngineFile { .. } => "rebuilt",
+            EngineSource::Cache(CacheOutcome::Hit) => "cache_hit",
+            EngineSource::Cache(CacheOutcome::Built { .. }) => "cache_built",
+        };
+        metrics::counter!(m::ENGINE_LOADS, "source" => source).increment(1);
+        let info = engine.info();
+        if info.profile.max < config.max_batch_size {
+            return Err(format!(
+                "{}: the engine takes batches of up to {}, the config asks for {}",
+                file.display(),
+                info.profile.max,
+                config.max_batch_size
+            ));
+        }
+        // Warm-up before the model reports ready: the first run pays for lazy initialisation.
+        let zeros = vec![0f32; info.input_len()];
+        engine
+            .run(&zeros, 1)
+            .map_err(|e| format!("{}: warm-up run failed: {e}", file.display()))?;
+        engines.push(engine);
     }
-    // Warm-up before the model reports ready: the first run pays for lazy initialisation.
-    let zeros = vec![0f32; info.input_len()];
-    engine
-        .run(&zeros, 1)
-        .map_err(|e| format!("{}: warm-up run failed: {e}", file.display()))?;
+    let Some(info) = engines.first().map(|e| e.info().clone()) else {
+        return Err("instance_count 0".into());
+    };
     let class_names = match (&config.labels, folder) {
         (Some(labels), Some(dir)) => {
             let path = dir.join(labels);
@@ -427,7 +443,7 @@ fn load_one(
         _ => info.class_names.clone(),
     };
     let batcher = Batcher::start(
-        engine,
+        engines,
         BatcherConfig {
             max_batch_size: config.max_batch_size,
             max_queue_delay: std::time::Duration::from_micros(config.max_queue_delay_us),
