@@ -59,6 +59,16 @@ pub fn build_environment() -> Result<crate::engine_file::BuildEnvironment> {
     })
 }
 
+/// GPU 0's memory as the driver reports it: (bytes in use by every process, bytes in total).
+pub fn memory_info() -> Result<(u64, u64)> {
+    let ctx = device::context(0)?;
+    ctx.bind_to_thread()
+        .map_err(|e| cuda_error("binding the context", e))?;
+    let (free, total) =
+        drv::mem_get_info().map_err(|e| cuda_error("reading the GPU's memory use", e))?;
+    Ok(((total - free.min(total)) as u64, total as u64))
+}
+
 /// Batch sizes with their own CUDA graph: powers of two within the profile, plus its maximum.
 pub fn batch_buckets(min: usize, max: usize) -> Vec<usize> {
     let mut b: Vec<usize> = (0..usize::BITS)

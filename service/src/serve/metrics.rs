@@ -25,6 +25,10 @@ pub const QUEUE_DEPTH: &str = "kestrel_queue_depth";
 pub const IN_FLIGHT: &str = "kestrel_in_flight_requests";
 /// Engines loaded, by `source` (onnx, engine_file, cache_hit, cache_built, rebuilt).
 pub const ENGINE_LOADS: &str = "kestrel_engine_loads_total";
+/// GPU 0's memory in use (every process), bytes; only while a GPU model is loaded.
+pub const GPU_MEMORY_USED: &str = "kestrel_gpu_memory_used_bytes";
+/// GPU 0's memory in total, bytes.
+pub const GPU_MEMORY_TOTAL: &str = "kestrel_gpu_memory_total_bytes";
 
 const SECONDS_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -61,5 +65,11 @@ pub fn install() -> Result<PrometheusHandle> {
     metrics::describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the batcher");
     metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Requests being served");
     metrics::describe_counter!(ENGINE_LOADS, Unit::Count, "Engines loaded, by source");
+    metrics::describe_gauge!(
+        GPU_MEMORY_USED,
+        Unit::Bytes,
+        "GPU memory in use (all processes)"
+    );
+    metrics::describe_gauge!(GPU_MEMORY_TOTAL, Unit::Bytes, "GPU memory in total");
     Ok(handle)
 }

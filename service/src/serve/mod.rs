@@ -196,11 +196,27 @@ async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Res
     // Tests and scripts read this line to find the port.
     println!("listening on http://{addr}");
     let upkeep = {
-        let handle = state.metrics.clone();
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
             loop {
+                // GPU memory while a GPU model is loaded (asking would open a CUDA context,
+                // hundreds of MB, on a machine serving from the CPU).
+                let s = Arc::clone(&state);
+                let gpu = tokio::task::spawn_blocking(move || {
+                    s.repo
+                        .uses_gpu()
+                        .then(kestrel_runtime::cuda::memory_info)
+                        .and_then(Result::ok)
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Some((used, total)) = gpu {
+                    ::metrics::gauge!(metrics::GPU_MEMORY_USED).set(used as f64);
+                    ::metrics::gauge!(metrics::GPU_MEMORY_TOTAL).set(total as f64);
+                }
+                state.metrics.run_upkeep();
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                handle.run_upkeep();
             }
         })
     };

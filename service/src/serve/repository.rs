@@ -226,6 +226,13 @@ impl Repository {
         out
     }
 
+    /// True when a loaded model runs on a GPU backend.
+    pub fn uses_gpu(&self) -> bool {
+        self.read()
+            .values()
+            .any(|e| e.versions.values().any(|m| m.info.backend != Backend::Cpu))
+    }
+
     /// True when every model that should be served is loaded.
     pub fn all_ready(&self) -> bool {
         self.read()
