@@ -378,6 +378,20 @@ fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
         &png,
     );
     assert_eq!(s, 400, "{}", String::from_utf8_lossy(&body));
+    let (s, _, body) = http(
+        a,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect?conf=abc",
+        &[],
+        &png,
+    );
+    assert_eq!(s, 400);
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("query parameters")
+    );
 
     // Not an image; an image too large (by its header); a body too large.
     let (s, _, body) = http(a, "POST", "/v1/models/gelan-t-shapes/detect", &[], b"hello");
@@ -403,6 +417,11 @@ fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
     );
     let (s, _, _) = http(a, "POST", "/v1/models/nope/detect", &[], &png);
     assert_eq!(s, 404);
+    // Names that are not models do not become metric series of their own.
+    let (_, _, text) = http(a, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8(text).unwrap();
+    assert!(!text.contains("model=\"nope\""), "{text}");
+    assert!(text.contains("model=\"_unknown\""), "{text}");
 
     // A form upload (multipart/form-data) gives the same detections as the raw body.
     let mut form = b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"; filename=\"s.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
@@ -458,6 +477,18 @@ fn preferred_batch_sizes_skip_the_delay() {
     let preferred = timed(&["--preferred-batch-sizes", "1,4"]);
     assert!(waited >= Duration::from_millis(1500), "{waited:?}");
     assert!(preferred < Duration::from_millis(1000), "{preferred:?}");
+
+    // A request's own timeout, shorter than the delay: 504 with the reason.
+    let server = Server::model_server(&["--max-queue-delay-us", "1500000"]);
+    let (s, _, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/models/gelan-t-shapes/detect?timeout_ms=200",
+        &[],
+        &png,
+    );
+    assert_eq!(s, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(json(&body)["error"].as_str().unwrap().contains("timeout"));
 }
 
 /// `samples` of `name{labels}` in Prometheus text.

@@ -2,11 +2,11 @@
 //! repository) and the image endpoint.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -56,8 +56,20 @@ fn lookup(state: &AppState, name: &str, version: Option<&str>) -> ApiResult<Arc<
     Ok(state.repo.get(name, version)?)
 }
 
-/// Count a finished request and its duration.
-fn record(model: &str, endpoint: &'static str, started: Instant, outcome: &ApiResult<Response>) {
+/// Count a finished request and its duration. Names that are not models of the repository are
+/// counted as `_unknown`, so clients cannot create metric series at will.
+fn record(
+    state: &AppState,
+    model: &str,
+    endpoint: &'static str,
+    started: Instant,
+    outcome: &ApiResult<Response>,
+) {
+    let model = if state.repo.has(model) {
+        model
+    } else {
+        "_unknown"
+    };
     let outcome = match outcome {
         Ok(_) => "ok".to_string(),
         Err(e) => e.status.as_u16().to_string(),
@@ -206,14 +218,16 @@ pub async fn unload(
     ))
 }
 
-/// Queue `images` rows of input on the model's batcher and wait for them (with the request
-/// timeout).
+/// Queue `images` rows of input on the model's batcher and wait for them, at most the server's
+/// `--request-timeout-s` or the request's own `timeout`, whichever is shorter.
 async fn run_batched(
     state: &AppState,
     model: &LoadedModel,
     input: Vec<f32>,
     images: usize,
+    timeout: Option<Duration>,
 ) -> ApiResult<Reply> {
+    let timeout = timeout.map_or(state.request_timeout, |t| t.min(state.request_timeout));
     let receiver = model.batcher.submit(input, images).map_err(|e| match e {
         SubmitError::QueueFull => {
             let mut e = ApiError::new(
@@ -234,13 +248,13 @@ async fn run_batched(
     })?;
     ::metrics::gauge!(m::QUEUE_DEPTH, "model" => model.name.clone())
         .set(model.batcher.queue_depth() as f64);
-    let reply = match tokio::time::timeout(state.request_timeout, receiver).await {
+    let reply = match tokio::time::timeout(timeout, receiver).await {
         Err(_) => {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
-                    "no result within {:.1} s (--request-timeout-s)",
-                    state.request_timeout.as_secs_f64()
+                    "no result within {:.3} s (the request's timeout, or --request-timeout-s)",
+                    timeout.as_secs_f64()
                 ),
             ));
         }
@@ -338,7 +352,7 @@ async fn infer_any(
         Ok(body) => infer_request(&state, &model, version.as_deref(), &headers, &body).await,
         Err(e) => Err(e),
     };
-    record(&model, "infer", started, &result);
+    record(&state, &model, "infer", started, &result);
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -466,7 +480,16 @@ async fn infer_request(
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
 
-    let reply = run_batched(state, &model, values, images).await?;
+    // Triton's request parameter: microseconds.
+    let timeout = match request.parameters.get("timeout") {
+        None => None,
+        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
+            bad_request(format!(
+                "parameters.timeout {v}: give microseconds as a whole number"
+            ))
+        })?)),
+    };
+    let reply = run_batched(state, &model, values, images, timeout).await?;
     debug_assert_eq!(reply.output.len(), images * per_out);
     let shape = [images, info.output_channels, info.anchors];
     let mut out = serde_json::json!({
@@ -508,21 +531,30 @@ pub struct DetectParams {
     max_det: Option<usize>,
     /// `rle` or `none`: instance masks, for segmentation models.
     masks: Option<String>,
+    /// Milliseconds this request may wait for its result (capped by `--request-timeout-s`).
+    timeout_ms: Option<u64>,
 }
 
 pub async fn detect(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
-    Query(params): Query<DetectParams>,
+    params: Result<Query<DetectParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let result = match body_of(body).and_then(|b| image_bytes(&headers, b)) {
-        Ok(body) => detect_request(&state, &model, params, body).await,
-        Err(e) => Err(e),
+    let params = params.map_err(|e| {
+        bad_request(format!(
+            "query parameters: {} (conf, iou: 0–1; max_det, timeout_ms: whole numbers; masks: \
+             rle or none)",
+            e.body_text()
+        ))
+    });
+    let result = match (params, body_of(body).and_then(|b| image_bytes(&headers, b))) {
+        (Ok(Query(params)), Ok(body)) => detect_request(&state, &model, params, body).await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
-    record(&model, "detect", started, &result);
+    record(&state, &model, "detect", started, &result);
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -569,7 +601,14 @@ async fn detect_request(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     ::metrics::histogram!(m::PREPROCESS_SECONDS, "model" => model.name.clone())
         .record(pre_started.elapsed().as_secs_f64());
-    let reply = run_batched(state, &model, input, 1).await?;
+    let reply = run_batched(
+        state,
+        &model,
+        input,
+        1,
+        params.timeout_ms.map(Duration::from_millis),
+    )
+    .await?;
     let post_started = Instant::now();
     let mut dets = Vec::new();
     Postprocessor::new()

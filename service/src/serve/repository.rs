@@ -165,6 +165,11 @@ impl Repository {
         }
     }
 
+    /// Whether `name` is a model of the repository (loaded or not).
+    pub fn has(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
     /// Every model's name.
     pub fn names(&self) -> Vec<String> {
         self.read().keys().cloned().collect()
