@@ -133,6 +133,28 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `n` image requests to `model` at once, each on its own thread: (status, has Retry-After).
+fn detect_concurrently(
+    addr: &str,
+    model: &str,
+    png: &[u8],
+    n: usize,
+) -> Vec<std::thread::JoinHandle<(u16, bool)>> {
+    (0..n)
+        .map(|_| {
+            let (a, png, path) = (
+                addr.to_string(),
+                png.to_vec(),
+                format!("/v1/models/{model}/detect"),
+            );
+            std::thread::spawn(move || {
+                let (s, h, _) = http(&a, "POST", &path, &[], &png);
+                (s, h.iter().any(|(k, _)| k == "retry-after"))
+            })
+        })
+        .collect()
+}
+
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)))
@@ -503,16 +525,8 @@ fn concurrent_requests_are_batched_and_a_full_queue_says_retry() {
     let server = Server::model_server(&["--max-queue-delay-us", "5000"]);
     let a = server.addr.clone();
     let (_, png) = png_of(43, 320, 240);
-    let threads: Vec<_> = (0..16)
-        .map(|_| {
-            let (a, png) = (a.clone(), png.clone());
-            std::thread::spawn(move || {
-                http(&a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png).0
-            })
-        })
-        .collect();
-    for t in threads {
-        assert_eq!(t.join().unwrap(), 200);
+    for t in detect_concurrently(&a, "gelan-t-shapes", &png, 16) {
+        assert_eq!(t.join().unwrap().0, 200);
     }
     let (_, _, text) = http(&a, "GET", "/metrics", &[], b"");
     let text = String::from_utf8(text).unwrap();
@@ -540,16 +554,10 @@ fn concurrent_requests_are_batched_and_a_full_queue_says_retry() {
     // One request at a time, one waiting: the others are told to come back.
     let server = Server::model_server(&["--max-batch-size", "1", "--max-queue-size", "1"]);
     let a = server.addr.clone();
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            let (a, png) = (a.clone(), png.clone());
-            std::thread::spawn(move || {
-                let (s, h, _) = http(&a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png);
-                (s, h.iter().any(|(k, _)| k == "retry-after"))
-            })
-        })
+    let results: Vec<(u16, bool)> = detect_concurrently(&a, "gelan-t-shapes", &png, 8)
+        .into_iter()
+        .map(|t| t.join().unwrap())
         .collect();
-    let results: Vec<(u16, bool)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(results.contains(&(503, true)), "{results:?}");
     assert!(results.iter().any(|r| r.0 == 200), "{results:?}");
 }
@@ -600,16 +608,7 @@ fn unload_and_sigterm_complete_the_requests_in_flight() {
     );
 
     let (_, png) = png_of(44, 320, 240);
-    let send = |n: usize| -> Vec<std::thread::JoinHandle<u16>> {
-        (0..n)
-            .map(|_| {
-                let (a, png) = (a.clone(), png.clone());
-                std::thread::spawn(move || {
-                    http(&a, "POST", "/v1/models/shapes/detect", &[], &png).0
-                })
-            })
-            .collect()
-    };
+    let send = |n: usize| detect_concurrently(&a, "shapes", &png, n);
     // Three requests sit in the batcher (400 ms delay) when the unload comes: they complete.
     let waiting = send(3);
     std::thread::sleep(Duration::from_millis(150));
@@ -622,7 +621,7 @@ fn unload_and_sigterm_complete_the_requests_in_flight() {
     );
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     for t in waiting {
-        assert_eq!(t.join().unwrap(), 200);
+        assert_eq!(t.join().unwrap().0, 200);
     }
     let (s, e) = get(&a, "/v2/models/shapes/ready");
     assert_eq!(s, 503, "{e}");
@@ -642,7 +641,7 @@ fn unload_and_sigterm_complete_the_requests_in_flight() {
     std::thread::sleep(Duration::from_millis(150));
     let status = server.terminate();
     for t in waiting {
-        assert_eq!(t.join().unwrap(), 200);
+        assert_eq!(t.join().unwrap().0, 200);
     }
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(dir);
@@ -732,16 +731,8 @@ fn promtool_accepts_the_metrics() {
 fn several_instances_share_a_models_queue() {
     let server = Server::model_server(&["--instance-count", "2", "--max-batch-size", "1"]);
     let (_, png) = png_of(48, 320, 240);
-    let threads: Vec<_> = (0..6)
-        .map(|_| {
-            let (a, png) = (server.addr.clone(), png.clone());
-            std::thread::spawn(move || {
-                http(&a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &png).0
-            })
-        })
-        .collect();
-    for t in threads {
-        assert_eq!(t.join().unwrap(), 200);
+    for t in detect_concurrently(&server.addr, "gelan-t-shapes", &png, 6) {
+        assert_eq!(t.join().unwrap().0, 200);
     }
     let (_, _, text) = http(&server.addr, "GET", "/metrics", &[], b"");
     let text = String::from_utf8(text).unwrap();

@@ -658,6 +658,15 @@ impl KestrelInfer {
         gst::Iterator::from_vec(partner.into_iter().collect())
     }
 
+    /// The pad function giving a pad's partner (see [`Self::internal_links`]).
+    fn partner_of(pad: &gst::Pad, parent: Option<&gst::Object>) -> gst::Iterator<gst::Pad> {
+        Self::catch_panic_pad_function(
+            parent,
+            || gst::Iterator::from_vec(Vec::new()),
+            |this| this.internal_links(pad),
+        )
+    }
+
     /// The pads of stream `index` from the templates `sink_templ` and `src_templ`, named
     /// `sink_name` and `src_name`.
     fn make_pads(
@@ -681,22 +690,10 @@ impl KestrelInfer {
                     |this| this.sink_event(index, pad, event),
                 )
             })
-            .iterate_internal_links_function(|pad, parent| {
-                KestrelInfer::catch_panic_pad_function(
-                    parent,
-                    || gst::Iterator::from_vec(Vec::new()),
-                    |this| this.internal_links(pad),
-                )
-            })
+            .iterate_internal_links_function(Self::partner_of)
             .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION);
         let mut src = gst::Pad::builder_from_template(src_templ)
-            .iterate_internal_links_function(|pad, parent| {
-                KestrelInfer::catch_panic_pad_function(
-                    parent,
-                    || gst::Iterator::from_vec(Vec::new()),
-                    |this| this.internal_links(pad),
-                )
-            })
+            .iterate_internal_links_function(Self::partner_of)
             .flags(gst::PadFlags::PROXY_CAPS | gst::PadFlags::PROXY_ALLOCATION);
         if let Some((sink_name, src_name)) = names {
             sink = sink.name(sink_name);
