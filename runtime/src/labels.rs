@@ -20,9 +20,17 @@ pub fn label_font_bytes() -> Option<Vec<u8>> {
 /// A distinct, stable RGB colour for a class: hues spaced by the golden angle.
 pub fn class_colour(class_id: usize) -> [u8; 3] {
     let h = (class_id as f32 * 137.507_77) % 360.0;
-    let (s, v) = (0.85f32, 0.95f32);
+    let (r, g, b) = hsv_to_rgb(h, 0.85, 0.95);
+    let to = |u: f32| (u * 255.0).round() as u8;
+    [to(r), to(g), to(b)]
+}
+
+/// RGB in [0, 1] of hue `h` (degrees, 0–360), saturation `s` and value `v` (0–1). Shared by the
+/// class colours and the trainer's HSV augmentation (per pixel there, hence `inline`).
+#[inline]
+pub fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let c = v * s;
-    let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
+    let x = c * (1.0 - ((h / 60.0).rem_euclid(2.0) - 1.0).abs());
     let (r, g, b) = match (h / 60.0) as u32 {
         0 => (c, x, 0.0),
         1 => (x, c, 0.0),
@@ -32,8 +40,7 @@ pub fn class_colour(class_id: usize) -> [u8; 3] {
         _ => (c, 0.0, x),
     };
     let m = v - c;
-    let to = |u: f32| ((u + m) * 255.0).round() as u8;
-    [to(r), to(g), to(b)]
+    (r + m, g + m, b + m)
 }
 
 /// Class names from a names file: one per line, surrounding blanks trimmed, empty lines skipped.

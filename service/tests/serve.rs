@@ -160,6 +160,14 @@ fn json(body: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)))
 }
 
+/// A POST of `body` to `path` that must fail with `status` and an `{"error"}` naming `needle`.
+fn post_expecting_error(addr: &str, path: &str, body: &[u8], status: u16, needle: &str) {
+    let (s, _, b) = http(addr, "POST", path, &[], body);
+    assert_eq!(s, status, "{}", String::from_utf8_lossy(&b));
+    let e = json(&b);
+    assert!(e["error"].as_str().unwrap().contains(needle), "{e}");
+}
+
 fn get(addr: &str, path: &str) -> (u16, serde_json::Value) {
     let (status, _, body) = http(addr, "GET", path, &[], b"");
     (status, json(&body))
@@ -183,8 +191,8 @@ fn letterboxed(img: &image::RgbImage) -> Vec<f32> {
     input
 }
 
-/// The CPU engine's output0 for one letterboxed image.
-fn reference_output(input: &[f32]) -> Vec<f32> {
+/// The bundled model on the CPU backend, batches of one: the reference the service must match.
+fn cpu_engine() -> Box<dyn kestrel_runtime::engine::Engine> {
     let options = BuildOptions {
         profile: BatchProfile {
             min: 1,
@@ -193,11 +201,12 @@ fn reference_output(input: &[f32]) -> Vec<f32> {
         },
         ..Default::default()
     };
-    build_engine(&model(), &options)
-        .unwrap()
-        .run(input, 1)
-        .unwrap()
-        .to_vec()
+    build_engine(&model(), &options).unwrap()
+}
+
+/// The CPU engine's output0 for one letterboxed image.
+fn reference_output(input: &[f32]) -> Vec<f32> {
+    cpu_engine().run(input, 1).unwrap().to_vec()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -356,20 +365,7 @@ fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
         (r["width"].as_u64(), r["height"].as_u64()),
         (Some(401), Some(299))
     );
-    let mut detector = kestrel_runtime::Detector::new(
-        build_engine(
-            &model(),
-            &BuildOptions {
-                profile: BatchProfile {
-                    min: 1,
-                    opt: 1,
-                    max: 1,
-                },
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let mut detector = kestrel_runtime::Detector::new(cpu_engine());
     let mut want = Vec::new();
     detector
         .detect(&[&img], &NmsConfig::display(), &mut want)
@@ -400,43 +396,20 @@ fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
         &png,
     );
     assert_eq!(s, 400, "{}", String::from_utf8_lossy(&body));
-    let (s, _, body) = http(
+    post_expecting_error(
         a,
-        "POST",
         "/v1/models/gelan-t-shapes/detect?conf=abc",
-        &[],
         &png,
-    );
-    assert_eq!(s, 400);
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("query parameters")
+        400,
+        "query parameters",
     );
 
     // Not an image; an image too large (by its header); a body too large.
-    let (s, _, body) = http(a, "POST", "/v1/models/gelan-t-shapes/detect", &[], b"hello");
-    assert_eq!(s, 400);
-    assert!(json(&body)["error"].as_str().unwrap().contains("not a PNG"));
+    let detect = "/v1/models/gelan-t-shapes/detect";
+    post_expecting_error(a, detect, b"hello", 400, "not a PNG");
     let (_, big) = png_of(1, 600, 400);
-    let (s, _, body) = http(a, "POST", "/v1/models/gelan-t-shapes/detect", &[], &big);
-    assert_eq!(s, 413, "{}", String::from_utf8_lossy(&body));
-    assert!(json(&body)["error"].as_str().unwrap().contains("pixels"));
-    let (s, _, body) = http(
-        a,
-        "POST",
-        "/v1/models/gelan-t-shapes/detect",
-        &[],
-        &vec![0u8; 3_000_000],
-    );
-    assert_eq!(s, 413);
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("--max-body-bytes")
-    );
+    post_expecting_error(a, detect, &big, 413, "pixels");
+    post_expecting_error(a, detect, &vec![0u8; 3_000_000], 413, "--max-body-bytes");
     let (s, _, _) = http(a, "POST", "/v1/models/nope/detect", &[], &png);
     assert_eq!(s, 404);
     // Names that are not models do not become metric series of their own.
@@ -459,19 +432,12 @@ fn the_image_endpoint_matches_kestrel_infer_and_refuses_bad_images() {
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(json(&body)["detections"], r["detections"]);
     // Masks need a segmentation model.
-    let (s, _, body) = http(
+    post_expecting_error(
         a,
-        "POST",
         "/v1/models/gelan-t-shapes/detect?masks=rle",
-        &[],
         &png,
-    );
-    assert_eq!(s, 400);
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("boxes only")
+        400,
+        "boxes only",
     );
 }
 
@@ -502,15 +468,13 @@ fn preferred_batch_sizes_skip_the_delay() {
 
     // A request's own timeout, shorter than the delay: 504 with the reason.
     let server = Server::model_server(&["--max-queue-delay-us", "1500000"]);
-    let (s, _, body) = http(
+    post_expecting_error(
         &server.addr,
-        "POST",
         "/v1/models/gelan-t-shapes/detect?timeout_ms=200",
-        &[],
         &png,
+        504,
+        "timeout",
     );
-    assert_eq!(s, 504, "{}", String::from_utf8_lossy(&body));
-    assert!(json(&body)["error"].as_str().unwrap().contains("timeout"));
 }
 
 /// `samples` of `name{labels}` in Prometheus text.

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kestrel_runtime::dataset::{Dataset, Split, load_rgb};
+use kestrel_runtime::labels::hsv_to_rgb;
 use kestrel_runtime::letterbox::Letterboxer;
 use kestrel_runtime::synth::{image_seed, render_scene};
 use kestrel_runtime::{BoxXyxy, GroundTruth};
@@ -601,21 +602,6 @@ fn rgb_to_hsv(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
     };
     let s = if max <= 0.0 { 0.0 } else { d / max };
     (h, s, max)
-}
-
-fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
-    let c = v * s;
-    let x = c * (1.0 - ((h / 60.0).rem_euclid(2.0) - 1.0).abs());
-    let (r, g, b) = match (h / 60.0) as u32 {
-        0 => (c, x, 0.0),
-        1 => (x, c, 0.0),
-        2 => (0.0, c, x),
-        3 => (0.0, x, c),
-        4 => (x, 0.0, c),
-        _ => (c, 0.0, x),
-    };
-    let m = v - c;
-    (r + m, g + m, b + m)
 }
 
 /// Most scenes in the validation split of synthetic data.

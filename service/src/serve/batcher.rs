@@ -64,6 +64,8 @@ pub struct Batcher {
     per_image_in: usize,
     per_image_out: usize,
     config: BatcherConfig,
+    /// `kestrel_queue_depth` of the model: raised here on submit, lowered by the workers.
+    depth: metrics::Gauge,
 }
 
 impl Batcher {
@@ -95,6 +97,7 @@ impl Batcher {
             per_image_in,
             per_image_out,
             config,
+            depth: metrics::gauge!(m::QUEUE_DEPTH, "model" => model),
         }
     }
 
@@ -129,21 +132,18 @@ impl Batcher {
             return Err(SubmitError::Stopped);
         };
         // Counted before it is sent, so the worker never takes away more than was added.
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        let depth = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
         let sent = sender.try_send(job);
         if sent.is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.depth.set(depth as f64);
         }
         match sent {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
         }
-    }
-
-    /// Requests waiting now.
-    pub fn queue_depth(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
     }
 
     /// Refuse new requests, finish the queued ones and stop the threads (waits for them).

@@ -246,8 +246,6 @@ async fn run_batched(
             format!("model {} is being unloaded", model.name),
         ),
     })?;
-    ::metrics::gauge!(m::QUEUE_DEPTH, "model" => model.name.clone())
-        .set(model.batcher.queue_depth() as f64);
     let reply = match tokio::time::timeout(timeout, receiver).await {
         Err(_) => {
             return Err(ApiError::new(
@@ -272,7 +270,7 @@ async fn run_batched(
         }
         Ok(Ok(Ok(reply))) => reply,
     };
-    ::metrics::histogram!(m::QUEUE_SECONDS, "model" => model.name.clone()).record(reply.queued_s);
+    model.metrics.queue_seconds.record(reply.queued_s);
     Ok(reply)
 }
 
@@ -599,7 +597,9 @@ async fn detect_request(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    ::metrics::histogram!(m::PREPROCESS_SECONDS, "model" => model.name.clone())
+    model
+        .metrics
+        .preprocess_seconds
         .record(pre_started.elapsed().as_secs_f64());
     let reply = run_batched(
         state,
@@ -621,7 +621,9 @@ async fn detect_request(
             &mut dets,
         )
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    ::metrics::histogram!(m::POSTPROCESS_SECONDS, "model" => model.name.clone())
+    model
+        .metrics
+        .postprocess_seconds
         .record(post_started.elapsed().as_secs_f64());
     let detections: Vec<serde_json::Value> = dets
         .iter()

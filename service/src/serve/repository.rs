@@ -77,6 +77,25 @@ pub struct LoadedModel {
     pub class_names: Vec<String>,
     pub config: ModelConfig,
     pub batcher: Batcher,
+    pub metrics: ModelMetrics,
+}
+
+/// A model's per-request histograms, registered once at load (recording then needs no lookup).
+pub struct ModelMetrics {
+    pub queue_seconds: metrics::Histogram,
+    pub preprocess_seconds: metrics::Histogram,
+    pub postprocess_seconds: metrics::Histogram,
+}
+
+impl ModelMetrics {
+    fn new(model: &str) -> Self {
+        let h = |name: &'static str| metrics::histogram!(name, "model" => model.to_string());
+        Self {
+            queue_seconds: h(m::QUEUE_SECONDS),
+            preprocess_seconds: h(m::PREPROCESS_SECONDS),
+            postprocess_seconds: h(m::POSTPROCESS_SECONDS),
+        }
+    }
 }
 
 /// Where a model's versions come from.
@@ -471,5 +490,6 @@ fn load_one(
         class_names,
         config: config.clone(),
         batcher,
+        metrics: ModelMetrics::new(name),
     })
 }
