@@ -54,12 +54,24 @@ fn softmax_outputs(graph: &pb::GraphProto) -> HashSet<&str> {
         .collect()
 }
 
+/// Choices of one quantization beyond the convention.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizePolicy {
+    /// Convolutions (node names) kept in floating point: no Q/DQ on their weight, and none on
+    /// their input unless another quantized convolution reads it too.
+    pub float_convs: HashSet<String>,
+    /// The [`QUANTIZATION_KEY`] metadata value written (how the ranges were found); empty means
+    /// [`PTQ_MAX`].
+    pub method: String,
+}
+
 /// A default-domain Conv with a data input and a float 4-D initializer as its weight, other than
-/// the DFL's fixed projection (input from a Softmax).
+/// the DFL's fixed projection (input from a Softmax) and the convolutions the policy keeps float.
 fn is_quantizable_conv(
     node: &pb::NodeProto,
     weights: &HashSet<&str>,
     softmax: &HashSet<&str>,
+    policy: &QuantizePolicy,
 ) -> bool {
     node.op_type == "Conv"
         && (node.domain.is_empty() || node.domain == "ai.onnx")
@@ -67,22 +79,62 @@ fn is_quantizable_conv(
         && !node.input[0].is_empty()
         && weights.contains(node.input[1].as_str())
         && !softmax.contains(node.input[0].as_str())
+        && !policy.float_convs.contains(&node.name)
+}
+
+/// The convolutions that run in INT8 under `policy`: (node name, input tensor), in graph order.
+pub fn quantized_convs(model: &pb::ModelProto, policy: &QuantizePolicy) -> Vec<(String, String)> {
+    let graph = model.graph();
+    let weights = float_4d_initializers(graph);
+    let softmax = softmax_outputs(graph);
+    graph
+        .node
+        .iter()
+        .filter(|n| is_quantizable_conv(n, &weights, &softmax, policy))
+        .map(|n| (n.name.clone(), n.input[0].clone()))
+        .collect()
+}
+
+/// The detection head's last convolutions (node names): those whose output is flattened by a
+/// Reshape into the head's box and class maps. [`QuantizePolicy::float_convs`] candidates: their
+/// outputs are the raw box distances and class logits. The DFL's projection is not one of them.
+pub fn head_output_convs(model: &pb::ModelProto) -> Vec<String> {
+    let graph = model.graph();
+    let softmax = softmax_outputs(graph);
+    let reshaped: HashSet<&str> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Reshape")
+        .filter_map(|n| n.input.first().map(String::as_str))
+        .collect();
+    graph
+        .node
+        .iter()
+        .filter(|n| {
+            n.op_type == "Conv"
+                && !n
+                    .input
+                    .first()
+                    .is_some_and(|x| softmax.contains(x.as_str()))
+                && n.output.iter().any(|o| reshaped.contains(o.as_str()))
+        })
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 /// The activation tensors that get a Q/DQ pair: input 0 of every Conv whose weight (input 1) is a
 /// float32 initializer with 4 dims, each tensor once, in graph order.
 pub fn quantization_points(model: &pb::ModelProto) -> Vec<String> {
-    let graph = model.graph();
-    let weights = float_4d_initializers(graph);
-    let softmax = softmax_outputs(graph);
+    quantization_points_with(model, &QuantizePolicy::default())
+}
+
+/// [`quantization_points`] under `policy`.
+pub fn quantization_points_with(model: &pb::ModelProto, policy: &QuantizePolicy) -> Vec<String> {
     let mut seen = HashSet::new();
-    graph
-        .node
-        .iter()
-        .filter(|n| is_quantizable_conv(n, &weights, &softmax))
-        .map(|n| &n.input[0])
-        .filter(|x| seen.insert(x.as_str()))
-        .cloned()
+    quantized_convs(model, policy)
+        .into_iter()
+        .map(|(_, x)| x)
+        .filter(|x| seen.insert(x.clone()))
         .collect()
 }
 
@@ -130,6 +182,11 @@ impl UnionFind {
 /// come in the order of their first quantization point; a point that shares with nothing is a
 /// group of its own, so every point is in exactly one group.
 pub fn sharing_groups(model: &pb::ModelProto) -> Vec<Vec<String>> {
+    sharing_groups_with(model, &QuantizePolicy::default())
+}
+
+/// [`sharing_groups`] under `policy`.
+pub fn sharing_groups_with(model: &pb::ModelProto, policy: &QuantizePolicy) -> Vec<Vec<String>> {
     let graph = model.graph();
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     // Constants have no calibrated range and never reach an INT8 kernel, so they join no group.
@@ -158,7 +215,7 @@ pub fn sharing_groups(model: &pb::ModelProto) -> Vec<Vec<String>> {
             }
         }
     }
-    let points = quantization_points(model);
+    let points = quantization_points_with(model, policy);
     let mut group_of_root: HashMap<usize, usize> = HashMap::new();
     let mut groups: Vec<Vec<String>> = Vec::new();
     for p in &points {
@@ -311,13 +368,21 @@ pub fn quantize_model(
     model: &pb::ModelProto,
     amax: &HashMap<String, f32>,
 ) -> Result<pb::ModelProto> {
-    check_quantizable(model)?;
-    let points = quantization_points(model);
-    let point_set: HashSet<&str> = points.iter().map(String::as_str).collect();
+    quantize_model_with(model, amax, &QuantizePolicy::default())
+}
 
+/// The scale of every quantization point under `policy` (input units per integer step): amax /
+/// 127 with the amax merged over the point's sharing group, as [`quantize_model_with`] writes it.
+pub fn activation_scales(
+    model: &pb::ModelProto,
+    amax: &HashMap<String, f32>,
+    policy: &QuantizePolicy,
+) -> Result<HashMap<String, f32>> {
+    let points = quantization_points_with(model, policy);
+    let point_set: HashSet<&str> = points.iter().map(String::as_str).collect();
     // One scale per sharing group, from the largest amax any member had.
     let mut act_scale: HashMap<String, f32> = HashMap::new();
-    for group in sharing_groups(model) {
+    for group in sharing_groups_with(model, policy) {
         let mut merged: Option<f32> = None;
         for t in &group {
             if let Some(&a) = amax.get(t) {
@@ -346,6 +411,20 @@ pub fn quantize_model(
             act_scale.insert(p.clone(), scale_for(merged));
         }
     }
+    Ok(act_scale)
+}
+
+/// [`quantize_model`] under `policy`: the convolutions it keeps float get no Q/DQ, and the
+/// metadata records its method.
+pub fn quantize_model_with(
+    model: &pb::ModelProto,
+    amax: &HashMap<String, f32>,
+    policy: &QuantizePolicy,
+) -> Result<pb::ModelProto> {
+    check_quantizable(model)?;
+    let points = quantization_points_with(model, policy);
+    let point_set: HashSet<&str> = points.iter().map(String::as_str).collect();
+    let act_scale = activation_scales(model, amax, policy)?;
 
     let mut out = model.clone();
     let graph = out
@@ -382,7 +461,7 @@ pub fn quantize_model(
     }
     for node in &old_nodes {
         let mut node = node.clone();
-        if is_quantizable_conv(&node, &weight_names, &softmax) {
+        if is_quantizable_conv(&node, &weight_names, &softmax, policy) {
             // Only convolutions are rewired: they are what runs in INT8, and a Q/DQ pair in front
             // of anything else would only add rounding.
             node.input[1] = rw.weight(weights[node.input[1].as_str()])?;
@@ -419,15 +498,20 @@ pub fn quantize_model(
     // Old-style models list initializers as inputs too; a removed one must not become an input.
     graph.input.retain(|i| !replaced.contains(&i.name));
 
+    let method = if policy.method.is_empty() {
+        PTQ_MAX
+    } else {
+        policy.method.as_str()
+    };
     match out
         .metadata_props
         .iter_mut()
         .find(|p| p.key == QUANTIZATION_KEY)
     {
-        Some(p) => p.value = PTQ_MAX.into(),
+        Some(p) => p.value = method.into(),
         None => out.metadata_props.push(pb::StringStringEntryProto {
             key: QUANTIZATION_KEY.into(),
-            value: PTQ_MAX.into(),
+            value: method.into(),
         }),
     }
     Ok(out)
@@ -700,6 +784,131 @@ mod tests {
         // A second run on the quantized model is refused rather than doubling the pairs.
         let err = quantize_model(&q, &unit_ranges(&model)).expect_err("quantized twice");
         assert!(err.to_string().contains("already has Q/DQ"), "{err}");
+    }
+
+    /// The scale of every activation Q/DQ pair of a quantized model: quantized tensor → scale.
+    fn pair_scales(q: &pb::ModelProto) -> HashMap<String, f32> {
+        let graph = q.graph();
+        let scalar = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .and_then(|t| t.to_f32())
+                .and_then(|v| (v.len() == 1).then(|| v[0]))
+        };
+        graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "QuantizeLinear")
+            .map(|n| {
+                let s =
+                    scalar(&n.input[1]).unwrap_or_else(|| panic!("{}: no scalar scale", n.name));
+                (n.input[0].clone(), s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_concat_add_and_pool_of_quantized_gelan_c_shares_one_scale() {
+        let cfg = ModelConfig::new("gelan-c", 80, 64).expect("gelan-c config");
+        let model = export(
+            &cfg,
+            &mut WeightSource::Random { seed: 5 },
+            &ExportOptions::dynamic(80),
+        )
+        .expect("export gelan-c");
+        // A different range for every tensor, one of them zero: equal scales can only come from
+        // the sharing rules, and no scale may be zero.
+        let mut ranges: HashMap<String, f32> = sharing_groups(&model)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, t)| (t, 0.5 + (i % 97) as f32 * 0.37))
+            .collect();
+        ranges.insert("images".into(), 0.0);
+        let q = quantize_model(&model, &ranges).expect("quantize");
+        let scales = pair_scales(&q);
+        assert_eq!(scales.len(), quantization_points(&model).len());
+        assert!(
+            scales.values().all(|&s| s > 0.0 && s.is_finite()),
+            "a zero scale"
+        );
+        let mut checked = 0;
+        for n in q.graph().node.iter().filter(|n| {
+            matches!(
+                n.op_type.as_str(),
+                "Concat" | "Add" | "MaxPool" | "AveragePool" | "Resize" | "Split"
+            )
+        }) {
+            let mut seen: Vec<f32> = n
+                .input
+                .iter()
+                .take(if n.op_type == "Concat" || n.op_type == "Add" {
+                    usize::MAX
+                } else {
+                    1
+                })
+                .chain(&n.output)
+                .filter_map(|t| scales.get(t).copied())
+                .collect();
+            seen.dedup();
+            assert!(
+                seen.len() <= 1,
+                "{} ({}): scales {seen:?}",
+                n.name,
+                n.op_type
+            );
+            checked += usize::from(!seen.is_empty());
+        }
+        assert!(checked > 40, "only {checked} groups carried pairs");
+        // Weight scales are positive too, channel by channel.
+        for t in q
+            .graph()
+            .initializer
+            .iter()
+            .filter(|t| t.name.ends_with("weight_scale"))
+        {
+            let v = t.to_f32().expect("weight scales");
+            assert!(v.iter().all(|&s| s > 0.0), "{}: a zero scale", t.name);
+        }
+    }
+
+    #[test]
+    fn a_policy_keeps_the_head_outputs_float_and_names_its_method() {
+        let model = gelan_t();
+        let head = head_output_convs(&model);
+        // Three levels, a box and a class convolution each.
+        assert_eq!(head.len(), 6, "{head:?}");
+        assert!(
+            head.iter().all(|n| n.starts_with("model.22.cv")),
+            "{head:?}"
+        );
+        let policy = QuantizePolicy {
+            float_convs: head.iter().cloned().collect(),
+            method: "qat-test".into(),
+        };
+        let convs = quantized_convs(&model, &policy);
+        assert_eq!(
+            convs.len(),
+            quantized_convs(&model, &QuantizePolicy::default()).len() - 6
+        );
+        let q = quantize_model_with(&model, &unit_ranges(&model), &policy).expect("quantize");
+        assert_eq!(q.metadata(QUANTIZATION_KEY), Some("qat-test"));
+        let dq_outputs: HashSet<&str> = q
+            .graph()
+            .node
+            .iter()
+            .filter(|n| n.op_type == "DequantizeLinear")
+            .map(|n| n.output[0].as_str())
+            .collect();
+        for n in q.graph().node.iter().filter(|n| head.contains(&n.name)) {
+            assert!(
+                !dq_outputs.contains(n.input[1].as_str()),
+                "{} weight quantized",
+                n.name
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub enum Error {
     /// Training data that cannot be used, and why.
     #[error("{0}")]
     Data(String),
+    /// A model that cannot be quantized or run as a graph, or a quantization checkpoint that
+    /// does not fit the command.
+    #[error("{0}")]
+    Quantization(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -8,9 +8,29 @@ use kestrel_runtime::letterbox::Letterboxer;
 use kestrel_runtime::nms::{NmsConfig, Postprocessor};
 use tch::{Device, Tensor};
 
+use kestrel_exporter::ModelConfig;
+
 use crate::data::Source;
 use crate::error::{Error, Result};
 use crate::model::Gelan;
+
+/// A detector network evaluation can run: its configuration and `output0` for a batch.
+pub trait Network {
+    /// The model (classes, input size, anchors).
+    fn config(&self) -> &ModelConfig;
+    /// `output0` `[B, 4 + nc, anchors]` of images `[B, 3, H, W]` in [0, 1], without gradients.
+    fn infer(&self, images: &Tensor) -> Result<Tensor>;
+}
+
+impl Network for Gelan {
+    fn config(&self) -> &ModelConfig {
+        Gelan::config(self)
+    }
+
+    fn infer(&self, images: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| self.forward_t(images, false))
+    }
+}
 
 /// Detections of `model` (evaluation mode) on `images`, boxes in each image's pixels: the
 /// runtime's letterbox and post-processing around the tch forward pass.
@@ -38,7 +58,7 @@ impl TchDetector {
     /// `out[i]` receives the detections of `images[i]`.
     pub fn detect(
         &mut self,
-        model: &Gelan,
+        model: &dyn Network,
         images: &[&image::RgbImage],
         device: Device,
         nms: &NmsConfig,
@@ -65,7 +85,7 @@ impl TchDetector {
         let batch = Tensor::from_slice(&self.pixels)
             .view([images.len() as i64, 3, h as i64, w as i64])
             .to_device(device);
-        let y = tch::no_grad(|| model.forward_t(&batch, false))?;
+        let y = model.infer(&batch)?;
         let y = Vec::<f32>::try_from(y.to_device(Device::Cpu).flatten(0, -1))?;
         let per = (4 + nc) * anchors;
         out.resize_with(images.len(), Vec::new);
@@ -81,7 +101,7 @@ impl TchDetector {
 
 /// mAP and friends of `model` (evaluation mode) on every image of `source`, `batch` at a time.
 pub fn evaluate(
-    model: &Gelan,
+    model: &dyn Network,
     source: &Source,
     batch: usize,
     device: Device,

@@ -4,11 +4,13 @@
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod graph;
 pub mod import;
 pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod quant;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,535 @@
+//! Quantization in the trainer, on the deployment graph ([`crate::graph`]): post-training
+//! calibration (max, or histograms with MSE, percentile or entropy), quantization-aware
+//! fine-tuning against the float model as teacher, per-layer sensitivity, and export to the Q/DQ
+//! ONNX the engines run.
+//!
+//! Placement is the exporter's (`kestrel_exporter::quantize`): a quantizer on the input and the
+//! weight of every convolution, one scale per sharing group (a Concat and its inputs, both inputs
+//! of a residual Add and the bottleneck input they share, a pool or upsample and its input, a
+//! Split and its input), so the engine runs each group in INT8 without requantizing. The
+//! tensors in a group get no quantizer of their own: their values are already on the grid of the
+//! convolution that reads them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use kestrel_exporter::onnx::pb;
+use kestrel_exporter::quantize::{
+    QuantizePolicy, activation_scales, check_quantizable, head_output_convs, quantize_model_with,
+    quantized_convs, sharing_groups_with,
+};
+use kestrel_exporter::{Activation, ModelConfig, ModelSpec};
+use kestrel_runtime::calibrate::{AbsHistogram, CalibrationMethod};
+use kestrel_runtime::eval::EvalSummary;
+use kestrel_runtime::nms::NmsConfig;
+use tch::{Device, Kind, Reduction, Tensor, nn, nn::OptimizerConfig};
+
+use crate::data::Source;
+use crate::error::{Error, Result};
+use crate::eval::{Network, evaluate};
+use crate::graph::{ConvQuantizer, GraphNet};
+
+/// An ONNX detector (float or Q/DQ) as a tch network, with the model configuration from its
+/// metadata.
+pub struct OnnxNetwork {
+    pub config: ModelConfig,
+    /// Class names from the metadata (`class0`, … when it has none).
+    pub names: Vec<String>,
+    pub net: GraphNet,
+    vs: nn::VarStore,
+}
+
+/// The model configuration Kestrel's exporter records in the metadata.
+fn config_from_metadata(model: &pb::ModelProto) -> Result<ModelConfig> {
+    let missing = |key: &str| {
+        Error::Quantization(format!(
+            "the model has no '{key}' metadata: it was not exported by Kestrel; export it with \
+             `kestrel-train export` or `kestrel export`"
+        ))
+    };
+    let name = model.metadata("model").ok_or_else(|| missing("model"))?;
+    let classes: usize = model
+        .metadata("num_classes")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| missing("num_classes"))?;
+    let imgsz: [usize; 2] = model
+        .metadata("imgsz")
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(|| missing("imgsz"))?;
+    let activation = match model.metadata("activation") {
+        Some("relu") => Activation::Relu,
+        _ => Activation::Silu,
+    };
+    let config = ModelConfig {
+        spec: ModelSpec::by_name(name)?,
+        num_classes: classes,
+        imgsz,
+        activation,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+impl OnnxNetwork {
+    /// Load `model` on `device`.
+    pub fn new(model: &pb::ModelProto, device: Device) -> Result<Self> {
+        let config = config_from_metadata(model)?;
+        let names = model
+            .metadata("names")
+            .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+            .filter(|n| n.len() == config.num_classes)
+            .unwrap_or_else(|| {
+                (0..config.num_classes)
+                    .map(|i| format!("class{i}"))
+                    .collect()
+            });
+        let vs = nn::VarStore::new(device);
+        let net = GraphNet::new(model, &vs.root())?;
+        Ok(Self {
+            config,
+            names,
+            net,
+            vs,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+}
+
+impl Network for OnnxNetwork {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn infer(&self, images: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| self.net.forward(images))
+    }
+}
+
+/// Read an ONNX file for quantization, with clear errors for the files users confuse it with.
+pub fn read_float_model(path: &Path) -> Result<pb::ModelProto> {
+    let name = path.to_string_lossy();
+    if name.ends_with(".safetensors") {
+        return Err(Error::Quantization(format!(
+            "{name}: a training checkpoint (unfused: BatchNorm and RepConvN branches separate); \
+             quantization works on the deployment form. Run `kestrel-train export --weights \
+             {name} -o model.onnx` first and quantize model.onnx"
+        )));
+    }
+    let model = kestrel_exporter::read_model(path)?;
+    if model
+        .graph()
+        .node
+        .iter()
+        .any(|n| n.op_type == "BatchNormalization")
+    {
+        return Err(Error::Quantization(format!(
+            "{name} has BatchNormalization nodes (an unfused model); export the fused model with \
+             `kestrel-train export` and quantize that"
+        )));
+    }
+    check_quantizable(&model).map_err(|e| {
+        Error::Quantization(format!(
+            "{name}: {e}. Quantization starts from the float model it was made from"
+        ))
+    })?;
+    Ok(model)
+}
+
+/// Batches for calibration from `source`: letterboxed images without augmentation (no mosaic,
+/// flips, zoom, shift or colour jitter), `batch_size` at a time, at most `batches` of them, in a
+/// seeded order.
+pub fn calibration_batches(
+    source: Source,
+    imgsz: u32,
+    batch_size: usize,
+    batches: usize,
+    seed: u64,
+) -> Result<impl Iterator<Item = Result<Tensor>>> {
+    if source.is_empty() {
+        return Err(Error::Data(
+            "no calibration images: the dataset split is empty; check the data YAML's train: \
+             entry"
+                .into(),
+        ));
+    }
+    let mut loader = crate::data::Loader::new(source, imgsz, batch_size, seed)?;
+    loader.flip = 0.0;
+    loader.scale = 0.0;
+    loader.translate = 0.0;
+    loader.hsv = [0.0; 3];
+    loader.mosaic = 0.0;
+    let n = loader.batches_per_epoch().min(batches);
+    Ok((0..n).map(move |b| loader.batch(0, b).map(|batch| batch.images)))
+}
+
+/// A float model with fake quantizers: the student of QAT, the subject of calibration and
+/// sensitivity analysis.
+pub struct QuantModel {
+    /// The float model it came from (structure, metadata, constants).
+    float: pb::ModelProto,
+    policy: QuantizePolicy,
+    /// Calibrated range (amax) of every tensor of every sharing group; empty before calibration.
+    amax: HashMap<String, f32>,
+    pub network: OnnxNetwork,
+}
+
+impl QuantModel {
+    /// Prepare `float` for quantization on `device`; `keep_head_float` leaves the detection head's
+    /// last convolutions (box distances and class logits) in floating point.
+    pub fn new(float: pb::ModelProto, device: Device, keep_head_float: bool) -> Result<Self> {
+        check_quantizable(&float)?;
+        let network = OnnxNetwork::new(&float, device)?;
+        let policy = QuantizePolicy {
+            float_convs: if keep_head_float {
+                head_output_convs(&float).into_iter().collect()
+            } else {
+                Default::default()
+            },
+            method: String::new(),
+        };
+        Ok(Self {
+            float,
+            policy,
+            amax: HashMap::new(),
+            network,
+        })
+    }
+
+    /// The tensors calibration measures: every member of every sharing group.
+    pub fn calibration_tensors(&self) -> Vec<String> {
+        sharing_groups_with(&self.float, &self.policy)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Calibrate on `batches` (`[B, 3, H, W]` in [0, 1]) with quantization off, then switch the
+    /// quantizers on with the ranges `method` picks. Returns the number of images seen.
+    pub fn calibrate(
+        &mut self,
+        batches: impl IntoIterator<Item = Result<Tensor>>,
+        method: CalibrationMethod,
+        mut progress: impl FnMut(usize),
+    ) -> Result<usize> {
+        let tensors = self.calibration_tensors();
+        let mut slot: HashMap<usize, usize> = HashMap::new();
+        for (k, t) in tensors.iter().enumerate() {
+            let id = self.network.net.value_id(t).ok_or_else(|| {
+                Error::Quantization(format!("tensor '{t}' is not computed by the graph"))
+            })?;
+            slot.insert(id, k);
+        }
+        let mut histograms = vec![AbsHistogram::new(); tensors.len()];
+        let device = self.network.device();
+        let mut images = 0;
+        self.network.net.quantize = false;
+        let result = (|| -> Result<()> {
+            for batch in batches {
+                let batch = batch?.to_device(device);
+                let n = batch.size()[0] as usize;
+                let _output = tch::no_grad(|| {
+                    self.network.net.forward_observed(&batch, |id, t| {
+                        let Some(&k) = slot.get(&id) else {
+                            return Ok(());
+                        };
+                        let abs = t.abs().flatten(0, -1);
+                        let m = abs.max().double_value(&[]) as f32;
+                        if !m.is_finite() {
+                            return Err(Error::Quantization(format!(
+                                "tensor '{}' has non-finite values on calibration batch {}: the \
+                                 float model overflows there, so it cannot be calibrated",
+                                tensors[k],
+                                images / n.max(1) + 1
+                            )));
+                        }
+                        let h = &mut histograms[k];
+                        let (width, bins) = h.grow(m);
+                        if method.needs_histogram() && width > 0.0 {
+                            let idx = (abs / width)
+                                .floor()
+                                .clamp(0.0, (bins - 1) as f64)
+                                .to_kind(Kind::Int64);
+                            let counts = idx
+                                .bincount(None::<Tensor>, bins as i64)
+                                .to_kind(Kind::Double)
+                                .to_device(Device::Cpu);
+                            h.add_counts(&Vec::<f64>::try_from(counts)?)
+                                .map_err(Error::Runtime)?;
+                        }
+                        Ok(())
+                    })
+                })?;
+                images += n;
+                progress(n);
+            }
+            Ok(())
+        })();
+        self.network.net.quantize = true;
+        result?;
+        if images == 0 {
+            return Err(Error::Data(
+                "no calibration images: the dataset split is empty; check the data YAML's train: \
+                 entry"
+                    .into(),
+            ));
+        }
+        let amax = tensors
+            .iter()
+            .zip(&histograms)
+            .map(|(t, h)| (t.clone(), h.amax(method)))
+            .collect();
+        self.set_ranges(amax, &method.label())?;
+        Ok(images)
+    }
+
+    /// Use the ranges `amax` (tensor → largest |x| covered) for the quantizers; `method` names how
+    /// they were found (recorded in exported models).
+    pub fn set_ranges(&mut self, amax: HashMap<String, f32>, method: &str) -> Result<()> {
+        let scales = activation_scales(&self.float, &amax, &self.policy)?;
+        let mut quantizers = HashMap::new();
+        for (conv, input) in quantized_convs(&self.float, &self.policy) {
+            let scale = scales.get(&input).copied().ok_or_else(|| {
+                Error::Quantization(format!("no scale for '{input}', the input of '{conv}'"))
+            })?;
+            quantizers.insert(
+                conv,
+                ConvQuantizer {
+                    input_scale: f64::from(scale),
+                },
+            );
+        }
+        self.network.net.set_quantizers(&quantizers)?;
+        self.amax = amax;
+        self.policy.method = method.to_string();
+        Ok(())
+    }
+
+    /// The calibrated ranges (empty before calibration).
+    pub fn ranges(&self) -> &HashMap<String, f32> {
+        &self.amax
+    }
+
+    /// The Q/DQ ONNX of the current weights and ranges, `method` recorded in its metadata
+    /// (`kestrel.quantization`).
+    pub fn export(&self, method: &str) -> Result<pb::ModelProto> {
+        if self.amax.is_empty() {
+            return Err(Error::Quantization(
+                "the model is not calibrated yet; calibrate before exporting".into(),
+            ));
+        }
+        let mut float = self.float.clone();
+        let current: HashMap<&str, &Tensor> = self.network.net.parameters().collect();
+        if let Some(graph) = float.graph.as_mut() {
+            for init in graph.initializer.iter_mut() {
+                if let Some(t) = current.get(init.name.as_str()) {
+                    let values =
+                        Vec::<f32>::try_from(t.detach().to_device(Device::Cpu).flatten(0, -1))?;
+                    *init = pb::TensorProto::from_f32(&init.name, &init.dims, &values);
+                }
+            }
+        }
+        let policy = QuantizePolicy {
+            method: method.to_string(),
+            ..self.policy.clone()
+        };
+        Ok(quantize_model_with(&float, &self.amax, &policy)?)
+    }
+
+    /// Evaluate on `source` with the quantizers on, except in `float_layers`.
+    pub fn evaluate(
+        &mut self,
+        source: &Source,
+        batch: usize,
+        nms: &NmsConfig,
+        progress: impl FnMut(usize),
+    ) -> Result<EvalSummary> {
+        let device = self.network.device();
+        evaluate(&self.network, source, batch, device, nms, progress)
+    }
+}
+
+/// The seed recipe's learning rate for QAT epoch `epoch` (0-based): 1e-6, except 1e-5 in epoch 6.
+pub fn qat_learning_rate(epoch: usize) -> f64 {
+    if epoch == 6 { 1e-5 } else { 1e-6 }
+}
+
+/// What QAT supervises and how.
+#[derive(Debug, Clone)]
+pub struct QatConfig {
+    /// Supervise every `supervision_stride`-th top-level layer (and the last before the head).
+    pub supervision_stride: usize,
+    /// Also supervise the head's output (`output0`).
+    pub supervise_head: bool,
+}
+
+impl Default for QatConfig {
+    fn default() -> Self {
+        Self {
+            supervision_stride: 1,
+            supervise_head: false,
+        }
+    }
+}
+
+/// Quantization-aware fine-tuning: the student (fake-quantized) learns to reproduce the float
+/// teacher's outputs of the supervised layers (sum of mean squared errors), with Adam.
+pub struct Qat {
+    teacher: OnnxNetwork,
+    optimizer: nn::Optimizer,
+    /// Value ids of the supervised tensors (the same in student and teacher: one graph).
+    supervised: Vec<usize>,
+}
+
+impl Qat {
+    /// Set up QAT of `student` (calibrated) with the float model it came from as teacher.
+    pub fn new(student: &QuantModel, config: &QatConfig) -> Result<Self> {
+        if student.ranges().is_empty() {
+            return Err(Error::Quantization(
+                "QAT starts from a calibrated model; calibrate first".into(),
+            ));
+        }
+        if config.supervision_stride == 0 {
+            return Err(Error::Quantization(
+                "supervision stride 0: give 1 or more".into(),
+            ));
+        }
+        let mut teacher = OnnxNetwork::new(&student.float, student.network.device())?;
+        teacher.vs.freeze();
+        teacher.net.quantize = false;
+        let layers = student.network.net.layer_outputs();
+        if layers.len() < 2 {
+            return Err(Error::Quantization(
+                "the graph has no top-level layers (model.N) to supervise".into(),
+            ));
+        }
+        // The last layer is the head; the one before it is always supervised.
+        let body = &layers[..layers.len() - 1];
+        let mut supervised: Vec<usize> = body
+            .iter()
+            .step_by(config.supervision_stride)
+            .map(|&(_, v)| v)
+            .collect();
+        if let Some(&(_, last)) = body.last()
+            && !supervised.contains(&last)
+        {
+            supervised.push(last);
+        }
+        if config.supervise_head {
+            supervised.push(student.network.net.output_id());
+        }
+        let optimizer = nn::Adam::default().build(&student.network.vs, qat_learning_rate(0))?;
+        Ok(Self {
+            teacher,
+            optimizer,
+            supervised,
+        })
+    }
+
+    /// Names of the supervised tensors.
+    pub fn supervised<'a>(&self, student: &'a QuantModel) -> Vec<&'a str> {
+        self.supervised
+            .iter()
+            .map(|&v| student.network.net.value_name(v))
+            .collect()
+    }
+
+    /// One step on `images` (`[B, 3, H, W]` in [0, 1]) at learning rate `lr`; returns the loss.
+    pub fn step(&mut self, student: &QuantModel, images: &Tensor, lr: f64) -> Result<f64> {
+        let images = images.to_device(student.network.device());
+        let collect = |net: &GraphNet, images: &Tensor| -> Result<Vec<Tensor>> {
+            let mut taken: Vec<Option<Tensor>> = self.supervised.iter().map(|_| None).collect();
+            let _output = net.forward_observed(images, |id, t| {
+                for (k, &s) in self.supervised.iter().enumerate() {
+                    if s == id {
+                        taken[k] = Some(t.shallow_clone());
+                    }
+                }
+                Ok(())
+            })?;
+            taken
+                .into_iter()
+                .map(|t| {
+                    t.ok_or_else(|| {
+                        Error::Quantization("a supervised layer was not computed".into())
+                    })
+                })
+                .collect()
+        };
+        let targets = tch::no_grad(|| collect(&self.teacher.net, &images))?;
+        let outputs = collect(&student.network.net, &images)?;
+        let mut loss = Tensor::zeros([], (Kind::Float, images.device()));
+        for (o, t) in outputs.iter().zip(&targets) {
+            loss += o.mse_loss(t, Reduction::Mean);
+        }
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            return Err(Error::Quantization(format!(
+                "the QAT loss is {value}; lower the learning rate or recalibrate"
+            )));
+        }
+        self.optimizer.set_lr(lr);
+        self.optimizer.zero_grad();
+        loss.backward();
+        self.optimizer.step();
+        Ok(value)
+    }
+}
+
+/// One row of the sensitivity analysis.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerSensitivity {
+    /// Top-level layer index (`model.N`).
+    pub layer: usize,
+    /// The layer's block type in the model spec.
+    pub block: String,
+    /// mAP@.50:.95 and mAP@.50 with only this layer in floating point.
+    pub ap: f64,
+    pub ap50: f64,
+}
+
+/// For every layer owning quantizers, that layer in floating point and the rest quantized:
+/// evaluation on `source`, ranked best first (the layers whose quantization costs the most).
+pub fn sensitivity(
+    model: &mut QuantModel,
+    source: &Source,
+    batch: usize,
+    nms: &NmsConfig,
+    mut progress: impl FnMut(usize, &LayerSensitivity),
+) -> Result<Vec<LayerSensitivity>> {
+    let layers = model.network.net.quantized_layers();
+    let mut rows = Vec::with_capacity(layers.len());
+    for (k, layer) in layers.into_iter().enumerate() {
+        model.network.net.float_layers = [layer].into_iter().collect();
+        let summary = model.evaluate(source, batch, nms, |_| {});
+        model.network.net.float_layers.clear();
+        let summary = summary?;
+        let block = model
+            .network
+            .config
+            .spec
+            .layers
+            .get(layer)
+            .map(|l| {
+                let debug = format!("{:?}", l.block);
+                debug
+                    .split(['(', ' ', '{'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let row = LayerSensitivity {
+            layer,
+            block,
+            ap: summary.ap,
+            ap50: summary.ap50,
+        };
+        progress(k + 1, &row);
+        rows.push(row);
+    }
+    rows.sort_by(|a, b| b.ap.total_cmp(&a.ap).then(a.layer.cmp(&b.layer)));
+    Ok(rows)
+}
