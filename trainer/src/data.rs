@@ -36,6 +36,15 @@ impl Source {
         }
     }
 
+    /// The first `n` images only (all when there are fewer).
+    pub fn first(mut self, n: usize) -> Self {
+        match &mut self {
+            Source::Dataset(d) => d.samples.truncate(n),
+            Source::Synthetic { count, .. } => *count = (*count).min(n),
+        }
+        self
+    }
+
     /// True when there is no image to train on.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

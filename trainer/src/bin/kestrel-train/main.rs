@@ -17,6 +17,8 @@ use kestrel_trainer::plot::{Series, curves, pr_curves};
 use kestrel_trainer::train::{TrainConfig, Trainer};
 use tch::{Device, nn};
 
+mod qat;
+
 #[derive(Parser)]
 #[command(
     name = "kestrel-train",
@@ -135,8 +137,16 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Fuse a training checkpoint and export it to ONNX (dynamic batch, FP32).
+    /// Quantization: PTQ calibration, QAT fine-tuning, sensitivity analysis, evaluation of
+    /// quantized models (the options of YOLOv9's qat.py).
+    Qat {
+        #[command(subcommand)]
+        command: qat::QatCommand,
+    },
+    /// Fuse a training checkpoint and export it to ONNX (dynamic batch, FP32); or copy a
+    /// quantized model (`qat_best_….onnx`) after checking it, Q/DQ pairs as trained.
     Export {
+        /// A training checkpoint (.safetensors), or a Q/DQ ONNX model written by `qat quantize`.
         #[arg(long)]
         weights: PathBuf,
         #[arg(short, long)]
@@ -144,7 +154,7 @@ enum Command {
     },
 }
 
-fn parse_device(s: &str) -> Result<Device> {
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         _ => {
@@ -171,7 +181,7 @@ fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     if let Ok(style) = ProgressStyle::with_template(&format!(
         "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]"
@@ -529,6 +539,31 @@ fn main() -> Result<()> {
             let (_, tensors) = fused(&weights)?;
             save_safetensors(&output, &tensors)?;
             println!("wrote {} ({} tensors)", output.display(), tensors.len());
+        }
+        Command::Qat { command } => qat::run(command)?,
+        Command::Export { weights, output } if weights.extension().is_some_and(|e| e == "onnx") => {
+            let model = kestrel_exporter::read_model(&weights)?;
+            let network = kestrel_trainer::quant::OnnxNetwork::new(&model, Device::Cpu)
+                .with_context(|| weights.display().to_string())?;
+            if !network.net.is_quantized() {
+                bail!(
+                    "{} is a float ONNX model, already exported; quantize it with \
+                     `kestrel-train qat quantize --weights {}`",
+                    weights.display(),
+                    weights.display()
+                );
+            }
+            write_model(&model, &output)?;
+            let s = kestrel_exporter::summarize(&model);
+            println!(
+                "wrote {} ({}, {} Q/DQ pairs, {})",
+                output.display(),
+                network.config.spec.name,
+                s.qdq_pairs,
+                model
+                    .metadata(kestrel_exporter::quantize::QUANTIZATION_KEY)
+                    .unwrap_or("quantized")
+            );
         }
         Command::Export { weights, output } => {
             let (cfg, tensors) = fused(&weights)?;
