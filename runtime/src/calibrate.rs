@@ -26,6 +26,8 @@ pub struct Calibrator {
     tensors: Vec<String>,
     /// Largest |x| so far, per entry of `tensors`.
     amax: Vec<f32>,
+    /// |x| histograms per entry of `tensors`, for the histogram methods (empty for max).
+    histograms: Vec<AbsHistogram>,
     input_hw: [usize; 2],
     images: usize,
     letterboxer: Letterboxer,
@@ -37,6 +39,16 @@ impl Calibrator {
     /// (ONNX tensor names; duplicates are measured once). The model must take one image input
     /// `[batch, 3, H, W]` like every Kestrel detector.
     pub fn new(model_bytes: &[u8], path: &Path, tensors: &[String]) -> Result<Self> {
+        Self::with_method(model_bytes, path, tensors, CalibrationMethod::Max)
+    }
+
+    /// [`Calibrator::new`] keeping what `method` needs (|x| histograms for all but max).
+    pub fn with_method(
+        model_bytes: &[u8],
+        path: &Path,
+        tensors: &[String],
+        method: CalibrationMethod,
+    ) -> Result<Self> {
         let mut seen = HashSet::new();
         let tensors: Vec<String> = tensors
             .iter()
@@ -74,6 +86,11 @@ impl Calibrator {
             _plan: plan,
             state,
             amax: vec![0.0; tensors.len()],
+            histograms: if method.needs_histogram() {
+                vec![AbsHistogram::new(); tensors.len()]
+            } else {
+                Vec::new()
+            },
             tensors,
             input_hw: info.input_hw,
             images: 0,
@@ -127,6 +144,10 @@ impl Calibrator {
             }
             *amax = m;
         }
+        for (h, value) in self.histograms.iter_mut().zip(&outputs) {
+            let view = value.try_as_plain_ram().map_err(backend_error)?;
+            h.add(view.as_slice::<f32>().map_err(backend_error)?);
+        }
         self.images += 1;
         Ok(())
     }
@@ -153,17 +174,40 @@ impl Calibrator {
     }
 }
 
-/// Largest |x| of each of `tensors` over `images`, run through the float ONNX model
-/// (`model_bytes`; `path` names it in messages). `progress` gets the count of images done after
-/// each one. The first image that fails to load or run stops the calibration with its error.
-pub fn activation_amax(
+impl Calibrator {
+    /// The range of each tensor by `method` (which must be the one the calibrator was made for,
+    /// or max, which every calibrator keeps).
+    pub fn ranges(&self, method: CalibrationMethod) -> Result<HashMap<String, f32>> {
+        if !method.needs_histogram() {
+            return Ok(self.amax());
+        }
+        if self.histograms.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: this calibrator kept no histograms; create it with that method",
+                method.label()
+            )));
+        }
+        Ok(self
+            .tensors
+            .iter()
+            .cloned()
+            .zip(self.histograms.iter().map(|h| h.amax(method)))
+            .collect())
+    }
+}
+
+/// The range `method` picks for each of `tensors` over `images`, run through the float ONNX
+/// model (`model_bytes`; `path` names it in messages). `progress` gets the count of images done
+/// after each one. The first image that fails to load or run stops the calibration.
+pub fn activation_ranges(
     model_bytes: &[u8],
     path: &Path,
     tensors: &[String],
     images: impl IntoIterator<Item = Result<RgbImage>>,
+    method: CalibrationMethod,
     mut progress: impl FnMut(usize),
 ) -> Result<HashMap<String, f32>> {
-    let mut calibrator = Calibrator::new(model_bytes, path, tensors)?;
+    let mut calibrator = Calibrator::with_method(model_bytes, path, tensors, method)?;
     for image in images {
         calibrator.add_image(&image?)?;
         progress(calibrator.images());
@@ -173,7 +217,27 @@ pub fn activation_amax(
             "no calibration images; give at least one".into(),
         ));
     }
-    Ok(calibrator.amax())
+    calibrator.ranges(method)
+}
+
+/// Largest |x| of each of `tensors` over `images`, run through the float ONNX model
+/// (`model_bytes`; `path` names it in messages). `progress` gets the count of images done after
+/// each one. The first image that fails to load or run stops the calibration with its error.
+pub fn activation_amax(
+    model_bytes: &[u8],
+    path: &Path,
+    tensors: &[String],
+    images: impl IntoIterator<Item = Result<RgbImage>>,
+    progress: impl FnMut(usize),
+) -> Result<HashMap<String, f32>> {
+    activation_ranges(
+        model_bytes,
+        path,
+        tensors,
+        images,
+        CalibrationMethod::Max,
+        progress,
+    )
 }
 
 /// How a tensor's range (amax, the largest |x| its quantization covers) is chosen from what
@@ -563,6 +627,22 @@ mod tests {
         assert_eq!(amax["neg_out"], 0.7);
         assert_eq!(c.images(), 2);
         assert!(c.add_input(&a[..10]).is_err());
+        assert!(c.ranges(CalibrationMethod::Mse).is_err());
+        // With histograms: the 97th percentile of "images" (96 values: 93 at most 0.2, then 0.4,
+        // 0.7 and 0.9) stops at the bin of 0.4; max keeps 0.9.
+        let mut c =
+            Calibrator::with_method(&bytes, path, &tensors, CalibrationMethod::Percentile(97.0))
+                .expect("calibrator");
+        c.add_input(&a).expect("image a");
+        c.add_input(&b).expect("image b");
+        let r = c
+            .ranges(CalibrationMethod::Percentile(97.0))
+            .expect("ranges");
+        assert!(r["images"] < 0.7 && r["images"] >= 0.4, "{r:?}");
+        assert_eq!(
+            c.ranges(CalibrationMethod::Max).expect("max")["images"],
+            0.9
+        );
     }
 
     #[test]

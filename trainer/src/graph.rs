@@ -425,9 +425,12 @@ impl GraphNet {
         self.value_index.get(name).copied()
     }
 
-    /// The id of the graph output (`output0`).
-    pub fn output_id(&self) -> usize {
-        self.output
+    /// The first output of the node called `name`.
+    pub fn node_output(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .and_then(|n| n.outputs.first().copied())
     }
 
     /// The name of value `id`.

@@ -351,9 +351,10 @@ impl QuantModel {
     }
 }
 
-/// The seed recipe's learning rate for QAT epoch `epoch` (0-based): 1e-6, except 1e-5 in epoch 6.
-pub fn qat_learning_rate(epoch: usize) -> f64 {
-    if epoch == 6 { 1e-5 } else { 1e-6 }
+/// The seed recipe's learning rate for QAT epoch `epoch` (0-based): `base` (1e-6 in the recipe),
+/// ten times that in epoch 6.
+pub fn qat_learning_rate(epoch: usize, base: f64) -> f64 {
+    if epoch == 6 { 10.0 * base } else { base }
 }
 
 /// What QAT supervises and how.
@@ -361,7 +362,9 @@ pub fn qat_learning_rate(epoch: usize) -> f64 {
 pub struct QatConfig {
     /// Supervise every `supervision_stride`-th top-level layer (and the last before the head).
     pub supervision_stride: usize,
-    /// Also supervise the head's output (`output0`).
+    /// Also supervise the head: the maps of its last convolutions (box-distance and class logits
+    /// per level), rather than `output0`, whose pixel-unit boxes would drown the scores in the
+    /// squared error.
     pub supervise_head: bool,
 }
 
@@ -418,9 +421,20 @@ impl Qat {
             supervised.push(last);
         }
         if config.supervise_head {
-            supervised.push(student.network.net.output_id());
+            let head = head_output_convs(&student.float);
+            if head.is_empty() {
+                return Err(Error::Quantization(
+                    "the model has no detection-head convolutions to supervise".into(),
+                ));
+            }
+            for conv in head {
+                let v = student.network.net.node_output(&conv).ok_or_else(|| {
+                    Error::Quantization(format!("head convolution '{conv}' is not in the graph"))
+                })?;
+                supervised.push(v);
+            }
         }
-        let optimizer = nn::Adam::default().build(&student.network.vs, qat_learning_rate(0))?;
+        let optimizer = nn::Adam::default().build(&student.network.vs, 1e-6)?;
         Ok(Self {
             teacher,
             optimizer,

@@ -201,6 +201,18 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
         names.last().is_some_and(|n| n.starts_with("model.21.")),
         "{names:?}"
     );
+    // Supervising the head adds its six last convolutions (box and class maps of three levels).
+    let with_head = QatConfig {
+        supervise_head: true,
+        ..QatConfig::default()
+    };
+    let head = Qat::new(&model, &with_head).expect("qat with head");
+    let head_names = head.supervised(&model);
+    assert_eq!(head_names.len(), 28, "{head_names:?}");
+    assert!(
+        head_names.contains(&"model.22.cv3.2.2_out"),
+        "{head_names:?}"
+    );
     let images = calibration_batches(scenes(6, 2), 320, 2, 1, 0)
         .expect("batches")
         .next()

@@ -125,7 +125,12 @@ fn calibrate_then_two_qat_iterations_then_eval_export_and_sensitivity() {
     // gelan-t: the 17 of layers 0–22 with convolutions (the head's too); the two upsamples and
     // four concats own none.
     assert_eq!(layers.len(), 17, "{s}");
-    assert!(layers.iter().any(|l| l["layer"] == 22 && l["block"] == "DDetect"), "{s}");
+    assert!(
+        layers
+            .iter()
+            .any(|l| l["layer"] == 22 && l["block"] == "DDetect"),
+        "{s}"
+    );
     assert_eq!(s["images"], 2);
     let aps: Vec<f64> = layers.iter().map(|l| l["ap"].as_f64().unwrap()).collect();
     assert!(aps.windows(2).all(|w| w[0] >= w[1]), "not ranked: {aps:?}");

@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use kestrel_exporter::quantize::{PTQ_MAX, check_quantizable, quantize_model, sharing_groups};
+use kestrel_exporter::quantize::{
+    QuantizePolicy, check_quantizable, quantize_model_with, sharing_groups,
+};
 use kestrel_exporter::{onnx, summarize};
-use kestrel_runtime::calibrate::activation_amax;
+use kestrel_runtime::calibrate::{CalibrationMethod, activation_ranges};
 use kestrel_runtime::dataset::load_rgb;
 
 use super::export::ModelArgs;
@@ -23,6 +25,15 @@ pub struct Args {
     /// Calibrate on the first N images, sorted by path.
     #[arg(long, default_value_t = 64)]
     images: usize,
+    /// max (the largest |x| seen) or histogram.
+    #[arg(long, default_value = "max")]
+    calibrator: String,
+    /// For --calibrator histogram: mse, percentile or entropy.
+    #[arg(long, default_value = "mse")]
+    method: String,
+    /// The percentile of --method percentile.
+    #[arg(long, default_value_t = 99.99)]
+    percentile: f64,
     /// Output Q/DQ ONNX file.
     #[arg(long, short = 'o')]
     output: PathBuf,
@@ -36,6 +47,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.images == 0 {
         bail!("--images 0: give at least 1");
     }
+    let method = CalibrationMethod::parse(&a.calibrator, &a.method, a.percentile)?;
     let (model, source) = match (&a.onnx, &a.export) {
         (Some(path), _) => {
             check_model_file(path)?;
@@ -59,23 +71,30 @@ pub fn run(a: Args) -> Result<()> {
     let tensors: Vec<String> = sharing_groups(&model).into_iter().flatten().collect();
     let bytes = onnx::encode_model(&model);
     let bar = progress(images.len() as u64, "calibrate");
-    let amax = activation_amax(
+    let amax = activation_ranges(
         &bytes,
         &source,
         &tensors,
         images.iter().map(|p| load_rgb(p)),
+        method,
         |done| bar.set_position(done as u64),
     );
     bar.finish_and_clear();
     let amax = amax.context("calibration failed")?;
 
-    let quantized = quantize_model(&model, &amax).with_context(|| source.display().to_string())?;
+    let label = format!("ptq-{}", method.label());
+    let policy = QuantizePolicy {
+        method: label.clone(),
+        ..QuantizePolicy::default()
+    };
+    let quantized = quantize_model_with(&model, &amax, &policy)
+        .with_context(|| source.display().to_string())?;
     onnx::write_model(&quantized, &a.output)?;
     let summary = summarize(&quantized);
     // Each activation pair has one DequantizeLinear; the rest dequantize weights.
     let weights = summary.ops.get("DequantizeLinear").copied().unwrap_or(0) - summary.qdq_pairs;
     println!(
-        "wrote {} ({} Q/DQ pairs, {weights} int8 per-channel convolution weights, {PTQ_MAX} \
+        "wrote {} ({} Q/DQ pairs, {weights} int8 per-channel convolution weights, {label} \
          calibration on {} image{} from {})",
         a.output.display(),
         summary.qdq_pairs,

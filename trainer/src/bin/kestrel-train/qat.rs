@@ -99,6 +99,9 @@ pub struct QuantizeArgs {
     /// QAT epochs (the learning rate is 1e-6, except 1e-5 in epoch 6).
     #[arg(long, default_value_t = 10)]
     epochs: usize,
+    /// Base learning rate of Adam (the recipe: 1e-6, and ten times it in epoch 6).
+    #[arg(long, default_value_t = 1e-6)]
+    lr: f64,
     /// Supervise every N-th top-level layer (and the last before the head).
     #[arg(long, default_value_t = 1)]
     supervision_stride: usize,
@@ -275,6 +278,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         calibration,
         iters,
         epochs,
+        lr: base_lr,
         supervision_stride,
         supervise_head,
         no_eval_origin,
@@ -287,6 +291,11 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     report.insert("weights".into(), serde_json::json!(common.weights));
     report.insert("data".into(), serde_json::json!(common.data));
     report.insert("calibration".into(), serde_json::json!(s.method.label()));
+    report.insert("lr".into(), serde_json::json!(base_lr));
+    report.insert(
+        "keep_head_float".into(),
+        serde_json::json!(calibration.keep_head_float),
+    );
     let origin = if no_eval_origin {
         None
     } else {
@@ -331,18 +340,49 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let mut curve = Vec::new();
     let qat_method = format!("qat-{}", s.method.label());
     for epoch in 0..epochs {
-        let lr = qat_learning_rate(epoch);
-        let pb = bar(iters as u64, &format!("qat {}/{epochs}", epoch + 1));
-        let mut loss_sum = 0.0;
-        for it in 0..iters {
-            let step = epoch * iters + it;
-            let images = loader.batch(step / per_epoch, step % per_epoch)?.images;
-            let loss = qat.step(&s.model, &images, lr)?;
-            loss_sum += loss;
-            pb.set_message(format!("loss {loss:.5} lr {lr:.0e}"));
-            pb.inc(1);
+        let lr = qat_learning_rate(epoch, base_lr);
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr {base_lr}: give a positive learning rate");
         }
+        let pb = bar(iters as u64, &format!("qat {}/{epochs}", epoch + 1));
+        let started = std::time::Instant::now();
+        let mut loss_sum = 0.0;
+        std::thread::scope(|scope| -> Result<()> {
+            // A loader thread builds the next batches (augmentation is CPU work) while this
+            // one trains.
+            let (sender, batches) = std::sync::mpsc::sync_channel(2);
+            let loader = &loader;
+            scope.spawn(move || {
+                for it in 0..iters {
+                    let step = epoch * iters + it;
+                    let batch = loader.batch(step / per_epoch, step % per_epoch);
+                    let failed = batch.is_err();
+                    if sender.send(batch).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for _ in 0..iters {
+                let images = batches
+                    .recv()
+                    .context("the batch loader thread stopped")??
+                    .images;
+                let loss = qat.step(&s.model, &images, lr)?;
+                loss_sum += loss;
+                pb.set_message(format!("loss {loss:.5} lr {lr:.0e}"));
+                pb.inc(1);
+            }
+            Ok(())
+        })?;
         pb.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        let mean_loss = loss_sum / iters.max(1) as f64;
+        println!(
+            "qat epoch {}: {iters} iterations in {seconds:.1} s ({:.1} images/s), mean loss \
+             {mean_loss:.5}, lr {lr:.1e}",
+            epoch + 1,
+            (iters * batch) as f64 / seconds.max(1e-9)
+        );
         let m = evaluate_with_bar(
             &s.model.network,
             &s.val,
@@ -351,7 +391,6 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             &nms,
             &format!("qat epoch {}", epoch + 1),
         )?;
-        let mean_loss = loss_sum / iters.max(1) as f64;
         write_qdq(
             &s.model,
             &qat_method,
