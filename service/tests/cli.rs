@@ -461,6 +461,46 @@ fn quantize_calibrates_and_writes_a_qdq_model() {
         p(&dir.join("twice.onnx")),
     ]);
     assert_user_error(&out, &["t.qdq.onnx", "already has Q/DQ"]);
+    // Histogram calibration: the method is recorded; an unknown one is named.
+    let hist = dir.join("t.p.onnx");
+    let out = kestrel(&[
+        "quantize",
+        "--onnx",
+        p(&model),
+        "--calibrate",
+        p(&images),
+        "--images",
+        "2",
+        "--calibrator",
+        "histogram",
+        "--method",
+        "percentile",
+        "--percentile",
+        "99.9",
+        "-o",
+        p(&hist),
+    ]);
+    assert_success(&out);
+    let inspect = kestrel(&["inspect", p(&hist)]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("kestrel.quantization ptq-histogram-99.9"),
+        "{text}"
+    );
+    let out = kestrel(&[
+        "quantize",
+        "--onnx",
+        p(&model),
+        "--calibrate",
+        p(&images),
+        "--calibrator",
+        "histogram",
+        "--method",
+        "kl",
+        "-o",
+        p(&dir.join("kl.onnx")),
+    ]);
+    assert_user_error(&out, &["method 'kl'", "mse, percentile or entropy"]);
     // --model exports first, with export's options.
     let out = kestrel(&[
         "quantize",
