@@ -24,10 +24,11 @@ use kestrel_runtime::eval::EvalSummary;
 use kestrel_runtime::nms::NmsConfig;
 use tch::{Device, Kind, Reduction, Tensor, nn, nn::OptimizerConfig};
 
-use crate::data::Source;
+use crate::data::{Batch, Source};
 use crate::error::{Error, Result};
 use crate::eval::{Network, evaluate};
 use crate::graph::{ConvQuantizer, GraphNet};
+use crate::loss::{AssignerConfig, LossWeights, detection_loss};
 
 /// An ONNX detector (float or Q/DQ) as a tch network, with the model configuration from its
 /// metadata.
@@ -366,6 +367,9 @@ pub struct QatConfig {
     /// per level), rather than `output0`, whose pixel-unit boxes would drown the scores in the
     /// squared error.
     pub supervise_head: bool,
+    /// Weight of YOLOv9's detection loss on the ground truth, added to the distillation loss
+    /// (0: off, the recipe).
+    pub detection_loss: f64,
 }
 
 impl Default for QatConfig {
@@ -373,8 +377,18 @@ impl Default for QatConfig {
         Self {
             supervision_stride: 1,
             supervise_head: false,
+            detection_loss: 0.0,
         }
     }
+}
+
+/// The head's raw output for the detection loss: its last convolutions' maps as (box
+/// distributions, class logits) per level, in level order.
+struct HeadTaps {
+    levels: Vec<(usize, usize)>,
+    anchors: Tensor,
+    strides: Tensor,
+    weight: f64,
 }
 
 /// Quantization-aware fine-tuning: the student (fake-quantized) learns to reproduce the float
@@ -384,6 +398,7 @@ pub struct Qat {
     optimizer: nn::Optimizer,
     /// Value ids of the supervised tensors (the same in student and teacher: one graph).
     supervised: Vec<usize>,
+    head: Option<HeadTaps>,
 }
 
 impl Qat {
@@ -434,11 +449,22 @@ impl Qat {
                 supervised.push(v);
             }
         }
+        let head = if config.detection_loss > 0.0 {
+            Some(head_taps(student, config.detection_loss)?)
+        } else if config.detection_loss < 0.0 || !config.detection_loss.is_finite() {
+            return Err(Error::Quantization(format!(
+                "detection-loss weight {}: give 0 (off) or a positive weight",
+                config.detection_loss
+            )));
+        } else {
+            None
+        };
         let optimizer = nn::Adam::default().build(&student.network.vs, 1e-6)?;
         Ok(Self {
             teacher,
             optimizer,
             supervised,
+            head,
         })
     }
 
@@ -450,13 +476,19 @@ impl Qat {
             .collect()
     }
 
-    /// One step on `images` (`[B, 3, H, W]` in [0, 1]) at learning rate `lr`; returns the loss.
-    pub fn step(&mut self, student: &QuantModel, images: &Tensor, lr: f64) -> Result<f64> {
-        let images = images.to_device(student.network.device());
-        let collect = |net: &GraphNet, images: &Tensor| -> Result<Vec<Tensor>> {
-            let mut taken: Vec<Option<Tensor>> = self.supervised.iter().map(|_| None).collect();
+    /// One step on `batch` at learning rate `lr`; returns the loss.
+    pub fn step(&mut self, student: &QuantModel, batch: Batch, lr: f64) -> Result<f64> {
+        let batch = batch.to_device(student.network.device());
+        let images = &batch.images;
+        let head_ids: Vec<usize> = self
+            .head
+            .iter()
+            .flat_map(|h| h.levels.iter().flat_map(|&(b, c)| [b, c]))
+            .collect();
+        let collect = |net: &GraphNet, ids: &[usize]| -> Result<Vec<Tensor>> {
+            let mut taken: Vec<Option<Tensor>> = ids.iter().map(|_| None).collect();
             let _output = net.forward_observed(images, |id, t| {
-                for (k, &s) in self.supervised.iter().enumerate() {
+                for (k, &s) in ids.iter().enumerate() {
                     if s == id {
                         taken[k] = Some(t.shallow_clone());
                     }
@@ -472,11 +504,31 @@ impl Qat {
                 })
                 .collect()
         };
-        let targets = tch::no_grad(|| collect(&self.teacher.net, &images))?;
-        let outputs = collect(&student.network.net, &images)?;
+        let targets = tch::no_grad(|| collect(&self.teacher.net, &self.supervised))?;
+        let wanted: Vec<usize> = self.supervised.iter().chain(&head_ids).copied().collect();
+        let outputs = collect(&student.network.net, &wanted)?;
         let mut loss = Tensor::zeros([], (Kind::Float, images.device()));
         for (o, t) in outputs.iter().zip(&targets) {
             loss += o.mse_loss(t, Reduction::Mean);
+        }
+        if let Some(head) = &self.head {
+            let maps = &outputs[self.supervised.len()..];
+            let per_level: Vec<Tensor> = maps
+                .chunks(2)
+                .map(|pair| Tensor::cat(&[&pair[0], &pair[1]], 1).flatten(2, 3))
+                .collect();
+            let raw = Tensor::cat(&per_level, 2);
+            let terms = detection_loss(
+                &raw,
+                &head.anchors,
+                &head.strides,
+                &batch.classes,
+                &batch.boxes,
+                &batch.valid,
+                &LossWeights::default(),
+                &AssignerConfig::default(),
+            )?;
+            loss += terms.total * head.weight;
         }
         let value = loss.double_value(&[]);
         if !value.is_finite() {
@@ -490,6 +542,57 @@ impl Qat {
         self.optimizer.step();
         Ok(value)
     }
+}
+
+/// The head's (box, class) convolution pairs of `student`, checked against the layout the
+/// detection loss reads: per level, 4 · reg_max box channels then one channel per class.
+fn head_taps(student: &QuantModel, weight: f64) -> Result<HeadTaps> {
+    let convs = head_output_convs(&student.float);
+    let config = student.network.config();
+    let reg = 4 * kestrel_exporter::spec::REG_MAX as i64;
+    let channels = |conv: &str| -> Option<i64> {
+        let node = student.float.graph().node.iter().find(|n| n.name == conv)?;
+        let w = student
+            .float
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| Some(&t.name) == node.input.get(1))?;
+        w.dims.first().copied()
+    };
+    let mut levels = Vec::new();
+    for pair in convs.chunks(2) {
+        let [b, c] = pair else {
+            return Err(Error::Quantization(
+                "the detection head's convolutions do not come in (box, class) pairs".into(),
+            ));
+        };
+        if channels(b) != Some(reg) || channels(c) != Some(config.num_classes as i64) {
+            return Err(Error::Quantization(format!(
+                "head convolutions '{b}' and '{c}' are not the box ({reg} channels) and class \
+                 ({} channels) maps of one level",
+                config.num_classes
+            )));
+        }
+        let id = |conv: &str| {
+            student.network.net.node_output(conv).ok_or_else(|| {
+                Error::Quantization(format!("head convolution '{conv}' is not in the graph"))
+            })
+        };
+        levels.push((id(b)?, id(c)?));
+    }
+    if levels.is_empty() {
+        return Err(Error::Quantization(
+            "the model has no detection head for the detection loss".into(),
+        ));
+    }
+    let (anchors, strides) = crate::model::anchor_points(config, student.network.device());
+    Ok(HeadTaps {
+        levels,
+        anchors,
+        strides,
+        weight,
+    })
 }
 
 /// One row of the sensitivity analysis.

@@ -213,15 +213,27 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
         head_names.contains(&"model.22.cv3.2.2_out"),
         "{head_names:?}"
     );
-    let images = calibration_batches(scenes(6, 2), 320, 2, 1, 0)
-        .expect("batches")
-        .next()
-        .expect("one batch")
-        .expect("images");
-    let first = qat.step(&model, &images, 1e-4).expect("step 1");
-    let second = qat.step(&model, &images, 1e-4).expect("step 2");
+    let loader = kestrel_trainer::data::Loader::new(scenes(6, 2), 320, 2, 0).expect("loader");
+    let batch = || loader.batch(0, 0).expect("a batch");
+    let first = qat.step(&model, batch(), 1e-4).expect("step 1");
+    let second = qat.step(&model, batch(), 1e-4).expect("step 2");
     println!("QAT loss: {first:.6} then {second:.6}");
     assert!(first > 0.0 && second < first, "{first} -> {second}");
+    // With the detection loss on the ground truth too, the loss is larger and still finite.
+    let with_loss = QatConfig {
+        detection_loss: 1.0,
+        ..QatConfig::default()
+    };
+    let mut detecting = Qat::new(&model, &with_loss).expect("qat with detection loss");
+    let both = detecting
+        .step(&model, batch(), 1e-6)
+        .expect("step with detection loss");
+    assert!(both.is_finite() && both > second, "{both} vs {second}");
+    let bad = QatConfig {
+        detection_loss: -1.0,
+        ..QatConfig::default()
+    };
+    assert!(Qat::new(&model, &bad).is_err());
     // The weights moved, and the export carries them.
     let after = model.export("qat").expect("export after");
     let weight = |m: &kestrel_exporter::pb::ModelProto| {

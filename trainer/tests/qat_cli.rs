@@ -69,7 +69,15 @@ fn calibrate_then_two_qat_iterations_then_eval_export_and_sensitivity() {
     ];
     let mut args = vec!["qat", "quantize", "--weights", d, "--name", "t"];
     args.extend(short);
-    args.extend(["--iters", "2", "--epochs", "1"]);
+    args.extend([
+        "--iters",
+        "2",
+        "--epochs",
+        "1",
+        "--supervise-head",
+        "--detection-loss",
+        "0.5",
+    ]);
     let log = ok(&args);
     println!("{log}");
     let run = project.join("t");
@@ -86,6 +94,8 @@ fn calibrate_then_two_qat_iterations_then_eval_export_and_sensitivity() {
     }
     assert_eq!(report["qat"].as_array().unwrap().len(), 1);
     assert_eq!(report["calibration"], "histogram-mse");
+    assert_eq!(report["detection_loss"], 0.5);
+    assert_eq!(report["supervised"].as_array().unwrap().len(), 28);
     // The same name again needs --exist-ok.
     fails(&args, "--exist-ok");
 
@@ -266,7 +276,7 @@ fn user_errors_name_the_problem_and_the_fix() {
             "--name",
             "e",
         ],
-        "no",
+        "no images found",
     );
     // A bad calibrator, a wrong input size, a file that is not a model.
     fails(

@@ -105,9 +105,12 @@ pub struct QuantizeArgs {
     /// Supervise every N-th top-level layer (and the last before the head).
     #[arg(long, default_value_t = 1)]
     supervision_stride: usize,
-    /// Also supervise the head's output.
+    /// Also supervise the head's raw maps (box distributions and class logits per level).
     #[arg(long)]
     supervise_head: bool,
+    /// Add YOLOv9's detection loss on the ground truth with this weight (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    detection_loss: f64,
     /// Skip evaluating the float model first.
     #[arg(long)]
     no_eval_origin: bool,
@@ -281,6 +284,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         lr: base_lr,
         supervision_stride,
         supervise_head,
+        detection_loss,
         no_eval_origin,
         no_eval_ptq,
     } = args;
@@ -292,6 +296,8 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     report.insert("data".into(), serde_json::json!(common.data));
     report.insert("calibration".into(), serde_json::json!(s.method.label()));
     report.insert("lr".into(), serde_json::json!(base_lr));
+    report.insert("supervise_head".into(), serde_json::json!(supervise_head));
+    report.insert("detection_loss".into(), serde_json::json!(detection_loss));
     report.insert(
         "keep_head_float".into(),
         serde_json::json!(calibration.keep_head_float),
@@ -330,6 +336,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let config = QatConfig {
         supervision_stride,
         supervise_head,
+        detection_loss,
     };
     let mut qat = Qat::new(&s.model, &config)?;
     let imgsz = s.model.network.config().imgsz[0] as u32;
@@ -363,11 +370,10 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
                 }
             });
             for _ in 0..iters {
-                let images = batches
+                let batch = batches
                     .recv()
-                    .context("the batch loader thread stopped")??
-                    .images;
-                let loss = qat.step(&s.model, &images, lr)?;
+                    .context("the batch loader thread stopped")??;
+                let loss = qat.step(&s.model, batch, lr)?;
                 loss_sum += loss;
                 pb.set_message(format!("loss {loss:.5} lr {lr:.0e}"));
                 pb.inc(1);
