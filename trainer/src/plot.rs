@@ -27,6 +27,24 @@ pub fn curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     chart(path, title, series, &format!("epoch {n}"), None, false)
 }
 
+/// [`curves`] with the y axis spanning only the data (plus a tenth of its span each side), for
+/// values that differ little, such as mAP across fine-tuning epochs.
+pub fn curves_zoomed(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    let n = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+    let (lo, hi) = series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let range = lo.is_finite().then(|| {
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        (lo - pad, hi + pad)
+    });
+    chart(path, title, series, &format!("epoch {n}"), range, false)
+}
+
 /// Precision-recall curves: each series holds precision at evenly spaced recall from 0 to 1
 /// (pycocotools' 101 points), drawn on fixed [0, 1] axes with the legend as a column.
 pub fn pr_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {

@@ -13,7 +13,7 @@ use kestrel_runtime::eval::EvalSummary;
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::data::{Loader, Source, open_source};
 use kestrel_trainer::eval::Network;
-use kestrel_trainer::plot::{Series, curves};
+use kestrel_trainer::plot::{Series, curves_zoomed};
 use kestrel_trainer::quant::{
     OnnxNetwork, Qat, QatConfig, QuantModel, calibration_batches, qat_learning_rate,
     read_float_model, sensitivity,
@@ -443,7 +443,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             flat(origin.as_ref().map(|m| m.ap)),
             flat(ptq.as_ref().map(|m| m.ap)),
         );
-        curves(
+        curves_zoomed(
             &s.run_dir.join("qat.png"),
             "mAP50-95 per QAT epoch",
             &[
