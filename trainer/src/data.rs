@@ -247,6 +247,33 @@ impl Loader {
         order
     }
 
+    /// The batches `steps` ((epoch, batch index) pairs), built on a loader thread at most two
+    /// ahead and handed to `consume` here, in order: augmentation is CPU work that overlaps the
+    /// step consuming the previous batch. The first error, loading or consuming, stops both.
+    pub fn for_each_batch<E: From<Error>>(
+        &self,
+        steps: impl Iterator<Item = (usize, usize)> + Send,
+        mut consume: impl FnMut(Batch) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        std::thread::scope(|scope| {
+            let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
+            scope.spawn(move || {
+                for (epoch, b) in steps {
+                    let batch = self.batch(epoch, b);
+                    let failed = batch.is_err();
+                    if sender.send(batch).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            // Ends when the loader thread has sent every batch (or stopped at an error).
+            for batch in batches {
+                consume(batch?)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Batch `b` of `epoch`, on the CPU (see [`Batch::to_device`]).
     pub fn batch(&self, epoch: usize, b: usize) -> Result<Batch> {
         let order = self.order(epoch);

@@ -341,7 +341,7 @@ impl QuantModel {
 
     /// Evaluate on `source` with the quantizers on, except in `float_layers`.
     pub fn evaluate(
-        &mut self,
+        &self,
         source: &Source,
         batch: usize,
         nms: &NmsConfig,

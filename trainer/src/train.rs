@@ -299,26 +299,13 @@ impl Trainer {
         let (mut sums, mut images) = ([0.0f64; 3], 0usize);
         let skipped_before = self.loss_scale.skipped_steps;
         self.vars.zero_gradients();
-        std::thread::scope(|scope| -> Result<()> {
-            // The loader thread builds the next batches on the CPU while this one trains.
-            let (sender, batches) = std::sync::mpsc::sync_channel::<Result<Batch>>(2);
-            scope.spawn(move || {
-                for b in 0..nb {
-                    let batch = loader.batch(epoch, b);
-                    let failed = batch.is_err();
-                    if sender.send(batch).is_err() || failed {
-                        break;
-                    }
-                }
-            });
-            for b in 0..nb {
-                let batch = batches
-                    .recv()
-                    .map_err(|_| Error::Data("the batch loader thread stopped".into()))??
-                    .to_device(device);
-                self.train_batch(&batch, epoch, b, nb, warmup, &mut sums, &mut progress)?;
-                images += batch.indices.len();
-            }
+        // The loader thread builds the next batches on the CPU while this one trains.
+        let mut b = 0;
+        loader.for_each_batch((0..nb).map(|b| (epoch, b)), |batch| -> Result<()> {
+            let batch = batch.to_device(device);
+            self.train_batch(&batch, epoch, b, nb, warmup, &mut sums, &mut progress)?;
+            images += batch.indices.len();
+            b += 1;
             Ok(())
         })?;
         self.state.epoch += 1;

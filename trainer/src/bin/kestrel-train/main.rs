@@ -12,7 +12,7 @@ use kestrel_runtime::eval::EvalSummary;
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::Gelan;
 use kestrel_trainer::data::{Loader, Source, open_source};
-use kestrel_trainer::eval::evaluate;
+use kestrel_trainer::eval::{Network, evaluate};
 use kestrel_trainer::plot::{Series, curves, pr_curves};
 use kestrel_trainer::train::{TrainConfig, Trainer};
 use tch::{Device, nn};
@@ -372,7 +372,14 @@ fn main() -> Result<()> {
                 };
                 let due = e + 1 == epochs || (val_interval > 0 && (e + 1) % val_interval == 0);
                 if due {
-                    let m = validate(trainer.eval_model(), &val, batch_size, device)?;
+                    let m = validate(
+                        trainer.eval_model(),
+                        &val,
+                        batch_size,
+                        device,
+                        &NmsConfig::evaluation(),
+                        "val",
+                    )?;
                     record.metrics = Some([m.precision, m.recall, m.ap50, m.ap]);
                     last_eval = Some(m);
                 }
@@ -391,7 +398,14 @@ fn main() -> Result<()> {
             }
             let last = match last_eval {
                 Some(m) => m,
-                None => validate(trainer.eval_model(), &val, batch_size, device)?,
+                None => validate(
+                    trainer.eval_model(),
+                    &val,
+                    batch_size,
+                    device,
+                    &NmsConfig::evaluation(),
+                    "val",
+                )?,
             };
             plot_pr(&run_dir.join("pr.png"), &last, &class_names(&val))?;
             let out = dir.join("fused.safetensors");
@@ -448,7 +462,14 @@ fn main() -> Result<()> {
                 format!("{}: not a {} checkpoint", weights.display(), cfg.spec.name)
             })?;
             let source = open_source(&data, cfg.imgsz[0] as u32, Split::Val, None)?;
-            let summary = validate(&model, &source, batch_size, device)?;
+            let summary = validate(
+                &model,
+                &source,
+                batch_size,
+                device,
+                &NmsConfig::evaluation(),
+                "val",
+            )?;
             if let Some(path) = pr_plot {
                 plot_pr(&path, &summary, &class_names(&source))?;
                 println!("wrote {}", path.display());
@@ -590,25 +611,20 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Evaluate and print P, R, mAP50 and mAP50-95 like `kestrel val`.
-fn validate(
-    model: &Gelan,
+/// Evaluate and print P, R, mAP50 and mAP50-95 like `kestrel val`, under the heading `what`.
+pub(crate) fn validate(
+    model: &dyn Network,
     source: &Source,
     batch_size: usize,
     device: Device,
+    nms: &NmsConfig,
+    what: &str,
 ) -> Result<EvalSummary> {
-    let pb = bar(source.len() as u64, "val");
-    let summary = evaluate(
-        model,
-        source,
-        batch_size,
-        device,
-        &NmsConfig::evaluation(),
-        |n| pb.inc(n as u64),
-    )?;
+    let pb = bar(source.len() as u64, what);
+    let summary = evaluate(model, source, batch_size, device, nms, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     println!(
-        "val: {} images, {} instances: P {:.4} R {:.4} mAP50 {:.4} mAP50-95 {:.4}",
+        "{what}: {} images, {} instances: P {:.4} R {:.4} mAP50 {:.4} mAP50-95 {:.4}",
         summary.images,
         summary.instances,
         summary.precision,

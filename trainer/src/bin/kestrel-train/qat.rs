@@ -19,7 +19,7 @@ use kestrel_trainer::quant::{
     read_float_model, sensitivity,
 };
 
-use crate::{bar, parse_device};
+use crate::{bar, parse_device, validate};
 
 #[derive(Subcommand)]
 pub enum QatCommand {
@@ -160,25 +160,6 @@ fn metrics(s: &EvalSummary) -> serde_json::Value {
     serde_json::json!({"ap": s.ap, "ap50": s.ap50, "precision": s.precision, "recall": s.recall})
 }
 
-fn evaluate_with_bar(
-    network: &dyn Network,
-    source: &Source,
-    batch: usize,
-    device: tch::Device,
-    nms: &NmsConfig,
-    what: &str,
-) -> Result<EvalSummary> {
-    let pb = bar(source.len() as u64, what);
-    let s =
-        kestrel_trainer::eval::evaluate(network, source, batch, device, nms, |n| pb.inc(n as u64))?;
-    pb.finish_and_clear();
-    println!(
-        "{what}: P {:.4} R {:.4} mAP50 {:.4} mAP50-95 {:.4}",
-        s.precision, s.recall, s.ap50, s.ap
-    );
-    Ok(s)
-}
-
 /// The model, its data (class count checked) and the run folder.
 struct Setup {
     model: QuantModel,
@@ -306,7 +287,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         None
     } else {
         s.model.network.net.quantize = false;
-        let r = evaluate_with_bar(&s.model.network, &s.val, batch, device, &nms, "origin");
+        let r = validate(&s.model.network, &s.val, batch, device, &nms, "origin");
         s.model.network.net.quantize = true;
         Some(r?)
     };
@@ -317,7 +298,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let ptq = if no_eval_ptq {
         None
     } else {
-        Some(evaluate_with_bar(
+        Some(validate(
             &s.model.network,
             &s.val,
             batch,
@@ -354,30 +335,13 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         let pb = bar(iters as u64, &format!("qat {}/{epochs}", epoch + 1));
         let started = std::time::Instant::now();
         let mut loss_sum = 0.0;
-        std::thread::scope(|scope| -> Result<()> {
-            // A loader thread builds the next batches (augmentation is CPU work) while this
-            // one trains.
-            let (sender, batches) = std::sync::mpsc::sync_channel(2);
-            let loader = &loader;
-            scope.spawn(move || {
-                for it in 0..iters {
-                    let step = epoch * iters + it;
-                    let batch = loader.batch(step / per_epoch, step % per_epoch);
-                    let failed = batch.is_err();
-                    if sender.send(batch).is_err() || failed {
-                        break;
-                    }
-                }
-            });
-            for _ in 0..iters {
-                let batch = batches
-                    .recv()
-                    .context("the batch loader thread stopped")??;
-                let loss = qat.step(&s.model, batch, lr)?;
-                loss_sum += loss;
-                pb.set_message(format!("loss {loss:.5} lr {lr:.0e}"));
-                pb.inc(1);
-            }
+        let steps =
+            (epoch * iters..(epoch + 1) * iters).map(|step| (step / per_epoch, step % per_epoch));
+        loader.for_each_batch(steps, |batch| -> Result<()> {
+            let loss = qat.step(&s.model, batch, lr)?;
+            loss_sum += loss;
+            pb.set_message(format!("loss {loss:.5} lr {lr:.0e}"));
+            pb.inc(1);
             Ok(())
         })?;
         pb.finish_and_clear();
@@ -389,7 +353,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             epoch + 1,
             (iters * batch) as f64 / seconds.max(1e-9)
         );
-        let m = evaluate_with_bar(
+        let m = validate(
             &s.model.network,
             &s.val,
             batch,
@@ -482,7 +446,7 @@ fn sensitive(args: SensitiveArgs) -> Result<()> {
     };
     calibrate(&mut s, &calibration, common.seed)?;
     let nms = NmsConfig::evaluation();
-    let all = evaluate_with_bar(
+    let all = validate(
         &s.model.network,
         &val,
         common.batch_size,
@@ -556,6 +520,6 @@ fn eval(args: EvalArgs) -> Result<()> {
         .metadata(QUANTIZATION_KEY)
         .unwrap_or("Q/DQ")
         .to_string();
-    evaluate_with_bar(&network, &val, args.batch_size, device, &nms, &how)?;
+    validate(&network, &val, args.batch_size, device, &nms, &how)?;
     Ok(())
 }
