@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use kestrel_exporter::onnx::pb;
+use kestrel_exporter::quantize::{MIN_AMAX, QMAX};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::{Error, Result};
@@ -117,6 +118,10 @@ pub struct GraphNet {
     output: usize,
     /// Per node index (convolutions only): its fake quantizer.
     quantizers: HashMap<usize, ConvQuantizer>,
+    /// Per node index (quantized convolutions): a trainable natural log of the input scale that
+    /// replaces the quantizer's fixed one (QAT with learned ranges). The convolutions of one
+    /// sharing group hold the same tensor, so they keep one scale.
+    learned_log_scales: HashMap<usize, Tensor>,
     /// Quantization on or off as a whole (the teacher of QAT runs with it off).
     pub quantize: bool,
     /// Layers whose quantizers are off (sensitivity analysis).
@@ -176,6 +181,7 @@ impl GraphNet {
             input: 0,
             output: 0,
             quantizers: HashMap::new(),
+            learned_log_scales: HashMap::new(),
             quantize: true,
             float_layers: Default::default(),
         };
@@ -466,6 +472,7 @@ impl GraphNet {
     /// convolution stays in floating point. Replaces earlier quantizers.
     pub fn set_quantizers(&mut self, quantizers: &HashMap<String, ConvQuantizer>) -> Result<()> {
         self.quantizers.clear();
+        self.learned_log_scales.clear();
         for (k, node) in self.nodes.iter().enumerate() {
             if let Some(q) = quantizers.get(&node.name) {
                 if !matches!(node.op, Op::Conv { .. }) {
@@ -492,6 +499,35 @@ impl GraphNet {
                 "quantizers for convolutions the graph does not have: {missing:?}"
             )));
         }
+        Ok(())
+    }
+
+    /// Learn the input ranges of the convolutions in `log_scales` (node name → scalar tensor
+    /// holding ln(scale), usually a trainable variable): their quantizers use exp of it, floored
+    /// at the exporter's smallest scale, instead of the fixed scale. Each must already have a
+    /// quantizer. Replaces earlier learned scales.
+    pub fn set_learned_scales(&mut self, log_scales: &HashMap<String, Tensor>) -> Result<()> {
+        let mut learned = HashMap::new();
+        for (name, t) in log_scales {
+            let k = self
+                .nodes
+                .iter()
+                .position(|n| &n.name == name)
+                .filter(|k| self.quantizers.contains_key(k))
+                .ok_or_else(|| {
+                    Error::Quantization(format!(
+                        "'{name}' is not a quantized convolution; set its quantizer first"
+                    ))
+                })?;
+            if t.numel() != 1 {
+                return Err(Error::Quantization(format!(
+                    "the learned scale of '{name}' has {} elements; it is one number",
+                    t.numel()
+                )));
+            }
+            learned.insert(k, t.shallow_clone());
+        }
+        self.learned_log_scales = learned;
         Ok(())
     }
 
@@ -547,15 +583,18 @@ impl GraphNet {
             let quantizer = self.quantizers.get(&k).filter(|_| {
                 self.quantize && !node.layer.is_some_and(|l| self.float_layers.contains(&l))
             });
-            let results = self.apply(node, args, quantizer).map_err(|e| match e {
-                // libtorch appends its C++ stack to the message; the first line says it.
-                Error::Torch(t) => Error::Quantization(format!(
-                    "node '{}': {}",
-                    node.name,
-                    t.to_string().lines().next().unwrap_or_default()
-                )),
-                other => other,
-            })?;
+            let learned = quantizer.and(self.learned_log_scales.get(&k));
+            let results = self
+                .apply(node, args, quantizer, learned)
+                .map_err(|e| match e {
+                    // libtorch appends its C++ stack to the message; the first line says it.
+                    Error::Torch(t) => Error::Quantization(format!(
+                        "node '{}': {}",
+                        node.name,
+                        t.to_string().lines().next().unwrap_or_default()
+                    )),
+                    other => other,
+                })?;
             for (&id, t) in node.outputs.iter().zip(results) {
                 observe(id, &t)?;
                 values[id] = Some(t);
@@ -576,6 +615,7 @@ impl GraphNet {
         node: &Node,
         mut args: Vec<Tensor>,
         quantizer: Option<&ConvQuantizer>,
+        learned_log_scale: Option<&Tensor>,
     ) -> Result<Vec<Tensor>> {
         let arity = |n: usize| -> Result<()> {
             if args.len() < n {
@@ -609,7 +649,12 @@ impl GraphNet {
                 };
                 let bias = args.next();
                 if let Some(q) = quantizer {
-                    x = fake_quantize(&x, q.input_scale);
+                    x = match learned_log_scale {
+                        Some(log_scale) => {
+                            fake_quantize_learned(&x, &(learned_amax(log_scale) / f64::from(QMAX)))
+                        }
+                        None => fake_quantize(&x, q.input_scale),
+                    };
                     w = fake_quantize_per_channel(&w);
                 }
                 vec![x.f_conv2d(&w, bias.as_ref(), stride, padding, dilation, *groups)?]
@@ -695,6 +740,24 @@ pub fn fake_quantize(x: &Tensor, scale: f64) -> Tensor {
     &clipped + (q - &clipped).detach()
 }
 
+/// The range (127 · scale, floored at the exporter's smallest amax) a learned ln(scale) stands
+/// for. The exporter writes scale = amax / 127 in float32; quantizers divide this same float32
+/// amax by 127, so the scale they train with is bit-identical to the exported one (a scale one ulp
+/// off flips codes at rounding boundaries, and the flips grow layer by layer).
+pub fn learned_amax(log_scale: &Tensor) -> Tensor {
+    (log_scale.exp() * f64::from(QMAX)).clamp_min(f64::from(MIN_AMAX))
+}
+
+/// [`fake_quantize`] with a trainable `scale` (a scalar tensor), as in LSQ (Esser et al., 2020):
+/// the same values, the same masked straight-through gradient for `x`, and for the scale the
+/// gradient round(x/s) − x/s inside the range and the saturation bound (−128 or 127) outside,
+/// so the range moves to where it costs the loss least.
+pub fn fake_quantize_learned(x: &Tensor, scale: &Tensor) -> Tensor {
+    let v = (x / scale).clamp(-128.0, 127.0);
+    let rounded = &v + (v.round() - &v).detach();
+    rounded * scale
+}
+
 /// Per-output-channel (axis 0) symmetric INT8 fake quantization of a weight `[Cout, …]`, with
 /// scale max|w[c]| / 127 floored at the exporter's smallest amax, so the exported int8 weights are
 /// exactly these. Every weight is inside its channel's range, so the gradient passes unchanged.
@@ -704,8 +767,8 @@ pub fn fake_quantize_per_channel(w: &Tensor) -> Tensor {
         .detach()
         .abs()
         .amax(dims.as_slice(), true)
-        .clamp_min(kestrel_exporter::quantize::MIN_AMAX as f64);
-    let scale = amax / kestrel_exporter::quantize::QMAX as f64;
+        .clamp_min(MIN_AMAX as f64);
+    let scale = amax / QMAX as f64;
     let q = (w.detach() / &scale).round().clamp(-128.0, 127.0) * scale;
     w + (q - w.detach())
 }
@@ -729,6 +792,35 @@ mod tests {
         y.sum(Kind::Float).backward();
         let grad = Vec::<f32>::try_from(x.grad()).expect("grad");
         assert_eq!(grad, [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn learned_scale_quantizes_alike_and_gets_the_lsq_gradient() {
+        // The values and x's gradient are those of the fixed-scale quantizer; the scale's
+        // gradient is Σ (round(x/s) − x/s) inside the range plus the bound hit outside:
+        // 0.05 → 0 − 0.5; 0.15 → 2 − 1.5; 0.26 → 3 − 2.6; −0.34 → −3 + 3.4; 12.66 → 127 − 126.6;
+        // 20 → 127; −20 → −128; 0 → 0.
+        let xs = [0.05f32, 0.15, 0.26, -0.34, 12.66, 20.0, -20.0, 0.0];
+        let x = Tensor::from_slice(&xs).set_requires_grad(true);
+        let scale = Tensor::from_slice(&[0.1f32])
+            .squeeze()
+            .set_requires_grad(true);
+        let y = fake_quantize_learned(&x, &scale);
+        let fixed = fake_quantize(&x.detach(), 0.1);
+        let got = Vec::<f32>::try_from(&y).expect("values");
+        let want = Vec::<f32>::try_from(&fixed).expect("values");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} != {want:?}");
+        }
+        y.sum(Kind::Float).backward();
+        let grad = Vec::<f32>::try_from(x.grad()).expect("grad");
+        assert_eq!(grad, [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]);
+        let want_scale_grad = -0.5 + 0.5 + 0.4 + 0.4 + 0.4 + 127.0 - 128.0 + 0.0;
+        let got_scale_grad = scale.grad().double_value(&[]);
+        assert!(
+            (got_scale_grad - want_scale_grad).abs() < 1e-4,
+            "{got_scale_grad} != {want_scale_grad}"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tch::{Device, Kind, Reduction, Tensor, nn, nn::OptimizerConfig};
 use crate::data::{Batch, Source};
 use crate::error::{Error, Result};
 use crate::eval::{Network, evaluate};
-use crate::graph::{ConvQuantizer, GraphNet};
+use crate::graph::{ConvQuantizer, GraphNet, layer_of, learned_amax};
 use crate::loss::{AssignerConfig, LossWeights, detection_loss};
 
 /// An ONNX detector (float or Q/DQ) as a tch network, with the model configuration from its
@@ -174,6 +174,9 @@ pub struct QuantModel {
     policy: QuantizePolicy,
     /// Calibrated range (amax) of every tensor of every sharing group; empty before calibration.
     amax: HashMap<String, f32>,
+    /// With learned ranges ([`QuantModel::learn_ranges`]): per sharing group that feeds a
+    /// quantized convolution, its members and the trainable ln(scale) they share.
+    learned: Vec<(Vec<String>, Tensor)>,
     pub network: OnnxNetwork,
 }
 
@@ -195,8 +198,43 @@ impl QuantModel {
             float,
             policy,
             amax: HashMap::new(),
+            learned: Vec::new(),
             network,
         })
+    }
+
+    /// Keep every convolution of the top-level layers `layers` (`model.N`) in floating point (call
+    /// before calibrating).
+    pub fn keep_layers_float(&mut self, layers: &[usize]) -> Result<()> {
+        let mut layers = layers.to_vec();
+        layers.sort_unstable();
+        layers.dedup();
+        for layer in layers {
+            let convs: Vec<String> = quantized_convs(&self.float, &self.policy)
+                .into_iter()
+                .map(|(conv, _)| conv)
+                .filter(|conv| layer_of(conv) == Some(layer))
+                .collect();
+            if convs.is_empty() {
+                let mut quantized: Vec<usize> = quantized_convs(&self.float, &self.policy)
+                    .iter()
+                    .filter_map(|(conv, _)| layer_of(conv))
+                    .collect();
+                quantized.sort_unstable();
+                quantized.dedup();
+                return Err(Error::Quantization(format!(
+                    "layer {layer} has no quantized convolution to keep in floating point; \
+                     layers with convolutions: {quantized:?}"
+                )));
+            }
+            self.policy.float_convs.extend(convs);
+        }
+        if !self.amax.is_empty() {
+            let amax = std::mem::take(&mut self.amax);
+            let method = self.policy.method.clone();
+            self.set_ranges(amax, &method)?;
+        }
+        Ok(())
     }
 
     /// The tensors calibration measures: every member of every sharing group.
@@ -303,6 +341,7 @@ impl QuantModel {
             );
         }
         self.network.net.set_quantizers(&quantizers)?;
+        self.learned.clear();
         self.amax = amax;
         self.policy.method = method.to_string();
         Ok(())
@@ -311,6 +350,68 @@ impl QuantModel {
     /// The calibrated ranges (empty before calibration).
     pub fn ranges(&self) -> &HashMap<String, f32> {
         &self.amax
+    }
+
+    /// Make the input scales trainable from here on: one variable (ln of the scale, in optimizer
+    /// group [`LEARNED_SCALE_GROUP`]) per sharing group that feeds a quantized convolution,
+    /// starting at the calibrated scale. An optimizer built afterwards on the model's variables
+    /// trains them; [`QuantModel::current_ranges`] and the export read them back. Calibrating again
+    /// returns to fixed scales.
+    pub fn learn_ranges(&mut self) -> Result<()> {
+        if self.amax.is_empty() {
+            return Err(Error::Quantization(
+                "the model is not calibrated yet; calibrate before learning its ranges".into(),
+            ));
+        }
+        let scales = activation_scales(&self.float, &self.current_ranges()?, &self.policy)?;
+        let convs = quantized_convs(&self.float, &self.policy);
+        let root = self.network.vs.root().set_group(LEARNED_SCALE_GROUP);
+        let mut by_conv = HashMap::new();
+        let mut learned = Vec::new();
+        for (g, group) in sharing_groups_with(&self.float, &self.policy)
+            .into_iter()
+            .enumerate()
+        {
+            let readers: Vec<&(String, String)> =
+                convs.iter().filter(|(_, i)| group.contains(i)).collect();
+            let Some((_, input)) = readers.first() else {
+                continue;
+            };
+            let scale = scales.get(input).copied().ok_or_else(|| {
+                Error::Quantization(format!("no scale for '{input}', a quantized input"))
+            })?;
+            let log_scale = root.var(
+                &format!("log_input_scale{g}"),
+                &[],
+                nn::Init::Const(f64::from(scale).ln()),
+            );
+            for (conv, _) in readers {
+                by_conv.insert(conv.clone(), log_scale.shallow_clone());
+            }
+            learned.push((group, log_scale));
+        }
+        self.network.net.set_learned_scales(&by_conv)?;
+        self.learned = learned;
+        Ok(())
+    }
+
+    /// The ranges the quantizers use now: the calibrated ones, with the learned scales (if any)
+    /// as every member's amax (127 · scale).
+    pub fn current_ranges(&self) -> Result<HashMap<String, f32>> {
+        let mut amax = self.amax.clone();
+        for (group, log_scale) in &self.learned {
+            let range = learned_amax(log_scale).double_value(&[]) as f32;
+            if !range.is_finite() {
+                return Err(Error::Quantization(format!(
+                    "the learned scale of '{}' is not finite; lower --scale-lr",
+                    group.first().map(String::as_str).unwrap_or("?")
+                )));
+            }
+            for t in group {
+                amax.insert(t.clone(), range);
+            }
+        }
+        Ok(amax)
     }
 
     /// The Q/DQ ONNX of the current weights and ranges, `method` recorded in its metadata
@@ -336,7 +437,11 @@ impl QuantModel {
             method: method.to_string(),
             ..self.policy.clone()
         };
-        Ok(quantize_model_with(&float, &self.amax, &policy)?)
+        Ok(quantize_model_with(
+            &float,
+            &self.current_ranges()?,
+            &policy,
+        )?)
     }
 
     /// Evaluate on `source` with the quantizers on, except in `float_layers`.
@@ -351,6 +456,10 @@ impl QuantModel {
         evaluate(&self.network, source, batch, device, nms, progress)
     }
 }
+
+/// The optimizer group of learned input scales (the weights are in group 0), so they get their
+/// own learning rate.
+pub const LEARNED_SCALE_GROUP: usize = 1;
 
 /// The seed recipe's learning rate for QAT epoch `epoch` (0-based): `base` (1e-6 in the recipe),
 /// ten times that in epoch 6.
@@ -370,6 +479,9 @@ pub struct QatConfig {
     /// Weight of YOLOv9's detection loss on the ground truth, added to the distillation loss
     /// (0: off, the recipe).
     pub detection_loss: f64,
+    /// Learn the activation ranges too (LSQ-style), at this Adam learning rate on ln(scale)
+    /// (0: off, the recipe's fixed calibrated ranges).
+    pub scale_lr: f64,
 }
 
 impl Default for QatConfig {
@@ -378,6 +490,7 @@ impl Default for QatConfig {
             supervision_stride: 1,
             supervise_head: false,
             detection_loss: 0.0,
+            scale_lr: 0.0,
         }
     }
 }
@@ -399,11 +512,13 @@ pub struct Qat {
     /// Value ids of the supervised tensors (the same in student and teacher: one graph).
     supervised: Vec<usize>,
     head: Option<HeadTaps>,
+    scale_lr: f64,
 }
 
 impl Qat {
-    /// Set up QAT of `student` (calibrated) with the float model it came from as teacher.
-    pub fn new(student: &QuantModel, config: &QatConfig) -> Result<Self> {
+    /// Set up QAT of `student` (calibrated) with the float model it came from as teacher; with
+    /// `config.scale_lr` > 0 its input scales become trainable ([`QuantModel::learn_ranges`]).
+    pub fn new(student: &mut QuantModel, config: &QatConfig) -> Result<Self> {
         if student.ranges().is_empty() {
             return Err(Error::Quantization(
                 "QAT starts from a calibrated model; calibrate first".into(),
@@ -459,12 +574,22 @@ impl Qat {
         } else {
             None
         };
+        if !(config.scale_lr.is_finite() && config.scale_lr >= 0.0) {
+            return Err(Error::Quantization(format!(
+                "scale learning rate {}: give 0 (fixed calibrated ranges) or a positive rate",
+                config.scale_lr
+            )));
+        }
+        if config.scale_lr > 0.0 {
+            student.learn_ranges()?;
+        }
         let optimizer = nn::Adam::default().build(&student.network.vs, 1e-6)?;
         Ok(Self {
             teacher,
             optimizer,
             supervised,
             head,
+            scale_lr: config.scale_lr,
         })
     }
 
@@ -537,6 +662,10 @@ impl Qat {
             )));
         }
         self.optimizer.set_lr(lr);
+        if self.scale_lr > 0.0 {
+            self.optimizer
+                .set_lr_group(LEARNED_SCALE_GROUP, self.scale_lr);
+        }
         self.optimizer.zero_grad();
         loss.backward();
         self.optimizer.step();

@@ -193,7 +193,7 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
         .calibrate(batches, CalibrationMethod::Max, |_| {})
         .expect("calibrate");
     let before = model.export("qat").expect("export before");
-    let mut qat = Qat::new(&model, &QatConfig::default()).expect("qat");
+    let mut qat = Qat::new(&mut model, &QatConfig::default()).expect("qat");
     // Every top-level layer but the head: gelan-t has 23 (0–22).
     let names = qat.supervised(&model);
     assert_eq!(names.len(), 22, "{names:?}");
@@ -206,7 +206,7 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
         supervise_head: true,
         ..QatConfig::default()
     };
-    let head = Qat::new(&model, &with_head).expect("qat with head");
+    let head = Qat::new(&mut model, &with_head).expect("qat with head");
     let head_names = head.supervised(&model);
     assert_eq!(head_names.len(), 28, "{head_names:?}");
     assert!(
@@ -224,7 +224,7 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
         detection_loss: 1.0,
         ..QatConfig::default()
     };
-    let mut detecting = Qat::new(&model, &with_loss).expect("qat with detection loss");
+    let mut detecting = Qat::new(&mut model, &with_loss).expect("qat with detection loss");
     let both = detecting
         .step(&model, batch(), 1e-6)
         .expect("step with detection loss");
@@ -233,7 +233,7 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
         detection_loss: -1.0,
         ..QatConfig::default()
     };
-    assert!(Qat::new(&model, &bad).is_err());
+    assert!(Qat::new(&mut model, &bad).is_err());
     // The weights moved, and the export carries them.
     let after = model.export("qat").expect("export after");
     let weight = |m: &kestrel_exporter::pb::ModelProto| {
@@ -245,6 +245,99 @@ fn two_qat_steps_lower_the_distillation_loss_on_one_batch() {
             .expect("a bias")
     };
     assert_ne!(weight(&before), weight(&after));
+}
+
+#[test]
+fn learned_ranges_train_and_export_as_trained() {
+    let mut model = QuantModel::new(demo_model(), Device::Cpu, false).expect("quant model");
+    model
+        .calibrate(
+            calibration_batches(scenes(5, 4), 320, 4, 1, 0).expect("batches"),
+            CalibrationMethod::Max,
+            |_| {},
+        )
+        .expect("calibrate");
+    let config = QatConfig {
+        scale_lr: 1e-2,
+        ..QatConfig::default()
+    };
+    let mut qat = Qat::new(&mut model, &config).expect("qat with learned ranges");
+    let start = model.current_ranges().expect("ranges");
+    let loader = kestrel_trainer::data::Loader::new(scenes(6, 2), 320, 2, 0).expect("loader");
+    for _ in 0..2 {
+        qat.step(&model, loader.batch(0, 0).expect("a batch"), 1e-6)
+            .expect("step");
+    }
+    let learned = model.current_ranges().expect("ranges");
+    let moved = start
+        .iter()
+        .filter(|(t, a)| (learned[*t] - **a).abs() > 1e-4 * **a)
+        .count();
+    assert!(moved > 0, "no range moved");
+    // The export carries the learned scales: its Q/DQ graph computes what the student computes.
+    let exported = model.export("qat-learned").expect("export");
+    let reloaded = OnnxNetwork::new(&exported, Device::Cpu).expect("reload");
+    let images = calibration_batches(scenes(11, 2), 320, 2, 1, 0)
+        .expect("batches")
+        .next()
+        .expect("a batch")
+        .expect("images");
+    use kestrel_trainer::eval::Network;
+    let ours = model.network.infer(&images).expect("student");
+    let theirs = reloaded.infer(&images).expect("export");
+    let diff = (ours - theirs).abs().max().double_value(&[]);
+    println!("student vs its Q/DQ export: max |diff| {diff:.2e}");
+    // Bit-identical scales (a one-ulp difference flipped codes and moved boxes by 9 pixels).
+    assert!(diff < 1e-4, "{diff}");
+    // Calibrating again (on the trained weights) returns to fixed, calibrated ranges.
+    model
+        .calibrate(
+            calibration_batches(scenes(5, 4), 320, 4, 1, 0).expect("batches"),
+            CalibrationMethod::Max,
+            |_| {},
+        )
+        .expect("recalibrate");
+    assert_eq!(&model.current_ranges().expect("ranges"), model.ranges());
+}
+
+#[test]
+fn layers_kept_float_lose_their_quantizers_and_export_without_them() {
+    let mut model = QuantModel::new(demo_model(), Device::Cpu, false).expect("quant model");
+    let err = model
+        .keep_layers_float(&[99])
+        .expect_err("no layer 99")
+        .to_string();
+    assert!(
+        err.contains("layer 99") && err.contains("[0, 1, 2"),
+        "{err}"
+    );
+    model.keep_layers_float(&[2, 15]).expect("layers 2 and 15");
+    model
+        .calibrate(
+            calibration_batches(scenes(5, 2), 320, 2, 1, 0).expect("batches"),
+            CalibrationMethod::Max,
+            |_| {},
+        )
+        .expect("calibrate");
+    let layers = model.network.net.quantized_layers();
+    assert!(!layers.contains(&2) && !layers.contains(&15), "{layers:?}");
+    assert!(layers.contains(&1) && layers.contains(&16), "{layers:?}");
+    // No weight of layer 2 or 15 is stored as int8 in the export.
+    let exported = model.export("ptq-max").expect("export");
+    let int8_weights: Vec<&str> = exported
+        .graph()
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == 3 && t.name.ends_with("weight_quantized"))
+        .map(|t| t.name.as_str())
+        .collect();
+    assert!(!int8_weights.is_empty());
+    assert!(
+        int8_weights
+            .iter()
+            .all(|n| !n.starts_with("model.2.") && !n.starts_with("model.15.")),
+        "{int8_weights:?}"
+    );
 }
 
 #[test]

@@ -77,6 +77,10 @@ fn calibrate_then_two_qat_iterations_then_eval_export_and_sensitivity() {
         "--supervise-head",
         "--detection-loss",
         "0.5",
+        "--float-layers",
+        "2",
+        "--scale-lr",
+        "1e-3",
     ]);
     let log = ok(&args);
     println!("{log}");
@@ -95,6 +99,8 @@ fn calibrate_then_two_qat_iterations_then_eval_export_and_sensitivity() {
     assert_eq!(report["qat"].as_array().unwrap().len(), 1);
     assert_eq!(report["calibration"], "histogram-mse");
     assert_eq!(report["detection_loss"], 0.5);
+    assert_eq!(report["float_layers"], serde_json::json!([2]));
+    assert_eq!(report["scale_lr"], 1e-3);
     assert_eq!(report["supervised"].as_array().unwrap().len(), 28);
     // The same name again needs --exist-ok.
     fails(&args, "--exist-ok");
@@ -188,6 +194,26 @@ fn user_errors_name_the_problem_and_the_fix() {
         &["qat", "eval", "--weights", d, "--data", "synthetic:3:8"],
         "has no quantizers",
     );
+    // A layer to keep float that has no convolution, and a negative scale learning rate.
+    let quick = [
+        "--data",
+        "synthetic:3:8",
+        "--calib-batches",
+        "1",
+        "--calib-batch-size",
+        "2",
+        "--no-eval-origin",
+        "--no-eval-ptq",
+        "--project",
+        p,
+        "--exist-ok",
+    ];
+    let mut args = vec!["qat", "quantize", "--weights", d, "--float-layers", "10"];
+    args.extend(quick);
+    fails(&args, "layer 10 has no quantized convolution");
+    let mut args = vec!["qat", "quantize", "--weights", d, "--scale-lr", "-1"];
+    args.extend(quick);
+    fails(&args, "scale learning rate -1");
     // An unfused training checkpoint.
     let ckpt = dir.join("last.safetensors");
     std::fs::write(&ckpt, b"x").unwrap();

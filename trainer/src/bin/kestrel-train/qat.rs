@@ -85,6 +85,10 @@ pub struct Calibration {
     /// point.
     #[arg(long)]
     keep_head_float: bool,
+    /// Keep these top-level layers (`model.N`, comma-separated: `2,15`) in floating point, as the
+    /// sensitivity analysis suggests; the engine runs them in FP16.
+    #[arg(long, value_delimiter = ',')]
+    float_layers: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -100,7 +104,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 10)]
     epochs: usize,
     /// Base learning rate of Adam (the recipe: 1e-6, and ten times it in epoch 6).
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, allow_negative_numbers = true)]
     lr: f64,
     /// Supervise every N-th top-level layer (and the last before the head).
     #[arg(long, default_value_t = 1)]
@@ -109,8 +113,13 @@ pub struct QuantizeArgs {
     #[arg(long)]
     supervise_head: bool,
     /// Add YOLOv9's detection loss on the ground truth with this weight (0: off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     detection_loss: f64,
+    /// Learn the activation ranges as well (LSQ-style: each sharing group's input scale is
+    /// trained from its calibrated value), at this Adam learning rate on ln(scale); 0 keeps the
+    /// calibrated ranges fixed, as the recipe does.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    scale_lr: f64,
     /// Skip evaluating the float model first.
     #[arg(long)]
     no_eval_origin: bool,
@@ -181,8 +190,9 @@ fn setup(common: &Common, calibration: &Calibration) -> Result<Setup> {
         bail!("batch size 0: give at least 1");
     }
     let float = read_float_model(&common.weights)?;
-    let model = QuantModel::new(float, device, calibration.keep_head_float)
+    let mut model = QuantModel::new(float, device, calibration.keep_head_float)
         .with_context(|| common.weights.display().to_string())?;
+    model.keep_layers_float(&calibration.float_layers)?;
     let cfg = model.network.config().clone();
     let imgsz = cfg.imgsz[0] as u32;
     if cfg.imgsz[0] != cfg.imgsz[1] {
@@ -266,6 +276,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         supervision_stride,
         supervise_head,
         detection_loss,
+        scale_lr,
         no_eval_origin,
         no_eval_ptq,
     } = args;
@@ -279,9 +290,14 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     report.insert("lr".into(), serde_json::json!(base_lr));
     report.insert("supervise_head".into(), serde_json::json!(supervise_head));
     report.insert("detection_loss".into(), serde_json::json!(detection_loss));
+    report.insert("scale_lr".into(), serde_json::json!(scale_lr));
     report.insert(
         "keep_head_float".into(),
         serde_json::json!(calibration.keep_head_float),
+    );
+    report.insert(
+        "float_layers".into(),
+        serde_json::json!(calibration.float_layers),
     );
     let origin = if no_eval_origin {
         None
@@ -318,8 +334,9 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         supervision_stride,
         supervise_head,
         detection_loss,
+        scale_lr,
     };
-    let mut qat = Qat::new(&s.model, &config)?;
+    let mut qat = Qat::new(&mut s.model, &config)?;
     let imgsz = s.model.network.config().imgsz[0] as u32;
     let loader = Loader::new(s.train.clone(), imgsz, batch, common.seed)?;
     let per_epoch = loader.batches_per_epoch();
