@@ -15,6 +15,7 @@ mod conv;
 mod device;
 mod fused;
 pub mod plan;
+pub mod post;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -1823,6 +1824,13 @@ mod tests {
         let ptx = compile_kernels(Some("compute_80"), device::int8_stages())
             .expect("kernels.cu compiles");
         for name in KERNEL_NAMES {
+            assert!(
+                ptx.contains(&format!(".entry {name}")),
+                "{name} missing from the PTX"
+            );
+        }
+        let ptx = post::compile_post_kernels(Some("compute_80")).expect("post.cu compiles");
+        for name in post::POST_KERNEL_NAMES {
             assert!(
                 ptx.contains(&format!(".entry {name}")),
                 "{name} missing from the PTX"
