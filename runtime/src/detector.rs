@@ -16,6 +16,8 @@ pub struct Detector {
     postprocessor: Postprocessor,
     input: Vec<f32>,
     placements: Vec<LetterboxParams>,
+    /// Decode and NMS on the engine's device (the end-to-end path) rather than on the CPU.
+    device_postprocessing: bool,
 }
 
 impl Detector {
@@ -26,7 +28,14 @@ impl Detector {
             postprocessor: Postprocessor::new(),
             input: Vec::new(),
             placements: Vec::new(),
+            device_postprocessing: false,
         }
+    }
+
+    /// Decode and NMS on the engine's device (`true`, the end-to-end path of GPU backends) or on
+    /// the CPU (`false`, the default). Both give the same detections for the same engine output.
+    pub fn set_device_postprocessing(&mut self, on: bool) {
+        self.device_postprocessing = on;
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -67,6 +76,20 @@ impl Detector {
             let dst = &mut self.input[i * per_image..(i + 1) * per_image];
             let p = self.letterboxer.run(img, w as u32, h as u32, dst)?;
             self.placements.push(p);
+        }
+        if self.device_postprocessing {
+            if !self
+                .engine
+                .run_and_detect(&self.input, batch, &self.placements, cfg, out)?
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "the {} backend has no device post-processing (end-to-end); run without it",
+                    self.engine.info().backend
+                )));
+            }
+            // Padding images' results are dropped.
+            out.truncate(n);
+            return Ok(());
         }
         let output = self.engine.run(&self.input, batch)?;
         out.resize_with(n, Vec::new);

@@ -10,10 +10,13 @@ use std::str::FromStr;
 use kestrel_exporter::onnx::{decode_model, pb};
 use kestrel_exporter::shapes::Dim;
 
+use crate::detection::Detection;
 use crate::engine_file::{
     BuildEnvironment, CacheOutcome, EngineCache, EngineFile, EngineHeader, is_engine_file,
 };
 use crate::error::{Error, Result};
+use crate::letterbox::LetterboxParams;
+use crate::nms::NmsConfig;
 
 /// Where an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -262,6 +265,22 @@ pub trait Engine: Send {
     /// The accelerator the engine runs on (GPU name), if any.
     fn device_name(&self) -> Option<String> {
         None
+    }
+
+    /// Run a batch and decode + NMS its output on the engine's device with `cfg` (the
+    /// end-to-end path): `out[i]` receives image i's detections in its source pixels through
+    /// `placements[i]`, exactly what the CPU post-processing of [`Engine::run`]'s output gives.
+    /// `Ok(false)` where the backend has no device post-processing; `out` is then untouched.
+    fn run_and_detect(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        placements: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let _ = (input, batch, placements, cfg, out);
+        Ok(false)
     }
 }
 

@@ -88,6 +88,9 @@ pub struct EngineArgs {
     /// ($KESTREL_CACHE_DIR, default ~/.cache/kestrel/engines).
     #[arg(long)]
     pub no_cache: bool,
+    /// Decode and NMS on the GPU (the cuda backend's end-to-end path); the CPU does them otherwise.
+    #[arg(long)]
+    pub end_to_end: bool,
 }
 
 impl EngineArgs {
@@ -98,7 +101,15 @@ impl EngineArgs {
             opt: max_batch,
             max: max_batch,
         })?;
-        Ok(Detector::new(self.engine(&options)?))
+        if self.end_to_end && options.backend != Backend::Cuda {
+            bail!(
+                "--end-to-end decodes and runs NMS on the GPU: it needs --backend cuda (this is {})",
+                options.backend
+            );
+        }
+        let mut detector = Detector::new(self.engine(&options)?);
+        detector.set_device_postprocessing(self.end_to_end);
+        Ok(detector)
     }
 
     /// Open the model (ONNX or engine file) as an engine; GPU engines go through the engine cache.

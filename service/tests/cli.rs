@@ -232,6 +232,19 @@ fn missing_model_file() {
 }
 
 #[test]
+fn end_to_end_needs_the_cuda_backend() {
+    let dir = scratch("end-to-end");
+    let model = dir.join("m.onnx");
+    export_small(&model, false);
+    let img = dir.join("x.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    let out = kestrel(&["infer", "-m", p(&model), "--end-to-end", p(&img)]);
+    assert_user_error(&out, &["--end-to-end", "--backend cuda"]);
+    let out = kestrel(&["bench", "-m", p(&model), "--end-to-end"]);
+    assert_user_error(&out, &["--end-to-end", "--backend cuda"]);
+}
+
+#[test]
 fn truncated_and_non_onnx_files() {
     let dir = scratch("truncated");
     let good = dir.join("good.onnx");

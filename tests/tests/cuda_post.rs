@@ -394,3 +394,73 @@ fn gpu_nms_against_the_torchvision_peer_at_batch_8_640_80_classes() {
     });
     println!("BENCH {record}");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn end_to_end_detector_on_the_demo_model_matches_the_cpu() {
+    use kestrel_runtime::Detector;
+    use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+    use kestrel_runtime::synth::{image_seed, render_scene_with};
+    let model = kestrel_tests::workspace_root().join("models/gelan-t-shapes.onnx");
+    let options = |backend, precision| BuildOptions {
+        backend,
+        precision,
+        profile: BatchProfile {
+            min: 1,
+            opt: 4,
+            max: 4,
+        },
+    };
+    let cuda = || build_engine(&model, &options(Backend::Cuda, Precision::Fp32)).expect("cuda");
+    let mut end_to_end = Detector::new(cuda());
+    end_to_end.set_device_postprocessing(true);
+    let mut cuda_cpu_post = Detector::new(cuda());
+    let mut cpu =
+        Detector::new(build_engine(&model, &options(Backend::Cpu, Precision::Fp32)).expect("cpu"));
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut matched, mut total) = (0, 0);
+    // Scenes of odd sizes, three to a batch (the profile pads nothing; sizes differ per image).
+    for chunk in 0..8 {
+        let scenes: Vec<_> = (0..3)
+            .map(|i| {
+                let k = chunk * 3 + i;
+                render_scene_with(
+                    image_seed(99, k),
+                    320 + 37 * i as u32,
+                    320 - 23 * i as u32,
+                    1..=12,
+                )
+                .0
+            })
+            .collect();
+        for cfg in [NmsConfig::evaluation(), NmsConfig::display()] {
+            end_to_end
+                .detect(&scenes, &cfg, &mut a)
+                .expect("end to end");
+            cuda_cpu_post
+                .detect(&scenes, &cfg, &mut b)
+                .expect("cuda, CPU post");
+            // The same engine output: the GPU post-processing equals the CPU's exactly.
+            assert_identical(&a, &b, "end to end vs CPU post-processing");
+            cpu.detect(&scenes, &cfg, &mut c).expect("cpu");
+            // Against the CPU backend (a different engine): the display detections match.
+            if !cfg.multi_label {
+                for (g, r) in a.iter().zip(&c) {
+                    total += r.len();
+                    matched += r
+                        .iter()
+                        .filter(|d| {
+                            g.iter().any(|e| {
+                                e.class_id == d.class_id
+                                    && e.bbox.iou(&d.bbox) >= 0.95
+                                    && (e.score - d.score).abs() <= 0.01
+                            })
+                        })
+                        .count();
+                }
+            }
+        }
+    }
+    println!("display detections of the CPU backend matched on the GPU: {matched}/{total}");
+    assert!(total > 50 && matched == total, "{matched}/{total}");
+}

@@ -24,8 +24,11 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use kestrel_exporter::onnx::pb;
 
+use crate::detection::Detection;
 use crate::engine::{Engine, EngineInfo, LayerTime, Precision};
 use crate::error::{Error, Result};
+use crate::letterbox::LetterboxParams;
+use crate::nms::NmsConfig;
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
     Arg, DeviceBuffer, Kernels, PinnedBuffer, Stream, cuda_error, f32_to_f16_bits, launch,
@@ -33,6 +36,7 @@ use device::{
 };
 use fused::{FusedConvGraph, FusedConvPlan, FusedConvPointers, FusedConvSpec, Storage};
 use plan::{EnginePlan, Int8Conv, Layout, Step, ValueId};
+use post::GpuPostprocessor;
 
 pub use device::{KERNEL_SOURCE, compile_kernels, unavailable_reason};
 
@@ -98,6 +102,8 @@ impl Drop for GraphExec {
 /// An engine on the GPU.
 pub struct CudaEngine {
     // Field order is drop order: graphs and plans before the memory they point into.
+    /// Decode + NMS on this GPU for the end-to-end path, set up on its first use.
+    post: Option<GpuPostprocessor>,
     graphs: HashMap<usize, GraphExec>,
     conv_plans: HashMap<(usize, usize), ConvPlan>,
     /// Convolutions (step, bucket) that run as one cuDNN fused graph, where that timed faster.
@@ -396,6 +402,7 @@ impl CudaEngine {
         let per_in = info.input_len();
         let per_out = info.output_len();
         let mut engine = Self {
+            post: None,
             graphs: HashMap::new(),
             conv_plans: HashMap::new(),
             fused: HashMap::new(),
@@ -1571,14 +1578,11 @@ pub fn transpose_meta(input: &[usize], perm: &[usize]) -> Vec<i64> {
     meta
 }
 
-impl Engine for CudaEngine {
-    fn info(&self) -> &EngineInfo {
-        &self.info
-    }
-
-    fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+impl CudaEngine {
+    /// Upload a batch and enqueue the engine on its stream (not synchronised); returns the
+    /// device address of the output.
+    fn launch_batch(&mut self, input: &[f32], batch: usize) -> Result<dsys::CUdeviceptr> {
         let per_in = self.info.input_len();
-        let per_out = self.info.output_len();
         if !self.info.profile.contains(batch) {
             return Err(Error::Shape(format!(
                 "batch of {batch} images is outside the engine's profile {} (min:opt:max)",
@@ -1600,8 +1604,9 @@ impl Engine for CudaEngine {
         let s = self.stream.0;
         let input_ptr = self.ptr(self.plan.input)?;
         let output_ptr = self.ptr(self.plan.output)?;
-        // SAFETY: pinned and device buffers hold max-batch data; the copies are ordered on the stream
-        // and complete before the synchronise below returns.
+        // SAFETY: pinned and device buffers hold max-batch data; the copy is ordered on the stream
+        // before the engine, and the pinned input is not rewritten before the next call, which
+        // comes after the caller synchronised this stream.
         unsafe { drv::memcpy_htod_async(input_ptr, &self.pinned_in.as_f32()[..input.len()], s) }
             .map_err(|e| cuda_error("uploading the batch", e))?;
         match self.graphs.get(&bucket) {
@@ -1610,8 +1615,21 @@ impl Engine for CudaEngine {
                 .map_err(|e| cuda_error("launching the CUDA graph", e))?,
             None => self.enqueue(bucket)?,
         }
-        let n_out = batch * per_out;
-        // SAFETY: as above; the pinned buffer is not read until the stream is synchronised.
+        Ok(output_ptr)
+    }
+}
+
+impl Engine for CudaEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+        let output_ptr = self.launch_batch(input, batch)?;
+        let n_out = batch * self.info.output_len();
+        let s = self.stream.0;
+        // SAFETY: the pinned buffer holds max-batch outputs and is not read until the stream is
+        // synchronised.
         unsafe {
             drv::memcpy_dtoh_async(&mut self.pinned_out.as_f32_mut()[..n_out], output_ptr, s)
         }
@@ -1621,6 +1639,36 @@ impl Engine for CudaEngine {
         self.output
             .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
         Ok(&self.output)
+    }
+
+    fn run_and_detect(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        placements: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let output_ptr = self.launch_batch(input, batch)?;
+        // The post-processor runs on its own stream: the engine's output must be complete.
+        self.stream.synchronize()?;
+        if self.post.is_none() {
+            let anchors = self.info.anchors;
+            let channels = self.info.output_len() / anchors.max(1);
+            self.post = Some(GpuPostprocessor::new(
+                0,
+                self.info.profile.max,
+                self.info.num_classes,
+                channels,
+                anchors,
+            )?);
+        }
+        let post = self
+            .post
+            .as_mut()
+            .ok_or_else(|| cuda_error("post-processing", "not set up"))?;
+        post.run_device(output_ptr, batch, placements, cfg, out)?;
+        Ok(true)
     }
 
     fn device_name(&self) -> Option<String> {

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kestrel_exporter::{onnx, summarize};
+use kestrel_runtime::Detection;
 use kestrel_runtime::engine::{BatchProfile, LayerTime};
+use kestrel_runtime::letterbox::LetterboxParams;
+use kestrel_runtime::nms::NmsConfig;
 use serde::Serialize;
 
 use crate::util::{EngineArgs, check_model_file, cpu_description, utc_now};
@@ -59,6 +62,12 @@ struct BatchResult {
     compute_ms: Option<Latency>,
     /// Images per second from the median compute time (GPU backends).
     compute_images_per_s: Option<f64>,
+    /// With `--end-to-end`: wall-clock time of a batch through the engine and the GPU decode +
+    /// NMS (display thresholds), detections on the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_to_end_ms: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_to_end_images_per_s: Option<f64>,
     /// Model FLOPs per second of median compute time, in TFLOP/s (GPU backends).
     achieved_tflops: Option<f64>,
     /// Engine runs per second.
@@ -100,6 +109,9 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--duration must be positive and --warmup not negative (seconds)");
     }
     check_model_file(&a.engine.model)?;
+    if a.engine.end_to_end && a.engine.backend != "cuda" {
+        bail!("--end-to-end times the GPU decode and NMS: it needs --backend cuda");
+    }
     let max = *a.batch.iter().max().unwrap_or(&1);
     let min = *a.batch.iter().min().unwrap_or(&1);
     let options = a.engine.build_options(BatchProfile {
@@ -215,9 +227,42 @@ pub fn run(a: Args) -> Result<()> {
                 }
             }
         }
+        let end_to_end = if a.engine.end_to_end {
+            let [h, w] = info.input_hw;
+            let placement = LetterboxParams::new(w as u32, h as u32, w as u32, h as u32)?;
+            let placements = vec![placement; batch];
+            let cfg = NmsConfig::display();
+            let mut dets = Vec::new();
+            let mut run = |dets: &mut Vec<Vec<Detection>>| -> Result<()> {
+                if !engine.run_and_detect(&input, batch, &placements, &cfg, dets)? {
+                    bail!("the {} backend has no GPU post-processing", info.backend);
+                }
+                Ok(())
+            };
+            run(&mut dets).context("end-to-end warm-up failed")?;
+            let mut e2e = Vec::new();
+            let start = Instant::now();
+            while e2e.len() < a.min_iterations || start.elapsed() < deadline {
+                let t = Instant::now();
+                run(&mut dets)?;
+                e2e.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let e2e = stats(e2e);
+            println!(
+                "batch {batch:>3}: end to end (engine + GPU decode/NMS, display thresholds, detections on the host) median {:.2} ms, p99 {:.2} ms | {:.2} images/s",
+                e2e.median,
+                e2e.p99,
+                batch as f64 * 1e3 / e2e.median
+            );
+            Some(e2e)
+        } else {
+            None
+        };
         results.push(BatchResult {
             batch,
             iterations,
+            end_to_end_images_per_s: end_to_end.as_ref().map(|l| batch as f64 * 1e3 / l.median),
+            end_to_end_ms: end_to_end,
             compute_images_per_s: compute.as_ref().map(|c| batch as f64 * 1e3 / c.median),
             achieved_tflops,
             compute_ms: compute,
