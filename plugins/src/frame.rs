@@ -3,6 +3,7 @@
 
 use gst_video::{VideoColorMatrix, VideoColorRange, VideoFormat, VideoFrameExt, VideoFrameRef};
 use image::{RgbImage, RgbaImage};
+use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
 
 /// The formats both elements accept.
 pub const FORMATS: [VideoFormat; 6] = [
@@ -22,79 +23,32 @@ pub fn caps() -> gst::Caps {
 }
 
 /// Y'CbCr ↔ R'G'B' of a frame's colorimetry: luma weights and range.
-#[derive(Debug, Clone, Copy)]
-struct Yuv {
-    kr: f32,
-    kb: f32,
-    full_range: bool,
-}
-
-impl Yuv {
-    fn of(info: &gst_video::VideoInfo) -> Self {
-        let c = info.colorimetry();
-        let (kr, kb) = match c.matrix() {
-            VideoColorMatrix::Bt709 => (0.2126, 0.0722),
-            VideoColorMatrix::Bt2020 => (0.2627, 0.0593),
-            // BT.601 is what GStreamer assumes for unspecified SD content; use it as the default.
-            _ => (0.299, 0.114),
-        };
-        Self {
-            kr,
-            kb,
-            full_range: c.range() == VideoColorRange::Range0_255,
-        }
-    }
-
-    fn yuv_to_rgb(self, y: u8, u: u8, v: u8) -> [u8; 3] {
-        let (y, u, v) = if self.full_range {
-            (f32::from(y), f32::from(u) - 128.0, f32::from(v) - 128.0)
-        } else {
-            (
-                (f32::from(y) - 16.0) * (255.0 / 219.0),
-                (f32::from(u) - 128.0) * (255.0 / 224.0),
-                (f32::from(v) - 128.0) * (255.0 / 224.0),
-            )
-        };
-        let kg = 1.0 - self.kr - self.kb;
-        let r = y + 2.0 * (1.0 - self.kr) * v;
-        let b = y + 2.0 * (1.0 - self.kb) * u;
-        let g = y
-            - (2.0 * self.kb * (1.0 - self.kb) / kg) * u
-            - (2.0 * self.kr * (1.0 - self.kr) / kg) * v;
-        [clamp_u8(r), clamp_u8(g), clamp_u8(b)]
-    }
-
-    fn rgb_to_yuv(self, [r, g, b]: [u8; 3]) -> [u8; 3] {
-        let (r, g, b) = (f32::from(r), f32::from(g), f32::from(b));
-        let kg = 1.0 - self.kr - self.kb;
-        let y = self.kr * r + kg * g + self.kb * b;
-        let u = (b - y) / (2.0 * (1.0 - self.kb));
-        let v = (r - y) / (2.0 * (1.0 - self.kr));
-        if self.full_range {
-            [clamp_u8(y), clamp_u8(u + 128.0), clamp_u8(v + 128.0)]
-        } else {
-            [
-                clamp_u8(16.0 + y * (219.0 / 255.0)),
-                clamp_u8(128.0 + u * (224.0 / 255.0)),
-                clamp_u8(128.0 + v * (224.0 / 255.0)),
-            ]
-        }
+fn yuv_of(info: &gst_video::VideoInfo) -> YuvMatrix {
+    let c = info.colorimetry();
+    let (kr, kb) = match c.matrix() {
+        VideoColorMatrix::Bt709 => (0.2126, 0.0722),
+        VideoColorMatrix::Bt2020 => (0.2627, 0.0593),
+        // BT.601 is what GStreamer assumes for unspecified SD content; use it as the default.
+        _ => (0.299, 0.114),
+    };
+    YuvMatrix {
+        kr,
+        kb,
+        full_range: c.range() == VideoColorRange::Range0_255,
     }
 }
 
-fn clamp_u8(v: f32) -> u8 {
-    v.round().clamp(0.0, 255.0) as u8
-}
-
-/// Byte offsets of R, G, B in one pixel of a packed RGB-family format, and its size.
-fn packed_layout(format: VideoFormat) -> Option<([usize; 3], usize)> {
-    match format {
-        VideoFormat::Rgb => Some(([0, 1, 2], 3)),
-        VideoFormat::Bgr => Some(([2, 1, 0], 3)),
-        VideoFormat::Rgba => Some(([0, 1, 2], 4)),
-        VideoFormat::Bgrx => Some(([2, 1, 0], 4)),
-        _ => None,
-    }
+/// The runtime's name for a GStreamer format of [`FORMATS`].
+fn pixel_format(format: VideoFormat) -> Option<PixelFormat> {
+    Some(match format {
+        VideoFormat::Rgb => PixelFormat::Rgb,
+        VideoFormat::Bgr => PixelFormat::Bgr,
+        VideoFormat::Rgba => PixelFormat::Rgba,
+        VideoFormat::Bgrx => PixelFormat::Bgrx,
+        VideoFormat::Nv12 => PixelFormat::Nv12,
+        VideoFormat::I420 => PixelFormat::I420,
+        _ => return None,
+    })
 }
 
 /// Read `frame` into `out` (resized to the frame), as 8-bit RGB.
@@ -102,57 +56,31 @@ pub fn to_rgb(
     frame: &VideoFrameRef<&gst::BufferRef>,
     out: &mut RgbImage,
 ) -> Result<(), gst::FlowError> {
-    let (w, h) = (frame.width(), frame.height());
-    if out.dimensions() != (w, h) {
-        *out = RgbImage::new(w, h);
-    }
-    let (w, h) = (w as usize, h as usize);
-    let format = frame.format();
-    let stride = |i: usize| frame.plane_stride()[i] as usize;
-    let plane = |i: u32| frame.plane_data(i).map_err(|_| gst::FlowError::Error);
-    let px: &mut [u8] = out;
-    if let Some((rgb, size)) = packed_layout(format) {
-        let data = plane(0)?;
-        let s = stride(0);
-        for y in 0..h {
-            let row = &data[y * s..y * s + w * size];
-            let dst = &mut px[y * w * 3..(y + 1) * w * 3];
-            for (d, p) in dst.chunks_exact_mut(3).zip(row.chunks_exact(size)) {
-                d.copy_from_slice(&[p[rgb[0]], p[rgb[1]], p[rgb[2]]]);
-            }
+    let format = pixel_format(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
+    let plane = |i: usize| -> Result<&[u8], gst::FlowError> {
+        if i < format.planes() {
+            frame
+                .plane_data(i as u32)
+                .map_err(|_| gst::FlowError::Error)
+        } else {
+            Ok(&[])
         }
-        return Ok(());
-    }
-    let yuv = Yuv::of(frame.info());
-    let luma = plane(0)?;
-    let (sy, s1) = (stride(0), stride(1));
-    match format {
-        VideoFormat::Nv12 => {
-            let uv = plane(1)?;
-            for y in 0..h {
-                for x in 0..w {
-                    let c = (y / 2) * s1 + (x / 2) * 2;
-                    let rgb = yuv.yuv_to_rgb(luma[y * sy + x], uv[c], uv[c + 1]);
-                    px[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&rgb);
-                }
-            }
-        }
-        VideoFormat::I420 => {
-            let (u, v, s2) = (plane(1)?, plane(2)?, stride(2));
-            for y in 0..h {
-                for x in 0..w {
-                    let rgb = yuv.yuv_to_rgb(
-                        luma[y * sy + x],
-                        u[(y / 2) * s1 + x / 2],
-                        v[(y / 2) * s2 + x / 2],
-                    );
-                    px[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&rgb);
-                }
-            }
-        }
-        _ => return Err(gst::FlowError::NotNegotiated),
-    }
-    Ok(())
+    };
+    let stride = |i: usize| {
+        frame
+            .plane_stride()
+            .get(i)
+            .map_or(0, |&s| s.max(0) as usize)
+    };
+    let raw = Frame {
+        format,
+        width: frame.width() as usize,
+        height: frame.height() as usize,
+        planes: [plane(0)?, plane(1)?, plane(2)?],
+        strides: [stride(0), stride(1), stride(2)],
+        yuv: yuv_of(frame.info()),
+    };
+    raw.to_rgb(out).map_err(|_| gst::FlowError::Error)
 }
 
 /// Blend the RGBA `layer` (the frame's size; alpha 0 leaves a pixel alone) onto `frame`, only in
@@ -174,7 +102,7 @@ pub fn composite(
         let a = u16::from(a);
         ((u16::from(src) * a + u16::from(dst) * (255 - a) + 127) / 255) as u8
     };
-    if let Some((rgb, size)) = packed_layout(format) {
+    if let Some((rgb, size)) = pixel_format(format).and_then(PixelFormat::packed_layout) {
         let s = strides[0];
         let data = frame.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?;
         for y in rows {
@@ -191,7 +119,7 @@ pub fn composite(
         }
         return Ok(());
     }
-    let yuv = Yuv::of(frame.info());
+    let yuv = yuv_of(frame.info());
     {
         let s = strides[0];
         let luma = frame.plane_data_mut(0).map_err(|_| gst::FlowError::Error)?;
@@ -255,35 +183,4 @@ pub fn composite(
         _ => return Err(gst::FlowError::NotNegotiated),
     }
     Ok(())
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn yuv_round_trips_within_rounding() {
-        for (kr, kb) in [(0.299, 0.114), (0.2126, 0.0722)] {
-            for full_range in [false, true] {
-                let yuv = Yuv { kr, kb, full_range };
-                for rgb in [[0, 0, 0], [255, 255, 255], [200, 30, 90], [10, 240, 120]] {
-                    let [y, u, v] = yuv.rgb_to_yuv(rgb);
-                    let back = yuv.yuv_to_rgb(y, u, v);
-                    for c in 0..3 {
-                        let d = (i16::from(back[c]) - i16::from(rgb[c])).abs();
-                        assert!(d <= 2, "{rgb:?} -> {:?} -> {back:?}", [y, u, v]);
-                    }
-                }
-            }
-        }
-        // Limited-range black and white are 16 and 235.
-        let bt601 = Yuv {
-            kr: 0.299,
-            kb: 0.114,
-            full_range: false,
-        };
-        assert_eq!(bt601.rgb_to_yuv([0, 0, 0]), [16, 128, 128]);
-        assert_eq!(bt601.rgb_to_yuv([255, 255, 255]), [235, 128, 128]);
-    }
 }

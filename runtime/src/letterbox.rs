@@ -100,7 +100,7 @@ impl LetterboxParams {
 
 /// One axis of bilinear sampling: for each output pixel, the two source indices and the weight
 /// of the second (OpenCV's INTER_LINEAR with half-pixel centres and edge clamping).
-fn axis_taps(src: u32, dst: u32, taps: &mut Vec<(u32, u32, f32)>) {
+pub(crate) fn axis_taps(src: u32, dst: u32, taps: &mut Vec<(u32, u32, f32)>) {
     taps.clear();
     let scale = src as f64 / dst as f64;
     for d in 0..dst {

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod engine_file;
 pub mod error;
 pub mod eval;
+pub mod frame;
 pub mod labels;
 pub mod letterbox;
 pub mod nms;

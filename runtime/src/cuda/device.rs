@@ -207,6 +207,38 @@ pub fn compile_kernels(arch: Option<&'static str>, int8_stages: usize) -> Result
     Ok(ptx.to_src())
 }
 
+/// Compile a kernel source (`file` names it in errors) to PTX without fused multiply-add, so
+/// each float operation rounds as the CPU reference's Rust code does (the pre- and
+/// post-processing kernels, which must equal it bit for bit).
+pub fn compile_exact(source: &str, file: &str, arch: Option<&'static str>) -> Result<String> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch,
+        fmad: Some(false),
+        use_fast_math: Some(false),
+        name: Some(file.into()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| Error::Backend {
+        backend: "cuda",
+        message: match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                format!("NVRTC rejected {file}:\n{}", log.to_string_lossy())
+            }
+            other => format!("NVRTC failed: {other:?}"),
+        },
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// The device's architecture for NVRTC (`sm_XY`) of the bound context.
+pub fn device_arch(ctx: &CudaContext) -> Result<&'static str> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| cuda_error("compute capability", e))?;
+    // Leaked once per engine or processor: NVRTC's options take a 'static str.
+    Ok(Box::leak(format!("sm_{major}{minor}").into_boxed_str()))
+}
+
 impl Kernels {
     pub fn load(ptx: &str) -> Result<Self> {
         let image = CString::new(ptx).map_err(|_| cuda_error("PTX", "embedded NUL"))?;

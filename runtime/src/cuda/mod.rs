@@ -16,6 +16,7 @@ mod device;
 mod fused;
 pub mod plan;
 pub mod post;
+pub mod pre;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -1872,6 +1873,13 @@ mod tests {
         let ptx = compile_kernels(Some("compute_80"), device::int8_stages())
             .expect("kernels.cu compiles");
         for name in KERNEL_NAMES {
+            assert!(
+                ptx.contains(&format!(".entry {name}")),
+                "{name} missing from the PTX"
+            );
+        }
+        let ptx = pre::compile_pre_kernels(Some("compute_80")).expect("pre.cu compiles");
+        for name in pre::PRE_KERNEL_NAMES {
             assert!(
                 ptx.contains(&format!(".entry {name}")),
                 "{name} missing from the PTX"

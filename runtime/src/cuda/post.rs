@@ -36,28 +36,10 @@ const NMS_THREADS: u32 = 256;
 /// shortest sort, so every sort can finish its small distances in tiles.
 const SORT_TILE_KEYS: usize = 2048;
 
-/// Compile `post.cu` to PTX. Without fused multiply-add, so each float operation rounds as the
-/// CPU reference's does (no GPU needed; CI checks the source with this).
+/// Compile `post.cu` to PTX, without fused multiply-add (no GPU needed; CI checks the source
+/// with this).
 pub fn compile_post_kernels(arch: Option<&'static str>) -> Result<String> {
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch,
-        fmad: Some(false),
-        use_fast_math: Some(false),
-        name: Some("kestrel_post.cu".into()),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(POST_KERNEL_SOURCE, opts).map_err(|e| {
-        Error::Backend {
-            backend: "cuda",
-            message: match e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                    format!("NVRTC rejected post.cu:\n{}", log.to_string_lossy())
-                }
-                other => format!("NVRTC failed: {other:?}"),
-            },
-        }
-    })?;
-    Ok(ptx.to_src())
+    device::compile_exact(POST_KERNEL_SOURCE, "kestrel_post.cu", arch)
 }
 
 /// Kept detections of a batch on the device: `[batch, max_det]` arrays.
@@ -161,11 +143,7 @@ impl GpuPostprocessor {
         let ctx = device::context(ordinal)?;
         ctx.bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(|e| cuda_error("compute capability", e))?;
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let kernels = Kernels::load(&compile_post_kernels(Some(arch))?)?;
+        let kernels = Kernels::load(&compile_post_kernels(Some(device::device_arch(&ctx)?))?)?;
         let functions = [
             kernels.function(POST_KERNEL_NAMES[0])?,
             kernels.function(POST_KERNEL_NAMES[1])?,
