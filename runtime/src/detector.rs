@@ -6,6 +6,7 @@ use image::RgbImage;
 use crate::detection::Detection;
 use crate::engine::{Engine, EngineInfo};
 use crate::error::{Error, Result};
+use crate::frame::Frame;
 use crate::letterbox::{LetterboxParams, Letterboxer};
 use crate::nms::{NmsConfig, Postprocessor};
 
@@ -18,6 +19,8 @@ pub struct Detector {
     placements: Vec<LetterboxParams>,
     /// Decode and NMS on the engine's device (the end-to-end path) rather than on the CPU.
     device_postprocessing: bool,
+    /// RGB copies of raw frames for the CPU path of [`Detector::detect_frames`].
+    rgb: Vec<RgbImage>,
 }
 
 impl Detector {
@@ -29,6 +32,7 @@ impl Detector {
             input: Vec::new(),
             placements: Vec::new(),
             device_postprocessing: false,
+            rgb: Vec::new(),
         }
     }
 
@@ -40,6 +44,40 @@ impl Detector {
 
     pub fn info(&self) -> &EngineInfo {
         self.engine.info()
+    }
+
+    /// Detect objects in raw frames (RGB, BGR, RGBA, BGRx, NV12 or I420, any pitch). With device
+    /// post-processing on and a GPU engine, letterbox, inference and NMS all run on the GPU from
+    /// the frames' own bytes; otherwise the frames are converted to RGB here and go through
+    /// [`Detector::detect`]. Both give the same detections for the same engine.
+    pub fn detect_frames(
+        &mut self,
+        frames: &[Frame],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        cfg.validate()?;
+        if frames.is_empty() {
+            out.clear();
+            return Ok(());
+        }
+        if self.device_postprocessing
+            && self
+                .engine
+                .detect_frames(frames, cfg, &mut self.placements, out)?
+        {
+            return Ok(());
+        }
+        if self.rgb.len() < frames.len() {
+            self.rgb.resize_with(frames.len(), || RgbImage::new(1, 1));
+        }
+        for (f, img) in frames.iter().zip(self.rgb.iter_mut()) {
+            f.to_rgb(img)?;
+        }
+        let rgb = std::mem::take(&mut self.rgb);
+        let result = self.detect(&rgb[..frames.len()], cfg, out);
+        self.rgb = rgb;
+        result
     }
 
     /// Detect objects in a batch of images (at most the engine's maximum batch). `out[i]` receives

@@ -15,6 +15,7 @@ use crate::engine_file::{
     BuildEnvironment, CacheOutcome, EngineCache, EngineFile, EngineHeader, is_engine_file,
 };
 use crate::error::{Error, Result};
+use crate::frame::Frame;
 use crate::letterbox::LetterboxParams;
 use crate::nms::NmsConfig;
 
@@ -280,6 +281,21 @@ pub trait Engine: Send {
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<bool> {
         let _ = (input, batch, placements, cfg, out);
+        Ok(false)
+    }
+
+    /// The whole detection on the engine's device: letterbox the raw `frames` into the input,
+    /// run, decode + NMS with `cfg`. `placements[i]` and `out[i]` receive frame i's placement
+    /// and detections (source pixels). `Ok(false)` where the backend cannot; nothing is written
+    /// then.
+    fn detect_frames(
+        &mut self,
+        frames: &[Frame],
+        cfg: &NmsConfig,
+        placements: &mut Vec<LetterboxParams>,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let _ = (frames, cfg, placements, out);
         Ok(false)
     }
 }

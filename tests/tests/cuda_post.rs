@@ -2,22 +2,11 @@
 //! kept sets, order, boxes and scores on random and adversarial heads (GPU machine), and a clear
 //! error where there is no GPU.
 
+use kestrel_exporter::weights::SplitMix64 as Rng;
 use kestrel_runtime::Detection;
 use kestrel_runtime::cuda::post::GpuPostprocessor;
 use kestrel_runtime::letterbox::LetterboxParams;
 use kestrel_runtime::nms::{NmsConfig, Postprocessor};
-
-/// SplitMix64 → uniform [0, 1).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
 
 /// A raw head `[batch, 4 + nc, anchors]`: boxes on a coarse grid (so many overlap and tie), scores
 /// skewed low with coarse steps (so many tie exactly).
@@ -28,12 +17,12 @@ fn random_head(rng: &mut Rng, batch: usize, nc: usize, anchors: usize, coarse: b
         let o = &mut out[b * ch * anchors..(b + 1) * ch * anchors];
         for a in 0..anchors {
             let q = |v: f32| if coarse { (v * 16.0).floor() / 16.0 } else { v };
-            o[a] = q(rng.next()) * 640.0;
-            o[anchors + a] = q(rng.next()) * 640.0;
-            o[2 * anchors + a] = q(rng.next()) * 160.0;
-            o[3 * anchors + a] = q(rng.next()) * 160.0;
+            o[a] = q(rng.next_f32()) * 640.0;
+            o[anchors + a] = q(rng.next_f32()) * 640.0;
+            o[2 * anchors + a] = q(rng.next_f32()) * 160.0;
+            o[3 * anchors + a] = q(rng.next_f32()) * 160.0;
             for c in 0..nc {
-                let s = rng.next().powi(6);
+                let s = rng.next_f32().powi(6);
                 o[(4 + c) * anchors + a] = if coarse { (s * 64.0).round() / 64.0 } else { s };
             }
         }
@@ -120,7 +109,7 @@ fn bad_arguments_are_named() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_nms_equals_the_cpu_reference_on_random_heads() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let (batch, nc, anchors) = (4, 80, 2100);
     let mut gpu = GpuPostprocessor::new(0, batch, nc, 4 + nc, anchors).expect("GPU post");
     let lb = letterboxes(batch);
@@ -198,7 +187,7 @@ fn gpu_nms_equals_the_cpu_reference_on_adversarial_heads() {
         );
     };
     let eval = NmsConfig::evaluation();
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
 
     // Every candidate identical: one box, one score, every anchor and class.
     let (nc, anchors) = (80, 8400);
@@ -334,7 +323,7 @@ fn gpu_nms_against_the_torchvision_peer_at_batch_8_640_80_classes() {
     // The same head for both, already on the GPU; both bring the kept detections to the host.
     // Prints the JSON record for bench/results (the GPU machine returns it in the test log).
     let (batch, nc, anchors) = (8, 80, 8400);
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let head = random_head(&mut rng, batch, nc, anchors, false);
     let dir = kestrel_tests::scratch_dir("gpu-nms-bench");
     let path = dir.join("head.f32");
@@ -411,10 +400,10 @@ fn end_to_end_detector_on_the_demo_model_matches_the_cpu() {
             max: 4,
         },
     };
-    let cuda = || build_engine(&model, &options(Backend::Cuda, Precision::Fp32)).expect("cuda");
-    let mut end_to_end = Detector::new(cuda());
-    end_to_end.set_device_postprocessing(true);
-    let mut cuda_cpu_post = Detector::new(cuda());
+    // One engine for both post-processing paths, so they see the same output.
+    let mut gpu = Detector::new(
+        build_engine(&model, &options(Backend::Cuda, Precision::Fp32)).expect("cuda"),
+    );
     let mut cpu =
         Detector::new(build_engine(&model, &options(Backend::Cpu, Precision::Fp32)).expect("cpu"));
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
@@ -434,12 +423,10 @@ fn end_to_end_detector_on_the_demo_model_matches_the_cpu() {
             })
             .collect();
         for cfg in [NmsConfig::evaluation(), NmsConfig::display()] {
-            end_to_end
-                .detect(&scenes, &cfg, &mut a)
-                .expect("end to end");
-            cuda_cpu_post
-                .detect(&scenes, &cfg, &mut b)
-                .expect("cuda, CPU post");
+            gpu.set_device_postprocessing(true);
+            gpu.detect(&scenes, &cfg, &mut a).expect("end to end");
+            gpu.set_device_postprocessing(false);
+            gpu.detect(&scenes, &cfg, &mut b).expect("cuda, CPU post");
             // The same engine output: the GPU post-processing equals the CPU's exactly.
             assert_identical(&a, &b, "end to end vs CPU post-processing");
             cpu.detect(&scenes, &cfg, &mut c).expect("cpu");

@@ -2,21 +2,10 @@
 //! every input format, odd sizes and pitches, one launch per batch of different sizes (GPU
 //! machine), and a clear error where there is no GPU.
 
+use kestrel_exporter::weights::SplitMix64 as Rng;
 use kestrel_runtime::cuda::pre::GpuLetterboxer;
 use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
 use kestrel_runtime::letterbox::Letterboxer;
-
-/// SplitMix64 bytes.
-struct Rng(u64);
-impl Rng {
-    fn byte(&mut self) -> u8 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) as u8
-    }
-}
 
 /// Owned planes of a random frame with `pad` bytes of pitch beyond each row.
 struct Owned {
@@ -44,7 +33,7 @@ impl Owned {
             let len = format.rows(i, height) * strides[i];
             // Smooth-ish content (neighbours correlate) with random noise on top.
             planes[i] = (0..len)
-                .map(|k| ((k % strides[i]) as u8).wrapping_mul(3) ^ (rng.byte() & 0x3f))
+                .map(|k| ((k % strides[i]) as u8).wrapping_mul(3) ^ ((rng.next_u64() as u8) & 0x3f))
                 .collect();
         }
         Self {
@@ -107,7 +96,7 @@ fn without_a_gpu_the_error_says_so() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_letterbox_equals_the_cpu_reference_for_every_format() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let mut gpu = GpuLetterboxer::new(0).expect("GPU letterbox");
     let (mut out, mut placements) = (Vec::new(), Vec::new());
     // Odd sizes and pitches, tall and wide, down- and up-scaled, full and studio range.
@@ -162,7 +151,7 @@ fn gpu_letterbox_equals_the_cpu_reference_for_every_format() {
 fn gpu_letterbox_time_for_8_frames_of_1080p() {
     // Measured, not asserted: frames from host memory (upload included), input back to the host
     // excluded (run_device writes where the engine reads).
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let mut gpu = GpuLetterboxer::new(0).expect("GPU letterbox");
     let mut placements = Vec::new();
     let mut out = Vec::new();
@@ -188,4 +177,179 @@ fn gpu_letterbox_time_for_8_frames_of_1080p() {
              download included), CPU reference {cpu_ms:.1} ms"
         );
     }
+}
+
+/// `img` as a raw frame of `format` (rows padded by `pad` bytes; chroma from each 2x2 block's
+/// top-left pixel).
+fn from_rgb(img: &image::RgbImage, format: PixelFormat, pad: usize, yuv: YuvMatrix) -> Owned {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut rng = Rng::new(1);
+    let mut o = Owned::random(&mut rng, format, w, h, pad, yuv);
+    for y in 0..h {
+        for x in 0..w {
+            let rgb = img.get_pixel(x as u32, y as u32).0;
+            if let Some((at, size)) = format.packed_layout() {
+                let p = &mut o.planes[0][y * o.strides[0] + x * size..];
+                for c in 0..3 {
+                    p[at[c]] = rgb[c];
+                }
+                continue;
+            }
+            let [l, u, v] = yuv.rgb_to_yuv(rgb);
+            o.planes[0][y * o.strides[0] + x] = l;
+            if x % 2 == 0 && y % 2 == 0 {
+                if format == PixelFormat::Nv12 {
+                    let c = (y / 2) * o.strides[1] + x;
+                    o.planes[1][c] = u;
+                    o.planes[1][c + 1] = v;
+                } else {
+                    o.planes[1][(y / 2) * o.strides[1] + x / 2] = u;
+                    o.planes[2][(y / 2) * o.strides[2] + x / 2] = v;
+                }
+            }
+        }
+    }
+    o
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn detector_on_raw_frames_runs_on_the_gpu_and_matches_its_cpu_path() {
+    use kestrel_runtime::Detector;
+    use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+    use kestrel_runtime::nms::NmsConfig;
+    use kestrel_runtime::synth::{image_seed, render_scene_with};
+    let model = kestrel_tests::workspace_root().join("models/gelan-t-shapes.onnx");
+    let options = BuildOptions {
+        backend: Backend::Cuda,
+        precision: Precision::Fp32,
+        profile: BatchProfile {
+            min: 2,
+            opt: 4,
+            max: 4,
+        },
+    };
+    // One engine for both paths, so the engine's output is the same.
+    let mut detector = Detector::new(build_engine(&model, &options).expect("cuda engine"));
+    let (mut gpu, mut cpu) = (Vec::new(), Vec::new());
+    let mut kept = 0;
+    for format in FORMATS {
+        // Three scenes of odd sizes (one short of the profile's opt; a single frame is padded).
+        let scenes: Vec<Owned> = (0..3)
+            .map(|i| {
+                let (img, _) = render_scene_with(
+                    image_seed(5, i),
+                    320 + 37 * i as u32,
+                    320 - 23 * i as u32,
+                    1..=12,
+                );
+                from_rgb(&img, format, i, YuvMatrix::BT601)
+            })
+            .collect();
+        let frames: Vec<Frame> = scenes.iter().map(Owned::frame).collect();
+        for batch in [&frames[..], &frames[..1]] {
+            for cfg in [NmsConfig::evaluation(), NmsConfig::display()] {
+                detector.set_device_postprocessing(true);
+                detector
+                    .detect_frames(batch, &cfg, &mut gpu)
+                    .expect("GPU path");
+                detector.set_device_postprocessing(false);
+                detector
+                    .detect_frames(batch, &cfg, &mut cpu)
+                    .expect("CPU path");
+                assert_eq!(gpu, cpu, "{format:?}, {} frames", batch.len());
+                kept += gpu.iter().map(Vec::len).sum::<usize>();
+            }
+        }
+    }
+    println!("identical detections on both paths: {kept}");
+    assert!(kept > 100);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
+    // Measured, not asserted. Engine only: Engine::run with the float input from the host and
+    // the head back to the host, and GPU compute alone. Frames to detections: 8 NV12 1080p frames
+    // from host memory, letterbox + engine + decode/NMS on the GPU, detections to the host.
+    use kestrel_exporter::{ExportOptions, ModelConfig, WeightSource, export, onnx};
+    use kestrel_runtime::Detector;
+    use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+    use kestrel_runtime::nms::NmsConfig;
+    let dir = kestrel_tests::scratch_dir("frames-bench");
+    let path = dir.join("gelan-c.onnx");
+    let cfg = ModelConfig::new("gelan-c", 80, 640).expect("config");
+    let model = export(
+        &cfg,
+        &mut WeightSource::Random { seed: 3 },
+        &ExportOptions::dynamic(80),
+    )
+    .expect("export");
+    onnx::write_model(&model, &path).expect("write");
+    let options = BuildOptions {
+        backend: Backend::Cuda,
+        precision: Precision::Fp16,
+        profile: BatchProfile {
+            min: 1,
+            opt: 8,
+            max: 8,
+        },
+    };
+    let mut engine = build_engine(&path, &options).expect("engine");
+    let per = engine.info().input_len();
+    let input = vec![0.5f32; 8 * per];
+    let compute = engine
+        .time_compute(8, 50)
+        .expect("compute")
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .unwrap_or(f64::NAN);
+    engine.run(&input, 8).expect("warm-up");
+    let run_ms = median_ms(30, || {
+        engine.run(&input, 8).expect("run");
+    });
+    let mut detector = Detector::new(engine);
+    detector.set_device_postprocessing(true);
+    let mut rng = Rng::new(4);
+    let owned: Vec<Owned> = (0..8)
+        .map(|_| Owned::random(&mut rng, PixelFormat::Nv12, 1920, 1080, 0, YuvMatrix::BT709))
+        .collect();
+    let frames: Vec<Frame> = owned.iter().map(Owned::frame).collect();
+    let mut out = Vec::new();
+    let nms = NmsConfig::display();
+    detector
+        .detect_frames(&frames, &nms, &mut out)
+        .expect("warm-up");
+    let frames_ms = median_ms(30, || {
+        detector
+            .detect_frames(&frames, &nms, &mut out)
+            .expect("frames");
+    });
+    let ips = |ms: f64| 8.0 * 1e3 / ms;
+    println!(
+        "BENCH {}",
+        serde_json::json!({
+            "model": "gelan-c 640, random weights, FP16, batch 8",
+            "compute_only_images_per_s": ips(compute),
+            "engine_run_images_per_s": ips(run_ms),
+            "nv12_1080p_frames_to_detections_images_per_s": ips(frames_ms),
+            "frames_to_detections_vs_engine_run": run_ms / frames_ms,
+            "frames_to_detections_vs_compute_only": compute / frames_ms,
+        })
+    );
+}
+
+/// Median of `reps` timings of `f`, in milliseconds.
+fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[reps / 2]
 }

@@ -194,17 +194,7 @@ pub fn compile_kernels(arch: Option<&'static str>, int8_stages: usize) -> Result
         name: Some("kestrel_kernels.cu".into()),
         ..Default::default()
     };
-    let ptx =
-        cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| Error::Backend {
-            backend: "cuda",
-            message: match e {
-                cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                    format!("NVRTC rejected kernels.cu:\n{}", log.to_string_lossy())
-                }
-                other => format!("NVRTC failed: {other:?}"),
-            },
-        })?;
-    Ok(ptx.to_src())
+    compile(KERNEL_SOURCE, "kernels.cu", opts)
 }
 
 /// Compile a kernel source (`file` names it in errors) to PTX without fused multiply-add, so
@@ -218,6 +208,11 @@ pub fn compile_exact(source: &str, file: &str, arch: Option<&'static str>) -> Re
         name: Some(file.into()),
         ..Default::default()
     };
+    compile(source, file, opts)
+}
+
+/// NVRTC with `opts`; the error carries the compiler's log.
+fn compile(source: &str, file: &str, opts: cudarc::nvrtc::CompileOptions) -> Result<String> {
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| Error::Backend {
         backend: "cuda",
         message: match e {

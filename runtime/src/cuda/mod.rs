@@ -28,6 +28,7 @@ use kestrel_exporter::onnx::pb;
 use crate::detection::Detection;
 use crate::engine::{Engine, EngineInfo, LayerTime, Precision};
 use crate::error::{Error, Result};
+use crate::frame::Frame;
 use crate::letterbox::LetterboxParams;
 use crate::nms::NmsConfig;
 use conv::{ConvPlan, ConvShape, Dnn};
@@ -38,6 +39,7 @@ use device::{
 use fused::{FusedConvGraph, FusedConvPlan, FusedConvPointers, FusedConvSpec, Storage};
 use plan::{EnginePlan, Int8Conv, Layout, Step, ValueId};
 use post::GpuPostprocessor;
+use pre::GpuLetterboxer;
 
 pub use device::{KERNEL_SOURCE, compile_kernels, unavailable_reason};
 
@@ -105,6 +107,8 @@ pub struct CudaEngine {
     // Field order is drop order: graphs and plans before the memory they point into.
     /// Decode + NMS on this GPU for the end-to-end path, set up on its first use.
     post: Option<GpuPostprocessor>,
+    /// Letterbox of raw frames into the input, for the end-to-end path, set up on its first use.
+    letterboxer: Option<GpuLetterboxer>,
     graphs: HashMap<usize, GraphExec>,
     conv_plans: HashMap<(usize, usize), ConvPlan>,
     /// Convolutions (step, bucket) that run as one cuDNN fused graph, where that timed faster.
@@ -404,6 +408,7 @@ impl CudaEngine {
         let per_out = info.output_len();
         let mut engine = Self {
             post: None,
+            letterboxer: None,
             graphs: HashMap::new(),
             conv_plans: HashMap::new(),
             fused: HashMap::new(),
@@ -1580,9 +1585,10 @@ pub fn transpose_meta(input: &[usize], perm: &[usize]) -> Vec<i64> {
 }
 
 impl CudaEngine {
-    /// Upload a batch and enqueue the engine on its stream (not synchronised); returns the
-    /// device address of the output.
-    fn launch_batch(&mut self, input: &[f32], batch: usize) -> Result<dsys::CUdeviceptr> {
+    /// Upload a batch (`None`: the input is already in the engine's input buffer on the device)
+    /// and enqueue the engine on its stream (not synchronised); returns the device address of
+    /// the output.
+    fn launch_batch(&mut self, input: Option<&[f32]>, batch: usize) -> Result<dsys::CUdeviceptr> {
         let per_in = self.info.input_len();
         if !self.info.profile.contains(batch) {
             return Err(Error::Shape(format!(
@@ -1590,26 +1596,30 @@ impl CudaEngine {
                 self.info.profile
             )));
         }
-        if input.len() != batch * per_in {
-            return Err(Error::Shape(format!(
-                "{} input values for a batch of {batch}; each image needs {per_in}",
-                input.len()
-            )));
-        }
         let bucket =
             bucket_for(&self.buckets, batch).ok_or_else(|| cuda_error("executor", "no bucket"))?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
-        self.pinned_in.as_f32_mut()[..input.len()].copy_from_slice(input);
         let s = self.stream.0;
-        let input_ptr = self.ptr(self.plan.input)?;
         let output_ptr = self.ptr(self.plan.output)?;
-        // SAFETY: pinned and device buffers hold max-batch data; the copy is ordered on the stream
-        // before the engine, and the pinned input is not rewritten before the next call, which
-        // comes after the caller synchronised this stream.
-        unsafe { drv::memcpy_htod_async(input_ptr, &self.pinned_in.as_f32()[..input.len()], s) }
+        if let Some(input) = input {
+            if input.len() != batch * per_in {
+                return Err(Error::Shape(format!(
+                    "{} input values for a batch of {batch}; each image needs {per_in}",
+                    input.len()
+                )));
+            }
+            self.pinned_in.as_f32_mut()[..input.len()].copy_from_slice(input);
+            let input_ptr = self.ptr(self.plan.input)?;
+            // SAFETY: pinned and device buffers hold max-batch data; the copy is ordered on the
+            // stream before the engine, and the pinned input is not rewritten before the next
+            // call, which comes after the caller synchronised this stream.
+            unsafe {
+                drv::memcpy_htod_async(input_ptr, &self.pinned_in.as_f32()[..input.len()], s)
+            }
             .map_err(|e| cuda_error("uploading the batch", e))?;
+        }
         match self.graphs.get(&bucket) {
             // SAFETY: a graph instantiated for this engine's memory.
             Some(g) => unsafe { drv::graph::launch(g.0, s) }
@@ -1617,6 +1627,33 @@ impl CudaEngine {
             None => self.enqueue(bucket)?,
         }
         Ok(output_ptr)
+    }
+
+    /// Decode + NMS of the output at `output_ptr` (complete) on this GPU.
+    fn postprocess_on_device(
+        &mut self,
+        output_ptr: dsys::CUdeviceptr,
+        batch: usize,
+        placements: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        if self.post.is_none() {
+            let anchors = self.info.anchors;
+            let channels = self.info.output_len() / anchors.max(1);
+            self.post = Some(GpuPostprocessor::new(
+                0,
+                self.info.profile.max,
+                self.info.num_classes,
+                channels,
+                anchors,
+            )?);
+        }
+        let post = self
+            .post
+            .as_mut()
+            .ok_or_else(|| cuda_error("post-processing", "not set up"))?;
+        post.run_device(output_ptr, batch, placements, cfg, out)
     }
 }
 
@@ -1626,7 +1663,7 @@ impl Engine for CudaEngine {
     }
 
     fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
-        let output_ptr = self.launch_batch(input, batch)?;
+        let output_ptr = self.launch_batch(Some(input), batch)?;
         let n_out = batch * self.info.output_len();
         let s = self.stream.0;
         // SAFETY: the pinned buffer holds max-batch outputs and is not read until the stream is
@@ -1650,25 +1687,54 @@ impl Engine for CudaEngine {
         cfg: &NmsConfig,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<bool> {
-        let output_ptr = self.launch_batch(input, batch)?;
+        let output_ptr = self.launch_batch(Some(input), batch)?;
         // The post-processor runs on its own stream: the engine's output must be complete.
         self.stream.synchronize()?;
-        if self.post.is_none() {
-            let anchors = self.info.anchors;
-            let channels = self.info.output_len() / anchors.max(1);
-            self.post = Some(GpuPostprocessor::new(
-                0,
-                self.info.profile.max,
-                self.info.num_classes,
-                channels,
-                anchors,
-            )?);
+        self.postprocess_on_device(output_ptr, batch, placements, cfg, out)?;
+        Ok(true)
+    }
+
+    fn detect_frames(
+        &mut self,
+        frames: &[Frame],
+        cfg: &NmsConfig,
+        placements: &mut Vec<LetterboxParams>,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let n = frames.len();
+        let profile = self.info.profile;
+        if n == 0 || n > profile.max {
+            return Err(Error::Shape(format!(
+                "{n} frames; the engine takes batches of 1 to {}",
+                profile.max
+            )));
         }
-        let post = self
-            .post
+        let [h, w] = self.info.input_hw;
+        let input_ptr = self.ptr(self.plan.input)?;
+        if self.letterboxer.is_none() {
+            self.letterboxer = Some(GpuLetterboxer::new(0)?);
+        }
+        let letterboxer = self
+            .letterboxer
             .as_mut()
-            .ok_or_else(|| cuda_error("post-processing", "not set up"))?;
-        post.run_device(output_ptr, batch, placements, cfg, out)?;
+            .ok_or_else(|| cuda_error("letterbox", "not set up"))?;
+        // Small batches are padded to the profile's minimum with the last frame.
+        let batch = n.max(profile.min);
+        if batch > n {
+            let mut padded = frames.to_vec();
+            padded.resize(batch, frames[n - 1]);
+            letterboxer.run_device(&padded, w as u32, h as u32, input_ptr, placements)?;
+        } else {
+            letterboxer.run_device(frames, w as u32, h as u32, input_ptr, placements)?;
+        }
+        let output_ptr = self.launch_batch(None, batch)?;
+        self.stream.synchronize()?;
+        let placements_now = std::mem::take(placements);
+        let result = self.postprocess_on_device(output_ptr, batch, &placements_now, cfg, out);
+        *placements = placements_now;
+        result?;
+        out.truncate(n);
+        placements.truncate(n);
         Ok(true)
     }
 

@@ -304,38 +304,21 @@ impl GpuPostprocessor {
         while k <= len {
             let mut j = k / 2;
             while j > 0 {
+                let args = [
+                    Arg::Ptr(self.keys.ptr),
+                    Arg::I64(self.stride as i64),
+                    Arg::I32(batch as i32),
+                    Arg::I64(len as i64),
+                    Arg::I64(j as i64),
+                    Arg::I64(k as i64),
+                ];
                 if j <= SORT_TILE_KEYS / 2 {
+                    // The remaining distances of this block size, in shared memory.
                     let tiles = (batch * len / SORT_TILE_KEYS).min(65_535) as u32;
-                    launch_grid(
-                        tile,
-                        s,
-                        (tiles, 1, 1),
-                        256,
-                        0,
-                        &[
-                            Arg::Ptr(self.keys.ptr),
-                            Arg::I64(self.stride as i64),
-                            Arg::I32(batch as i32),
-                            Arg::I64(len as i64),
-                            Arg::I64(j as i64),
-                            Arg::I64(k as i64),
-                        ],
-                    )?;
+                    launch_grid(tile, s, (tiles, 1, 1), 256, 0, &args)?;
                     break;
                 }
-                launch(
-                    step,
-                    s,
-                    batch * len / 2,
-                    &[
-                        Arg::Ptr(self.keys.ptr),
-                        Arg::I64(self.stride as i64),
-                        Arg::I32(batch as i32),
-                        Arg::I64(len as i64),
-                        Arg::I64(j as i64),
-                        Arg::I64(k as i64),
-                    ],
-                )?;
+                launch(step, s, batch * len / 2, &args)?;
                 j /= 2;
             }
             k *= 2;
