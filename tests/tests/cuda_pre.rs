@@ -353,3 +353,52 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     t.sort_by(f64::total_cmp);
     t[reps / 2]
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_letterbox_against_the_torch_peer_8_frames_1080p() {
+    // Both start from RGB frames in host memory and end with the NCHW batch on the host; prints
+    // the JSON record for bench/results (peer: bench/peers/torch_letterbox_peer.py).
+    let mut rng = Rng::new(8);
+    let owned: Vec<Owned> = (0..8)
+        .map(|_| Owned::random(&mut rng, PixelFormat::Rgb, 1920, 1080, 0, YuvMatrix::BT601))
+        .collect();
+    let frames: Vec<Frame> = owned.iter().map(Owned::frame).collect();
+    let dir = kestrel_tests::scratch_dir("letterbox-peer");
+    let path = dir.join("frames.u8");
+    let bytes: Vec<u8> = owned
+        .iter()
+        .flat_map(|o| o.planes[0].iter().copied())
+        .collect();
+    std::fs::write(&path, bytes).expect("write frames");
+    let mut gpu = GpuLetterboxer::new(0).expect("GPU letterbox");
+    let (mut out, mut placements) = (Vec::new(), Vec::new());
+    gpu.run(&frames, 640, 640, &mut out, &mut placements)
+        .expect("warm-up");
+    let ours = median_ms(20, || {
+        gpu.run(&frames, 640, 640, &mut out, &mut placements)
+            .expect("run");
+    });
+    let script = kestrel_tests::workspace_root().join("bench/peers/torch_letterbox_peer.py");
+    let peer = std::process::Command::new(kestrel_tests::python())
+        .arg(&script)
+        .args([path.to_str().expect("path"), "8", "1920", "1080"])
+        .output()
+        .expect("start the peer");
+    assert!(
+        peer.status.success(),
+        "peer failed:\n{}",
+        String::from_utf8_lossy(&peer.stderr)
+    );
+    let peer: serde_json::Value = serde_json::from_slice(&peer.stdout).expect("the peer's JSON");
+    let speedup = peer["ms_per_batch"].as_f64().unwrap_or(f64::NAN) / ours;
+    println!(
+        "BENCH {}",
+        serde_json::json!({
+            "what": "letterbox 8 RGB 1920x1080 frames from host memory to 8 x 3 x 640 x 640 float32 on the host",
+            "kestrel_ms_per_batch": ours,
+            "peer": peer,
+            "speedup": speedup,
+        })
+    );
+}
