@@ -304,19 +304,6 @@ fn gpu_nms_equals_the_cpu_reference_on_adversarial_heads() {
     );
 }
 
-/// Median of `reps` timings of `f`, in milliseconds.
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let start = std::time::Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_nms_against_the_torchvision_peer_at_batch_8_640_80_classes() {
@@ -345,7 +332,7 @@ fn gpu_nms_against_the_torchvision_peer_at_batch_8_640_80_classes() {
             &cpu_reference(&head, batch, nc, anchors, &lb, &cfg),
             name,
         );
-        let ms = median_ms(20, || {
+        let ms = kestrel_tests::median_ms(20, || {
             gpu.run_device(ptr, batch, &lb, &cfg, &mut out)
                 .expect("run");
         });

@@ -307,7 +307,7 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
         })
         .unwrap_or(f64::NAN);
     engine.run(&input, 8).expect("warm-up");
-    let run_ms = median_ms(30, || {
+    let run_ms = kestrel_tests::median_ms(30, || {
         engine.run(&input, 8).expect("run");
     });
     let mut detector = Detector::new(engine);
@@ -322,7 +322,7 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
     detector
         .detect_frames(&frames, &nms, &mut out)
         .expect("warm-up");
-    let frames_ms = median_ms(30, || {
+    let frames_ms = kestrel_tests::median_ms(30, || {
         detector
             .detect_frames(&frames, &nms, &mut out)
             .expect("frames");
@@ -339,19 +339,6 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
             "frames_to_detections_vs_compute_only": compute / frames_ms,
         })
     );
-}
-
-/// Median of `reps` timings of `f`, in milliseconds.
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let start = std::time::Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
 }
 
 #[test]
@@ -375,7 +362,7 @@ fn gpu_letterbox_against_the_torch_peer_8_frames_1080p() {
     let (mut out, mut placements) = (Vec::new(), Vec::new());
     gpu.run(&frames, 640, 640, &mut out, &mut placements)
         .expect("warm-up");
-    let ours = median_ms(20, || {
+    let ours = kestrel_tests::median_ms(20, || {
         gpu.run(&frames, 640, 640, &mut out, &mut placements)
             .expect("run");
     });
