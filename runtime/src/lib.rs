@@ -15,6 +15,7 @@ pub mod eval;
 pub mod frame;
 pub mod labels;
 pub mod letterbox;
+pub mod masks;
 pub mod nms;
 pub mod synth;
 

@@ -94,6 +94,24 @@ impl Drop for DeviceBuffer {
 // binds the context.
 unsafe impl Send for DeviceBuffer {}
 
+/// A device buffer that grows to the largest request and is reused.
+#[derive(Default)]
+pub struct Growing(Option<DeviceBuffer>);
+
+impl Growing {
+    /// The buffer's address, reallocated first when it holds fewer than `bytes`.
+    pub fn at_least(&mut self, bytes: usize) -> Result<dsys::CUdeviceptr> {
+        if self.0.as_ref().is_none_or(|b| b.bytes < bytes) {
+            self.0 = None;
+            self.0 = Some(DeviceBuffer::new(bytes)?);
+        }
+        self.0
+            .as_ref()
+            .map(|b| b.ptr)
+            .ok_or_else(|| cuda_error("a growing buffer", "no buffer"))
+    }
+}
+
 /// Page-locked host memory for asynchronous copies, freed on drop.
 pub struct PinnedBuffer {
     ptr: *mut c_void,

@@ -14,6 +14,7 @@
 mod conv;
 mod device;
 mod fused;
+pub mod masks;
 pub mod plan;
 pub mod post;
 pub mod pre;
@@ -1953,6 +1954,13 @@ mod tests {
         }
         let ptx = post::compile_post_kernels(Some("compute_80")).expect("post.cu compiles");
         for name in post::POST_KERNEL_NAMES {
+            assert!(
+                ptx.contains(&format!(".entry {name}")),
+                "{name} missing from the PTX"
+            );
+        }
+        let ptx = masks::compile_mask_kernels(Some("compute_80")).expect("masks.cu compiles");
+        for name in masks::MASK_KERNEL_NAMES {
             assert!(
                 ptx.contains(&format!(".entry {name}")),
                 "{name} missing from the PTX"

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 
-use super::device::{self, Arg, DeviceBuffer, Kernels, Stream, cuda_error, launch};
+use super::device::{self, Arg, Growing, Kernels, Stream, cuda_error, launch};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::{LetterboxParams, axis_taps};
@@ -25,22 +25,6 @@ const FRAME_INTS: usize = 12;
 /// Compile `pre.cu` to PTX, without fused multiply-add (no GPU needed; CI checks the source).
 pub fn compile_pre_kernels(arch: Option<&'static str>) -> Result<String> {
     device::compile_exact(PRE_KERNEL_SOURCE, "kestrel_pre.cu", arch)
-}
-
-/// A device buffer that grows to the largest request and is reused.
-struct Growing(Option<DeviceBuffer>);
-
-impl Growing {
-    fn at_least(&mut self, bytes: usize) -> Result<dsys::CUdeviceptr> {
-        if self.0.as_ref().is_none_or(|b| b.bytes < bytes) {
-            self.0 = None;
-            self.0 = Some(DeviceBuffer::new(bytes)?);
-        }
-        self.0
-            .as_ref()
-            .map(|b| b.ptr)
-            .ok_or_else(|| cuda_error("letterbox", "no buffer"))
-    }
 }
 
 /// Letterboxes batches of raw frames on the GPU. Buffers grow to the largest batch seen and are
@@ -80,12 +64,12 @@ impl GpuLetterboxer {
             function: kernels.function(PRE_KERNEL_NAMES[0])?,
             _kernels: kernels,
             stream: Stream::new()?,
-            data: Growing(None),
-            planes: Growing(None),
-            descriptors: Growing(None),
-            yuv: Growing(None),
-            taps: Growing(None),
-            output: Growing(None),
+            data: Growing::default(),
+            planes: Growing::default(),
+            descriptors: Growing::default(),
+            yuv: Growing::default(),
+            taps: Growing::default(),
+            output: Growing::default(),
             staging: Vec::new(),
             planes_host: Vec::new(),
             descriptors_host: Vec::new(),
