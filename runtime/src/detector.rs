@@ -4,7 +4,7 @@
 use image::RgbImage;
 
 use crate::detection::Detection;
-use crate::engine::{Engine, EngineInfo};
+use crate::engine::{Engine, EngineInfo, StageTimes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::{LetterboxParams, Letterboxer};
@@ -44,6 +44,11 @@ impl Detector {
 
     pub fn info(&self) -> &EngineInfo {
         self.engine.info()
+    }
+
+    /// Where the last [`Detector::detect_frames`] that ran on the GPU spent its time.
+    pub fn last_stage_times(&self) -> Option<StageTimes> {
+        self.engine.last_stage_times()
     }
 
     /// Detect objects in raw frames (RGB, BGR, RGBA, BGRx, NV12 or I420, any pitch). With device

@@ -298,6 +298,23 @@ pub trait Engine: Send {
         let _ = (frames, cfg, placements, out);
         Ok(false)
     }
+
+    /// Where the last successful [`Engine::detect_frames`] spent its time; `None` where the
+    /// backend does not run it.
+    fn last_stage_times(&self) -> Option<StageTimes> {
+        None
+    }
+}
+
+/// Wall-clock milliseconds of the stages of one batch from frames to detections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StageTimes {
+    /// Frames to the engine's input (upload, colour conversion, letterbox), milliseconds.
+    pub pre_ms: f64,
+    /// The engine run, milliseconds.
+    pub infer_ms: f64,
+    /// Decode, NMS and the detections to the host, milliseconds.
+    pub post_ms: f64,
 }
 
 /// The model facts the runtime reads from an ONNX file before handing it to a backend: checks that

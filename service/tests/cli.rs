@@ -242,6 +242,17 @@ fn end_to_end_needs_the_cuda_backend() {
     assert_user_error(&out, &["--end-to-end", "--backend cuda"]);
     let out = kestrel(&["bench", "-m", p(&model), "--end-to-end"]);
     assert_user_error(&out, &["--end-to-end", "--backend cuda"]);
+    let out = kestrel(&[
+        "bench",
+        "-m",
+        p(&model),
+        "--backend",
+        "cuda",
+        "--end-to-end",
+        "--frame-size",
+        "1920",
+    ]);
+    assert_user_error(&out, &["--frame-size", "WIDTHxHEIGHT"]);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! machine), and a clear error where there is no GPU.
 
 use kestrel_exporter::weights::SplitMix64 as Rng;
-use kestrel_runtime::cuda::pre::GpuLetterboxer;
+use kestrel_runtime::cuda::pre::{GpuLetterboxer, PinnedFrameMemory};
 use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
 use kestrel_runtime::letterbox::Letterboxer;
 
@@ -52,6 +52,44 @@ impl Owned {
             width: self.width,
             height: self.height,
             planes: [&self.planes[0], &self.planes[1], &self.planes[2]],
+            strides: self.strides,
+            yuv: self.yuv,
+        }
+    }
+}
+
+/// Copies of `owned`'s planes in pinned memory, and where each plane lies there.
+fn pinned_copy(owned: &[Owned]) -> (PinnedFrameMemory, Vec<[std::ops::Range<usize>; 3]>) {
+    let bytes: usize = owned
+        .iter()
+        .flat_map(|o| o.planes.iter().map(Vec::len))
+        .sum();
+    let mut pinned = PinnedFrameMemory::new(0, bytes).expect("pinned memory");
+    let (mut at, mut ranges) = (0, Vec::new());
+    for o in owned {
+        let mut r = [0..0, 0..0, 0..0];
+        for (i, p) in o.planes.iter().enumerate() {
+            pinned.as_mut_slice()[at..at + p.len()].copy_from_slice(p);
+            r[i] = at..at + p.len();
+            at += p.len();
+        }
+        ranges.push(r);
+    }
+    (pinned, ranges)
+}
+
+impl Owned {
+    /// This frame with its planes read from `memory` at `ranges` (see [`pinned_copy`]).
+    fn frame_in<'a>(&self, memory: &'a [u8], ranges: &[std::ops::Range<usize>; 3]) -> Frame<'a> {
+        Frame {
+            format: self.format,
+            width: self.width,
+            height: self.height,
+            planes: [
+                &memory[ranges[0].clone()],
+                &memory[ranges[1].clone()],
+                &memory[ranges[2].clone()],
+            ],
             strides: self.strides,
             yuv: self.yuv,
         }
@@ -135,6 +173,27 @@ fn gpu_letterbox_equals_the_cpu_reference_for_every_format() {
             assert_eq!(placements.len(), frames.len());
         }
     }
+    // Frames in pinned memory take the direct path (no staging); mixed with pageable ones.
+    let owned: Vec<Owned> = sizes
+        .iter()
+        .map(|&(w, h, pad)| Owned::random(&mut rng, PixelFormat::Nv12, w, h, pad, YuvMatrix::BT709))
+        .collect();
+    let (pinned, ranges) = pinned_copy(&owned);
+    let frames: Vec<Frame> = owned
+        .iter()
+        .zip(&ranges)
+        .enumerate()
+        .map(|(k, (o, r))| {
+            if k % 2 == 0 {
+                o.frame_in(pinned.as_slice(), r)
+            } else {
+                o.frame()
+            }
+        })
+        .collect();
+    gpu.run(&frames, 640, 640, &mut out, &mut placements)
+        .expect("GPU letterbox of pinned frames");
+    assert_eq!(out, cpu_reference(&frames, 640), "pinned frames differ");
     // A malformed frame is named.
     let bad = Owned::random(&mut rng, PixelFormat::I420, 9, 9, 0, YuvMatrix::BT601);
     let mut f = bad.frame();
@@ -327,11 +386,28 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
             .detect_frames(&frames, &nms, &mut out)
             .expect("frames");
     });
+    let stages = detector.last_stage_times();
+    // The same frames from pinned memory, as a decoder writing there would leave them.
+    let (pinned, ranges) = pinned_copy(&owned);
+    let pinned_frames: Vec<Frame> = owned
+        .iter()
+        .zip(&ranges)
+        .map(|(o, r)| o.frame_in(pinned.as_slice(), r))
+        .collect();
+    let pinned_ms = kestrel_tests::median_ms(30, || {
+        detector
+            .detect_frames(&pinned_frames, &nms, &mut out)
+            .expect("pinned frames");
+    });
+    let pinned_stages = detector.last_stage_times();
     let ips = |ms: f64| 8.0 * 1e3 / ms;
     println!(
         "BENCH {}",
         serde_json::json!({
             "model": "gelan-c 640, random weights, FP16, batch 8",
+            "nv12_1080p_pinned_frames_to_detections_images_per_s": ips(pinned_ms),
+            "pinned_frames_vs_compute_only": compute / pinned_ms,
+            "last_stage_times_ms": {"pageable": stages, "pinned": pinned_stages},
             "compute_only_images_per_s": ips(compute),
             "engine_run_images_per_s": ips(run_ms),
             "nv12_1080p_frames_to_detections_images_per_s": ips(frames_ms),
@@ -362,30 +438,58 @@ fn gpu_letterbox_against_the_torch_peer_8_frames_1080p() {
     let (mut out, mut placements) = (Vec::new(), Vec::new());
     gpu.run(&frames, 640, 640, &mut out, &mut placements)
         .expect("warm-up");
-    let ours = kestrel_tests::median_ms(20, || {
+    let to_host = kestrel_tests::median_ms(20, || {
         gpu.run(&frames, 640, 640, &mut out, &mut placements)
             .expect("run");
     });
+    // Into a device buffer, as the engine's input is written.
+    let input = gpu.device_output(8, 640, 640).expect("device buffer");
+    let on_gpu = kestrel_tests::median_ms(20, || {
+        gpu.run_device(&frames, 640, 640, input, &mut placements)
+            .expect("run_device");
+    });
+    // From frames already in pinned memory (a decoder writing there): no staging copy.
+    let (pinned, ranges) = pinned_copy(&owned);
+    let pinned_frames: Vec<Frame> = owned
+        .iter()
+        .zip(&ranges)
+        .map(|(o, r)| o.frame_in(pinned.as_slice(), r))
+        .collect();
+    let pinned_on_gpu = kestrel_tests::median_ms(20, || {
+        gpu.run_device(&pinned_frames, 640, 640, input, &mut placements)
+            .expect("run_device");
+    });
     let script = kestrel_tests::workspace_root().join("bench/peers/torch_letterbox_peer.py");
-    let peer = std::process::Command::new(kestrel_tests::python())
-        .arg(&script)
-        .args([path.to_str().expect("path"), "8", "1920", "1080"])
-        .output()
-        .expect("start the peer");
-    assert!(
-        peer.status.success(),
-        "peer failed:\n{}",
-        String::from_utf8_lossy(&peer.stderr)
-    );
-    let peer: serde_json::Value = serde_json::from_slice(&peer.stdout).expect("the peer's JSON");
-    let speedup = peer["ms_per_batch"].as_f64().unwrap_or(f64::NAN) / ours;
+    let peer = |extra: &[&str]| -> serde_json::Value {
+        let run = std::process::Command::new(kestrel_tests::python())
+            .arg(&script)
+            .args([path.to_str().expect("path"), "8", "1920", "1080"])
+            .args(extra)
+            .output()
+            .expect("start the peer");
+        assert!(
+            run.status.success(),
+            "peer failed:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        serde_json::from_slice(&run.stdout).expect("the peer's JSON")
+    };
+    let (peer_host, peer_gpu) = (peer(&[]), peer(&["--on-gpu"]));
+    let peer_pinned = peer(&["--on-gpu", "--pinned"]);
+    let ms = |v: &serde_json::Value| v["ms_per_batch"].as_f64().unwrap_or(f64::NAN);
     println!(
         "BENCH {}",
         serde_json::json!({
-            "what": "letterbox 8 RGB 1920x1080 frames from host memory to 8 x 3 x 640 x 640 float32 on the host",
-            "kestrel_ms_per_batch": ours,
-            "peer": peer,
-            "speedup": speedup,
+            "what": "letterbox 8 RGB 1920x1080 frames from host memory to 8 x 3 x 640 x 640 float32, on the GPU (the engine's input) and on the host",
+            "kestrel_ms_per_batch_on_gpu": on_gpu,
+            "kestrel_ms_per_batch_to_host": to_host,
+            "kestrel_ms_per_batch_pinned_frames_on_gpu": pinned_on_gpu,
+            "peer_pinned_frames_on_gpu": peer_pinned,
+            "speedup_pinned_frames_on_gpu": ms(&peer_pinned) / pinned_on_gpu,
+            "peer_on_gpu": peer_gpu,
+            "peer_to_host": peer_host,
+            "speedup_on_gpu": ms(&peer_gpu) / on_gpu,
+            "speedup_to_host": ms(&peer_host) / to_host,
         })
     );
 }

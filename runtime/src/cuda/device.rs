@@ -131,6 +131,18 @@ impl PinnedBuffer {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<f32>(), self.bytes / 4) }
     }
 
+    /// The whole allocation as bytes.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is at least `bytes` long and exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u8>(), self.bytes) }
+    }
+
+    /// The whole allocation as bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the allocation is at least `bytes` long.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.bytes) }
+    }
+
     pub fn as_f32(&self) -> &[f32] {
         // SAFETY: as above, shared borrow.
         unsafe { std::slice::from_raw_parts(self.ptr.cast::<f32>(), self.bytes / 4) }
@@ -146,6 +158,40 @@ impl Drop for PinnedBuffer {
 
 // SAFETY: host memory owned by this value alone.
 unsafe impl Send for PinnedBuffer {}
+
+/// Whether `bytes` lie in page-locked memory the driver knows (so copies from it go straight to
+/// the device, with no staging).
+pub fn is_pinned(bytes: &[u8]) -> bool {
+    let mut kind = 0u32;
+    // SAFETY: the driver writes one CUmemorytype (a 32-bit enum) into `kind`; pageable memory
+    // is an error, reported as "not pinned".
+    let r = unsafe {
+        dsys::cuPointerGetAttribute(
+            (&mut kind as *mut u32).cast(),
+            dsys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            bytes.as_ptr() as dsys::CUdeviceptr,
+        )
+    };
+    r == dsys::CUresult::CUDA_SUCCESS && kind == dsys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+}
+
+/// Pinned host memory that grows to the largest request and is reused.
+#[derive(Default)]
+pub struct GrowingPinned(Option<PinnedBuffer>);
+
+impl GrowingPinned {
+    /// The first `bytes` bytes, reallocated first when the buffer holds fewer.
+    pub fn at_least(&mut self, bytes: usize) -> Result<&mut [u8]> {
+        if self.0.as_ref().is_none_or(|b| b.bytes < bytes) {
+            self.0 = None;
+            self.0 = Some(PinnedBuffer::new(bytes)?);
+        }
+        match self.0.as_mut() {
+            Some(b) => Ok(&mut b.as_bytes_mut()[..bytes]),
+            None => Err(cuda_error("a growing pinned buffer", "no buffer")),
+        }
+    }
+}
 
 /// A non-blocking stream, destroyed on drop.
 pub struct Stream(pub dsys::CUstream);

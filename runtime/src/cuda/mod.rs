@@ -27,7 +27,7 @@ use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use kestrel_exporter::onnx::pb;
 
 use crate::detection::Detection;
-use crate::engine::{Engine, EngineInfo, LayerTime, Precision};
+use crate::engine::{Engine, EngineInfo, LayerTime, Precision, StageTimes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::LetterboxParams;
@@ -110,6 +110,8 @@ pub struct CudaEngine {
     post: Option<GpuPostprocessor>,
     /// Letterbox of raw frames into the input, for the end-to-end path, set up on its first use.
     letterboxer: Option<GpuLetterboxer>,
+    /// Stages of the last `detect_frames`.
+    stage_times: Option<StageTimes>,
     graphs: HashMap<usize, GraphExec>,
     conv_plans: HashMap<(usize, usize), ConvPlan>,
     /// Convolutions (step, bucket) that run as one cuDNN fused graph, where that timed faster.
@@ -410,6 +412,7 @@ impl CudaEngine {
         let mut engine = Self {
             post: None,
             letterboxer: None,
+            stage_times: None,
             graphs: HashMap::new(),
             conv_plans: HashMap::new(),
             fused: HashMap::new(),
@@ -1721,6 +1724,7 @@ impl Engine for CudaEngine {
             .ok_or_else(|| cuda_error("letterbox", "not set up"))?;
         // Small batches are padded to the profile's minimum with the last frame.
         let batch = n.max(profile.min);
+        let start = std::time::Instant::now();
         if batch > n {
             let mut padded = frames.to_vec();
             padded.resize(batch, frames[n - 1]);
@@ -1728,15 +1732,27 @@ impl Engine for CudaEngine {
         } else {
             letterboxer.run_device(frames, w as u32, h as u32, input_ptr, placements)?;
         }
+        let letterboxed = std::time::Instant::now();
         let output_ptr = self.launch_batch(None, batch)?;
         self.stream.synchronize()?;
+        let inferred = std::time::Instant::now();
         let placements_now = std::mem::take(placements);
         let result = self.postprocess_on_device(output_ptr, batch, &placements_now, cfg, out);
         *placements = placements_now;
         result?;
         out.truncate(n);
         placements.truncate(n);
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+        self.stage_times = Some(StageTimes {
+            pre_ms: ms(start, letterboxed),
+            infer_ms: ms(letterboxed, inferred),
+            post_ms: ms(inferred, std::time::Instant::now()),
+        });
         Ok(true)
+    }
+
+    fn last_stage_times(&self) -> Option<StageTimes> {
+        self.stage_times
     }
 
     fn device_name(&self) -> Option<String> {

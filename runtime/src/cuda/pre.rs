@@ -9,8 +9,11 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
+use rayon::prelude::*;
 
-use super::device::{self, Arg, Growing, Kernels, Stream, cuda_error, launch};
+use super::device::{
+    self, Arg, Growing, GrowingPinned, Kernels, PinnedBuffer, Stream, cuda_error, launch,
+};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::{LetterboxParams, axis_taps};
@@ -21,10 +24,91 @@ pub const PRE_KERNEL_SOURCE: &str = include_str!("pre.cu");
 pub const PRE_KERNEL_NAMES: [&str; 1] = ["letterbox_frames"];
 /// Ints per frame descriptor (`FRAME_INTS` in `pre.cu`).
 const FRAME_INTS: usize = 12;
+/// Bytes one core copies at a time when staging pageable planes.
+const STAGING_CHUNK: usize = 64 * 1024;
+/// Groups the staging of a batch is cut into, each uploaded while the next is copied.
+const STAGING_GROUPS: usize = 4;
+
+/// Where one plane of a batch goes: its bytes at `at` of the staging area and the device buffer.
+#[derive(Debug, Clone, Copy)]
+struct PlaneCopy {
+    frame: usize,
+    plane: usize,
+    at: usize,
+    len: usize,
+    /// Already in pinned memory: uploaded from where it is, not staged.
+    pinned: bool,
+}
+
+/// Copy into `dst` (staging bytes from `a`) the pageable plane bytes that belong there.
+fn stage_chunk(frames: &[Frame], copies: &[PlaneCopy], a: usize, dst: &mut [u8]) {
+    let b = a + dst.len();
+    let first = copies.partition_point(|c| c.at + c.len <= a);
+    for c in copies[first..].iter().take_while(|c| c.at < b) {
+        if c.pinned {
+            continue;
+        }
+        let (from, to) = (c.at.max(a), (c.at + c.len).min(b));
+        dst[from - a..to - a]
+            .copy_from_slice(&frames[c.frame].planes[c.plane][from - c.at..to - c.at]);
+    }
+}
+
+/// Upload staging bytes `a..b` to the same offsets of `data`.
+fn upload_staged(
+    data: dsys::CUdeviceptr,
+    staging: &[u8],
+    a: usize,
+    b: usize,
+    stream: dsys::CUstream,
+) -> Result<()> {
+    // SAFETY: the device buffer and the pinned staging both hold the batch's bytes; the staging
+    // is not rewritten before the stream is synchronised at the end of the call.
+    unsafe { drv::memcpy_htod_async(data + a as u64, &staging[a..b], stream) }
+        .map_err(|e| cuda_error("uploading frames", e))
+}
 
 /// Compile `pre.cu` to PTX, without fused multiply-add (no GPU needed; CI checks the source).
 pub fn compile_pre_kernels(arch: Option<&'static str>) -> Result<String> {
     device::compile_exact(PRE_KERNEL_SOURCE, "kestrel_pre.cu", arch)
+}
+
+/// Page-locked host memory for camera frames: frames whose planes lie here reach the GPU with no
+/// staging copy (a decoder writing into it saves a pass over every frame).
+pub struct PinnedFrameMemory {
+    buffer: PinnedBuffer,
+    /// Last, so the memory is freed in it.
+    _ctx: Arc<CudaContext>,
+}
+
+// SAFETY: host memory owned by this value alone.
+unsafe impl Send for PinnedFrameMemory {}
+
+impl PinnedFrameMemory {
+    /// `bytes` of pinned memory for GPU `ordinal`.
+    pub fn new(ordinal: usize, bytes: usize) -> Result<Self> {
+        let ctx = device::context(ordinal)?;
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        Ok(Self {
+            buffer: PinnedBuffer::new(bytes)?,
+            _ctx: ctx,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.buffer.as_bytes()
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.buffer.as_bytes_mut()
+    }
+}
+
+impl Drop for PinnedFrameMemory {
+    fn drop(&mut self) {
+        let _ = self._ctx.bind_to_thread();
+    }
 }
 
 /// Letterboxes batches of raw frames on the GPU. Buffers grow to the largest batch seen and are
@@ -39,7 +123,10 @@ pub struct GpuLetterboxer {
     yuv: Growing,
     taps: Growing,
     output: Growing,
-    staging: Vec<u8>,
+    /// Pinned copies of the frames' planes, for fast uploads.
+    staging: GrowingPinned,
+    /// The planes of the current batch, in device order.
+    copies: Vec<PlaneCopy>,
     planes_host: Vec<i64>,
     descriptors_host: Vec<i32>,
     yuv_host: Vec<f32>,
@@ -70,7 +157,8 @@ impl GpuLetterboxer {
             yuv: Growing::default(),
             taps: Growing::default(),
             output: Growing::default(),
-            staging: Vec::new(),
+            staging: GrowingPinned::default(),
+            copies: Vec::new(),
             planes_host: Vec::new(),
             descriptors_host: Vec::new(),
             yuv_host: Vec::new(),
@@ -96,7 +184,8 @@ impl GpuLetterboxer {
         if frames.is_empty() {
             return Ok(());
         }
-        self.staging.clear();
+        let mut staged = 0usize;
+        self.copies.clear();
         self.planes_host.clear();
         self.descriptors_host.clear();
         self.yuv_host.clear();
@@ -110,8 +199,15 @@ impl GpuLetterboxer {
                 if i < f.format.planes() {
                     let rows = f.format.rows(i, f.height);
                     let len = (rows - 1) * f.strides[i] + f.format.row_bytes(i, f.width);
-                    self.planes_host.push(self.staging.len() as i64);
-                    self.staging.extend_from_slice(&f.planes[i][..len]);
+                    self.planes_host.push(staged as i64);
+                    self.copies.push(PlaneCopy {
+                        frame: k,
+                        plane: i,
+                        at: staged,
+                        len,
+                        pinned: false,
+                    });
+                    staged += len;
                 } else {
                     self.planes_host.push(0);
                 }
@@ -155,17 +251,62 @@ impl GpuLetterboxer {
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
-        let data = self.data.at_least(self.staging.len())?;
+        let data = self.data.at_least(staged)?;
+        let staging = self.staging.at_least(staged)?;
+        let s = self.stream.0;
+        // Planes in pinned memory go straight to the device. The others are copied into pinned
+        // staging (laid out as on the device) by all cores, in a few groups, each group's upload
+        // overlapping the copy of the next.
+        for c in self.copies.iter_mut() {
+            c.pinned = device::is_pinned(&frames[c.frame].planes[c.plane][..c.len]);
+            if c.pinned {
+                let plane = &frames[c.frame].planes[c.plane][..c.len];
+                // SAFETY: `data` holds `staged` bytes and the plane lies inside; the frame is
+                // borrowed for this call, which synchronises the stream before returning.
+                unsafe { drv::memcpy_htod_async(data + c.at as u64, plane, s) }
+                    .map_err(|e| cuda_error("uploading frames", e))?;
+            }
+        }
+        let group = staged.div_ceil(STAGING_GROUPS).max(1);
+        let copies = &self.copies;
+        for g0 in (0..staged).step_by(group) {
+            let g1 = (g0 + group).min(staged);
+            staging[g0..g1]
+                .par_chunks_mut(STAGING_CHUNK)
+                .enumerate()
+                .for_each(|(n, dst)| {
+                    let a = g0 + n * STAGING_CHUNK;
+                    stage_chunk(frames, copies, a, dst);
+                });
+            // Upload what the group staged, one copy per contiguous run.
+            let mut run: Option<(usize, usize)> = None;
+            let first = copies.partition_point(|c| c.at + c.len <= g0);
+            for c in copies[first..].iter().take_while(|c| c.at < g1) {
+                if c.pinned {
+                    continue;
+                }
+                let (a, b) = (c.at.max(g0), (c.at + c.len).min(g1));
+                run = match run {
+                    Some((ra, rb)) if rb == a => Some((ra, b)),
+                    Some((ra, rb)) => {
+                        upload_staged(data, staging, ra, rb, s)?;
+                        Some((a, b))
+                    }
+                    None => Some((a, b)),
+                };
+            }
+            if let Some((ra, rb)) = run {
+                upload_staged(data, staging, ra, rb, s)?;
+            }
+        }
         let planes = self.planes.at_least(self.planes_host.len() * 8)?;
         let descriptors = self.descriptors.at_least(self.descriptors_host.len() * 4)?;
         let yuv = self.yuv.at_least(self.yuv_host.len() * 4)?;
         let taps = self.taps.at_least(self.taps_host.len() * 4)?;
-        let s = self.stream.0;
         // SAFETY: each buffer was just sized to hold its host array; the host arrays are not
         // touched until the stream is synchronised below.
         unsafe {
-            drv::memcpy_htod_async(data, &self.staging[..], s)
-                .and_then(|_| drv::memcpy_htod_async(planes, &self.planes_host[..], s))
+            drv::memcpy_htod_async(planes, &self.planes_host[..], s)
                 .and_then(|_| drv::memcpy_htod_async(descriptors, &self.descriptors_host[..], s))
                 .and_then(|_| drv::memcpy_htod_async(yuv, &self.yuv_host[..], s))
                 .and_then(|_| drv::memcpy_htod_async(taps, &self.taps_host[..], s))
@@ -190,6 +331,22 @@ impl GpuLetterboxer {
         self.stream.synchronize()
     }
 
+    /// This letterboxer's own device buffer for `frames` inputs of `dst_w` x `dst_h` (the area
+    /// [`GpuLetterboxer::run`] downloads from), for [`GpuLetterboxer::run_device`] where no
+    /// engine input is at hand.
+    pub fn device_output(
+        &mut self,
+        frames: usize,
+        dst_w: u32,
+        dst_h: u32,
+    ) -> Result<dsys::CUdeviceptr> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        self.output
+            .at_least(frames * 3 * dst_w as usize * dst_h as usize * 4)
+    }
+
     /// [`GpuLetterboxer::run_device`] into host memory: `out` receives the NCHW input.
     pub fn run(
         &mut self,
@@ -200,10 +357,7 @@ impl GpuLetterboxer {
         placements: &mut Vec<LetterboxParams>,
     ) -> Result<()> {
         let n = frames.len() * 3 * dst_w as usize * dst_h as usize;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error("binding the context", e))?;
-        let dev = self.output.at_least(n * 4)?;
+        let dev = self.device_output(frames.len(), dst_w, dst_h)?;
         self.run_device(frames, dst_w, dst_h, dev, placements)?;
         out.resize(n, 0.0);
         // SAFETY: the device buffer holds n floats, written; synchronised below.
@@ -216,5 +370,67 @@ impl GpuLetterboxer {
 impl Drop for GpuLetterboxer {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{PixelFormat, YuvMatrix};
+
+    #[test]
+    fn staging_chunks_gather_the_pageable_planes_in_device_order() {
+        // Two NV12 frames (Y and UV planes), the second's Y plane "pinned": staged bytes are the
+        // planes back to back, the pinned one left untouched, whatever the chunk boundaries.
+        let (w, h) = (6, 4);
+        let planes: Vec<Vec<u8>> = (0..4u8)
+            .map(|p| {
+                (0..if p % 2 == 0 { w * h } else { w * h / 2 })
+                    .map(|i| p * 50 + i as u8)
+                    .collect()
+            })
+            .collect();
+        let nv12 = |y, uv| Frame {
+            format: PixelFormat::Nv12,
+            width: w,
+            height: h,
+            planes: [y, uv, &[]],
+            strides: [w, w, 0],
+            yuv: YuvMatrix::BT601,
+        };
+        let frames = [
+            nv12(&planes[0][..], &planes[1][..]),
+            nv12(&planes[2][..], &planes[3][..]),
+        ];
+        let mut copies = Vec::new();
+        let mut at = 0;
+        for (k, f) in frames.iter().enumerate() {
+            for i in 0..2 {
+                let len = f.planes[i].len();
+                copies.push(PlaneCopy {
+                    frame: k,
+                    plane: i,
+                    at,
+                    len,
+                    pinned: k == 1 && i == 0,
+                });
+                at += len;
+            }
+        }
+        for chunk in [1, 5, 7, 24, 1000] {
+            let mut staging = vec![0xEEu8; at];
+            for (n, dst) in staging.chunks_mut(chunk).enumerate() {
+                stage_chunk(&frames, &copies, n * chunk, dst);
+            }
+            let mut expected = Vec::new();
+            for (p, plane) in planes.iter().enumerate() {
+                if p == 2 {
+                    expected.extend(std::iter::repeat_n(0xEE, plane.len()));
+                } else {
+                    expected.extend_from_slice(plane);
+                }
+            }
+            assert_eq!(staging, expected, "chunks of {chunk}");
+        }
     }
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kestrel_exporter::{onnx, summarize};
 use kestrel_runtime::Detection;
-use kestrel_runtime::engine::{BatchProfile, LayerTime};
-use kestrel_runtime::letterbox::LetterboxParams;
+use kestrel_runtime::engine::{BatchProfile, LayerTime, StageTimes};
+use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
 use kestrel_runtime::nms::NmsConfig;
 use serde::Serialize;
 
@@ -38,6 +38,65 @@ pub struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// With --end-to-end: size of the synthetic camera frames, WIDTHxHEIGHT pixels.
+    #[arg(long, default_value = "1920x1080")]
+    frame_size: String,
+    /// With --end-to-end: pixel format of the synthetic camera frames.
+    #[arg(long, value_enum, default_value_t = FrameFormat::Nv12)]
+    frame_format: FrameFormat,
+}
+
+/// Camera frame layouts `--end-to-end` can start from.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FrameFormat {
+    Rgb,
+    Bgr,
+    Rgba,
+    Bgrx,
+    Nv12,
+    I420,
+}
+
+impl FrameFormat {
+    fn pixel_format(self) -> PixelFormat {
+        match self {
+            Self::Rgb => PixelFormat::Rgb,
+            Self::Bgr => PixelFormat::Bgr,
+            Self::Rgba => PixelFormat::Rgba,
+            Self::Bgrx => PixelFormat::Bgrx,
+            Self::Nv12 => PixelFormat::Nv12,
+            Self::I420 => PixelFormat::I420,
+        }
+    }
+}
+
+fn parse_frame_size(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some((w, h)) if w >= 2 && h >= 2 && w <= 16384 && h <= 16384 => Ok((w, h)),
+        _ => bail!(
+            "--frame-size {s:?}: give the frame size as WIDTHxHEIGHT pixels, 2 to 16384 each, \
+             e.g. 1920x1080"
+        ),
+    }
+}
+
+/// Planes of a synthetic frame (gradients, so the letterbox does real work), tightly pitched.
+fn synthetic_planes(format: PixelFormat, w: usize, h: usize) -> ([Vec<u8>; 3], [usize; 3]) {
+    let mut planes: [Vec<u8>; 3] = Default::default();
+    let mut strides = [0; 3];
+    for (i, (plane, stride)) in planes.iter_mut().zip(&mut strides).enumerate() {
+        if i >= format.planes() {
+            break;
+        }
+        *stride = format.row_bytes(i, w);
+        *plane = (0..format.rows(i, h) * *stride)
+            .map(|k| ((k % *stride) ^ (k / *stride) ^ (i * 85)) as u8)
+            .collect();
+    }
+    (planes, strides)
 }
 
 /// Latency statistics in milliseconds.
@@ -62,17 +121,31 @@ struct BatchResult {
     compute_ms: Option<Latency>,
     /// Images per second from the median compute time (GPU backends).
     compute_images_per_s: Option<f64>,
-    /// With `--end-to-end`: wall-clock time of a batch through the engine and the GPU decode +
-    /// NMS (display thresholds), detections on the host.
+    /// With `--end-to-end`: camera frames in host memory to detections on the host, by stage.
     #[serde(skip_serializing_if = "Option::is_none")]
-    end_to_end_ms: Option<Latency>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    end_to_end_images_per_s: Option<f64>,
+    end_to_end: Option<EndToEnd>,
     /// Model FLOPs per second of median compute time, in TFLOP/s (GPU backends).
     achieved_tflops: Option<f64>,
     /// Engine runs per second.
     throughput_qps: f64,
     /// Images per second (runs × batch).
+    images_per_s: f64,
+}
+
+/// A batch from raw frames to detections, by stage (wall-clock milliseconds).
+#[derive(Debug, Serialize)]
+struct EndToEnd {
+    /// Size and pixel format of the frames.
+    frames: String,
+    /// Frames to the engine's input: upload, colour conversion, letterbox.
+    pre_ms: Latency,
+    /// The engine run.
+    infer_ms: Latency,
+    /// Decode, NMS and the detections to the host.
+    post_ms: Latency,
+    /// The whole batch.
+    total_ms: Latency,
+    /// Images per second from the median total.
     images_per_s: f64,
 }
 
@@ -112,6 +185,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.engine.end_to_end && a.engine.backend != "cuda" {
         bail!("--end-to-end times the GPU decode and NMS: it needs --backend cuda");
     }
+    let (fw, fh) = parse_frame_size(&a.frame_size)?;
     let max = *a.batch.iter().max().unwrap_or(&1);
     let min = *a.batch.iter().min().unwrap_or(&1);
     let options = a.engine.build_options(BatchProfile {
@@ -228,31 +302,63 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         let end_to_end = if a.engine.end_to_end {
-            let [h, w] = info.input_hw;
-            let placement = LetterboxParams::new(w as u32, h as u32, w as u32, h as u32)?;
-            let placements = vec![placement; batch];
+            let format = a.frame_format.pixel_format();
+            let (planes, strides) = synthetic_planes(format, fw, fh);
+            let frame = Frame {
+                format,
+                width: fw,
+                height: fh,
+                planes: [&planes[0], &planes[1], &planes[2]],
+                strides,
+                yuv: YuvMatrix::BT709,
+            };
+            let frames = vec![frame; batch];
             let cfg = NmsConfig::display();
-            let mut dets = Vec::new();
-            let mut run = |dets: &mut Vec<Vec<Detection>>| -> Result<()> {
-                if !engine.run_and_detect(&input, batch, &placements, &cfg, dets)? {
-                    bail!("the {} backend has no GPU post-processing", info.backend);
+            let (mut dets, mut placements) = (Vec::new(), Vec::new());
+            let mut run = |dets: &mut Vec<Vec<Detection>>| -> Result<StageTimes> {
+                if !engine.detect_frames(&frames, &cfg, &mut placements, dets)? {
+                    bail!(
+                        "the {} backend has no GPU pre- and post-processing",
+                        info.backend
+                    );
                 }
-                Ok(())
+                engine
+                    .last_stage_times()
+                    .context("the engine did not report its stage times")
             };
             run(&mut dets).context("end-to-end warm-up failed")?;
-            let mut e2e = Vec::new();
+            let (mut total, mut pre, mut infer, mut post) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let start = Instant::now();
-            while e2e.len() < a.min_iterations || start.elapsed() < deadline {
+            while total.len() < a.min_iterations || start.elapsed() < deadline {
                 let t = Instant::now();
-                run(&mut dets)?;
-                e2e.push(t.elapsed().as_secs_f64() * 1e3);
+                let stages = run(&mut dets)?;
+                total.push(t.elapsed().as_secs_f64() * 1e3);
+                pre.push(stages.pre_ms);
+                infer.push(stages.infer_ms);
+                post.push(stages.post_ms);
             }
-            let e2e = stats(e2e);
+            let per_s = |l: &Latency| batch as f64 * 1e3 / l.median;
+            let total_ms = stats(total);
+            let e2e = EndToEnd {
+                frames: format!("{fw}x{fh} {:?}", a.frame_format).to_lowercase(),
+                pre_ms: stats(pre),
+                infer_ms: stats(infer),
+                post_ms: stats(post),
+                images_per_s: per_s(&total_ms),
+                total_ms,
+            };
             println!(
-                "batch {batch:>3}: end to end (engine + GPU decode/NMS, display thresholds, detections on the host) median {:.2} ms, p99 {:.2} ms | {:.2} images/s",
-                e2e.median,
-                e2e.p99,
-                batch as f64 * 1e3 / e2e.median
+                "batch {batch:>3}: end to end from {} frames (GPU letterbox, engine, GPU decode/NMS at display thresholds, detections on the host): median {:.2} ms = pre {:.2} + infer {:.2} + post {:.2} | {:.2} images/s (pre alone {:.0}, infer alone {:.0}, post alone {:.0} images/s)",
+                e2e.frames,
+                e2e.total_ms.median,
+                e2e.pre_ms.median,
+                e2e.infer_ms.median,
+                e2e.post_ms.median,
+                e2e.images_per_s,
+                per_s(&e2e.pre_ms),
+                per_s(&e2e.infer_ms),
+                per_s(&e2e.post_ms),
             );
             Some(e2e)
         } else {
@@ -261,8 +367,7 @@ pub fn run(a: Args) -> Result<()> {
         results.push(BatchResult {
             batch,
             iterations,
-            end_to_end_images_per_s: end_to_end.as_ref().map(|l| batch as f64 * 1e3 / l.median),
-            end_to_end_ms: end_to_end,
+            end_to_end,
             compute_images_per_s: compute.as_ref().map(|c| batch as f64 * 1e3 / c.median),
             achieved_tflops,
             compute_ms: compute,
