@@ -21,6 +21,12 @@ pub struct Detector {
     device_postprocessing: bool,
     /// RGB copies of raw frames for the CPU path of [`Detector::detect_frames`].
     rgb: Vec<RgbImage>,
+    /// Batches of [`Detector::start_frames`] the engine has in flight.
+    engine_in_flight: usize,
+    /// Batches of [`Detector::start_frames`] detected here, waiting for `finish_frames`, and
+    /// their spent buffers for reuse.
+    pending: std::collections::VecDeque<Vec<Vec<Detection>>>,
+    spare: Vec<Vec<Vec<Detection>>>,
 }
 
 impl Detector {
@@ -33,6 +39,9 @@ impl Detector {
             placements: Vec::new(),
             device_postprocessing: false,
             rgb: Vec::new(),
+            engine_in_flight: 0,
+            pending: std::collections::VecDeque::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -83,6 +92,52 @@ impl Detector {
         let result = self.detect(&rgb[..frames.len()], cfg, out);
         self.rgb = rgb;
         result
+    }
+
+    /// [`Detector::detect_frames`] as a pipeline: start detecting `frames` and return; the
+    /// detections come from [`Detector::finish_frames`], oldest batch first, with up to two
+    /// batches in flight. On a GPU engine with device post-processing the next batch's upload,
+    /// letterbox and inference overlap the previous batch's post-processing and the caller's
+    /// work; elsewhere the detection runs here and its result waits for `finish_frames`. The
+    /// frames may be dropped or reused when this returns.
+    pub fn start_frames(&mut self, frames: &[Frame], cfg: &NmsConfig) -> Result<()> {
+        cfg.validate()?;
+        if self.pending.len() + self.engine_in_flight >= 2 {
+            return Err(Error::InvalidArgument(
+                "two batches are already in flight: finish_frames the oldest before starting \
+                 another"
+                    .into(),
+            ));
+        }
+        if !frames.is_empty()
+            && self.device_postprocessing
+            && self.pending.is_empty()
+            && self.engine.start_frames(frames, cfg)?
+        {
+            self.engine_in_flight += 1;
+            return Ok(());
+        }
+        let mut out = self.spare.pop().unwrap_or_default();
+        self.detect_frames(frames, cfg, &mut out)?;
+        self.pending.push_back(out);
+        Ok(())
+    }
+
+    /// Detections of the oldest batch given to [`Detector::start_frames`] (one `Vec` per frame);
+    /// `Ok(false)` when none is in flight.
+    pub fn finish_frames(&mut self, out: &mut Vec<Vec<Detection>>) -> Result<bool> {
+        if self.engine_in_flight > 0 {
+            self.engine_in_flight -= 1;
+            return self.engine.finish_frames(&mut self.placements, out);
+        }
+        match self.pending.pop_front() {
+            Some(mut ready) => {
+                std::mem::swap(out, &mut ready);
+                self.spare.push(ready);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Detect objects in a batch of images (at most the engine's maximum batch). `out[i]` receives

@@ -299,6 +299,28 @@ pub trait Engine: Send {
         Ok(false)
     }
 
+    /// [`Engine::detect_frames`] as a pipeline: start the whole detection of `frames` (thresholds
+    /// `cfg`) and return without waiting for the GPU; [`Engine::finish_frames`] gives the
+    /// detections, oldest batch first. Up to two batches may be in flight, so the next batch's
+    /// upload, letterbox and engine run overlap the previous batch's post-processing and the
+    /// host's work. The frames may be dropped or reused when this returns. `Ok(false)` where the
+    /// backend cannot; nothing is started then.
+    fn start_frames(&mut self, frames: &[Frame], cfg: &NmsConfig) -> Result<bool> {
+        let _ = (frames, cfg);
+        Ok(false)
+    }
+
+    /// Wait for the oldest batch of [`Engine::start_frames`] and write its placements and
+    /// detections (as [`Engine::detect_frames`] does); `Ok(false)` when none is in flight.
+    fn finish_frames(
+        &mut self,
+        placements: &mut Vec<LetterboxParams>,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let _ = (placements, out);
+        Ok(false)
+    }
+
     /// Where the last successful [`Engine::detect_frames`] spent its time; `None` where the
     /// backend does not run it.
     fn last_stage_times(&self) -> Option<StageTimes> {

@@ -272,12 +272,68 @@ fn from_rgb(img: &image::RgbImage, format: PixelFormat, pad: usize, yuv: YuvMatr
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
-fn detector_on_raw_frames_runs_on_the_gpu_and_matches_its_cpu_path() {
+fn pipelined_frames_on_the_cpu_path_come_back_in_order() {
+    // Without a GPU engine, start_frames detects at once and finish_frames hands the batches
+    // back in the order they were started, two at most in flight.
     use kestrel_runtime::Detector;
     use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
     use kestrel_runtime::nms::NmsConfig;
     use kestrel_runtime::synth::{image_seed, render_scene_with};
+    let model = kestrel_tests::workspace_root().join("models/gelan-t-shapes.onnx");
+    let options = BuildOptions {
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        profile: BatchProfile {
+            min: 1,
+            opt: 2,
+            max: 2,
+        },
+    };
+    let mut detector = Detector::new(build_engine(&model, &options).expect("cpu engine"));
+    let scenes: Vec<Owned> = (0..3)
+        .map(|i| {
+            let (img, _) = render_scene_with(image_seed(11, i), 320, 256, 2..=6);
+            from_rgb(&img, PixelFormat::Nv12, 0, YuvMatrix::BT601)
+        })
+        .collect();
+    let frames: Vec<Frame> = scenes.iter().map(Owned::frame).collect();
+    let cfg = NmsConfig::display();
+    let mut expected = Vec::new();
+    for f in &frames {
+        let mut out = Vec::new();
+        detector
+            .detect_frames(std::slice::from_ref(f), &cfg, &mut out)
+            .expect("one at a time");
+        expected.push(out);
+    }
+    assert!(
+        expected.iter().any(|d| !d[0].is_empty()),
+        "nothing detected"
+    );
+    let mut out = Vec::new();
+    detector.start_frames(&frames[..1], &cfg).expect("start 0");
+    detector.start_frames(&frames[1..2], &cfg).expect("start 1");
+    let err = detector
+        .start_frames(&frames[2..], &cfg)
+        .expect_err("a third batch");
+    assert!(err.to_string().contains("in flight"), "{err}");
+    assert!(detector.finish_frames(&mut out).expect("finish 0"));
+    assert_eq!(out, expected[0]);
+    detector.start_frames(&frames[2..], &cfg).expect("start 2");
+    assert!(detector.finish_frames(&mut out).expect("finish 1"));
+    assert_eq!(out, expected[1]);
+    assert!(detector.finish_frames(&mut out).expect("finish 2"));
+    assert_eq!(out, expected[2]);
+    assert!(!detector.finish_frames(&mut out).expect("none left"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn detector_on_raw_frames_runs_on_the_gpu_and_matches_its_cpu_path() {
+    use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+    use kestrel_runtime::nms::NmsConfig;
+    use kestrel_runtime::synth::{image_seed, render_scene_with};
+    use kestrel_runtime::{Detection, Detector};
     let model = kestrel_tests::workspace_root().join("models/gelan-t-shapes.onnx");
     let options = BuildOptions {
         backend: Backend::Cuda,
@@ -323,6 +379,89 @@ fn detector_on_raw_frames_runs_on_the_gpu_and_matches_its_cpu_path() {
     }
     println!("identical detections on both paths: {kept}");
     assert!(kept > 100);
+
+    // Pipelined (two batches in flight) gives each batch what one batch at a time gives.
+    detector.set_device_postprocessing(true);
+    let scenes: Vec<Vec<Owned>> = FORMATS
+        .iter()
+        .enumerate()
+        .map(|(k, &format)| {
+            (0..1 + k % 4)
+                .map(|i| {
+                    let (img, _) = render_scene_with(
+                        image_seed(7, k * 4 + i),
+                        300 + 41 * i as u32,
+                        280 + 13 * k as u32,
+                        1..=12,
+                    );
+                    from_rgb(&img, format, i, YuvMatrix::BT709)
+                })
+                .collect()
+        })
+        .collect();
+    let batches: Vec<Vec<Frame>> = scenes
+        .iter()
+        .map(|b| b.iter().map(Owned::frame).collect())
+        .collect();
+    let cfgs = [NmsConfig::display(), NmsConfig::evaluation()];
+    let one_at_a_time: Vec<Vec<Vec<Detection>>> = batches
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut out = Vec::new();
+            detector
+                .detect_frames(b, &cfgs[i % 2], &mut out)
+                .expect("one batch");
+            out
+        })
+        .collect();
+    let mut out = Vec::new();
+    detector
+        .start_frames(&batches[0], &cfgs[0])
+        .expect("start the first batch");
+    for i in 1..=batches.len() {
+        if i < batches.len() {
+            detector
+                .start_frames(&batches[i], &cfgs[i % 2])
+                .expect("start the next batch");
+            if i == 1 {
+                let err = detector
+                    .start_frames(&batches[0], &cfgs[0])
+                    .expect_err("a third batch in flight");
+                assert!(err.to_string().contains("in flight"), "{err}");
+                let err = detector
+                    .detect_frames(&batches[0], &cfgs[0], &mut out)
+                    .expect_err("one batch at a time while two are in flight");
+                assert!(err.to_string().contains("finish_frames"), "{err}");
+            }
+        }
+        assert!(detector.finish_frames(&mut out).expect("finish"));
+        assert_eq!(out, one_at_a_time[i - 1], "batch {} pipelined", i - 1);
+    }
+    assert!(!detector.finish_frames(&mut out).expect("nothing in flight"));
+}
+
+/// Milliseconds per batch of `frames` through the detector's pipeline with two batches in
+/// flight, over `batches` batches (after one warm-up round).
+fn pipelined_ms_per_batch(
+    detector: &mut kestrel_runtime::Detector,
+    frames: &[Frame],
+    cfg: &kestrel_runtime::nms::NmsConfig,
+    batches: usize,
+) -> f64 {
+    let mut out = Vec::new();
+    let mut round = |n: usize| {
+        detector.start_frames(frames, cfg).expect("start");
+        for _ in 1..n {
+            detector.start_frames(frames, cfg).expect("start");
+            assert!(detector.finish_frames(&mut out).expect("finish"));
+        }
+        assert!(detector.finish_frames(&mut out).expect("finish"));
+    };
+    round(4);
+    let t = std::time::Instant::now();
+    round(batches);
+    t.elapsed().as_secs_f64() * 1e3 / batches as f64
 }
 
 #[test]
@@ -387,6 +526,9 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
             .expect("frames");
     });
     let stages = detector.last_stage_times();
+    // Pipelined: two batches in flight, so one batch's upload, letterbox and engine overlap the
+    // previous one's post-processing.
+    let pipelined_ms = pipelined_ms_per_batch(&mut detector, &frames, &nms, 60);
     // The same frames from pinned memory, as a decoder writing there would leave them.
     let (pinned, ranges) = pinned_copy(&owned);
     let pinned_frames: Vec<Frame> = owned
@@ -400,12 +542,17 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
             .expect("pinned frames");
     });
     let pinned_stages = detector.last_stage_times();
+    let pinned_pipelined_ms = pipelined_ms_per_batch(&mut detector, &pinned_frames, &nms, 60);
     let ips = |ms: f64| 8.0 * 1e3 / ms;
     println!(
         "BENCH {}",
         serde_json::json!({
             "model": "gelan-c 640, random weights, FP16, batch 8",
             "nv12_1080p_pinned_frames_to_detections_images_per_s": ips(pinned_ms),
+            "pipelined_nv12_1080p_frames_to_detections_images_per_s": ips(pipelined_ms),
+            "pipelined_vs_compute_only": compute / pipelined_ms,
+            "pipelined_pinned_frames_to_detections_images_per_s": ips(pinned_pipelined_ms),
+            "pipelined_pinned_vs_compute_only": compute / pinned_pipelined_ms,
             "pinned_frames_vs_compute_only": compute / pinned_ms,
             "last_stage_times_ms": {"pageable": stages, "pinned": pinned_stages},
             "compute_only_images_per_s": ips(compute),

@@ -219,6 +219,61 @@ impl Drop for Stream {
 // SAFETY: streams may be used from any thread bound to their context.
 unsafe impl Send for Stream {}
 
+/// A CUDA event, destroyed on drop: for timing, or for ordering work across streams.
+pub struct Event(pub dsys::CUevent);
+
+impl Event {
+    /// An event that can time (`elapsed`).
+    pub fn new() -> Result<Self> {
+        drv::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| cuda_error("creating an event", e))
+    }
+
+    /// An event for ordering only (cheaper to record and wait on).
+    pub fn ordering() -> Result<Self> {
+        drv::event::create(dsys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(|e| cuda_error("creating an event", e))
+    }
+
+    /// Mark the point `stream` has reached.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: a live event and stream of the bound context.
+        unsafe { drv::event::record(self.0, stream.0) }
+            .map_err(|e| cuda_error("recording an event", e))
+    }
+
+    /// Make `stream`'s later work wait for the last recorded point (none yet: no wait).
+    pub fn wait_on(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: a live event and stream of the bound context.
+        unsafe {
+            drv::stream::wait_event(
+                stream.0,
+                self.0,
+                dsys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_error("ordering streams", e))
+    }
+
+    /// Block the host until the last recorded point is reached.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a live event.
+        unsafe { drv::event::synchronize(self.0) }.map_err(|e| cuda_error("waiting for the GPU", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created once, destroyed once.
+        let _ = unsafe { drv::event::destroy(self.0) };
+    }
+}
+
+// SAFETY: events may be used from any thread bound to their context.
+unsafe impl Send for Event {}
+
 /// The context: the device's primary context, bound to the calling thread before each use.
 pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if let Some(reason) = unavailable_reason() {

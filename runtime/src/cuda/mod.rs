@@ -34,7 +34,7 @@ use crate::letterbox::LetterboxParams;
 use crate::nms::NmsConfig;
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
-    Arg, DeviceBuffer, Kernels, PinnedBuffer, Stream, cuda_error, f32_to_f16_bits, launch,
+    Arg, DeviceBuffer, Event, Kernels, PinnedBuffer, Stream, cuda_error, f32_to_f16_bits, launch,
     launch_grid,
 };
 use fused::{FusedConvGraph, FusedConvPlan, FusedConvPointers, FusedConvSpec, Storage};
@@ -112,6 +112,8 @@ pub struct CudaEngine {
     letterboxer: Option<GpuLetterboxer>,
     /// Stages of the last `detect_frames`.
     stage_times: Option<StageTimes>,
+    /// Batches started by `start_frames` and not yet finished.
+    pipeline: Option<FramePipeline>,
     graphs: HashMap<usize, GraphExec>,
     conv_plans: HashMap<(usize, usize), ConvPlan>,
     /// Convolutions (step, bucket) that run as one cuDNN fused graph, where that timed faster.
@@ -413,6 +415,7 @@ impl CudaEngine {
             post: None,
             letterboxer: None,
             stage_times: None,
+            pipeline: None,
             graphs: HashMap::new(),
             conv_plans: HashMap::new(),
             fused: HashMap::new(),
@@ -1642,6 +1645,12 @@ impl CudaEngine {
         cfg: &NmsConfig,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<()> {
+        self.post()?
+            .run_device(output_ptr, batch, placements, cfg, out)
+    }
+
+    /// The GPU post-processor, set up on first use.
+    fn post(&mut self) -> Result<&mut GpuPostprocessor> {
         if self.post.is_none() {
             let anchors = self.info.anchors;
             let channels = self.info.output_len() / anchors.max(1);
@@ -1653,11 +1662,140 @@ impl CudaEngine {
                 anchors,
             )?);
         }
-        let post = self
-            .post
+        self.post
             .as_mut()
-            .ok_or_else(|| cuda_error("post-processing", "not set up"))?;
-        post.run_device(output_ptr, batch, placements, cfg, out)
+            .ok_or_else(|| cuda_error("post-processing", "not set up"))
+    }
+
+    /// The GPU letterboxer, set up on first use.
+    fn letterboxer(&mut self) -> Result<&mut GpuLetterboxer> {
+        if self.letterboxer.is_none() {
+            self.letterboxer = Some(GpuLetterboxer::new(0)?);
+        }
+        self.letterboxer
+            .as_mut()
+            .ok_or_else(|| cuda_error("letterbox", "not set up"))
+    }
+
+    /// The number of frames checked against the profile, and the batch they run as (small
+    /// batches are padded to the profile's minimum with the last frame).
+    fn frames_batch(&self, frames: &[Frame]) -> Result<(usize, usize)> {
+        let (n, profile) = (frames.len(), self.info.profile);
+        if n == 0 || n > profile.max {
+            return Err(Error::Shape(format!(
+                "{n} frames; the engine takes batches of 1 to {}",
+                profile.max
+            )));
+        }
+        Ok((n, n.max(profile.min)))
+    }
+
+    /// Letterbox `frames` into the engine's input (after `after`), without waiting for the GPU.
+    fn enqueue_letterbox(
+        &mut self,
+        frames: &[Frame],
+        batch: usize,
+        placements: &mut Vec<LetterboxParams>,
+        after: Option<&Event>,
+    ) -> Result<()> {
+        let [h, w] = self.info.input_hw;
+        let input_ptr = self.ptr(self.plan.input)?;
+        let letterboxer = self.letterboxer()?;
+        if batch > frames.len() {
+            let mut padded = frames.to_vec();
+            padded.resize(batch, frames[frames.len() - 1]);
+            letterboxer.enqueue_device(&padded, w as u32, h as u32, input_ptr, placements, after)
+        } else {
+            letterboxer.enqueue_device(frames, w as u32, h as u32, input_ptr, placements, after)
+        }
+    }
+
+    /// [`Engine::start_frames`] with the pipeline taken out of `self`.
+    fn start_in(&mut self, p: &mut FramePipeline, frames: &[Frame], cfg: &NmsConfig) -> Result<()> {
+        if p.in_flight.len() == p.outputs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} batches are already in flight: finish_frames the oldest before starting another",
+                p.in_flight.len()
+            )));
+        }
+        cfg.validate()?;
+        let (n, batch) = self.frames_batch(frames)?;
+        let slot = p.next_slot;
+        // The letterbox may overwrite the input once the previous batch's engine has read it;
+        // the engine starts once the letterbox is done.
+        self.enqueue_letterbox(frames, batch, &mut p.placements[slot], Some(&p.input_read))?;
+        self.letterboxer()?;
+        if let Some(l) = &self.letterboxer {
+            l.done().wait_on(&self.stream)?;
+        }
+        let output_ptr = self.launch_batch(None, batch)?;
+        p.input_read.record(&self.stream)?;
+        // The head moves aside, so the next batch can run while this one is post-processed.
+        let bytes = batch * self.info.output_len() * 4;
+        // SAFETY: both buffers hold max-batch outputs; ordered after the engine on its stream,
+        // and the held copy is not read before `held[slot]` (recorded next) is reached.
+        unsafe { drv::memcpy_dtod_async(p.outputs[slot].ptr, output_ptr, bytes, self.stream.0) }
+            .map_err(|e| cuda_error("holding the engine output", e))?;
+        p.held[slot].record(&self.stream)?;
+        p.cfg[slot] = Some(cfg.clone());
+        p.in_flight.push_back((slot, n, batch));
+        p.next_slot = (slot + 1) % p.outputs.len();
+        Ok(())
+    }
+
+    /// [`Engine::finish_frames`] with the pipeline taken out of `self`.
+    fn finish_in(
+        &mut self,
+        p: &mut FramePipeline,
+        placements: &mut Vec<LetterboxParams>,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let Some((slot, n, batch)) = p.in_flight.pop_front() else {
+            return Ok(false);
+        };
+        let cfg = p.cfg[slot]
+            .take()
+            .ok_or_else(|| cuda_error("pipeline", "no thresholds for the batch"))?;
+        let post = self.post()?;
+        post.wait_for(&p.held[slot])?;
+        post.run_device(p.outputs[slot].ptr, batch, &p.placements[slot], &cfg, out)?;
+        out.truncate(n);
+        placements.clear();
+        placements.extend_from_slice(&p.placements[slot][..n]);
+        Ok(true)
+    }
+}
+
+/// Frames-to-detections batches in flight: two slots, so one batch's letterbox and engine run
+/// while the previous one is post-processed.
+struct FramePipeline {
+    /// Each slot's engine output, copied aside.
+    outputs: [DeviceBuffer; 2],
+    /// Recorded when the engine has read its input (the next letterbox may write it).
+    input_read: Event,
+    /// Recorded when each slot's output is held.
+    held: [Event; 2],
+    placements: [Vec<LetterboxParams>; 2],
+    cfg: [Option<NmsConfig>; 2],
+    /// (slot, frames, batch) of the batches in flight, oldest first.
+    in_flight: std::collections::VecDeque<(usize, usize, usize)>,
+    next_slot: usize,
+}
+
+impl FramePipeline {
+    fn new(output_bytes: usize) -> Result<Self> {
+        Ok(Self {
+            outputs: [
+                DeviceBuffer::new(output_bytes)?,
+                DeviceBuffer::new(output_bytes)?,
+            ],
+            input_read: Event::ordering()?,
+            held: [Event::ordering()?, Event::ordering()?],
+            placements: [Vec::new(), Vec::new()],
+            cfg: [None, None],
+            in_flight: std::collections::VecDeque::with_capacity(2),
+            next_slot: 0,
+        })
     }
 }
 
@@ -1705,33 +1843,19 @@ impl Engine for CudaEngine {
         placements: &mut Vec<LetterboxParams>,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<bool> {
-        let n = frames.len();
-        let profile = self.info.profile;
-        if n == 0 || n > profile.max {
-            return Err(Error::Shape(format!(
-                "{n} frames; the engine takes batches of 1 to {}",
-                profile.max
-            )));
+        if self
+            .pipeline
+            .as_ref()
+            .is_some_and(|p| !p.in_flight.is_empty())
+        {
+            return Err(Error::InvalidArgument(
+                "batches started with start_frames are in flight: finish_frames them first".into(),
+            ));
         }
-        let [h, w] = self.info.input_hw;
-        let input_ptr = self.ptr(self.plan.input)?;
-        if self.letterboxer.is_none() {
-            self.letterboxer = Some(GpuLetterboxer::new(0)?);
-        }
-        let letterboxer = self
-            .letterboxer
-            .as_mut()
-            .ok_or_else(|| cuda_error("letterbox", "not set up"))?;
-        // Small batches are padded to the profile's minimum with the last frame.
-        let batch = n.max(profile.min);
+        let (n, batch) = self.frames_batch(frames)?;
         let start = std::time::Instant::now();
-        if batch > n {
-            let mut padded = frames.to_vec();
-            padded.resize(batch, frames[n - 1]);
-            letterboxer.run_device(&padded, w as u32, h as u32, input_ptr, placements)?;
-        } else {
-            letterboxer.run_device(frames, w as u32, h as u32, input_ptr, placements)?;
-        }
+        self.enqueue_letterbox(frames, batch, placements, None)?;
+        self.letterboxer()?.done().synchronize()?;
         let letterboxed = std::time::Instant::now();
         let output_ptr = self.launch_batch(None, batch)?;
         self.stream.synchronize()?;
@@ -1753,6 +1877,34 @@ impl Engine for CudaEngine {
 
     fn last_stage_times(&self) -> Option<StageTimes> {
         self.stage_times
+    }
+
+    fn start_frames(&mut self, frames: &[Frame], cfg: &NmsConfig) -> Result<bool> {
+        let mut p = match self.pipeline.take() {
+            Some(p) => p,
+            None => {
+                self.ctx
+                    .bind_to_thread()
+                    .map_err(|e| cuda_error("binding the context", e))?;
+                FramePipeline::new(self.info.profile.max * self.info.output_len() * 4)?
+            }
+        };
+        let result = self.start_in(&mut p, frames, cfg);
+        self.pipeline = Some(p);
+        result.map(|()| true)
+    }
+
+    fn finish_frames(
+        &mut self,
+        placements: &mut Vec<LetterboxParams>,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<bool> {
+        let Some(mut p) = self.pipeline.take() else {
+            return Ok(false);
+        };
+        let result = self.finish_in(&mut p, placements, out);
+        self.pipeline = Some(p);
+        result
     }
 
     fn device_name(&self) -> Option<String> {
@@ -1843,24 +1995,6 @@ impl Engine for CudaEngine {
             ms.push(t as f64);
         }
         Ok(Some(ms))
-    }
-}
-
-/// A timing event, destroyed on drop.
-struct Event(dsys::CUevent);
-
-impl Event {
-    fn new() -> Result<Self> {
-        drv::event::create(dsys::CUevent_flags::CU_EVENT_DEFAULT)
-            .map(Event)
-            .map_err(|e| cuda_error("creating an event", e))
-    }
-}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        // SAFETY: created once, destroyed once.
-        let _ = unsafe { drv::event::destroy(self.0) };
     }
 }
 

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 
-use super::device::{self, Arg, DeviceBuffer, Kernels, Stream, cuda_error, launch, launch_grid};
+use super::device::{
+    self, Arg, DeviceBuffer, Event, Kernels, Stream, cuda_error, launch, launch_grid,
+};
 use crate::detection::{BoxXyxy, Detection};
 use crate::error::{Error, Result};
 use crate::letterbox::LetterboxParams;
@@ -389,6 +391,12 @@ impl GpuPostprocessor {
             }
         }
         Ok(())
+    }
+
+    /// Make this post-processor's next run wait for `event` (e.g. the head has been written).
+    pub(crate) fn wait_for(&mut self, event: &Event) -> Result<()> {
+        self.bind()?;
+        event.wait_on(&self.stream)
     }
 
     fn check_batch(&self, batch: usize) -> Result<()> {

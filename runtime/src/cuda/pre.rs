@@ -12,7 +12,7 @@ use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use rayon::prelude::*;
 
 use super::device::{
-    self, Arg, Growing, GrowingPinned, Kernels, PinnedBuffer, Stream, cuda_error, launch,
+    self, Arg, Event, Growing, GrowingPinned, Kernels, PinnedBuffer, Stream, cuda_error, launch,
 };
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -63,7 +63,7 @@ fn upload_staged(
     stream: dsys::CUstream,
 ) -> Result<()> {
     // SAFETY: the device buffer and the pinned staging both hold the batch's bytes; the staging
-    // is not rewritten before the stream is synchronised at the end of the call.
+    // is not rewritten before the `uploaded` event recorded after this copy is waited for.
     unsafe { drv::memcpy_htod_async(data + a as u64, &staging[a..b], stream) }
         .map_err(|e| cuda_error("uploading frames", e))
 }
@@ -133,6 +133,9 @@ pub struct GpuLetterboxer {
     taps_host: Vec<u32>,
     xs: Vec<(u32, u32, f32)>,
     ys: Vec<(u32, u32, f32)>,
+    /// Recorded after each batch's uploads, and after its kernel.
+    uploaded: Event,
+    done: Event,
     /// Last, so it is released after everything above is freed in it.
     ctx: Arc<CudaContext>,
 }
@@ -165,6 +168,8 @@ impl GpuLetterboxer {
             taps_host: Vec::new(),
             xs: Vec::new(),
             ys: Vec::new(),
+            uploaded: Event::ordering()?,
+            done: Event::ordering()?,
             ctx,
         })
     }
@@ -179,6 +184,23 @@ impl GpuLetterboxer {
         dst_h: u32,
         out: dsys::CUdeviceptr,
         placements: &mut Vec<LetterboxParams>,
+    ) -> Result<()> {
+        self.enqueue_device(frames, dst_w, dst_h, out, placements, None)?;
+        self.stream.synchronize()
+    }
+
+    /// [`GpuLetterboxer::run_device`] without waiting for the GPU: the kernel starts after
+    /// `after` (e.g. the engine has read its previous input) and [`GpuLetterboxer::done`] marks
+    /// its end. Returns once the frames are no longer needed: pageable ones are staged, pinned
+    /// ones uploaded.
+    pub(crate) fn enqueue_device(
+        &mut self,
+        frames: &[Frame],
+        dst_w: u32,
+        dst_h: u32,
+        out: dsys::CUdeviceptr,
+        placements: &mut Vec<LetterboxParams>,
+        after: Option<&Event>,
     ) -> Result<()> {
         placements.clear();
         if frames.is_empty() {
@@ -251,6 +273,8 @@ impl GpuLetterboxer {
         self.ctx
             .bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
+        // The previous batch's uploads read the staging area and the device buffers.
+        self.uploaded.synchronize()?;
         let data = self.data.at_least(staged)?;
         let staging = self.staging.at_least(staged)?;
         let s = self.stream.0;
@@ -262,7 +286,7 @@ impl GpuLetterboxer {
             if c.pinned {
                 let plane = &frames[c.frame].planes[c.plane][..c.len];
                 // SAFETY: `data` holds `staged` bytes and the plane lies inside; the frame is
-                // borrowed for this call, which synchronises the stream before returning.
+                // borrowed for this call, which waits for its upload before returning.
                 unsafe { drv::memcpy_htod_async(data + c.at as u64, plane, s) }
                     .map_err(|e| cuda_error("uploading frames", e))?;
             }
@@ -299,18 +323,26 @@ impl GpuLetterboxer {
                 upload_staged(data, staging, ra, rb, s)?;
             }
         }
+        self.uploaded.record(&self.stream)?;
+        if self.copies.iter().any(|c| c.pinned) {
+            // The caller's pinned frames are borrowed only for this call.
+            self.uploaded.synchronize()?;
+        }
         let planes = self.planes.at_least(self.planes_host.len() * 8)?;
         let descriptors = self.descriptors.at_least(self.descriptors_host.len() * 4)?;
         let yuv = self.yuv.at_least(self.yuv_host.len() * 4)?;
         let taps = self.taps.at_least(self.taps_host.len() * 4)?;
-        // SAFETY: each buffer was just sized to hold its host array; the host arrays are not
-        // touched until the stream is synchronised below.
+        // SAFETY: each buffer was just sized to hold its host array; these arrays are pageable,
+        // and an asynchronous copy from pageable memory has taken its bytes when it returns.
         unsafe {
             drv::memcpy_htod_async(planes, &self.planes_host[..], s)
                 .and_then(|_| drv::memcpy_htod_async(descriptors, &self.descriptors_host[..], s))
                 .and_then(|_| drv::memcpy_htod_async(yuv, &self.yuv_host[..], s))
                 .and_then(|_| drv::memcpy_htod_async(taps, &self.taps_host[..], s))
                 .map_err(|e| cuda_error("uploading frames", e))?;
+        }
+        if let Some(event) = after {
+            event.wait_on(&self.stream)?;
         }
         launch(
             self.function,
@@ -328,7 +360,12 @@ impl GpuLetterboxer {
                 Arg::I32(dst_h as i32),
             ],
         )?;
-        self.stream.synchronize()
+        self.done.record(&self.stream)
+    }
+
+    /// Recorded when the last [`GpuLetterboxer::enqueue_device`] has written its output.
+    pub(crate) fn done(&self) -> &Event {
+        &self.done
     }
 
     /// This letterboxer's own device buffer for `frames` inputs of `dst_w` x `dst_h` (the area
