@@ -6,7 +6,7 @@ use image::RgbImage;
 use crate::detection::Detection;
 use crate::engine::{Engine, EngineInfo, StageTimes};
 use crate::error::{Error, Result};
-use crate::frame::Frame;
+use crate::frame::{Frame, PixelFormat, YuvMatrix};
 use crate::letterbox::{LetterboxParams, Letterboxer};
 use crate::nms::{NmsConfig, Postprocessor};
 
@@ -17,7 +17,7 @@ pub struct Detector {
     postprocessor: Postprocessor,
     input: Vec<f32>,
     placements: Vec<LetterboxParams>,
-    /// Decode and NMS on the engine's device (the end-to-end path) rather than on the CPU.
+    /// Letterbox, decode and NMS on the engine's device (the end-to-end path), not on the CPU.
     device_postprocessing: bool,
     /// RGB copies of raw frames for the CPU path of [`Detector::detect_frames`].
     rgb: Vec<RgbImage>,
@@ -45,8 +45,9 @@ impl Detector {
         }
     }
 
-    /// Decode and NMS on the engine's device (`true`, the end-to-end path of GPU backends) or on
-    /// the CPU (`false`, the default). Both give the same detections for the same engine output.
+    /// Letterbox, decode and NMS on the engine's device (`true`, the end-to-end path of GPU
+    /// backends) or on the CPU (`false`, the default). Both give the same detections for the same
+    /// engine output.
     pub fn set_device_postprocessing(&mut self, on: bool) {
         self.device_postprocessing = on;
     }
@@ -164,6 +165,29 @@ impl Detector {
                 "{n} images exceed the engine's maximum batch of {}",
                 profile.max
             )));
+        }
+        if self.device_postprocessing {
+            // The whole detection on the device, letterbox included, from the RGB bytes.
+            let frames: Vec<Frame> = images
+                .iter()
+                .map(|img| {
+                    let img = img.borrow();
+                    Frame {
+                        format: PixelFormat::Rgb,
+                        width: img.width() as usize,
+                        height: img.height() as usize,
+                        planes: [img.as_raw(), &[], &[]],
+                        strides: [img.width() as usize * 3, 0, 0],
+                        yuv: YuvMatrix::BT601,
+                    }
+                })
+                .collect();
+            if self
+                .engine
+                .detect_frames(&frames, cfg, &mut self.placements, out)?
+            {
+                return Ok(());
+            }
         }
         // Pad small batches up to the profile's minimum with the last image; their results are dropped.
         let batch = n.max(profile.min);

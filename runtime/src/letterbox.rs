@@ -5,6 +5,7 @@ use image::RgbImage;
 
 use crate::detection::BoxXyxy;
 use crate::error::{Error, Result};
+use crate::half::f32_to_f16_bits;
 
 /// Grey level of the padding (0–255), as YOLO uses.
 pub const FILL: u8 = 114;
@@ -121,6 +122,109 @@ pub(crate) fn axis_taps(src: u32, dst: u32, taps: &mut Vec<(u32, u32, f32)>) {
     }
 }
 
+/// Memory layout of an engine's image input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputLayout {
+    /// `[batch, 3, height, width]`: planar, as ONNX models take it.
+    Nchw,
+    /// `[batch, height, width, 3]`: interleaved.
+    Nhwc,
+}
+
+/// Element type of an engine's image input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputType {
+    F32,
+    /// IEEE half, rounded to nearest even.
+    F16,
+    /// Symmetric INT8 with the input's quantization scale (zero point 0): `round_ties_even(v /
+    /// scale)`, saturated to -128..=127, as ONNX `QuantizeLinear`.
+    Int8 {
+        scale: f32,
+    },
+}
+
+/// Layout and element type of an engine's image input; values are RGB in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputTensor {
+    pub layout: InputLayout,
+    pub dtype: InputType,
+}
+
+impl InputTensor {
+    /// Planar float32, the input of ONNX models and of Kestrel's engines.
+    pub const NCHW_F32: Self = Self {
+        layout: InputLayout::Nchw,
+        dtype: InputType::F32,
+    };
+
+    /// Bytes per element.
+    pub fn element_bytes(&self) -> usize {
+        match self.dtype {
+            InputType::F32 => 4,
+            InputType::F16 => 2,
+            InputType::Int8 { .. } => 1,
+        }
+    }
+
+    /// An INT8 scale must be a positive finite number.
+    pub fn validate(&self) -> Result<()> {
+        match self.dtype {
+            InputType::Int8 { scale } if !(scale.is_finite() && scale > 0.0) => {
+                Err(Error::InvalidArgument(format!(
+                    "INT8 input scale {scale}: it must be a positive finite number (the input \
+                     QuantizeLinear's scale, e.g. 1/255)"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Convert a planar float32 batch (`[batch, 3, height, width]`, what [`Letterboxer`] writes)
+    /// into this layout and type, as little-endian bytes in `out` (replaced): the CPU reference
+    /// of the GPU letterbox's other outputs.
+    pub fn encode(
+        &self,
+        nchw: &[f32],
+        height: usize,
+        width: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.validate()?;
+        let plane = height * width;
+        if plane == 0 || nchw.len() % (3 * plane) != 0 {
+            return Err(Error::Shape(format!(
+                "{} values are not whole 3 x {height} x {width} images",
+                nchw.len()
+            )));
+        }
+        out.clear();
+        out.reserve(nchw.len() * self.element_bytes());
+        // Element order of the output, then the value each element takes.
+        let index = |o: usize| -> usize {
+            match self.layout {
+                InputLayout::Nchw => o,
+                InputLayout::Nhwc => {
+                    let (b, rest) = (o / (3 * plane), o % (3 * plane));
+                    let (p, c) = (rest / 3, rest % 3);
+                    (b * 3 + c) * plane + p
+                }
+            }
+        };
+        for o in 0..nchw.len() {
+            let v = nchw[index(o)];
+            match self.dtype {
+                InputType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+                InputType::F16 => out.extend_from_slice(&f32_to_f16_bits(v).to_le_bytes()),
+                InputType::Int8 { scale } => {
+                    out.push(((v / scale).round_ties_even().clamp(-128.0, 127.0) as i8) as u8)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Letterboxes RGB images into planar float input; keeps its sampling tables between calls so
 /// the per-frame path allocates nothing once warm.
 #[derive(Debug, Default)]
@@ -184,6 +288,59 @@ impl Letterboxer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_tensors_reorder_and_convert() {
+        // One 2x2 image: channel c, pixel p holds c * 0.25 + p * 0.05.
+        let nchw: Vec<f32> = (0..12)
+            .map(|i| (i / 4) as f32 * 0.25 + (i % 4) as f32 * 0.05)
+            .collect();
+        let mut out = Vec::new();
+        InputTensor::NCHW_F32
+            .encode(&nchw, 2, 2, &mut out)
+            .expect("f32");
+        assert_eq!(out.len(), 48);
+        assert_eq!(
+            f32::from_le_bytes(out[4..8].try_into().expect("4 bytes")),
+            nchw[1]
+        );
+        let nhwc = InputTensor {
+            layout: InputLayout::Nhwc,
+            dtype: InputType::F32,
+        };
+        nhwc.encode(&nchw, 2, 2, &mut out).expect("nhwc");
+        let v: Vec<f32> = out
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        // Pixel 1's R, G, B come 3rd to 5th.
+        assert_eq!(&v[3..6], &[nchw[1], nchw[5], nchw[9]]);
+        let half = InputTensor {
+            layout: InputLayout::Nchw,
+            dtype: InputType::F16,
+        };
+        half.encode(&nchw, 2, 2, &mut out).expect("f16");
+        assert_eq!(u16::from_le_bytes([out[8], out[9]]), 0x3400);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0);
+        let int8 = InputTensor {
+            layout: InputLayout::Nchw,
+            dtype: InputType::Int8 { scale: 1.0 / 127.0 },
+        };
+        int8.encode(&nchw, 2, 2, &mut out).expect("int8");
+        // 0.5 / (1/127) = 63.5 rounds to even (64); 0.65 * 127 = 82.55 → 83.
+        assert_eq!(out[8] as i8, 64);
+        assert_eq!(out[11] as i8, 83);
+        let bad = InputTensor {
+            layout: InputLayout::Nchw,
+            dtype: InputType::Int8 { scale: 0.0 },
+        };
+        assert!(bad.encode(&nchw, 2, 2, &mut out).is_err());
+        assert!(
+            InputTensor::NCHW_F32
+                .encode(&nchw[1..], 2, 2, &mut out)
+                .is_err()
+        );
+    }
 
     #[test]
     fn yolo_placement() {

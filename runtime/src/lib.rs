@@ -13,6 +13,7 @@ pub mod engine_file;
 pub mod error;
 pub mod eval;
 pub mod frame;
+pub mod half;
 pub mod labels;
 pub mod letterbox;
 pub mod masks;

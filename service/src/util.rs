@@ -88,7 +88,8 @@ pub struct EngineArgs {
     /// ($KESTREL_CACHE_DIR, default ~/.cache/kestrel/engines).
     #[arg(long)]
     pub no_cache: bool,
-    /// Decode and NMS on the GPU (the cuda backend's end-to-end path); the CPU does them otherwise.
+    /// Letterbox, decode and NMS on the GPU (the cuda backend's end-to-end path); the CPU does
+    /// them otherwise.
     #[arg(long)]
     pub end_to_end: bool,
 }

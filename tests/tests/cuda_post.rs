@@ -4,7 +4,8 @@
 
 use kestrel_exporter::weights::SplitMix64 as Rng;
 use kestrel_runtime::Detection;
-use kestrel_runtime::cuda::post::GpuPostprocessor;
+use kestrel_runtime::cuda::post::{GpuPostprocessor, HeadElement};
+use kestrel_runtime::half::{f16_bits_to_f32, f32_to_f16_bits};
 use kestrel_runtime::letterbox::LetterboxParams;
 use kestrel_runtime::nms::{NmsConfig, Postprocessor};
 
@@ -153,6 +154,19 @@ fn gpu_nms_equals_the_cpu_reference_on_random_heads() {
                 "{what}: kept {:?}",
                 out.iter().map(Vec::len).collect::<Vec<_>>()
             );
+        }
+    }
+    // An FP16 head, read as it is: the CPU reference on the same values widened to float32.
+    for coarse in [false, true] {
+        let head = random_head(&mut rng, batch, nc, anchors, coarse);
+        let bits: Vec<u16> = head.iter().map(|&v| f32_to_f16_bits(v)).collect();
+        let widened: Vec<f32> = bits.iter().map(|&h| f16_bits_to_f32(h)).collect();
+        let ptr = gpu.upload_half(&bits, batch).expect("upload FP16");
+        for cfg in [NmsConfig::evaluation(), NmsConfig::display()] {
+            gpu.run_device_as(ptr, HeadElement::F16, batch, &lb, &cfg, &mut out)
+                .expect("GPU run on FP16");
+            let cpu = cpu_reference(&widened, batch, nc, anchors, &lb, &cfg);
+            assert_identical(&out, &cpu, &format!("FP16 head (coarse {coarse})"));
         }
     }
     // A smaller batch through the same buffers.

@@ -5,7 +5,7 @@
 use kestrel_exporter::weights::SplitMix64 as Rng;
 use kestrel_runtime::cuda::pre::{GpuLetterboxer, PinnedFrameMemory};
 use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
-use kestrel_runtime::letterbox::Letterboxer;
+use kestrel_runtime::letterbox::{InputLayout, InputTensor, InputType, Letterboxer};
 
 /// Owned planes of a random frame with `pad` bytes of pitch beyond each row.
 struct Owned {
@@ -171,6 +171,31 @@ fn gpu_letterbox_equals_the_cpu_reference_for_every_format() {
             assert!(worst <= 1.0 / 255.0, "{format:?}: {worst}");
             assert_eq!(worst, 0.0, "{format:?}: not bit-identical ({worst})");
             assert_eq!(placements.len(), frames.len());
+        }
+    }
+    // Every input layout and element type, against the CPU's float32 encoded the same way.
+    let owned: Vec<Owned> = sizes
+        .iter()
+        .map(|&(w, h, pad)| Owned::random(&mut rng, PixelFormat::I420, w, h, pad, YuvMatrix::BT601))
+        .collect();
+    let frames: Vec<Frame> = owned.iter().map(Owned::frame).collect();
+    let cpu = cpu_reference(&frames, 640);
+    let (mut bytes, mut expected) = (Vec::new(), Vec::new());
+    for layout in [InputLayout::Nchw, InputLayout::Nhwc] {
+        for dtype in [
+            InputType::F32,
+            InputType::F16,
+            InputType::Int8 { scale: 1.0 / 127.0 },
+            InputType::Int8 { scale: 0.0031 },
+        ] {
+            let tensor = InputTensor { layout, dtype };
+            gpu.run_as(&frames, 640, 640, tensor, &mut bytes, &mut placements)
+                .expect("GPU letterbox");
+            tensor.encode(&cpu, 640, 640, &mut expected).expect("CPU");
+            assert!(
+                bytes == expected,
+                "{tensor:?} differs from the CPU reference"
+            );
         }
     }
     // Frames in pinned memory take the direct path (no staging); mixed with pageable ones.

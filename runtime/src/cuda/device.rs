@@ -9,6 +9,8 @@ use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 
 use crate::error::{Error, Result};
 
+pub use crate::half::f32_to_f16_bits;
+
 /// A `cuda` backend error with context.
 pub fn cuda_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Backend {
@@ -431,58 +433,4 @@ pub fn launch_grid(
     // argument list matches the kernel's signature, which the executor's callers guarantee.
     unsafe { drv::launch_kernel(f, grid, (block, 1, 1), shared_bytes, stream, &mut params) }
         .map_err(|e| cuda_error("launching a kernel", e))
-}
-
-/// f32 → IEEE half bits, round to nearest even (weights conversion on the host).
-pub fn f32_to_f16_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xff) as i32;
-    let mant = bits & 0x007f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = mant | 0x0080_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let rest = m & ((1u32 << shift) - 1);
-        let mut v = m >> shift;
-        if rest > half || (rest == half && (v & 1) == 1) {
-            v += 1;
-        }
-        return sign | v as u16;
-    }
-    let mut v = ((e as u32) << 10) | (mant >> 13);
-    let rest = mant & 0x1fff;
-    if rest > 0x1000 || (rest == 0x1000 && (v & 1) == 1) {
-        v += 1;
-    }
-    sign | v as u16
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn half_conversion_rounds_to_nearest_even() {
-        assert_eq!(f32_to_f16_bits(1.0), 0x3c00);
-        assert_eq!(f32_to_f16_bits(-2.0), 0xc000);
-        assert_eq!(f32_to_f16_bits(65504.0), 0x7bff);
-        assert_eq!(f32_to_f16_bits(1e6), 0x7c00);
-        assert_eq!(f32_to_f16_bits(5.960_464_5e-8), 0x0001);
-        assert_eq!(f32_to_f16_bits(0.0), 0);
-        // 1 + 2^-11 is halfway between 1 and the next half: ties to even (1.0).
-        assert_eq!(f32_to_f16_bits(1.0 + 1.0 / 2048.0), 0x3c00);
-        assert_eq!(f32_to_f16_bits(1.0 + 3.0 / 2048.0), 0x3c02);
-        assert!(f32_to_f16_bits(f32::NAN) & 0x7c00 == 0x7c00);
-    }
 }

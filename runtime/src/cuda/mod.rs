@@ -30,7 +30,7 @@ use crate::detection::Detection;
 use crate::engine::{Engine, EngineInfo, LayerTime, Precision, StageTimes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
-use crate::letterbox::LetterboxParams;
+use crate::letterbox::{InputTensor, LetterboxParams};
 use crate::nms::NmsConfig;
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
@@ -1704,9 +1704,25 @@ impl CudaEngine {
         if batch > frames.len() {
             let mut padded = frames.to_vec();
             padded.resize(batch, frames[frames.len() - 1]);
-            letterboxer.enqueue_device(&padded, w as u32, h as u32, input_ptr, placements, after)
+            letterboxer.enqueue_device(
+                &padded,
+                w as u32,
+                h as u32,
+                InputTensor::NCHW_F32,
+                input_ptr,
+                placements,
+                after,
+            )
         } else {
-            letterboxer.enqueue_device(frames, w as u32, h as u32, input_ptr, placements, after)
+            letterboxer.enqueue_device(
+                frames,
+                w as u32,
+                h as u32,
+                InputTensor::NCHW_F32,
+                input_ptr,
+                placements,
+                after,
+            )
         }
     }
 

@@ -33,8 +33,21 @@ __device__ __forceinline__ float iou(Box a, Box b) {
     return inter / ((area(a) + area(b)) - inter);
 }
 
-__device__ __forceinline__ Box anchor_box(const float* o, int anchors, int a) {
-    return from_xywh(o[a], o[anchors + a], o[2 * anchors + a], o[3 * anchors + a]);
+// One image's head, float32 or IEEE half (`half`), read as float32.
+struct Head { const void* p; int half; };
+__device__ __forceinline__ Head image_head(const void* out, int half, i64 offset) {
+    Head h = {half ? (const void*)((const unsigned short*)out + offset) : (const void*)((const float*)out + offset), half};
+    return h;
+}
+__device__ __forceinline__ float at(Head h, i64 i) {
+    if (!h.half) return ((const float*)h.p)[i];
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const unsigned short*)h.p)[i]));
+    return f;
+}
+
+__device__ __forceinline__ Box anchor_box(Head o, int anchors, int a) {
+    return from_xywh(at(o, a), at(o, anchors + a), at(o, 2 * anchors + a), at(o, 3 * anchors + a));
 }
 
 __device__ __forceinline__ void push(u64* keys, unsigned int* count, i64 capacity, float score, unsigned int index) {
@@ -43,19 +56,19 @@ __device__ __forceinline__ void push(u64* keys, unsigned int* count, i64 capacit
 }
 
 // One thread per (image, anchor): the anchor's candidates (every class above `conf`, or the best
-// class), appended to the image's key list. `out` is [batch, channels, anchors] float32.
-extern "C" __global__ void decode_candidates(const float* out, int batch, int channels, int nc, int anchors,
+// class), appended to the image's key list. `out` is [batch, channels, anchors], float32 or half.
+extern "C" __global__ void decode_candidates(const void* out, int half, int batch, int channels, int nc, int anchors,
                                              float conf, int multi_label, const unsigned char* allowed,
                                              u64* keys, i64 stride, unsigned int* counts) {
     GRID_LOOP(i, (i64)batch * anchors) {
         int b = (int)(i / anchors), a = (int)(i % anchors);
-        const float* o = out + (i64)b * channels * anchors;
+        Head o = image_head(out, half, (i64)b * channels * anchors);
         Box box = anchor_box(o, anchors, a);
         if (!(finite(box.x1) && finite(box.y1) && finite(box.x2) && finite(box.y2))) continue;
         u64* k = keys + (i64)b * stride;
         if (multi_label) {
             for (int c = 0; c < nc; c++) {
-                float s = o[(i64)(4 + c) * anchors + a];
+                float s = at(o, (i64)(4 + c) * anchors + a);
                 if (finite(s) && s > conf && allowed[c]) push(k, counts + b, stride, s, (unsigned int)a * nc + c);
             }
         } else {
@@ -63,7 +76,7 @@ extern "C" __global__ void decode_candidates(const float* out, int batch, int ch
             float bs = 0.0f;
             for (int c = 0; c < nc; c++) {
                 if (!allowed[c]) continue;
-                float s = o[(i64)(4 + c) * anchors + a];
+                float s = at(o, (i64)(4 + c) * anchors + a);
                 if (finite(s) && (best < 0 || s > bs)) { best = c; bs = s; }
             }
             if (best >= 0 && bs > conf) push(k, counts + b, stride, bs, (unsigned int)a * nc + best);
@@ -122,7 +135,7 @@ extern "C" __global__ void bitonic_tile(u64* keys, i64 stride, int batch, i64 le
 #define NMS_CHUNK 256
 #define NMS_WORDS (NMS_CHUNK / 64)
 extern "C" __global__ void __launch_bounds__(NMS_CHUNK) nms_greedy(
-        const float* out, int channels, int nc, int anchors, const u64* keys, i64 stride,
+        const void* out, int half, int channels, int nc, int anchors, const u64* keys, i64 stride,
         const unsigned int* counts, int max_candidates, float iou_threshold, int agnostic, int max_det,
         int slots, const float* letterbox, float* kept_input_boxes, float* kept_boxes, float* kept_scores,
         int* kept_classes, int* kept_anchors, int* kept_count) {
@@ -135,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(NMS_CHUNK) nms_greedy(
     __shared__ int kept;
     __shared__ int done;
     int b = blockIdx.x, t = threadIdx.x;
-    const float* o = out + (i64)b * channels * anchors;
+    Head o = image_head(out, half, (i64)b * channels * anchors);
     const u64* k = keys + (i64)b * stride;
     i64 n = counts[b];
     if (n > stride) n = stride;

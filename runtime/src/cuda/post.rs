@@ -44,6 +44,14 @@ pub fn compile_post_kernels(arch: Option<&'static str>) -> Result<String> {
     device::compile_exact(POST_KERNEL_SOURCE, "kestrel_post.cu", arch)
 }
 
+/// Element type of a raw head in device memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadElement {
+    F32,
+    /// IEEE half (an FP16 engine's output).
+    F16,
+}
+
 /// Kept detections of a batch on the device: `[batch, max_det]` arrays.
 struct KeptBuffers {
     max_det: usize,
@@ -195,6 +203,20 @@ impl GpuPostprocessor {
     /// buffer (ordered before its next run); returns the device address for
     /// [`GpuPostprocessor::run_device`].
     pub fn upload(&mut self, output: &[f32], batch: usize) -> Result<dsys::CUdeviceptr> {
+        self.upload_elements(output, batch)
+    }
+
+    /// [`GpuPostprocessor::upload`] of an FP16 head (IEEE half bits), for
+    /// [`GpuPostprocessor::run_device_as`] with [`HeadElement::F16`].
+    pub fn upload_half(&mut self, output: &[u16], batch: usize) -> Result<dsys::CUdeviceptr> {
+        self.upload_elements(output, batch)
+    }
+
+    fn upload_elements<T: Copy>(
+        &mut self,
+        output: &[T],
+        batch: usize,
+    ) -> Result<dsys::CUdeviceptr> {
         let need = batch * self.channels * self.anchors;
         if output.len() != need {
             return Err(Error::Shape(format!(
@@ -225,6 +247,21 @@ impl GpuPostprocessor {
         cfg: &NmsConfig,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<()> {
+        self.run_device_as(output, HeadElement::F32, batch, letterboxes, cfg, out)
+    }
+
+    /// [`GpuPostprocessor::run_device`] for a head of either element type (an FP16 engine's
+    /// output read as it is, without a conversion pass).
+    pub fn run_device_as(
+        &mut self,
+        output: dsys::CUdeviceptr,
+        element: HeadElement,
+        batch: usize,
+        letterboxes: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        let half = Arg::I32(i32::from(element == HeadElement::F16));
         self.check_batch(batch)?;
         cfg.validate()?;
         if letterboxes.len() != batch {
@@ -280,6 +317,7 @@ impl GpuPostprocessor {
             batch * self.anchors,
             &[
                 Arg::Ptr(output),
+                half,
                 Arg::I32(batch as i32),
                 Arg::I32(self.channels as i32),
                 Arg::I32(self.num_classes as i32),
@@ -338,6 +376,7 @@ impl GpuPostprocessor {
             0,
             &[
                 Arg::Ptr(output),
+                half,
                 Arg::I32(self.channels as i32),
                 Arg::I32(self.num_classes as i32),
                 Arg::I32(self.anchors as i32),

@@ -1,8 +1,8 @@
 // Kestrel's GPU letterbox: raw frames (RGB, BGR, RGBA, BGRx packed; NV12, I420 planar; any size
-// and pitch) of a batch to the engine's NCHW float32 input in one launch: bilinear resize keeping
-// the aspect ratio (the CPU's sampling taps, computed on the host), centred, fill 114, scaled to
-// [0, 1]. Compiled with --fmad=false: every pixel is what the CPU reference computes
-// (frame.rs to RGB, then letterbox.rs), bit for bit.
+// and pitch) of a batch to the engine's input (NCHW or NHWC; float32, half or INT8) in one launch:
+// bilinear resize keeping the aspect ratio (the CPU's sampling taps, computed on the host),
+// centred, fill 114, scaled to [0, 1]. Compiled with --fmad=false: every pixel is what the CPU
+// reference computes (frame.rs to RGB, then letterbox.rs, then InputTensor::encode), bit for bit.
 
 typedef long long i64;
 
@@ -62,21 +62,37 @@ __device__ void fetch(const unsigned char* data, const i64* planes, const int* d
     yuv_to_rgb(yuv[0], yuv[1], (int)yuv[2], Y, U, V, rgb);
 }
 
-// One thread per output pixel of the batch; writes its three planes.
+// Channel c of pixel p of image b in the engine's input: layout 0 NCHW, 1 NHWC; dtype 0 float32,
+// 1 half (round to nearest even), 2 INT8 (round half to even of v / scale, saturated).
+__device__ __forceinline__ void store(void* out, int layout, int dtype, float scale, i64 b, i64 plane,
+                                      i64 p, int c, float v) {
+    i64 i = layout == 0 ? (b * 3 + c) * plane + p : (b * plane + p) * 3 + c;
+    if (dtype == 0) {
+        ((float*)out)[i] = v;
+    } else if (dtype == 1) {
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        ((unsigned short*)out)[i] = h;
+    } else {
+        float q = fminf(fmaxf(rintf(v / scale), -128.0f), 127.0f);
+        ((signed char*)out)[i] = (signed char)q;
+    }
+}
+
+// One thread per output pixel of the batch; writes its three channels.
 extern "C" __global__ void letterbox_frames(const unsigned char* data, const i64* planes, const int* desc,
-                                            const float* yuv, const Tap* taps, float* out, int batch,
-                                            int dst_w, int dst_h) {
+                                            const float* yuv, const Tap* taps, void* out, int batch,
+                                            int dst_w, int dst_h, int layout, int dtype, float scale) {
     i64 plane = (i64)dst_w * dst_h;
     GRID_LOOP(i, (i64)batch * plane) {
         int b = (int)(i / plane);
         i64 p = i % plane;
         int y = (int)(p / dst_w), x = (int)(p % dst_w);
         const int* d = desc + b * FRAME_INTS;
-        float* o = out + (i64)b * 3 * plane + p;
         int nw = d[6], nh = d[7], left = d[8], top = d[9];
         if (x < left || x >= left + nw || y < top || y >= top + nh) {
             float fill = 114.0f / 255.0f;
-            o[0] = fill; o[plane] = fill; o[2 * plane] = fill;
+            for (int c = 0; c < 3; c++) store(out, layout, dtype, scale, b, plane, p, c, fill);
             continue;
         }
         Tap tx = taps[d[10] + (x - left)], ty = taps[d[11] + (y - top)];
@@ -91,7 +107,7 @@ extern "C" __global__ void letterbox_frames(const unsigned char* data, const i64
         for (int c = 0; c < 3; c++) {
             float t = p00[c] * (1.0f - wx) + p01[c] * wx;
             float u = p10[c] * (1.0f - wx) + p11[c] * wx;
-            o[c * plane] = (t * (1.0f - wy) + u * wy) * (1.0f / 255.0f);
+            store(out, layout, dtype, scale, b, plane, p, c, (t * (1.0f - wy) + u * wy) * (1.0f / 255.0f));
         }
     }
 }

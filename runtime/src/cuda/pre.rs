@@ -16,7 +16,7 @@ use super::device::{
 };
 use crate::error::{Error, Result};
 use crate::frame::Frame;
-use crate::letterbox::{LetterboxParams, axis_taps};
+use crate::letterbox::{InputLayout, InputTensor, InputType, LetterboxParams, axis_taps};
 
 /// Source of the letterbox kernel.
 pub const PRE_KERNEL_SOURCE: &str = include_str!("pre.cu");
@@ -185,7 +185,21 @@ impl GpuLetterboxer {
         out: dsys::CUdeviceptr,
         placements: &mut Vec<LetterboxParams>,
     ) -> Result<()> {
-        self.enqueue_device(frames, dst_w, dst_h, out, placements, None)?;
+        self.run_device_as(frames, dst_w, dst_h, InputTensor::NCHW_F32, out, placements)
+    }
+
+    /// [`GpuLetterboxer::run_device`] into an input of any layout and element type (`tensor`),
+    /// e.g. an FP16 NHWC or an INT8 input of a TensorRT engine.
+    pub fn run_device_as(
+        &mut self,
+        frames: &[Frame],
+        dst_w: u32,
+        dst_h: u32,
+        tensor: InputTensor,
+        out: dsys::CUdeviceptr,
+        placements: &mut Vec<LetterboxParams>,
+    ) -> Result<()> {
+        self.enqueue_device(frames, dst_w, dst_h, tensor, out, placements, None)?;
         self.stream.synchronize()
     }
 
@@ -193,16 +207,19 @@ impl GpuLetterboxer {
     /// `after` (e.g. the engine has read its previous input) and [`GpuLetterboxer::done`] marks
     /// its end. Returns once the frames are no longer needed: pageable ones are staged, pinned
     /// ones uploaded.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn enqueue_device(
         &mut self,
         frames: &[Frame],
         dst_w: u32,
         dst_h: u32,
+        tensor: InputTensor,
         out: dsys::CUdeviceptr,
         placements: &mut Vec<LetterboxParams>,
         after: Option<&Event>,
     ) -> Result<()> {
         placements.clear();
+        tensor.validate()?;
         if frames.is_empty() {
             return Ok(());
         }
@@ -358,6 +375,19 @@ impl GpuLetterboxer {
                 Arg::I32(frames.len() as i32),
                 Arg::I32(dst_w as i32),
                 Arg::I32(dst_h as i32),
+                Arg::I32(match tensor.layout {
+                    InputLayout::Nchw => 0,
+                    InputLayout::Nhwc => 1,
+                }),
+                Arg::I32(match tensor.dtype {
+                    InputType::F32 => 0,
+                    InputType::F16 => 1,
+                    InputType::Int8 { .. } => 2,
+                }),
+                Arg::F32(match tensor.dtype {
+                    InputType::Int8 { scale } => scale,
+                    _ => 1.0,
+                }),
             ],
         )?;
         self.done.record(&self.stream)
@@ -398,6 +428,28 @@ impl GpuLetterboxer {
         self.run_device(frames, dst_w, dst_h, dev, placements)?;
         out.resize(n, 0.0);
         // SAFETY: the device buffer holds n floats, written; synchronised below.
+        unsafe { drv::memcpy_dtoh_async(&mut out[..], dev, self.stream.0) }
+            .map_err(|e| cuda_error("downloading the letterboxed batch", e))?;
+        self.stream.synchronize()
+    }
+
+    /// [`GpuLetterboxer::run_device_as`] into host memory: `out` receives the input's bytes
+    /// (little-endian elements, as [`InputTensor::encode`] writes them).
+    pub fn run_as(
+        &mut self,
+        frames: &[Frame],
+        dst_w: u32,
+        dst_h: u32,
+        tensor: InputTensor,
+        out: &mut Vec<u8>,
+        placements: &mut Vec<LetterboxParams>,
+    ) -> Result<()> {
+        let n = frames.len() * 3 * dst_w as usize * dst_h as usize * tensor.element_bytes();
+        let dev = self.device_output(frames.len(), dst_w, dst_h)?;
+        self.run_device_as(frames, dst_w, dst_h, tensor, dev, placements)?;
+        out.resize(n, 0);
+        // SAFETY: the device buffer holds the batch's float32 size, at least n bytes, written;
+        // synchronised below.
         unsafe { drv::memcpy_dtoh_async(&mut out[..], dev, self.stream.0) }
             .map_err(|e| cuda_error("downloading the letterboxed batch", e))?;
         self.stream.synchronize()
