@@ -1,8 +1,8 @@
-//! Raw video frames ↔ RGB: any supported format read into an RGB image for the detector, and an
-//! RGBA drawing layer composited onto a frame of any supported format (for the overlay).
+//! Raw video frames for the detector (the runtime's view of a mapped frame, any supported format)
+//! and an RGBA drawing layer composited onto a frame of any supported format (for the overlay).
 
 use gst_video::{VideoColorMatrix, VideoColorRange, VideoFormat, VideoFrameExt, VideoFrameRef};
-use image::{RgbImage, RgbaImage};
+use image::RgbaImage;
 use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
 
 /// The formats both elements accept.
@@ -51,11 +51,9 @@ fn pixel_format(format: VideoFormat) -> Option<PixelFormat> {
     })
 }
 
-/// Read `frame` into `out` (resized to the frame), as 8-bit RGB.
-pub fn to_rgb(
-    frame: &VideoFrameRef<&gst::BufferRef>,
-    out: &mut RgbImage,
-) -> Result<(), gst::FlowError> {
+/// The runtime's view of `frame`: its planes as they are, for the detector (which letterboxes
+/// them on the GPU where it can).
+pub fn raw<'a>(frame: &'a VideoFrameRef<&gst::BufferRef>) -> Result<Frame<'a>, gst::FlowError> {
     let format = pixel_format(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
     let plane = |i: usize| -> Result<&[u8], gst::FlowError> {
         if i < format.planes() {
@@ -72,15 +70,14 @@ pub fn to_rgb(
             .get(i)
             .map_or(0, |&s| s.max(0) as usize)
     };
-    let raw = Frame {
+    Ok(Frame {
         format,
         width: frame.width() as usize,
         height: frame.height() as usize,
         planes: [plane(0)?, plane(1)?, plane(2)?],
         strides: [stride(0), stride(1), stride(2)],
         yuv: yuv_of(frame.info()),
-    };
-    raw.to_rgb(out).map_err(|_| gst::FlowError::Error)
+    })
 }
 
 /// Blend the RGBA `layer` (the frame's size; alpha 0 leaves a pixel alone) onto `frame`, only in

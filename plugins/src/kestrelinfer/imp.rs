@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
-use gst_video::{VideoFrameRef, VideoInfo};
-use image::RgbImage;
+use gst_video::{VideoFrameExt, VideoFrameRef, VideoInfo};
 use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, open_engine};
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_runtime::{Detection, Detector};
@@ -144,9 +143,10 @@ struct State {
     streams: Vec<Option<StreamState>>,
     /// The frames of all streams, in arrival order.
     pending: Vec<Pending>,
-    /// Reused per batch: which pending frames are inferred, their RGB copies, their detections.
+    /// Reused per batch: which pending frames are inferred, their sizes (pixels), their
+    /// detections.
     todo: Vec<usize>,
-    images: Vec<RgbImage>,
+    sizes: Vec<(u32, u32)>,
     results: Vec<Vec<Detection>>,
     batch_stats: BatchStats,
     stats_interval: Option<Duration>,
@@ -252,7 +252,9 @@ impl KestrelInfer {
         };
         let (engine, _) =
             open_engine(&path, &options, None).map_err(|e| format!("model {model}: {e}"))?;
-        let detector = Detector::new(engine);
+        let mut detector = Detector::new(engine);
+        // On a GPU engine, frames go to the GPU as they are: letterbox, inference and NMS there.
+        detector.set_device_postprocessing(backend == Backend::Cuda);
         let info = detector.info();
         let names = match &s.labels {
             Some(file) => {
@@ -321,7 +323,7 @@ impl KestrelInfer {
             streams: Vec::new(),
             pending: Vec::with_capacity(batch),
             todo: Vec::with_capacity(batch),
-            images: Vec::new(),
+            sizes: Vec::new(),
             results: Vec::new(),
             batch_stats: BatchStats::new(&element_name),
             stats_interval: (s.stats_interval_ms > 0)
@@ -369,7 +371,7 @@ impl KestrelInfer {
             unique_id,
             streams,
             todo,
-            images,
+            sizes,
             results,
             batch_stats,
             ..
@@ -379,10 +381,11 @@ impl KestrelInfer {
         if todo.is_empty() {
             return Ok(());
         }
-        if images.len() < todo.len() {
-            images.resize_with(todo.len(), RgbImage::default);
-        }
-        for (k, &i) in todo.iter().enumerate() {
+        // The frames as they are: the detector letterboxes them on the GPU (cuda backend) or
+        // converts them to RGB here (cpu backend).
+        let mut mapped = Vec::with_capacity(todo.len());
+        sizes.clear();
+        for &i in todo.iter() {
             let p = &outbox[i];
             let info = streams
                 .get(p.stream.index as usize)
@@ -414,22 +417,23 @@ impl KestrelInfer {
                     );
                     gst::FlowError::Error
                 })?;
-            frame::to_rgb(&frame, &mut images[k])?;
+            sizes.push((frame.width(), frame.height()));
+            mapped.push(frame);
         }
-        detector
-            .detect(&images[..todo.len()], nms, results)
-            .map_err(|e| {
-                gst::element_imp_error!(
-                    self,
-                    gst::LibraryError::Failed,
-                    ("inference failed: {}", e)
-                );
-                gst::FlowError::Error
-            })?;
+        let frames = mapped
+            .iter()
+            .map(frame::raw)
+            .collect::<Result<Vec<_>, _>>()?;
+        detector.detect_frames(&frames, nms, results).map_err(|e| {
+            gst::element_imp_error!(self, gst::LibraryError::Failed, ("inference failed: {}", e));
+            gst::FlowError::Error
+        })?;
+        drop(frames);
+        drop(mapped);
         batch_stats.ran(todo.len(), *batch_size);
         for (k, &i) in todo.iter().enumerate() {
             let p = &mut outbox[i];
-            let (w, h) = (images[k].width(), images[k].height());
+            let (w, h) = sizes[k];
             let buffer = p.buffer.make_mut();
             for (n, det) in results[k].iter().enumerate() {
                 let label = names.get(det.class_id).map_or("object", String::as_str);

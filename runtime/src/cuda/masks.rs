@@ -74,6 +74,8 @@ pub struct GpuMaskDecoder {
     counts_host: Vec<u32>,
     packed_host: Vec<u32>,
     axis: Vec<(u32, u32, f32)>,
+    /// Per image, where its x and y taps start.
+    tap_offsets: Vec<(i32, i32)>,
     /// Last, so it is released after everything above is freed in it.
     ctx: Arc<CudaContext>,
 }
@@ -117,6 +119,7 @@ impl GpuMaskDecoder {
             counts_host: Vec::new(),
             packed_host: Vec::new(),
             axis: Vec::new(),
+            tap_offsets: Vec::new(),
             ctx,
         })
     }
@@ -308,7 +311,7 @@ impl GpuMaskDecoder {
         self.offsets_host.clear();
         self.capacity_host.clear();
         // Taps per image, then each detection's descriptor and output room.
-        let mut tap_offsets = Vec::with_capacity(batch.letterboxes.len());
+        self.tap_offsets.clear();
         for l in batch.letterboxes {
             if l.src_w > i32::MAX as u32 / 2 || l.src_h > i32::MAX as u32 / 2 {
                 return Err(Error::InvalidArgument(format!(
@@ -336,7 +339,7 @@ impl GpuMaskDecoder {
                 &mut self.axis,
             );
             push_taps(&mut self.taps_host, &self.axis);
-            tap_offsets.push((x_off as i32, y_off as i32));
+            self.tap_offsets.push((x_off as i32, y_off as i32));
         }
         let mut offset = 0i64;
         for (d, (&image, b)) in batch.images.iter().zip(batch.boxes).enumerate() {
@@ -348,7 +351,7 @@ impl GpuMaskDecoder {
             })?;
             let (w, h) = (l.src_w as usize, l.src_h as usize);
             let [x0, y0, x1, y1] = box_pixel_range(b, w, h);
-            let (xo, yo) = tap_offsets[image];
+            let (xo, yo) = self.tap_offsets[image];
             self.dets_host.extend_from_slice(&[
                 image as i32,
                 w as i32,
