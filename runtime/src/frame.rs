@@ -24,6 +24,35 @@ pub enum PixelFormat {
 }
 
 impl PixelFormat {
+    /// Bytes each plane of a `width` x `height` frame with these row pitches spans (0 for
+    /// unused planes): (rows - 1) pitches and one row. An error names an empty frame or a pitch
+    /// under its row.
+    pub fn plane_bytes(
+        self,
+        width: usize,
+        height: usize,
+        strides: [usize; 3],
+    ) -> Result<[usize; 3]> {
+        if width == 0 || height == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "empty {width}x{height} frame"
+            )));
+        }
+        let mut need = [0; 3];
+        for (i, n) in need.iter_mut().enumerate().take(self.planes()) {
+            let (row, rows) = (self.row_bytes(i, width), self.rows(i, height));
+            if strides[i] < row {
+                return Err(Error::InvalidArgument(format!(
+                    "{self:?} frame {width}x{height}: plane {i} pitch {} is under its row of \
+                     {row} bytes",
+                    strides[i]
+                )));
+            }
+            *n = (rows - 1) * strides[i] + row;
+        }
+        Ok(need)
+    }
+
     /// Numeric code shared with the GPU kernels.
     pub fn code(self) -> i32 {
         self as i32
@@ -157,24 +186,10 @@ pub struct Frame<'a> {
 impl Frame<'_> {
     /// Check sizes and pitches against the planes' lengths; the error names the plane.
     pub fn validate(&self) -> Result<()> {
-        if self.width == 0 || self.height == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "empty {}x{} frame",
-                self.width, self.height
-            )));
-        }
-        for i in 0..self.format.planes() {
-            let (row, rows) = (
-                self.format.row_bytes(i, self.width),
-                self.format.rows(i, self.height),
-            );
-            if self.strides[i] < row {
-                return Err(Error::InvalidArgument(format!(
-                    "{:?} frame {}x{}: plane {i} pitch {} is under its row of {row} bytes",
-                    self.format, self.width, self.height, self.strides[i]
-                )));
-            }
-            let need = (rows - 1) * self.strides[i] + row;
+        let need = self
+            .format
+            .plane_bytes(self.width, self.height, self.strides)?;
+        for (i, &need) in need.iter().enumerate().take(self.format.planes()) {
             if self.planes[i].len() < need {
                 return Err(Error::InvalidArgument(format!(
                     "{:?} frame {}x{}: plane {i} holds {} bytes, needs {need}",

@@ -3,7 +3,9 @@
 //! machine), and a clear error where there is no GPU.
 
 use kestrel_exporter::weights::SplitMix64 as Rng;
-use kestrel_runtime::cuda::pre::{GpuLetterboxer, PinnedFrameMemory};
+use kestrel_runtime::cuda::pre::{
+    DeviceFrame, DeviceFrameMemory, GpuLetterboxer, PinnedFrameMemory,
+};
 use kestrel_runtime::frame::{Frame, PixelFormat, YuvMatrix};
 use kestrel_runtime::letterbox::{InputLayout, InputTensor, InputType, Letterboxer};
 
@@ -219,6 +221,86 @@ fn gpu_letterbox_equals_the_cpu_reference_for_every_format() {
     gpu.run(&frames, 640, 640, &mut out, &mut placements)
         .expect("GPU letterbox of pinned frames");
     assert_eq!(out, cpu_reference(&frames, 640), "pinned frames differ");
+    // Frames already in device memory, every format, odd sizes and pitches.
+    let mut dev_out = Vec::new();
+    let dev = gpu
+        .device_output(sizes.len(), 640, 640)
+        .expect("device output");
+    for format in FORMATS {
+        let owned: Vec<Owned> = sizes
+            .iter()
+            .map(|&(w, h, pad)| Owned::random(&mut rng, format, w, h, pad, YuvMatrix::BT709))
+            .collect();
+        let bytes: usize = owned
+            .iter()
+            .flat_map(|o| o.planes.iter().map(Vec::len))
+            .sum();
+        let mut memory = DeviceFrameMemory::new(0, bytes).expect("device memory");
+        let mut at = 0;
+        let device_frames: Vec<DeviceFrame> = owned
+            .iter()
+            .map(|o| {
+                let mut planes = [0; 3];
+                for (i, p) in o.planes.iter().enumerate().take(format.planes()) {
+                    memory.write(at, p).expect("write");
+                    planes[i] = memory.address(at);
+                    at += p.len();
+                }
+                DeviceFrame {
+                    format,
+                    width: o.width,
+                    height: o.height,
+                    planes,
+                    strides: o.strides,
+                    yuv: o.yuv,
+                }
+            })
+            .collect();
+        let frames: Vec<Frame> = owned.iter().map(Owned::frame).collect();
+        gpu.run(&frames, 640, 640, &mut dev_out, &mut placements)
+            .expect("host frames");
+        assert_eq!(
+            dev_out,
+            cpu_reference(&frames, 640),
+            "{format:?} host frames"
+        );
+        // The device frames again (the host run overwrote the buffer), then their result.
+        let mut via_device = Vec::new();
+        gpu.run_device_frames(
+            &device_frames,
+            640,
+            640,
+            InputTensor::NCHW_F32,
+            dev,
+            &mut placements,
+        )
+        .expect("device frames");
+        gpu.download_output(sizes.len(), 640, 640, &mut via_device)
+            .expect("download");
+        assert_eq!(via_device, dev_out, "{format:?} device frames");
+        // A plane short of its allocation, and a host address, are named.
+        let mut short = device_frames[0];
+        short.planes[0] = memory.address(bytes - 10);
+        let err = gpu
+            .run_device_frames(
+                &[short],
+                64,
+                64,
+                InputTensor::NCHW_F32,
+                dev,
+                &mut placements,
+            )
+            .expect_err("short plane")
+            .to_string();
+        assert!(err.contains("plane 0") && err.contains("needs"), "{err}");
+        let mut host = device_frames[0];
+        host.planes[0] = owned[0].planes[0].as_ptr() as u64;
+        let err = gpu
+            .run_device_frames(&[host], 64, 64, InputTensor::NCHW_F32, dev, &mut placements)
+            .expect_err("host address")
+            .to_string();
+        assert!(err.contains("not device memory"), "{err}");
+    }
     // A malformed frame is named.
     let bad = Owned::random(&mut rng, PixelFormat::I420, 9, 9, 0, YuvMatrix::BT601);
     let mut f = bad.frame();

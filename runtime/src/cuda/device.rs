@@ -177,6 +177,41 @@ pub fn is_pinned(bytes: &[u8]) -> bool {
     r == dsys::CUresult::CUDA_SUCCESS && kind == dsys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
 }
 
+/// Bytes of device memory from `ptr` to the end of its allocation, when `ptr` is device memory
+/// of GPU `ordinal`; `None` otherwise.
+pub fn allocation_after(ptr: dsys::CUdeviceptr, ordinal: usize) -> Option<usize> {
+    let mut kind = 0u32;
+    let mut device = -1i32;
+    let mut start: dsys::CUdeviceptr = 0;
+    let mut size: usize = 0;
+    // SAFETY: the driver writes a 32-bit enum, an int, a device pointer and a size_t into the
+    // four locals; an address it does not know is an error, reported as None.
+    let ok = unsafe {
+        dsys::cuPointerGetAttribute(
+            (&mut kind as *mut u32).cast(),
+            dsys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr,
+        ) == dsys::CUresult::CUDA_SUCCESS
+            && dsys::cuPointerGetAttribute(
+                (&mut device as *mut i32).cast(),
+                dsys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            ) == dsys::CUresult::CUDA_SUCCESS
+            && dsys::cuPointerGetAttribute(
+                (&mut start as *mut dsys::CUdeviceptr).cast(),
+                dsys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                ptr,
+            ) == dsys::CUresult::CUDA_SUCCESS
+            && dsys::cuPointerGetAttribute(
+                (&mut size as *mut usize).cast(),
+                dsys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                ptr,
+            ) == dsys::CUresult::CUDA_SUCCESS
+    };
+    (ok && kind == dsys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 && device == ordinal as i32)
+        .then(|| (start + size as u64).saturating_sub(ptr) as usize)
+}
+
 /// Pinned host memory that grows to the largest request and is reused.
 #[derive(Default)]
 pub struct GrowingPinned(Option<PinnedBuffer>);

@@ -40,24 +40,24 @@ __device__ void yuv_to_rgb(float kr, float kb, int full_range, unsigned char Y, 
 }
 
 // The 8-bit RGB of source pixel (x, y).
-__device__ void fetch(const unsigned char* data, const i64* planes, const int* d, const float* yuv, int x, int y, float* rgb) {
+__device__ void fetch(const i64* planes, const int* d, const float* yuv, int x, int y, float* rgb) {
     int format = d[0];
     if (format <= 3) {
         int size = format <= 1 ? 3 : 4;
-        const unsigned char* p = data + planes[0] + (i64)y * d[3] + (i64)x * size;
+        const unsigned char* p = (const unsigned char*)planes[0] + (i64)y * d[3] + (i64)x * size;
         bool bgr = format == 1 || format == 3;
         rgb[0] = (float)p[bgr ? 2 : 0];
         rgb[1] = (float)p[1];
         rgb[2] = (float)p[bgr ? 0 : 2];
         return;
     }
-    unsigned char Y = data[planes[0] + (i64)y * d[3] + x], U, V;
+    unsigned char Y = *((const unsigned char*)planes[0] + (i64)y * d[3] + x), U, V;
     if (format == 4) {
-        const unsigned char* c = data + planes[1] + (i64)(y / 2) * d[4] + (x / 2) * 2;
+        const unsigned char* c = (const unsigned char*)planes[1] + (i64)(y / 2) * d[4] + (x / 2) * 2;
         U = c[0]; V = c[1];
     } else {
-        U = data[planes[1] + (i64)(y / 2) * d[4] + x / 2];
-        V = data[planes[2] + (i64)(y / 2) * d[5] + x / 2];
+        U = *((const unsigned char*)planes[1] + (i64)(y / 2) * d[4] + x / 2);
+        V = *((const unsigned char*)planes[2] + (i64)(y / 2) * d[5] + x / 2);
     }
     yuv_to_rgb(yuv[0], yuv[1], (int)yuv[2], Y, U, V, rgb);
 }
@@ -80,7 +80,7 @@ __device__ __forceinline__ void store(void* out, int layout, int dtype, float sc
 }
 
 // One thread per output pixel of the batch; writes its three channels.
-extern "C" __global__ void letterbox_frames(const unsigned char* data, const i64* planes, const int* desc,
+extern "C" __global__ void letterbox_frames(const i64* planes, const int* desc,
                                             const float* yuv, const Tap* taps, void* out, int batch,
                                             int dst_w, int dst_h, int layout, int dtype, float scale) {
     i64 plane = (i64)dst_w * dst_h;
@@ -99,10 +99,10 @@ extern "C" __global__ void letterbox_frames(const unsigned char* data, const i64
         const i64* pl = planes + b * 3;
         const float* m = yuv + b * 3;
         float p00[3], p01[3], p10[3], p11[3];
-        fetch(data, pl, d, m, tx.i0, ty.i0, p00);
-        fetch(data, pl, d, m, tx.i1, ty.i0, p01);
-        fetch(data, pl, d, m, tx.i0, ty.i1, p10);
-        fetch(data, pl, d, m, tx.i1, ty.i1, p11);
+        fetch(pl, d, m, tx.i0, ty.i0, p00);
+        fetch(pl, d, m, tx.i1, ty.i0, p01);
+        fetch(pl, d, m, tx.i0, ty.i1, p10);
+        fetch(pl, d, m, tx.i1, ty.i1, p11);
         float wx = tx.w, wy = ty.w;
         for (int c = 0; c < 3; c++) {
             float t = p00[c] * (1.0f - wx) + p01[c] * wx;

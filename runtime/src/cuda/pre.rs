@@ -12,10 +12,11 @@ use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use rayon::prelude::*;
 
 use super::device::{
-    self, Arg, Event, Growing, GrowingPinned, Kernels, PinnedBuffer, Stream, cuda_error, launch,
+    self, Arg, DeviceBuffer, Event, Growing, GrowingPinned, Kernels, PinnedBuffer, Stream,
+    cuda_error, launch,
 };
 use crate::error::{Error, Result};
-use crate::frame::Frame;
+use crate::frame::{Frame, PixelFormat, YuvMatrix};
 use crate::letterbox::{InputLayout, InputTensor, InputType, LetterboxParams, axis_taps};
 
 /// Source of the letterbox kernel.
@@ -109,6 +110,76 @@ impl Drop for PinnedFrameMemory {
     fn drop(&mut self) {
         let _ = self._ctx.bind_to_thread();
     }
+}
+
+/// Device memory for camera frames (where a decoder on the GPU would leave them), for
+/// [`DeviceFrame`]s: filled from the host here, addressed by byte offset.
+pub struct DeviceFrameMemory {
+    buffer: DeviceBuffer,
+    /// Last, so the memory is freed in it.
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: device memory owned by this value alone, used with the context bound.
+unsafe impl Send for DeviceFrameMemory {}
+
+impl DeviceFrameMemory {
+    /// `bytes` of device memory on GPU `ordinal`.
+    pub fn new(ordinal: usize, bytes: usize) -> Result<Self> {
+        let ctx = device::context(ordinal)?;
+        ctx.bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        Ok(Self {
+            buffer: DeviceBuffer::new(bytes)?,
+            ctx,
+        })
+    }
+
+    /// Copy `bytes` from host memory to `offset` bytes into this memory.
+    pub fn write(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        if offset
+            .checked_add(bytes.len())
+            .is_none_or(|end| end > self.buffer.bytes)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes at offset {offset} do not fit in {} bytes of frame memory",
+                bytes.len(),
+                self.buffer.bytes
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))?;
+        // SAFETY: the range lies inside the allocation (checked above); synchronous copy.
+        unsafe { drv::memcpy_htod_sync(self.buffer.ptr + offset as u64, bytes) }
+            .map_err(|e| cuda_error("writing frame memory", e))
+    }
+
+    /// Device address `offset` bytes into this memory.
+    pub fn address(&self, offset: usize) -> dsys::CUdeviceptr {
+        self.buffer.ptr + offset as u64
+    }
+}
+
+impl Drop for DeviceFrameMemory {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+    }
+}
+
+/// A raw frame already in this GPU's memory (e.g. a hardware decoder's output): as
+/// [`Frame`], with each plane's device address instead of a host slice (unused planes 0).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceFrame {
+    pub format: PixelFormat,
+    /// Size in pixels.
+    pub width: usize,
+    pub height: usize,
+    /// Device address of each plane's first row.
+    pub planes: [dsys::CUdeviceptr; 3],
+    /// Row pitch of each plane, in bytes.
+    pub strides: [usize; 3],
+    pub yuv: YuvMatrix,
 }
 
 /// Letterboxes batches of raw frames on the GPU. Buffers grow to the largest batch seen and are
@@ -224,21 +295,16 @@ impl GpuLetterboxer {
             return Ok(());
         }
         let mut staged = 0usize;
-        self.copies.clear();
-        self.planes_host.clear();
-        self.descriptors_host.clear();
-        self.yuv_host.clear();
-        self.taps_host.clear();
+        self.clear_tables();
         for (k, f) in frames.iter().enumerate() {
             f.validate()
                 .map_err(|e| Error::InvalidArgument(format!("frame {k}: {e}")))?;
-            let p = LetterboxParams::new(f.width as u32, f.height as u32, dst_w, dst_h)?;
             // Only the bytes the frame covers travel: (rows - 1) pitches and one row per plane.
-            for i in 0..3 {
+            let need = f.format.plane_bytes(f.width, f.height, f.strides)?;
+            for (i, &len) in need.iter().enumerate() {
+                // Offsets into the upload area for now; its address is added below.
+                self.planes_host.push(staged as i64);
                 if i < f.format.planes() {
-                    let rows = f.format.rows(i, f.height);
-                    let len = (rows - 1) * f.strides[i] + f.format.row_bytes(i, f.width);
-                    self.planes_host.push(staged as i64);
                     self.copies.push(PlaneCopy {
                         frame: k,
                         plane: i,
@@ -247,52 +313,20 @@ impl GpuLetterboxer {
                         pinned: false,
                     });
                     staged += len;
-                } else {
-                    self.planes_host.push(0);
                 }
             }
-            axis_taps(p.src_w, p.new_w, &mut self.xs);
-            axis_taps(p.src_h, p.new_h, &mut self.ys);
-            let x_off = self.taps_host.len() / 3;
-            let y_off = x_off + self.xs.len();
-            for &(i0, i1, w) in self.xs.iter().chain(&self.ys) {
-                self.taps_host.extend_from_slice(&[i0, i1, w.to_bits()]);
-            }
-            let int = |v: usize| -> Result<i32> {
-                i32::try_from(v).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "frame {k}: {v} exceeds the kernel's 32-bit sizes"
-                    ))
-                })
-            };
-            self.descriptors_host.extend_from_slice(&[
-                f.format.code(),
-                int(f.width)?,
-                int(f.height)?,
-                int(f.strides[0])?,
-                int(f.strides[1])?,
-                int(f.strides[2])?,
-                p.new_w as i32,
-                p.new_h as i32,
-                p.left as i32,
-                p.top as i32,
-                int(x_off)?,
-                int(y_off)?,
-            ]);
-            self.yuv_host.extend_from_slice(&[
-                f.yuv.kr,
-                f.yuv.kb,
-                if f.yuv.full_range { 1.0 } else { 0.0 },
-            ]);
+            let p = self.describe(
+                k, f.format, f.width, f.height, f.strides, f.yuv, dst_w, dst_h,
+            )?;
             placements.push(p);
         }
-        debug_assert_eq!(self.descriptors_host.len(), frames.len() * FRAME_INTS);
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_error("binding the context", e))?;
+        self.bind()?;
         // The previous batch's uploads read the staging area and the device buffers.
         self.uploaded.synchronize()?;
         let data = self.data.at_least(staged)?;
+        for p in &mut self.planes_host {
+            *p += data as i64;
+        }
         let staging = self.staging.at_least(staged)?;
         let s = self.stream.0;
         // Planes in pinned memory go straight to the device. The others are copied into pinned
@@ -345,6 +379,129 @@ impl GpuLetterboxer {
             // The caller's pinned frames are borrowed only for this call.
             self.uploaded.synchronize()?;
         }
+        self.launch_kernel(frames.len(), dst_w, dst_h, tensor, out, after)
+    }
+
+    /// Letterbox frames already in this GPU's memory (e.g. a hardware decoder's output) into
+    /// `out` (an input of `tensor`'s layout and type); nothing is copied from the host but the
+    /// sampling tables. Each plane's allocation is checked to hold the bytes the frame needs.
+    /// Returns when `out` is written.
+    pub fn run_device_frames(
+        &mut self,
+        frames: &[DeviceFrame],
+        dst_w: u32,
+        dst_h: u32,
+        tensor: InputTensor,
+        out: dsys::CUdeviceptr,
+        placements: &mut Vec<LetterboxParams>,
+    ) -> Result<()> {
+        placements.clear();
+        tensor.validate()?;
+        if frames.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        self.clear_tables();
+        for (k, f) in frames.iter().enumerate() {
+            let need = f
+                .format
+                .plane_bytes(f.width, f.height, f.strides)
+                .map_err(|e| Error::InvalidArgument(format!("frame {k}: {e}")))?;
+            for (i, (&ptr, &need)) in f.planes.iter().zip(&need).enumerate() {
+                if i < f.format.planes() {
+                    match device::allocation_after(ptr, self.ctx.ordinal()) {
+                        Some(room) if room >= need => {}
+                        Some(room) => {
+                            return Err(Error::InvalidArgument(format!(
+                                "frame {k}: plane {i} at {ptr:#x} has {room} bytes of device \
+                                 memory from there, needs {need}"
+                            )));
+                        }
+                        None => {
+                            return Err(Error::InvalidArgument(format!(
+                                "frame {k}: plane {i} at {ptr:#x} is not device memory of \
+                                 this GPU (give host frames to run_device instead)"
+                            )));
+                        }
+                    }
+                }
+                self.planes_host.push(ptr as i64);
+            }
+            let p = self.describe(
+                k, f.format, f.width, f.height, f.strides, f.yuv, dst_w, dst_h,
+            )?;
+            placements.push(p);
+        }
+        self.launch_kernel(frames.len(), dst_w, dst_h, tensor, out, None)?;
+        self.stream.synchronize()
+    }
+
+    fn clear_tables(&mut self) {
+        self.copies.clear();
+        self.planes_host.clear();
+        self.descriptors_host.clear();
+        self.yuv_host.clear();
+        self.taps_host.clear();
+    }
+
+    /// Append frame `k`'s descriptor, colorimetry and sampling taps; returns its placement.
+    #[allow(clippy::too_many_arguments)]
+    fn describe(
+        &mut self,
+        k: usize,
+        format: PixelFormat,
+        width: usize,
+        height: usize,
+        strides: [usize; 3],
+        yuv: YuvMatrix,
+        dst_w: u32,
+        dst_h: u32,
+    ) -> Result<LetterboxParams> {
+        let int = |v: usize| -> Result<i32> {
+            i32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!("frame {k}: {v} exceeds the kernel's 32-bit sizes"))
+            })
+        };
+        let p = LetterboxParams::new(int(width)? as u32, int(height)? as u32, dst_w, dst_h)?;
+        axis_taps(p.src_w, p.new_w, &mut self.xs);
+        axis_taps(p.src_h, p.new_h, &mut self.ys);
+        let x_off = self.taps_host.len() / 3;
+        let y_off = x_off + self.xs.len();
+        for &(i0, i1, w) in self.xs.iter().chain(&self.ys) {
+            self.taps_host.extend_from_slice(&[i0, i1, w.to_bits()]);
+        }
+        self.descriptors_host.extend_from_slice(&[
+            format.code(),
+            int(width)?,
+            int(height)?,
+            int(strides[0])?,
+            int(strides[1])?,
+            int(strides[2])?,
+            p.new_w as i32,
+            p.new_h as i32,
+            p.left as i32,
+            p.top as i32,
+            int(x_off)?,
+            int(y_off)?,
+        ]);
+        self.yuv_host
+            .extend_from_slice(&[yuv.kr, yuv.kb, if yuv.full_range { 1.0 } else { 0.0 }]);
+        Ok(p)
+    }
+
+    /// Upload the tables of the `frames` described, then (after `after`) the kernel; records
+    /// [`GpuLetterboxer::done`].
+    fn launch_kernel(
+        &mut self,
+        frames: usize,
+        dst_w: u32,
+        dst_h: u32,
+        tensor: InputTensor,
+        out: dsys::CUdeviceptr,
+        after: Option<&Event>,
+    ) -> Result<()> {
+        debug_assert_eq!(self.descriptors_host.len(), frames * FRAME_INTS);
+        let s = self.stream.0;
         let planes = self.planes.at_least(self.planes_host.len() * 8)?;
         let descriptors = self.descriptors.at_least(self.descriptors_host.len() * 4)?;
         let yuv = self.yuv.at_least(self.yuv_host.len() * 4)?;
@@ -364,15 +521,14 @@ impl GpuLetterboxer {
         launch(
             self.function,
             s,
-            frames.len() * dst_w as usize * dst_h as usize,
+            frames * dst_w as usize * dst_h as usize,
             &[
-                Arg::Ptr(data),
                 Arg::Ptr(planes),
                 Arg::Ptr(descriptors),
                 Arg::Ptr(yuv),
                 Arg::Ptr(taps),
                 Arg::Ptr(out),
-                Arg::I32(frames.len() as i32),
+                Arg::I32(frames as i32),
                 Arg::I32(dst_w as i32),
                 Arg::I32(dst_h as i32),
                 Arg::I32(match tensor.layout {
@@ -391,6 +547,12 @@ impl GpuLetterboxer {
             ],
         )?;
         self.done.record(&self.stream)
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("binding the context", e))
     }
 
     /// Recorded when the last [`GpuLetterboxer::enqueue_device`] has written its output.
@@ -423,11 +585,24 @@ impl GpuLetterboxer {
         out: &mut Vec<f32>,
         placements: &mut Vec<LetterboxParams>,
     ) -> Result<()> {
-        let n = frames.len() * 3 * dst_w as usize * dst_h as usize;
         let dev = self.device_output(frames.len(), dst_w, dst_h)?;
         self.run_device(frames, dst_w, dst_h, dev, placements)?;
+        self.download_output(frames.len(), dst_w, dst_h, out)
+    }
+
+    /// Copy `frames` float32 NCHW inputs from this letterboxer's own device buffer
+    /// ([`GpuLetterboxer::device_output`]) into `out`.
+    pub fn download_output(
+        &mut self,
+        frames: usize,
+        dst_w: u32,
+        dst_h: u32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = frames * 3 * dst_w as usize * dst_h as usize;
+        let dev = self.device_output(frames, dst_w, dst_h)?;
         out.resize(n, 0.0);
-        // SAFETY: the device buffer holds n floats, written; synchronised below.
+        // SAFETY: the device buffer holds at least n floats; synchronised below.
         unsafe { drv::memcpy_dtoh_async(&mut out[..], dev, self.stream.0) }
             .map_err(|e| cuda_error("downloading the letterboxed batch", e))?;
         self.stream.synchronize()
