@@ -10,7 +10,8 @@
 #   tar xJf .gpux/bundle.tar.xz; OUT=$OUT bash bench/gpu.sh         # Kestrel vs the PyTorch peer
 set -euo pipefail
 cd "$(dirname "$0")/.."
-../shared/tools/gpu-bundle -- -p kestrel-tests --test cuda_engine
+../shared/tools/gpu-bundle -- -p kestrel-tests --test cuda_engine --test cuda_pre --test cuda_post \
+  --test cuda_masks
 # Without GStreamer: the GPU machine has none (no `kestrel pipeline` there).
 cargo build --release --locked -p kestrel-service --no-default-features
 cp target/release/kestrel .gpu/bin/ && strip .gpu/bin/kestrel
