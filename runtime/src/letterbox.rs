@@ -192,7 +192,7 @@ impl InputTensor {
     ) -> Result<()> {
         self.validate()?;
         let plane = height * width;
-        if plane == 0 || nchw.len() % (3 * plane) != 0 {
+        if plane == 0 || !nchw.len().is_multiple_of(3 * plane) {
             return Err(Error::Shape(format!(
                 "{} values are not whole 3 x {height} x {width} images",
                 nchw.len()
