@@ -2,7 +2,10 @@
 //!
 //! The graph is YOLOv9's deployment form: input `images [batch, 3, H, W]` float32 in [0, 1], output
 //! `output0 [batch, 4 + nc, anchors]` with box centre x, centre y, width, height in input pixels
-//! followed by sigmoid class scores; opset 17, dynamic batch by default.
+//! followed by sigmoid class scores; opset 17, dynamic batch by default. Segmentation models
+//! (`gelan-*-seg`) add 32 mask coefficients per anchor to `output0` and the prototypes as
+//! `output1 [batch, 32, H/4, W/4]`; their head's weights are `model.{head}.proto.cv{1,2,3}.conv.*`
+//! and `model.{head}.cv4.{level}.{0,1}.conv.*` / `.2.weight|bias`.
 //!
 //! # Weight names
 //! Tensor names follow the state dict of YOLOv9's fused (deployment) PyTorch model, so weights
@@ -29,6 +32,8 @@ pub const OPSET: i64 = 17;
 pub const INPUT_NAME: &str = "images";
 /// Name of the detection output.
 pub const OUTPUT_NAME: &str = "output0";
+/// Name of the segmentation models' prototype output.
+pub const PROTOTYPES_NAME: &str = "output1";
 
 /// Export options beyond the architecture.
 #[derive(Debug, Clone, PartialEq)]
@@ -264,7 +269,16 @@ impl Lowering<'_> {
         self.conv(&cat, &format!("{p}.cv4"), c2, 1, 1, 1)
     }
 
-    fn detect(&mut self, cfg: &ModelConfig, p: &str, levels: &[String]) -> Result<String> {
+    /// The detection rows of the head: boxes `[B, 4, A]` (xywh in input pixels) and sigmoid
+    /// scores `[B, nc, A]`. `groups` is 4 for DDetect's box branch, 1 for the dense `Detect` of the
+    /// segmentation head.
+    fn detect(
+        &mut self,
+        cfg: &ModelConfig,
+        p: &str,
+        levels: &[String],
+        groups: usize,
+    ) -> Result<(String, String)> {
         let nc = cfg.num_classes;
         let (c2, c3) = cfg.head_widths(self.channels(&levels[0])?);
         let mut boxes = Vec::new();
@@ -272,14 +286,14 @@ impl Lowering<'_> {
         for (l, x) in levels.iter().enumerate() {
             let stride = STRIDES[l] as f32;
             let b = self.conv(x, &format!("{p}.cv2.{l}.0"), c2, 3, 1, 1)?;
-            let b = self.conv(&b, &format!("{p}.cv2.{l}.1"), c2, 3, 1, 4)?;
+            let b = self.conv(&b, &format!("{p}.cv2.{l}.1"), c2, 3, 1, groups)?;
             let b = self.conv_raw(
                 &b,
                 &format!("{p}.cv2.{l}.2"),
                 4 * REG_MAX,
                 1,
                 1,
-                4,
+                groups,
                 Some(1.0),
             )?;
             let c = self.conv(x, &format!("{p}.cv3.{l}.0"), c3, 3, 1, 1)?;
@@ -373,10 +387,56 @@ impl Lowering<'_> {
         let cls = self
             .b
             .node1("Sigmoid", &format!("{p}.scores"), &[&logits], vec![])?;
+        Ok((dbox, cls))
+    }
+
+    /// DDetect: `output0` `[B, 4 + nc, A]`.
+    fn detection_head(&mut self, cfg: &ModelConfig, p: &str, levels: &[String]) -> Result<String> {
+        let (dbox, cls) = self.detect(cfg, p, levels, 4)?;
         let out = self.concat(&[&dbox, &cls], &format!("{p}.output"), 1)?;
         self.b.rename_last_output(&out, OUTPUT_NAME);
         self.b.doc_last("output0: [batch, 4 + classes, anchors]; rows 0-3 are box centre x, centre y, width, height in input pixels, the rest sigmoid class scores");
         Ok(OUTPUT_NAME.to_string())
+    }
+
+    /// Segment: `output0` `[B, 4 + nc + nm, A]` (the detection rows, then each anchor's mask
+    /// coefficients) and `output1` `[B, nm, H/4, W/4]` (the prototypes).
+    fn segmentation_head(
+        &mut self,
+        cfg: &ModelConfig,
+        p: &str,
+        levels: &[String],
+        nm: usize,
+        npr: usize,
+    ) -> Result<(String, String)> {
+        let c_p3 = self.channels(&levels[0])?;
+        // Prototypes from the first level, at stride 4.
+        let x = self.conv(&levels[0], &format!("{p}.proto.cv1"), npr, 3, 1, 1)?;
+        let x = self.resize_nearest(&x, &format!("{p}.proto.upsample"), 2.0)?;
+        let x = self.conv(&x, &format!("{p}.proto.cv2"), npr, 3, 1, 1)?;
+        let protos = self.conv(&x, &format!("{p}.proto.cv3"), nm, 1, 1, 1)?;
+        self.b.rename_last_output(&protos, PROTOTYPES_NAME);
+        self.b
+            .doc_last("output1: [batch, 32, H/4, W/4] mask prototypes");
+        let (dbox, cls) = self.detect(cfg, p, levels, 1)?;
+        let c4 = (c_p3 / 4).max(nm);
+        let mut coefficients = Vec::new();
+        for (l, x) in levels.iter().enumerate() {
+            let m = self.conv(x, &format!("{p}.cv4.{l}.0"), c4, 3, 1, 1)?;
+            let m = self.conv(&m, &format!("{p}.cv4.{l}.1"), c4, 3, 1, 1)?;
+            let m = self.conv_raw(&m, &format!("{p}.cv4.{l}.2"), nm, 1, 1, 1, None)?;
+            coefficients.push(self.reshape(
+                &m,
+                &format!("{p}.mc{l}.flatten"),
+                &[0, nm as i64, -1],
+            )?);
+        }
+        let refs: Vec<&str> = coefficients.iter().map(String::as_str).collect();
+        let mc = self.concat(&refs, &format!("{p}.mc.cat"), 2)?;
+        let out = self.concat(&[&dbox, &cls, &mc], &format!("{p}.output"), 1)?;
+        self.b.rename_last_output(&out, OUTPUT_NAME);
+        self.b.doc_last("output0: [batch, 4 + classes + 32, anchors]; rows 0-3 are box centre x, centre y, width, height in input pixels, then sigmoid class scores, then 32 mask coefficients");
+        Ok((OUTPUT_NAME.to_string(), PROTOTYPES_NAME.to_string()))
     }
 }
 
@@ -439,6 +499,7 @@ pub fn export(
     // outputs[i] = the values layer i produced (CBLinear produces several).
     let mut outputs: Vec<Vec<String>> = Vec::with_capacity(spec.layers.len());
     let mut result = String::new();
+    let mut prototypes = None;
     for (i, layer) in spec.layers.iter().enumerate() {
         let p = format!("model.{i}");
         let from = spec.inputs_of(i);
@@ -531,17 +592,36 @@ pub fn export(
             }
             Block::DDetect => {
                 let levels: Vec<String> = from.iter().map(|&f| outputs[f][0].clone()).collect();
-                result = lw.detect(cfg, &p, &levels)?;
+                result = lw.detection_head(cfg, &p, &levels)?;
+                vec![result.clone()]
+            }
+            Block::Segment { nm, npr } => {
+                let levels: Vec<String> = from.iter().map(|&f| outputs[f][0].clone()).collect();
+                let (out0, out1) = lw.segmentation_head(cfg, &p, &levels, *nm, *npr)?;
+                result = out0;
+                prototypes = Some(out1);
                 vec![result.clone()]
             }
         };
         outputs.push(out);
     }
+    let nm = spec.mask_coefficients();
     lw.b.output(
         &result,
         pb::data_type::FLOAT,
-        "detections before NMS: [batch, 4 + classes, anchors]",
+        if nm.is_some() {
+            "detections before NMS: [batch, 4 + classes + 32 mask coefficients, anchors]"
+        } else {
+            "detections before NMS: [batch, 4 + classes, anchors]"
+        },
     );
+    if let Some(protos) = &prototypes {
+        lw.b.output(
+            protos,
+            pb::data_type::FLOAT,
+            "mask prototypes: [batch, 32, H/4, W/4]",
+        );
+    }
     if let WeightSource::File(f) = lw.w {
         f.check_all_used()?;
     }
@@ -557,7 +637,7 @@ pub fn export(
         key: k.into(),
         value: v,
     };
-    Ok(pb::ModelProto {
+    let mut model = pb::ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![pb::OperatorSetIdProto {
             domain: String::new(),
@@ -567,15 +647,26 @@ pub fn export(
         producer_version: env!("CARGO_PKG_VERSION").into(),
         domain: String::new(),
         model_version: 1,
-        doc_string: format!(
-            "Kestrel {} detector. Input 'images' [batch, 3, H, W] RGB float32 in [0, 1] (letterboxed, fill 114/255); \
-             output 'output0' [batch, 4 + classes, anchors]: xywh in input pixels then sigmoid scores.",
-            spec.name
-        ),
+        doc_string: match nm {
+            None => format!(
+                "Kestrel {} detector. Input 'images' [batch, 3, H, W] RGB float32 in [0, 1] (letterboxed, fill 114/255); \
+                 output 'output0' [batch, 4 + classes, anchors]: xywh in input pixels then sigmoid scores.",
+                spec.name
+            ),
+            Some(nm) => format!(
+                "Kestrel {} instance segmenter. Input 'images' [batch, 3, H, W] RGB float32 in [0, 1] (letterboxed, fill 114/255); \
+                 output 'output0' [batch, 4 + classes + {nm}, anchors]: xywh in input pixels, sigmoid scores, mask coefficients; \
+                 output 'output1' [batch, {nm}, H/4, W/4]: mask prototypes.",
+                spec.name
+            ),
+        },
         graph: Some(graph),
         metadata_props: vec![
             meta("model", spec.name.clone()),
-            meta("task", "detect".into()),
+            meta(
+                "task",
+                if nm.is_some() { "segment" } else { "detect" }.into(),
+            ),
             meta("names", names_json),
             meta("num_classes", cfg.num_classes.to_string()),
             meta("imgsz", format!("[{}, {}]", cfg.imgsz[0], cfg.imgsz[1])),
@@ -591,5 +682,11 @@ pub fn export(
             ),
             meta("producer", format!("kestrel {}", env!("CARGO_PKG_VERSION"))),
         ],
-    })
+    };
+    if let Some(nm) = nm {
+        model
+            .metadata_props
+            .push(meta("mask_coefficients", nm.to_string()));
+    }
+    Ok(model)
 }

@@ -41,6 +41,12 @@ pub enum Block {
     CbFuse { idx: Vec<usize> },
     /// The decoupled detection head on the `from` levels (strides 8/16/32).
     DDetect,
+    /// YOLOv9's segmentation head (`Segment` of `gelan-c-seg.yaml`) on the `from` levels: a
+    /// detection head whose box branch is dense (YOLOv9's `Detect`, no grouped convolutions),
+    /// `nm` mask coefficients per anchor (per level: 3×3 conv, 3×3 conv, 1×1 conv to `nm`), and
+    /// `nm` prototypes from the first level (`Proto`: 3×3 conv to `npr`, nearest upsampling by 2,
+    /// 3×3 conv, 1×1 conv to `nm`), at a quarter of the input size.
+    Segment { nm: usize, npr: usize },
 }
 
 /// A layer: its inputs (negative = relative to this layer, as in YOLO yaml) and its block.
@@ -70,8 +76,26 @@ pub const REG_MAX: usize = 16;
 /// Strides of the three detection levels, in input pixels.
 pub const STRIDES: [usize; 3] = [8, 16, 32];
 
-/// The names [`ModelSpec::by_name`] knows.
+/// The detection models [`ModelSpec::by_name`] knows.
 pub const MODEL_NAMES: [&str; 5] = ["gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e"];
+/// The segmentation models [`ModelSpec::by_name`] knows: gelan-c-seg as YOLOv9 defines it, and
+/// the same head on gelan-t and gelan-s (prototype widths scaled with the model) for tests and
+/// demos.
+pub const SEG_MODEL_NAMES: [&str; 3] = ["gelan-t-seg", "gelan-s-seg", "gelan-c-seg"];
+/// Mask coefficients per anchor, and prototypes per image, of the segmentation heads.
+pub const MASK_COEFFICIENTS: usize = 32;
+
+/// `spec` with its detection head replaced by a segmentation head of `npr` prototype channels.
+fn with_segment_head(mut spec: ModelSpec, npr: usize) -> ModelSpec {
+    spec.name.push_str("-seg");
+    if let Some(head) = spec.layers.last_mut() {
+        head.block = Block::Segment {
+            nm: MASK_COEFFICIENTS,
+            npr,
+        };
+    }
+    spec
+}
 
 fn l(from: i32, block: Block) -> Layer {
     Layer {
@@ -268,9 +292,12 @@ impl ModelSpec {
             "gelan-m" => Ok(gelan_m()),
             "gelan-c" => Ok(gelan_c()),
             "gelan-e" => Ok(gelan_e()),
+            "gelan-t-seg" => Ok(with_segment_head(Self::by_name("gelan-t")?, 64)),
+            "gelan-s-seg" => Ok(with_segment_head(Self::by_name("gelan-s")?, 128)),
+            "gelan-c-seg" => Ok(with_segment_head(gelan_c(), 256)),
             _ => Err(Error::UnknownModel {
                 name: name.into(),
-                known: MODEL_NAMES.join(", "),
+                known: format!("{}, {}", MODEL_NAMES.join(", "), SEG_MODEL_NAMES.join(", ")),
             }),
         }
     }
@@ -306,13 +333,21 @@ impl ModelSpec {
         }
         match self.layers.last() {
             Some(Layer {
-                block: Block::DDetect,
+                block: Block::DDetect | Block::Segment { .. },
                 from,
             }) if from.len() == STRIDES.len() => Ok(()),
             _ => Err(Error::InvalidConfig(format!(
-                "{}: the last layer must be DDetect on three levels",
+                "{}: the last layer must be DDetect or Segment on three levels",
                 self.name
             ))),
+        }
+    }
+
+    /// Mask coefficients per anchor of a segmentation head; `None` for a detector.
+    pub fn mask_coefficients(&self) -> Option<usize> {
+        match self.layers.last()?.block {
+            Block::Segment { nm, .. } => Some(nm),
+            _ => None,
         }
     }
 }
@@ -385,6 +420,19 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segmentation_specs_end_in_the_segment_head() {
+        for name in SEG_MODEL_NAMES {
+            let spec = ModelSpec::by_name(name).expect("known");
+            spec.validate().expect("valid");
+            assert_eq!(spec.name, name);
+            assert_eq!(spec.mask_coefficients(), Some(MASK_COEFFICIENTS));
+            let detector = ModelSpec::by_name(name.trim_end_matches("-seg")).expect("detector");
+            assert_eq!(spec.layers.len(), detector.layers.len());
+            assert_eq!(detector.mask_coefficients(), None);
+        }
+    }
 
     #[test]
     fn every_spec_validates() {

@@ -49,3 +49,9 @@ fn gelan_c() {
 fn gelan_e() {
     check("gelan-e", 57.346, 188.95);
 }
+
+#[test]
+fn gelan_c_seg() {
+    // DESIGN.md: gelan-c-seg at 640 with 80 classes, 27.42M params / 144.6 GFLOPs.
+    check("gelan-c-seg", 27.42, 144.6);
+}

@@ -28,7 +28,10 @@ fn write_f32(path: &Path, values: &[f32]) {
 fn every_size_passes_the_onnx_checker() {
     let dir = scratch_dir("checker");
     let mut paths = Vec::new();
-    for name in kestrel_exporter::spec::MODEL_NAMES {
+    let names = kestrel_exporter::spec::MODEL_NAMES
+        .iter()
+        .chain(&kestrel_exporter::spec::SEG_MODEL_NAMES);
+    for name in names {
         let p = dir.join(format!("{name}.onnx"));
         export_to(name, 80, 640, &p);
         paths.push(p.to_string_lossy().into_owned());
@@ -37,7 +40,7 @@ fn every_size_passes_the_onnx_checker() {
     let out = run_python("check_onnx.py", &args);
     assert_eq!(
         out.lines().filter(|l| l.starts_with("ok ")).count(),
-        5,
+        8,
         "{out}"
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -77,7 +80,18 @@ fn compare_with_onnxruntime(name: &str) {
     );
     let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     println!("{name}: {v}");
-    assert_eq!(v["shape"], serde_json::json!([2, 84, 8400]));
+    let seg = name.ends_with("-seg");
+    let rows = if seg { 84 + 32 } else { 84 };
+    assert_eq!(v["shape"], serde_json::json!([2, rows, 8400]));
+    if seg {
+        assert_eq!(
+            v["output_shapes"]["output1"],
+            serde_json::json!([2, 32, 160, 160]),
+            "{name}: prototypes"
+        );
+        let e = v["rel_l2_masks"].as_f64().unwrap();
+        assert!(e < 1e-4, "{name}: rel_l2_masks = {e}");
+    }
     for key in ["rel_l2", "rel_l2_boxes", "rel_l2_scores"] {
         let e = v[key].as_f64().unwrap();
         assert!(e < 1e-4, "{name}: {key} = {e}");
@@ -102,6 +116,13 @@ fn gelan_t_cpu_matches_onnxruntime() {
 #[test]
 fn gelan_s_cpu_matches_onnxruntime() {
     compare_with_onnxruntime("gelan-s");
+}
+
+#[test]
+fn gelan_t_seg_cpu_matches_onnxruntime() {
+    // output0 (detection rows and mask coefficients) through the CPU backend; the prototypes'
+    // shape from onnxruntime.
+    compare_with_onnxruntime("gelan-t-seg");
 }
 
 /// Weights written with `--save-weights` load back by name and give the identical model.

@@ -384,6 +384,13 @@ impl Gelan {
                     let levels: Vec<usize> = from.iter().map(|&f| channels[f][0]).collect();
                     (Layer::Detect(Detect::new(&p, config, &levels)?), vec![0])
                 }
+                Block::Segment { .. } => {
+                    return Err(Error::Shape(format!(
+                        "{}: segmentation models cannot be trained yet (the Segment head and its \
+                         mask loss are not built); export it with `kestrel export` for inference",
+                        config.spec.name
+                    )));
+                }
             };
             layers.push(built);
             inputs.push(from);

@@ -11,7 +11,8 @@ use kestrel_exporter::{
 /// Which GELAN model to build, with which weights and shapes (shared with `kestrel quantize`).
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// Architecture: gelan-t, gelan-s, gelan-m, gelan-c or gelan-e.
+    /// Architecture: gelan-t, gelan-s, gelan-m, gelan-c or gelan-e (detection); gelan-c-seg,
+    /// gelan-t-seg or gelan-s-seg (instance segmentation: mask coefficients and prototypes).
     #[arg(long, short = 'm')]
     pub model: String,
     /// Weights (safetensors, names as YOLOv9's fused state dict; see --list-weights).
