@@ -24,6 +24,8 @@ pub struct CpuEngine {
     _plan: Plan,
     state: TypedSimpleState,
     output: Vec<f32>,
+    /// Segmentation models' `output1` of the last run.
+    prototypes: Vec<f32>,
 }
 
 pub(crate) fn backend_error(e: impl std::fmt::Display) -> Error {
@@ -108,6 +110,7 @@ impl CpuEngine {
             _plan: plan,
             state,
             output: Vec::new(),
+            prototypes: Vec::new(),
         })
     }
 }
@@ -135,7 +138,9 @@ impl Engine for CpuEngine {
         }
         let [h, w] = self.info.input_hw;
         let out_len = self.info.output_len();
+        let proto_len = self.info.prototypes.map_or(0, |p| p.len());
         self.output.clear();
+        self.prototypes.clear();
         for image in input.chunks_exact(per_image) {
             let tensor = Tensor::from_shape(&[1, 3, h, w], image).map_err(backend_error)?;
             let outputs = self
@@ -154,7 +159,31 @@ impl Engine for CpuEngine {
                 )));
             }
             self.output.extend_from_slice(values);
+            if proto_len > 0 {
+                let protos = outputs
+                    .get(1)
+                    .ok_or_else(|| backend_error("the model produced no prototypes"))?;
+                let view = protos.try_as_plain_ram().map_err(backend_error)?;
+                let values = view.as_slice::<f32>().map_err(backend_error)?;
+                if values.len() != proto_len {
+                    return Err(backend_error(format!(
+                        "prototypes have {} values, expected {proto_len} per image",
+                        values.len()
+                    )));
+                }
+                self.prototypes.extend_from_slice(values);
+            }
         }
         Ok(&self.output)
+    }
+
+    fn run_with_prototypes(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<(&[f32], Option<&[f32]>)> {
+        self.run(input, batch)?;
+        let prototypes = self.info.prototypes.map(|_| &self.prototypes[..]);
+        Ok((&self.output, prototypes))
     }
 }

@@ -3,11 +3,12 @@
 
 use image::RgbImage;
 
-use crate::detection::Detection;
+use crate::detection::{BoxXyxy, Detection};
 use crate::engine::{Engine, EngineInfo, StageTimes};
 use crate::error::{Error, Result};
 use crate::frame::{Frame, PixelFormat, YuvMatrix};
 use crate::letterbox::{LetterboxParams, Letterboxer};
+use crate::masks::{Bitmap, MaskDecoder, coefficients_at};
 use crate::nms::{NmsConfig, Postprocessor};
 
 /// Engine + letterbox + NMS with buffers reused across batches.
@@ -27,6 +28,10 @@ pub struct Detector {
     /// their spent buffers for reuse.
     pending: std::collections::VecDeque<Vec<Vec<Detection>>>,
     spare: Vec<Vec<Vec<Detection>>>,
+    /// Mask decoding of segmentation models ([`Detector::detect_masks`]).
+    mask_decoder: MaskDecoder,
+    coefficients: Vec<f32>,
+    boxes: Vec<BoxXyxy>,
 }
 
 impl Detector {
@@ -42,6 +47,9 @@ impl Detector {
             engine_in_flight: 0,
             pending: std::collections::VecDeque::new(),
             spare: Vec::new(),
+            mask_decoder: MaskDecoder::new(),
+            coefficients: Vec::new(),
+            boxes: Vec::new(),
         }
     }
 
@@ -141,6 +149,89 @@ impl Detector {
         }
     }
 
+    /// Letterbox `images` into the input buffer, padding small batches up to the profile's
+    /// minimum with the last image (their results are dropped); returns the batch to run.
+    fn letterbox_batch<I: std::borrow::Borrow<RgbImage>>(&mut self, images: &[I]) -> Result<usize> {
+        let info = self.engine.info();
+        let (profile, per_image, [h, w]) = (info.profile, info.input_len(), info.input_hw);
+        let n = images.len();
+        let batch = n.max(profile.min);
+        self.input.resize(batch * per_image, 0.0);
+        self.placements.clear();
+        for i in 0..batch {
+            let img = images[i.min(n - 1)].borrow();
+            let dst = &mut self.input[i * per_image..(i + 1) * per_image];
+            let p = self.letterboxer.run(img, w as u32, h as u32, dst)?;
+            self.placements.push(p);
+        }
+        Ok(batch)
+    }
+
+    /// Detect objects and their instance masks (segmentation models): as [`Detector::detect`],
+    /// and `masks[i][k]` is the mask of `out[i][k]` at image i's resolution. Runs the
+    /// post-processing and the mask decoding on the CPU.
+    pub fn detect_masks<I: std::borrow::Borrow<RgbImage>>(
+        &mut self,
+        images: &[I],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+        masks: &mut Vec<Vec<Bitmap>>,
+    ) -> Result<()> {
+        cfg.validate()?;
+        let info = self.engine.info();
+        let Some(shape) = info.prototypes else {
+            return Err(Error::InvalidArgument(format!(
+                "model {} detects boxes only (it has no mask prototypes); masks need a \
+                 segmentation model such as gelan-c-seg",
+                info.model_name
+            )));
+        };
+        let (profile, per_out, channels) = (info.profile, info.output_len(), info.output_channels);
+        let (num_classes, anchors, backend) = (info.num_classes, info.anchors, info.backend);
+        let n = images.len();
+        out.clear();
+        masks.clear();
+        if n == 0 {
+            return Ok(());
+        }
+        if n > profile.max {
+            return Err(Error::Shape(format!(
+                "{n} images exceed the engine's maximum batch of {}",
+                profile.max
+            )));
+        }
+        let batch = self.letterbox_batch(images)?;
+        let (output, prototypes) = self.engine.run_with_prototypes(&self.input, batch)?;
+        let prototypes = prototypes.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the {backend} backend does not return mask prototypes; use --backend cpu"
+            ))
+        })?;
+        out.resize_with(n, Vec::new);
+        masks.resize_with(n, Vec::new);
+        for i in 0..n {
+            let head = &output[i * per_out..(i + 1) * per_out];
+            let dets = &mut out[i];
+            self.postprocessor
+                .run(head, num_classes, anchors, &self.placements[i], cfg, dets)?;
+            self.coefficients.clear();
+            self.boxes.clear();
+            for d in dets.iter() {
+                coefficients_at(head, channels, anchors, d.anchor, &mut self.coefficients)?;
+                self.boxes.push(d.bbox);
+            }
+            self.mask_decoder.decode(
+                &prototypes[i * shape.len()..(i + 1) * shape.len()],
+                shape,
+                &self.placements[i],
+                &self.boxes,
+                &self.coefficients,
+                &mut masks[i],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Detect objects in a batch of images (at most the engine's maximum batch). `out[i]` receives
     /// the detections of `images[i]`, boxes in that image's pixels, best first. `images` holds
     /// references or the images themselves (a reused batch of frames needs no slice of references).
@@ -153,8 +244,8 @@ impl Detector {
         cfg.validate()?;
         // Scalars only: cloning the info (class names) would allocate on every batch.
         let info = self.engine.info();
-        let (profile, per_image, per_out) = (info.profile, info.input_len(), info.output_len());
-        let (num_classes, anchors, [h, w]) = (info.num_classes, info.anchors, info.input_hw);
+        let (profile, per_out) = (info.profile, info.output_len());
+        let (num_classes, anchors) = (info.num_classes, info.anchors);
         let n = images.len();
         if n == 0 {
             out.clear();
@@ -189,16 +280,7 @@ impl Detector {
                 return Ok(());
             }
         }
-        // Pad small batches up to the profile's minimum with the last image; their results are dropped.
-        let batch = n.max(profile.min);
-        self.input.resize(batch * per_image, 0.0);
-        self.placements.clear();
-        for i in 0..batch {
-            let img = images[i.min(n - 1)].borrow();
-            let dst = &mut self.input[i * per_image..(i + 1) * per_image];
-            let p = self.letterboxer.run(img, w as u32, h as u32, dst)?;
-            self.placements.push(p);
-        }
+        let batch = self.letterbox_batch(images)?;
         if self.device_postprocessing {
             if !self
                 .engine

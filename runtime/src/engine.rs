@@ -17,6 +17,7 @@ use crate::engine_file::{
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::LetterboxParams;
+use crate::masks::{MASK_COEFFICIENTS, PrototypeShape};
 use crate::nms::NmsConfig;
 
 /// Where an engine runs.
@@ -209,6 +210,9 @@ pub struct EngineInfo {
     pub anchors: usize,
     pub num_classes: usize,
     pub class_names: Vec<String>,
+    /// Segmentation models: the shape of each image's prototypes (`output1`); the last
+    /// [`crate::masks::MASK_COEFFICIENTS`] rows of `output0` are then mask coefficients.
+    pub prototypes: Option<PrototypeShape>,
 }
 
 impl EngineInfo {
@@ -261,6 +265,17 @@ pub trait Engine: Send {
     /// The builder's per-layer choices, recorded in engine files (backend-specific JSON).
     fn layer_choices(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+
+    /// [`Engine::run`], also returning a segmentation model's prototypes, `[batch, 32, height,
+    /// width]` (see [`EngineInfo::prototypes`]); `None` for detectors and for backends that do
+    /// not return them.
+    fn run_with_prototypes(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<(&[f32], Option<&[f32]>)> {
+        Ok((self.run(input, batch)?, None))
     }
 
     /// The accelerator the engine runs on (GPU name), if any.
@@ -439,6 +454,8 @@ pub fn describe_model(
     let class_names = names
         .filter(|n| n.len() == num_classes)
         .unwrap_or_else(|| (0..num_classes).map(|i| format!("class{i}")).collect());
+    let prototypes =
+        prototype_output(graph, channels as usize, num_classes, [h, w]).map_err(err)?;
     let model_name = model
         .metadata("model")
         .map(str::to_string)
@@ -456,7 +473,48 @@ pub fn describe_model(
         anchors: anchors as usize,
         num_classes,
         class_names,
+        prototypes,
     })
+}
+
+/// A segmentation model's prototype output (`output1` `[batch, 32, H/4, W/4]`), checked against
+/// `output0`'s rows; `None` for a detector (a single output).
+fn prototype_output(
+    graph: &pb::GraphProto,
+    channels: usize,
+    num_classes: usize,
+    [h, w]: [i64; 2],
+) -> std::result::Result<Option<PrototypeShape>, String> {
+    let Some(output) = graph.output.get(1) else {
+        return Ok(None);
+    };
+    let dims = output
+        .tensor_shape()
+        .map(|(_, d)| d)
+        .ok_or_else(|| format!("output '{}' has no tensor shape", output.name))?;
+    let fixed: Vec<Option<i64>> = dims.iter().map(Dim::fixed).collect();
+    match fixed[..] {
+        [_, Some(m), Some(ph), Some(pw)]
+            if m as usize == MASK_COEFFICIENTS && ph > 0 && pw > 0 && ph <= h && pw <= w =>
+        {
+            if channels != 4 + num_classes + MASK_COEFFICIENTS {
+                return Err(format!(
+                    "output0 has {channels} rows; a segmentation model with {num_classes} \
+                     classes has {} (4 box, the classes, {MASK_COEFFICIENTS} mask coefficients)",
+                    4 + num_classes + MASK_COEFFICIENTS
+                ));
+            }
+            Ok(Some(PrototypeShape {
+                width: pw as usize,
+                height: ph as usize,
+            }))
+        }
+        _ => Err(format!(
+            "second output '{}' is not mask prototypes [batch, {MASK_COEFFICIENTS}, H/4, W/4]; \
+             export a YOLOv9/GELAN detector (one output) or segmentation model",
+            output.name
+        )),
+    }
 }
 
 /// Build an engine from ONNX bytes. `path` names the model in messages.
@@ -484,6 +542,12 @@ fn build_replaying(
     let info = describe_model(&model, path, options)?;
     match options.backend {
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
+        Backend::Cuda if info.prototypes.is_some() => Err(Error::Model {
+            path: path.to_path_buf(),
+            message: "segmentation models (mask prototypes as a second output) run on the cpu \
+                      backend so far; the cuda engine builds detectors only: use --backend cpu"
+                .into(),
+        }),
         Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(
             &model, info, path, recorded,
         )?)),

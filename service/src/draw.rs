@@ -1,4 +1,4 @@
-//! Annotated pictures: boxes in a colour per class, with "label score" tags.
+//! Annotated pictures: boxes (and instance masks) in a colour per class, with "label score" tags.
 
 use ab_glyph::{FontVec, PxScale};
 use image::{Rgb, RgbImage};
@@ -6,6 +6,7 @@ use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_m
 use imageproc::rect::Rect;
 use kestrel_runtime::Detection;
 use kestrel_runtime::labels;
+use kestrel_runtime::masks::Bitmap;
 
 /// Draws detections; holds the label font.
 pub struct Annotator {
@@ -27,6 +28,24 @@ impl Annotator {
             );
         }
         Self { font }
+    }
+
+    /// Blend each detection's instance mask onto `img` in its class colour (40 % opacity);
+    /// `masks[k]` is the mask of `dets[k]`, at the image's size.
+    pub fn draw_masks(&self, img: &mut RgbImage, dets: &[Detection], masks: &[Bitmap]) {
+        let width = img.width() as usize;
+        for (d, m) in dets.iter().zip(masks).rev() {
+            if (m.width, m.height) != (width, img.height() as usize) {
+                continue;
+            }
+            let colour = class_colour(d.class_id).0;
+            for (i, _) in m.data.iter().enumerate().filter(|(_, v)| **v != 0) {
+                let px = img.get_pixel_mut((i % width) as u32, (i / width) as u32);
+                for c in 0..3 {
+                    px.0[c] = ((px.0[c] as u16 * 3 + colour[c] as u16 * 2) / 5) as u8;
+                }
+            }
+        }
     }
 
     /// Draw `dets` onto `img`; `names[class_id]` labels each box.

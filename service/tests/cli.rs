@@ -758,3 +758,83 @@ fn pipeline_over_a_synthetic_clip_matches_infer() {
     ]);
     assert_user_error(&backend, &["--backend gpu"]);
 }
+
+#[test]
+fn infer_writes_masks_of_a_segmentation_model() {
+    // gelan-t-seg with random weights: low scores, so a low threshold keeps some detections;
+    // each gets a COCO RLE covering the image and lying inside its box.
+    let dir = scratch("seg-infer");
+    let model = dir.join("seg.onnx");
+    let out = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t-seg",
+        "--imgsz",
+        "96",
+        "--classes",
+        "3",
+        "-o",
+        p(&model),
+    ]);
+    assert_success(&out);
+    let img = dir.join("x.png");
+    image::RgbImage::from_fn(120, 70, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, 90])
+    })
+    .save(&img)
+    .unwrap();
+    let results = dir.join("out");
+    let out = kestrel(&[
+        "infer",
+        "-m",
+        p(&model),
+        "--conf",
+        "0.001",
+        "--max-det",
+        "5",
+        "-o",
+        p(&results),
+        p(&img),
+    ]);
+    assert_success(&out);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.join("x.json")).unwrap()).unwrap();
+    let dets = json["detections"].as_array().unwrap();
+    assert!(!dets.is_empty(), "no detections: {json}");
+    for d in dets {
+        let mask = &d["mask"];
+        assert_eq!(mask["size"], serde_json::json!([70, 120]), "{d}");
+        let counts: Vec<u64> = mask["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(counts.iter().sum::<u64>(), 70 * 120, "{d}");
+        // Set pixels (odd runs) lie inside the box: x1 <= column < x2.
+        let b: Vec<f64> = d["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut at = 0u64;
+        for (k, &c) in counts.iter().enumerate() {
+            if k % 2 == 1 && c > 0 {
+                for i in [at, at + c - 1] {
+                    let (col, row) = ((i / 70) as f64, (i % 70) as f64);
+                    assert!(
+                        col >= b[0].floor() && col < b[2].ceil(),
+                        "{d}: column {col}"
+                    );
+                    assert!(row >= b[1].floor() && row < b[3].ceil(), "{d}: row {row}");
+                }
+            }
+            at += c;
+        }
+    }
+    assert!(results.join("x.png").is_file());
+    // The cuda backend refuses a segmentation model with a clear message (or has no GPU here).
+    let out = kestrel(&["infer", "-m", p(&model), "--backend", "cuda", p(&img)]);
+    assert_user_error(&out, &["cuda"]);
+}

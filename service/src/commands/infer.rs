@@ -1,10 +1,12 @@
-//! `kestrel infer`: detections for images, as annotated PNGs and JSON.
+//! `kestrel infer`: detections (and instance masks of segmentation models) for images, as
+//! annotated PNGs and JSON.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use kestrel_runtime::dataset::load_rgb;
+use kestrel_runtime::masks::Rle;
 use kestrel_runtime::nms::NmsConfig;
 use serde::Serialize;
 
@@ -46,6 +48,16 @@ struct JsonDetection<'a> {
     /// x1, y1, x2, y2 in the image's pixels.
     #[serde(rename = "box")]
     bbox: [f32; 4],
+    /// Segmentation models: the instance mask as COCO RLE (`{"size": [h, w], "counts": [...]}`,
+    /// column-major runs starting with background).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mask: Option<JsonRle>,
+}
+
+#[derive(Serialize)]
+struct JsonRle {
+    size: [usize; 2],
+    counts: Vec<u32>,
 }
 
 #[derive(Serialize)]
@@ -93,6 +105,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut used = HashSet::new();
     let mut failures = Vec::new();
     let mut results = Vec::new();
+    // Segmentation models: masks too (decoded on the CPU).
+    let segmentation = info.prototypes.is_some();
+    let mut masks = Vec::new();
     let mut total = 0usize;
     for chunk in images.chunks(a.batch) {
         let mut loaded = Vec::with_capacity(chunk.len());
@@ -106,8 +121,13 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         let refs: Vec<&image::RgbImage> = loaded.iter().map(|(_, img)| img).collect();
-        detector.detect(&refs, &cfg, &mut results)?;
-        for ((path, mut img), dets) in loaded.into_iter().zip(&results) {
+        if segmentation {
+            detector.detect_masks(&refs, &cfg, &mut results, &mut masks)?;
+        } else {
+            detector.detect(&refs, &cfg, &mut results)?;
+        }
+        for (k, ((path, mut img), dets)) in loaded.into_iter().zip(&results).enumerate() {
+            let image_masks = masks.get(k).map(Vec::as_slice).unwrap_or_default();
             let stem = output_stem(path, &mut used);
             let record = JsonImage {
                 image: path.display().to_string(),
@@ -116,7 +136,8 @@ pub fn run(a: Args) -> Result<()> {
                 model: &info.model_name,
                 detections: dets
                     .iter()
-                    .map(|d| JsonDetection {
+                    .enumerate()
+                    .map(|(j, d)| JsonDetection {
                         class_id: d.class_id,
                         class_name: info
                             .class_names
@@ -125,6 +146,13 @@ pub fn run(a: Args) -> Result<()> {
                             .unwrap_or("?"),
                         score: d.score,
                         bbox: [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2],
+                        mask: image_masks.get(j).map(|m| {
+                            let rle = Rle::encode(m);
+                            JsonRle {
+                                size: [rle.height, rle.width],
+                                counts: rle.counts,
+                            }
+                        }),
                     })
                     .collect(),
             };
@@ -132,6 +160,7 @@ pub fn run(a: Args) -> Result<()> {
             std::fs::write(&json_path, serde_json::to_string_pretty(&record)?)
                 .with_context(|| format!("{}: cannot write", json_path.display()))?;
             if let Some(annotator) = &annotator {
+                annotator.draw_masks(&mut img, dets, image_masks);
                 annotator.draw(&mut img, dets, &info.class_names);
                 let png = a.output.join(format!("{stem}.png"));
                 img.save(&png)
