@@ -542,12 +542,6 @@ fn build_replaying(
     let info = describe_model(&model, path, options)?;
     match options.backend {
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
-        Backend::Cuda if info.prototypes.is_some() => Err(Error::Model {
-            path: path.to_path_buf(),
-            message: "segmentation models (mask prototypes as a second output) run on the cpu \
-                      backend so far; the cuda engine builds detectors only: use --backend cpu"
-                .into(),
-        }),
         Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(
             &model, info, path, recorded,
         )?)),

@@ -834,7 +834,7 @@ fn infer_writes_masks_of_a_segmentation_model() {
         }
     }
     assert!(results.join("x.png").is_file());
-    // The cuda backend refuses a segmentation model with a clear message (or has no GPU here).
+    // Without a GPU, the cuda backend says so.
     let out = kestrel(&["infer", "-m", p(&model), "--backend", "cuda", p(&img)]);
     assert_user_error(&out, &["cuda"]);
 }

@@ -284,3 +284,94 @@ fn gpu_masks_against_the_torch_peer_100_masks_1080p() {
         sum / count as f64
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn segmentation_engine_on_the_gpu_matches_the_cpu_backend() {
+    // gelan-t-seg (random weights) through the cuda engine: output0 and the prototypes against
+    // the CPU backend, then masks of the same detections with IoU >= 0.99.
+    use kestrel_exporter::{ExportOptions, ModelConfig, WeightSource, export, onnx};
+    use kestrel_runtime::Detector;
+    use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+    use kestrel_runtime::nms::NmsConfig;
+    let dir = kestrel_tests::scratch_dir("seg-engine");
+    let path = dir.join("gelan-t-seg.onnx");
+    let cfg = ModelConfig::new("gelan-t-seg", 5, 320).expect("config");
+    let model = export(
+        &cfg,
+        &mut WeightSource::Random { seed: 5 },
+        &ExportOptions::dynamic(5),
+    )
+    .expect("export");
+    onnx::write_model(&model, &path).expect("write");
+    let build = |backend| {
+        let options = BuildOptions {
+            backend,
+            precision: Precision::Fp32,
+            profile: BatchProfile {
+                min: 1,
+                opt: 2,
+                max: 2,
+            },
+        };
+        build_engine(&path, &options).expect("engine")
+    };
+    let (mut gpu, mut cpu) = (build(Backend::Cuda), build(Backend::Cpu));
+    let shape = gpu.info().prototypes.expect("prototypes");
+    assert_eq!((shape.width, shape.height), (80, 80));
+    let mut rng = Rng::new(12);
+    let input: Vec<f32> = (0..2 * gpu.info().input_len())
+        .map(|_| rng.next_f32())
+        .collect();
+    let rel = |a: &[f32], b: &[f32]| {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    };
+    let (g_out, g_protos) = gpu.run_with_prototypes(&input, 2).expect("GPU run");
+    let (g_out, g_protos) = (g_out.to_vec(), g_protos.expect("GPU prototypes").to_vec());
+    let (c_out, c_protos) = cpu.run_with_prototypes(&input, 2).expect("CPU run");
+    let (e_out, e_protos) = (rel(&g_out, c_out), rel(&g_protos, c_protos.expect("CPU")));
+    println!("gelan-t-seg FP32: output0 rel L2 {e_out:.2e}, prototypes {e_protos:.2e}");
+    assert!(e_out < 1e-3 && e_protos < 1e-3, "{e_out} {e_protos}");
+    // Masks of a synthetic scene through both detectors.
+    let (img, _) = kestrel_runtime::synth::render_scene_with(
+        kestrel_runtime::synth::image_seed(3, 0),
+        400,
+        300,
+        3..=6,
+    );
+    let nms = NmsConfig {
+        conf_threshold: 0.001,
+        max_detections: 20,
+        ..NmsConfig::display()
+    };
+    let (mut gd, mut gm, mut cd, mut cm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    Detector::new(gpu)
+        .detect_masks(&[&img], &nms, &mut gd, &mut gm)
+        .expect("GPU masks");
+    Detector::new(cpu)
+        .detect_masks(&[&img], &nms, &mut cd, &mut cm)
+        .expect("CPU masks");
+    let mut compared = 0;
+    for (d, m) in gd[0].iter().zip(&gm[0]) {
+        let Some(k) = cd[0]
+            .iter()
+            .position(|c| c.class_id == d.class_id && c.bbox.iou(&d.bbox) >= 0.95)
+        else {
+            continue;
+        };
+        let iou = m.iou(&cm[0][k]).expect("same size");
+        assert!(iou >= 0.99, "mask IoU {iou} for {d:?}");
+        compared += 1;
+    }
+    println!(
+        "{compared} of {} GPU detections matched with masks IoU >= 0.99",
+        gd[0].len()
+    );
+    assert!(
+        compared * 10 >= gd[0].len() * 9 && compared > 0,
+        "{compared} of {}",
+        gd[0].len()
+    );
+}

@@ -134,6 +134,9 @@ pub struct CudaEngine {
     workspace: DeviceBuffer,
     pinned_in: PinnedBuffer,
     pinned_out: PinnedBuffer,
+    /// Segmentation models: the prototypes' pinned download area and host copy.
+    pinned_protos: PinnedBuffer,
+    prototypes: Vec<f32>,
     functions: HashMap<&'static str, dsys::CUfunction>,
     _kernels: Kernels,
     dnn: Dnn,
@@ -431,6 +434,8 @@ impl CudaEngine {
             workspace: DeviceBuffer::new(0)?,
             pinned_in: PinnedBuffer::new(max_b * per_in * 4)?,
             pinned_out: PinnedBuffer::new(max_b * per_out * 4)?,
+            pinned_protos: PinnedBuffer::new(max_b * info.prototypes.map_or(0, |p| p.len()) * 4)?,
+            prototypes: Vec::new(),
             functions,
             _kernels: kernels,
             dnn,
@@ -1835,6 +1840,41 @@ impl Engine for CudaEngine {
         self.output
             .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
         Ok(&self.output)
+    }
+
+    fn run_with_prototypes(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<(&[f32], Option<&[f32]>)> {
+        let (Some(value), Some(shape)) = (self.plan.prototypes, self.info.prototypes) else {
+            return Ok((self.run(input, batch)?, None));
+        };
+        let output_ptr = self.launch_batch(Some(input), batch)?;
+        let protos_ptr = self.ptr(value)?;
+        let (n_out, n_protos) = (batch * self.info.output_len(), batch * shape.len());
+        let s = self.stream.0;
+        // SAFETY: both pinned buffers hold max-batch data and are not read until the stream is
+        // synchronised; the device values hold the batch's output and prototypes.
+        unsafe {
+            drv::memcpy_dtoh_async(&mut self.pinned_out.as_f32_mut()[..n_out], output_ptr, s)
+                .and_then(|_| {
+                    drv::memcpy_dtoh_async(
+                        &mut self.pinned_protos.as_f32_mut()[..n_protos],
+                        protos_ptr,
+                        s,
+                    )
+                })
+        }
+        .map_err(|e| cuda_error("downloading the outputs", e))?;
+        self.stream.synchronize()?;
+        self.output.clear();
+        self.output
+            .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
+        self.prototypes.clear();
+        self.prototypes
+            .extend_from_slice(&self.pinned_protos.as_f32()[..n_protos]);
+        Ok((&self.output, Some(&self.prototypes)))
     }
 
     fn run_and_detect(

@@ -277,6 +277,8 @@ pub struct EnginePlan {
     pub input: ValueId,
     /// The engine output (row-major float32).
     pub output: ValueId,
+    /// Segmentation models' prototypes, the second graph output (row-major float32).
+    pub prototypes: Option<ValueId>,
 }
 
 impl EnginePlan {
@@ -345,6 +347,7 @@ impl EnginePlan {
             first_quantization.insert((x, scale.to_bits()), y);
             let only_reader = readers.get(&x).is_some_and(|r| r == &[qi])
                 && x != self.output
+                && Some(x) != self.prototypes
                 && !aliased.contains(&x);
             if !only_reader {
                 continue;
@@ -555,6 +558,7 @@ impl<'g> Lowering<'g> {
                 steps: Vec::new(),
                 input: 0,
                 output: 0,
+                prototypes: None,
             },
             by_name: HashMap::new(),
             row_major: HashMap::new(),
@@ -1292,8 +1296,8 @@ impl<'g> Lowering<'g> {
     }
 }
 
-/// Lower `model` into an execution plan. The model must have one float32 image input and its
-/// first output is the engine output.
+/// Lower `model` into an execution plan. The model must have one float32 image input; its
+/// first output is the engine output, a second one (segmentation models) the prototypes.
 ///
 /// With `int8`, every convolution behind a Q/DQ pair and a quantized filter that the INT8 kernel
 /// can run becomes an INT8 convolution; other Q/DQ pairs become fake quantization in floating
@@ -1329,6 +1333,10 @@ pub fn lower(model: &pb::ModelProto, int8: bool) -> Result<EnginePlan> {
         .name;
     let out = lw.value(out_name)?;
     lw.plan.output = lw.as_row_major(out);
+    if let Some(protos) = graph.output.get(1) {
+        let v = lw.value(&protos.name)?;
+        lw.plan.prototypes = Some(lw.as_row_major(v));
+    }
     lw.plan.move_quantization_upstream();
     Ok(lw.plan)
 }
@@ -1590,8 +1598,16 @@ mod tests {
 
     #[test]
     fn every_size_lowers() {
-        for name in kestrel_exporter::spec::MODEL_NAMES {
+        let names = kestrel_exporter::spec::MODEL_NAMES
+            .iter()
+            .chain(&kestrel_exporter::spec::SEG_MODEL_NAMES);
+        for &name in names {
             let plan = plan_for(name);
+            assert_eq!(
+                plan.prototypes.is_some(),
+                name.ends_with("-seg"),
+                "{name}: prototypes"
+            );
             assert!(plan.steps.len() > 100, "{name}");
             // Every value is produced before it is read.
             let mut ready = vec![false; plan.values.len()];
