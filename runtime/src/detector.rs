@@ -168,8 +168,9 @@ impl Detector {
     }
 
     /// Detect objects and their instance masks (segmentation models): as [`Detector::detect`],
-    /// and `masks[i][k]` is the mask of `out[i][k]` at image i's resolution. Runs the
-    /// post-processing and the mask decoding on the CPU.
+    /// and `masks[i][k]` is the mask of `out[i][k]` at image i's resolution. With device
+    /// post-processing on a GPU engine, NMS and mask decoding run there (masks come back as
+    /// bitmaps); otherwise on the CPU.
     pub fn detect_masks<I: std::borrow::Borrow<RgbImage>>(
         &mut self,
         images: &[I],
@@ -201,6 +202,20 @@ impl Detector {
             )));
         }
         let batch = self.letterbox_batch(images)?;
+        if self.device_postprocessing
+            && self.engine.run_and_detect_masks(
+                &self.input,
+                batch,
+                &self.placements,
+                cfg,
+                out,
+                masks,
+            )?
+        {
+            out.truncate(n);
+            masks.truncate(n);
+            return Ok(());
+        }
         let (output, prototypes) = self.engine.run_with_prototypes(&self.input, batch)?;
         let prototypes = prototypes.ok_or_else(|| {
             Error::InvalidArgument(format!(

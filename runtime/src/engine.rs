@@ -17,7 +17,7 @@ use crate::engine_file::{
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::LetterboxParams;
-use crate::masks::{MASK_COEFFICIENTS, PrototypeShape};
+use crate::masks::{Bitmap, MASK_COEFFICIENTS, PrototypeShape};
 use crate::nms::NmsConfig;
 
 /// Where an engine runs.
@@ -296,6 +296,22 @@ pub trait Engine: Send {
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<bool> {
         let _ = (input, batch, placements, cfg, out);
+        Ok(false)
+    }
+
+    /// [`Engine::run_and_detect`] for segmentation models, with the masks decoded on the
+    /// engine's device too: `masks[i][k]` is the bitmap of `out[i][k]` at image i's source size.
+    /// `Ok(false)` where the backend cannot; nothing is written then.
+    fn run_and_detect_masks(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        placements: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+        masks: &mut Vec<Vec<Bitmap>>,
+    ) -> Result<bool> {
+        let _ = (input, batch, placements, cfg, out, masks);
         Ok(false)
     }
 

@@ -5,7 +5,7 @@
 
 use kestrel_exporter::weights::SplitMix64 as Rng;
 use kestrel_runtime::BoxXyxy;
-use kestrel_runtime::cuda::masks::{GpuMaskDecoder, MaskBatch};
+use kestrel_runtime::cuda::masks::{GpuMaskDecoder, MaskBatch, MaskCoefficients};
 use kestrel_runtime::letterbox::LetterboxParams;
 use kestrel_runtime::masks::{Bitmap, MASK_COEFFICIENTS, MaskDecoder, PrototypeShape, Rle};
 
@@ -120,7 +120,7 @@ fn gpu_masks_equal_the_cpu_reference_and_rle_decodes_exactly() {
         letterboxes: &letterboxes,
         images: &images,
         boxes: &boxes,
-        coefficients: &coefficients,
+        coefficients: MaskCoefficients::Host(&coefficients),
     };
     let (mut bitmaps, mut rles) = (Vec::new(), Vec::new());
     gpu.bitmaps(&batch, &mut bitmaps).expect("GPU bitmaps");
@@ -152,7 +152,7 @@ fn gpu_masks_equal_the_cpu_reference_and_rle_decodes_exactly() {
     let few = MaskBatch {
         images: &images[..3],
         boxes: &boxes[..3],
-        coefficients: &coefficients[..3 * MASK_COEFFICIENTS],
+        coefficients: MaskCoefficients::Host(&coefficients[..3 * MASK_COEFFICIENTS]),
         ..batch
     };
     gpu.rle(&few, &mut rles).expect("GPU RLE of 3");
@@ -161,7 +161,7 @@ fn gpu_masks_equal_the_cpu_reference_and_rle_decodes_exactly() {
     let none = MaskBatch {
         images: &[],
         boxes: &[],
-        coefficients: &[],
+        coefficients: MaskCoefficients::Host(&[]),
         ..batch
     };
     gpu.bitmaps(&none, &mut bitmaps).expect("no detections");
@@ -170,7 +170,7 @@ fn gpu_masks_equal_the_cpu_reference_and_rle_decodes_exactly() {
     let wrong = MaskBatch {
         images: &[7],
         boxes: &boxes[..1],
-        coefficients: &coefficients[..MASK_COEFFICIENTS],
+        coefficients: MaskCoefficients::Host(&coefficients[..MASK_COEFFICIENTS]),
         ..batch
     };
     let err = gpu.rle(&wrong, &mut rles).expect_err("image 7");
@@ -214,7 +214,7 @@ fn gpu_masks_against_the_torch_peer_100_masks_1080p() {
         letterboxes: &letterboxes,
         images: &images,
         boxes: &boxes,
-        coefficients: &coefficients,
+        coefficients: MaskCoefficients::Host(&coefficients),
     };
     let (mut bitmaps, mut rles) = (Vec::new(), Vec::new());
     gpu.bitmaps(&batch, &mut bitmaps).expect("warm-up");
@@ -347,9 +347,30 @@ fn segmentation_engine_on_the_gpu_matches_the_cpu_backend() {
         ..NmsConfig::display()
     };
     let (mut gd, mut gm, mut cd, mut cm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    Detector::new(gpu)
+    let mut gpu_detector = Detector::new(gpu);
+    gpu_detector
         .detect_masks(&[&img], &nms, &mut gd, &mut gm)
-        .expect("GPU masks");
+        .expect("GPU engine, masks on the CPU");
+    // NMS and masks on the GPU: the same detections, each mask IoU >= 0.99 with the CPU's.
+    let (mut dd, mut dm) = (Vec::new(), Vec::new());
+    gpu_detector.set_device_postprocessing(true);
+    gpu_detector
+        .detect_masks(&[&img], &nms, &mut dd, &mut dm)
+        .expect("masks on the GPU");
+    assert_eq!(dd[0], gd[0], "detections with GPU post-processing");
+    // Two images in one batch (another bucket: its own convolution algorithms) agree with each
+    // other.
+    let (mut d2, mut m2) = (Vec::new(), Vec::new());
+    gpu_detector
+        .detect_masks(&[&img, &img], &nms, &mut d2, &mut m2)
+        .expect("a batch of two");
+    assert_eq!(d2[0], d2[1]);
+    assert_eq!(m2[0], m2[1]);
+    for (k, (g, c)) in dm[0].iter().zip(&gm[0]).enumerate() {
+        let iou = g.iou(c).expect("same size");
+        assert!(iou >= 0.99, "GPU-decoded mask {k}: IoU {iou}");
+    }
+    assert_eq!(dm[0].len(), gd[0].len());
     Detector::new(cpu)
         .detect_masks(&[&img], &nms, &mut cd, &mut cm)
         .expect("CPU masks");

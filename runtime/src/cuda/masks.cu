@@ -188,3 +188,13 @@ extern "C" __global__ void mask_pack(const unsigned int* runs, const i64* offset
         packed[i] = runs[offsets[lo] + (i - packed_offsets[lo])];
     }
 }
+
+// Each detection's mask coefficients from a raw head on the device ([images, channels, anchors],
+// the coefficients in rows first_row ..): src holds (image, anchor) per detection.
+extern "C" __global__ void mask_gather(const float* head, int channels, int anchors, int first_row,
+                                       const int* src, int n, float* coef) {
+    GRID_LOOP(i, (i64)n * COEFFICIENTS) {
+        int d = (int)(i / COEFFICIENTS), k = (int)(i % COEFFICIENTS);
+        coef[i] = head[((i64)src[2 * d] * channels + first_row + k) * anchors + src[2 * d + 1]];
+    }
+}

@@ -20,7 +20,13 @@ use crate::masks::{
 /// Source of the mask kernels.
 pub const MASK_KERNEL_SOURCE: &str = include_str!("masks.cu");
 /// Kernel entry points of `masks.cu`.
-pub const MASK_KERNEL_NAMES: [&str; 4] = ["mask_cells", "mask_bitmaps", "mask_rle", "mask_pack"];
+pub const MASK_KERNEL_NAMES: [&str; 5] = [
+    "mask_cells",
+    "mask_bitmaps",
+    "mask_rle",
+    "mask_pack",
+    "mask_gather",
+];
 /// Ints per detection descriptor (`DET_INTS` in `masks.cu`).
 const DET_INTS: usize = 9;
 /// Threads of a run-length block (`RLE_THREADS` in `masks.cu`).
@@ -45,15 +51,30 @@ pub struct MaskBatch<'a> {
     pub images: &'a [usize],
     /// Per detection, its box in source pixels.
     pub boxes: &'a [BoxXyxy],
-    /// Per detection, its 32 mask coefficients.
-    pub coefficients: &'a [f32],
+    /// Each detection's 32 mask coefficients.
+    pub coefficients: MaskCoefficients<'a>,
+}
+
+/// Where the detections' mask coefficients are.
+#[derive(Debug, Clone, Copy)]
+pub enum MaskCoefficients<'a> {
+    /// In host memory, 32 per detection.
+    Host(&'a [f32]),
+    /// In a raw head on the device (`[images, channels, anchors]` float32, the coefficients in
+    /// its last 32 rows, e.g. an engine's `output0`): each detection's anchor.
+    Head {
+        head: dsys::CUdeviceptr,
+        channels: usize,
+        anchors: usize,
+        anchor_of: &'a [usize],
+    },
 }
 
 /// Decodes instance masks of batches on the GPU. Buffers grow to the largest batch seen and are
 /// reused: once warm, a call allocates nothing on the device.
 pub struct GpuMaskDecoder {
     _kernels: Kernels,
-    functions: [dsys::CUfunction; 4],
+    functions: [dsys::CUfunction; 5],
     stream: Stream,
     prototypes: Growing,
     dets: Growing,
@@ -67,7 +88,9 @@ pub struct GpuMaskDecoder {
     runs: Growing,
     packed_offsets: Growing,
     packed: Growing,
+    sources: Growing,
     dets_host: Vec<i32>,
+    sources_host: Vec<i32>,
     taps_host: Vec<u32>,
     offsets_host: Vec<i64>,
     capacity_host: Vec<u32>,
@@ -95,6 +118,7 @@ impl GpuMaskDecoder {
             kernels.function(MASK_KERNEL_NAMES[1])?,
             kernels.function(MASK_KERNEL_NAMES[2])?,
             kernels.function(MASK_KERNEL_NAMES[3])?,
+            kernels.function(MASK_KERNEL_NAMES[4])?,
         ];
         Ok(Self {
             _kernels: kernels,
@@ -112,7 +136,9 @@ impl GpuMaskDecoder {
             runs: Growing::default(),
             packed_offsets: Growing::default(),
             packed: Growing::default(),
+            sources: Growing::default(),
             dets_host: Vec::new(),
+            sources_host: Vec::new(),
             taps_host: Vec::new(),
             offsets_host: Vec::new(),
             capacity_host: Vec::new(),
@@ -292,7 +318,28 @@ impl GpuMaskDecoder {
     /// run the GEMM + sigmoid into the prototype-resolution masks.
     fn prepare(&mut self, batch: &MaskBatch<'_>, layout: Layout) -> Result<()> {
         let n = batch.boxes.len();
-        check_mask_inputs(batch.shape.len(), batch.shape, n, batch.coefficients.len())?;
+        let given = match batch.coefficients {
+            MaskCoefficients::Host(c) => c.len(),
+            MaskCoefficients::Head {
+                channels,
+                anchors,
+                anchor_of,
+                ..
+            } => {
+                if channels < MASK_COEFFICIENTS {
+                    return Err(Error::Shape(format!(
+                        "a head of {channels} rows has no {MASK_COEFFICIENTS} mask coefficient rows"
+                    )));
+                }
+                if let Some(a) = anchor_of.iter().find(|&&a| a >= anchors) {
+                    return Err(Error::InvalidArgument(format!(
+                        "anchor {a} of a head with {anchors} anchors"
+                    )));
+                }
+                anchor_of.len() * MASK_COEFFICIENTS
+            }
+        };
+        check_mask_inputs(batch.shape.len(), batch.shape, n, given)?;
         if batch.images.len() != n {
             return Err(Error::InvalidArgument(format!(
                 "{} image indices for {n} detections",
@@ -393,7 +440,7 @@ impl GpuMaskDecoder {
         let dets = self.dets.at_least(self.dets_host.len() * 4)?;
         let taps = self.taps.at_least(self.taps_host.len() * 4)?;
         let offsets = self.offsets.at_least(self.offsets_host.len() * 8)?;
-        let coefficients = self.coefficients.at_least(batch.coefficients.len() * 4)?;
+        let coefficients = self.coefficients.at_least(n * MASK_COEFFICIENTS * 4)?;
         let capacity = self
             .capacity
             .at_least(self.capacity_host.len().max(1) * 4)?;
@@ -404,11 +451,48 @@ impl GpuMaskDecoder {
             drv::memcpy_htod_async(dets, &self.dets_host[..], s)
                 .and_then(|_| drv::memcpy_htod_async(taps, &self.taps_host[..], s))
                 .and_then(|_| drv::memcpy_htod_async(offsets, &self.offsets_host[..], s))
-                .and_then(|_| drv::memcpy_htod_async(coefficients, batch.coefficients, s))
                 .map_err(|e| cuda_error("uploading mask inputs", e))?;
             if !self.capacity_host.is_empty() {
                 drv::memcpy_htod_async(capacity, &self.capacity_host[..], s)
                     .map_err(|e| cuda_error("uploading mask inputs", e))?;
+            }
+        }
+        match batch.coefficients {
+            MaskCoefficients::Host(c) => {
+                // SAFETY: sized for n detections' coefficients (checked above); the slice is
+                // borrowed for this call, which synchronises before returning.
+                unsafe { drv::memcpy_htod_async(coefficients, c, s) }
+                    .map_err(|e| cuda_error("uploading mask coefficients", e))?;
+            }
+            MaskCoefficients::Head {
+                head,
+                channels,
+                anchors,
+                anchor_of,
+            } => {
+                self.sources_host.clear();
+                for (&image, &anchor) in batch.images.iter().zip(anchor_of) {
+                    self.sources_host
+                        .extend_from_slice(&[image as i32, anchor as i32]);
+                }
+                let sources = self.sources.at_least(self.sources_host.len() * 4)?;
+                // SAFETY: sized just above; a pageable source is taken when the call returns.
+                unsafe { drv::memcpy_htod_async(sources, &self.sources_host[..], s) }
+                    .map_err(|e| cuda_error("uploading mask inputs", e))?;
+                launch(
+                    self.functions[4],
+                    s,
+                    n * MASK_COEFFICIENTS,
+                    &[
+                        Arg::Ptr(head),
+                        Arg::I32(channels as i32),
+                        Arg::I32(anchors as i32),
+                        Arg::I32((channels - MASK_COEFFICIENTS) as i32),
+                        Arg::Ptr(sources),
+                        Arg::I32(n as i32),
+                        Arg::Ptr(coefficients),
+                    ],
+                )?;
             }
         }
         launch(

@@ -31,6 +31,7 @@ use crate::engine::{Engine, EngineInfo, LayerTime, Precision, StageTimes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::{InputTensor, LetterboxParams};
+use crate::masks::Bitmap;
 use crate::nms::NmsConfig;
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
@@ -38,6 +39,7 @@ use device::{
     launch_grid,
 };
 use fused::{FusedConvGraph, FusedConvPlan, FusedConvPointers, FusedConvSpec, Storage};
+use masks::{GpuMaskDecoder, MaskBatch, MaskCoefficients};
 use plan::{EnginePlan, Int8Conv, Layout, Step, ValueId};
 use post::GpuPostprocessor;
 use pre::GpuLetterboxer;
@@ -114,6 +116,9 @@ pub struct CudaEngine {
     stage_times: Option<StageTimes>,
     /// Batches started by `start_frames` and not yet finished.
     pipeline: Option<FramePipeline>,
+    /// Segmentation models: the GPU mask decoder and its per-batch lists.
+    masks: Option<GpuMaskDecoder>,
+    mask_jobs: MaskJobs,
     graphs: HashMap<usize, GraphExec>,
     conv_plans: HashMap<(usize, usize), ConvPlan>,
     /// Convolutions (step, bucket) that run as one cuDNN fused graph, where that timed faster.
@@ -419,6 +424,8 @@ impl CudaEngine {
             letterboxer: None,
             stage_times: None,
             pipeline: None,
+            masks: None,
+            mask_jobs: MaskJobs::default(),
             graphs: HashMap::new(),
             conv_plans: HashMap::new(),
             fused: HashMap::new(),
@@ -1787,6 +1794,23 @@ impl CudaEngine {
     }
 }
 
+/// The detections of a batch whose masks to decode, reused across batches.
+#[derive(Default)]
+struct MaskJobs {
+    images: Vec<usize>,
+    anchors: Vec<usize>,
+    boxes: Vec<crate::detection::BoxXyxy>,
+    bitmaps: Vec<Bitmap>,
+}
+
+impl MaskJobs {
+    fn clear(&mut self) {
+        self.images.clear();
+        self.anchors.clear();
+        self.boxes.clear();
+    }
+}
+
 /// Frames-to-detections batches in flight: two slots, so one batch's letterbox and engine run
 /// while the previous one is post-processed.
 struct FramePipeline {
@@ -1875,6 +1899,67 @@ impl Engine for CudaEngine {
         self.prototypes
             .extend_from_slice(&self.pinned_protos.as_f32()[..n_protos]);
         Ok((&self.output, Some(&self.prototypes)))
+    }
+
+    fn run_and_detect_masks(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        placements: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+        masks: &mut Vec<Vec<Bitmap>>,
+    ) -> Result<bool> {
+        let (Some(value), Some(shape)) = (self.plan.prototypes, self.info.prototypes) else {
+            return Ok(false);
+        };
+        let output_ptr = self.launch_batch(Some(input), batch)?;
+        self.stream.synchronize()?;
+        self.postprocess_on_device(output_ptr, batch, placements, cfg, out)?;
+        let protos_ptr = self.ptr(value)?;
+        let (channels, anchors) = (self.info.output_channels, self.info.anchors);
+        let mut jobs = std::mem::take(&mut self.mask_jobs);
+        jobs.clear();
+        for (i, dets) in out.iter().enumerate() {
+            for d in dets {
+                jobs.images.push(i);
+                jobs.anchors.push(d.anchor);
+                jobs.boxes.push(d.bbox);
+            }
+        }
+        if self.masks.is_none() {
+            self.masks = Some(GpuMaskDecoder::new(0)?);
+        }
+        let decoder = self
+            .masks
+            .as_mut()
+            .ok_or_else(|| cuda_error("masks", "not set up"))?;
+        let result = decoder.bitmaps(
+            &MaskBatch {
+                prototypes: protos_ptr,
+                shape,
+                letterboxes: &placements[..batch],
+                images: &jobs.images,
+                boxes: &jobs.boxes,
+                coefficients: MaskCoefficients::Head {
+                    head: output_ptr,
+                    channels,
+                    anchors,
+                    anchor_of: &jobs.anchors,
+                },
+            },
+            &mut jobs.bitmaps,
+        );
+        if result.is_ok() {
+            masks.resize_with(out.len(), Vec::new);
+            let mut flat = jobs.bitmaps.drain(..);
+            for (dets, image_masks) in out.iter().zip(masks.iter_mut()) {
+                image_masks.clear();
+                image_masks.extend(flat.by_ref().take(dets.len()));
+            }
+        }
+        self.mask_jobs = jobs;
+        result.map(|()| true)
     }
 
     fn run_and_detect(
