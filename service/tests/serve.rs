@@ -710,3 +710,72 @@ fn several_instances_share_a_models_queue() {
         Some(6.0)
     );
 }
+
+/// A segmentation model answers `masks=rle` with a COCO RLE per detection, the same masks
+/// `kestrel infer` writes for the image.
+#[test]
+fn the_image_endpoint_returns_masks_of_a_segmentation_model() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-seg");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("seg.onnx");
+    let status = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args([
+            "export",
+            "--model",
+            "gelan-t-seg",
+            "--imgsz",
+            "96",
+            "--classes",
+            "3",
+            "--dynamic",
+        ])
+        .arg("-o")
+        .arg(&model)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (img, png) = png_of(5, 120, 70);
+    img.save(dir.join("x.png")).unwrap();
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let (s, _, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/models/seg/detect?masks=rle&conf=0.001&max_det=5",
+        &[],
+        &png,
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let r = json(&body);
+    let dets = r["detections"].as_array().unwrap();
+    assert!(!dets.is_empty(), "{r}");
+    // The CLI on the same image and thresholds.
+    let out = dir.join("out");
+    let status = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args([
+            "infer",
+            "--conf",
+            "0.001",
+            "--max-det",
+            "5",
+            "--no-pictures",
+            "-m",
+        ])
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .arg(dir.join("x.png"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cli = json(&std::fs::read(out.join("x.json")).unwrap());
+    let cli_dets = cli["detections"].as_array().unwrap();
+    assert_eq!(dets.len(), cli_dets.len());
+    for (d, c) in dets.iter().zip(cli_dets) {
+        assert_eq!(d["mask_rle"], c["mask"], "{d}");
+        assert_eq!(d["mask_rle"]["size"], serde_json::json!([70, 120]));
+    }
+    // Without masks=rle, no masks.
+    let (_, _, body) = http(&server.addr, "POST", "/v1/models/seg/detect", &[], &png);
+    assert!(json(&body)["detections"][0].get("mask_rle").is_none());
+}

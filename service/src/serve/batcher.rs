@@ -19,6 +19,9 @@ use super::metrics as m;
 pub struct Reply {
     /// `output0` of the request's images, row-major (images × channels × anchors).
     pub output: Vec<f32>,
+    /// Segmentation models: the request's images' prototypes (images × 32 × H/4 × W/4); empty
+    /// for detectors.
+    pub prototypes: Vec<f32>,
     /// Seconds from submission until its batch started.
     pub queued_s: f64,
     /// Seconds the batch's engine run took.
@@ -178,6 +181,7 @@ fn run(
     model: String,
 ) {
     let (per_in, per_out) = (engine.info().input_len(), engine.info().output_len());
+    let per_protos = engine.info().prototypes.map_or(0, |p| p.len());
     let max = config.max_batch_size.max(1);
     let batch_size = metrics::histogram!(m::BATCH_SIZE, "model" => model.clone());
     let inference = metrics::histogram!(m::INFERENCE_SECONDS, "model" => model.clone());
@@ -233,15 +237,18 @@ fn run(
             input.extend_from_slice(&j.input);
         }
         let started = Instant::now();
-        let result = engine.run(&input, images);
+        let result = engine.run_with_prototypes(&input, images);
         let inference_s = started.elapsed().as_secs_f64();
         batch_size.record(images as f64);
         inference.record(inference_s);
         let mut row = 0;
         for j in jobs.drain(..) {
             let reply = match &result {
-                Ok(out) => Ok(Reply {
+                Ok((out, protos)) => Ok(Reply {
                     output: out[row * per_out..(row + j.images) * per_out].to_vec(),
+                    prototypes: protos
+                        .map(|p| p[row * per_protos..(row + j.images) * per_protos].to_vec())
+                        .unwrap_or_default(),
                     queued_s: (started - j.submitted).as_secs_f64(),
                     inference_s,
                     batch_images: images,

@@ -10,7 +10,11 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kestrel_runtime::letterbox::Letterboxer;
+use kestrel_runtime::Detection;
+use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
+use kestrel_runtime::masks::{
+    MASK_COEFFICIENTS, MaskDecoder, PrototypeShape, Rle, coefficients_at,
+};
 use kestrel_runtime::nms::{NmsConfig, Postprocessor};
 use serde::Deserialize;
 
@@ -563,17 +567,20 @@ async fn detect_request(
     body: Bytes,
 ) -> ApiResult<Response> {
     let model = lookup(state, name, None)?;
-    match params.masks.as_deref() {
-        None | Some("none") => {}
-        Some("rle") => {
-            return Err(bad_request(format!(
-                "masks=rle: model {} detects boxes only (no mask outputs); masks come with \
-                 segmentation models",
-                model.name
-            )));
-        }
+    let masks = match params.masks.as_deref() {
+        None | Some("none") => None,
+        Some("rle") => match model.info.prototypes {
+            Some(shape) => Some(shape),
+            None => {
+                return Err(bad_request(format!(
+                    "masks=rle: model {} detects boxes only (no mask outputs); masks come with \
+                     segmentation models (e.g. kestrel export --model gelan-c-seg)",
+                    model.name
+                )));
+            }
+        },
         Some(other) => return Err(bad_request(format!("masks={other}: give rle or none"))),
-    }
+    };
     let c = &model.config;
     let nms = NmsConfig {
         conf_threshold: params.conf.unwrap_or(c.conf_threshold),
@@ -625,15 +632,28 @@ async fn detect_request(
         .metrics
         .postprocess_seconds
         .record(post_started.elapsed().as_secs_f64());
+    let rles = match masks {
+        Some(shape) => instance_masks(&model.info, shape, &reply, &placement, &dets)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        None => Vec::new(),
+    };
     let detections: Vec<serde_json::Value> = dets
         .iter()
-        .map(|d| {
-            serde_json::json!({
+        .enumerate()
+        .map(|(k, d)| {
+            let mut v = serde_json::json!({
                 "class_id": d.class_id,
                 "label": model.class_names.get(d.class_id).map_or("object", String::as_str),
                 "confidence": d.score,
                 "box_xyxy": [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2],
-            })
+            });
+            if let Some(rle) = rles.get(k) {
+                v["mask_rle"] = serde_json::json!({
+                    "size": [rle.height, rle.width],
+                    "counts": rle.counts,
+                });
+            }
+            v
         })
         .collect();
     Ok(Json(serde_json::json!({
@@ -649,6 +669,37 @@ async fn detect_request(
         },
     }))
     .into_response())
+}
+
+/// COCO RLE of each detection's instance mask (CPU decoding of the request's prototypes).
+fn instance_masks(
+    info: &kestrel_runtime::engine::EngineInfo,
+    shape: PrototypeShape,
+    reply: &Reply,
+    placement: &LetterboxParams,
+    dets: &[Detection],
+) -> kestrel_runtime::Result<Vec<Rle>> {
+    let mut coefficients = Vec::with_capacity(dets.len() * MASK_COEFFICIENTS);
+    for d in dets {
+        coefficients_at(
+            &reply.output,
+            info.output_channels,
+            info.anchors,
+            d.anchor,
+            &mut coefficients,
+        )?;
+    }
+    let boxes: Vec<_> = dets.iter().map(|d| d.bbox).collect();
+    let mut bitmaps = Vec::new();
+    MaskDecoder::new().decode(
+        &reply.prototypes,
+        shape,
+        placement,
+        &boxes,
+        &coefficients,
+        &mut bitmaps,
+    )?;
+    Ok(bitmaps.iter().map(Rle::encode).collect())
 }
 
 /// The image of a request body: the body itself, or the first file part of a
