@@ -26,6 +26,7 @@ use std::fmt::Write as _;
 
 use crate::detection::{Detection, GroundTruth};
 use crate::error::{Error, Result};
+use crate::masks::Rle;
 
 /// Number of IoU thresholds (0.50, 0.55, …, 0.95).
 pub const NUM_IOU_THRESHOLDS: usize = 10;
@@ -132,6 +133,43 @@ fn coco_iou(dt: &Xywh, gt: &Xywh, crowd: bool) -> f64 {
     inter / union
 }
 
+/// How detections and ground-truth objects overlap: by boxes (bbox AP) or by instance masks
+/// (segm AP), with the detections' areas that go with it.
+enum Overlap<'a> {
+    Boxes,
+    Masks { gt: &'a [Rle], det: &'a [Rle] },
+}
+
+impl Overlap<'_> {
+    /// pycocotools' IoU of detection `d` and object `g` (crowd regions: over the detection).
+    fn coco_iou(&self, dets: &[Detection], d: usize, gts: &[GroundTruth], g: usize) -> Result<f64> {
+        Ok(match self {
+            Overlap::Boxes => coco_iou(
+                &Xywh::from_xyxy(&dets[d].bbox),
+                &Xywh::from_xyxy(&gts[g].bbox),
+                gts[g].iscrowd,
+            ),
+            Overlap::Masks { gt, det } => det[d].iou(&gt[g], gts[g].iscrowd)?,
+        })
+    }
+
+    /// YOLO's IoU of detection `d` and label `g`.
+    fn yolo_iou(&self, dets: &[Detection], d: usize, gts: &[GroundTruth], g: usize) -> Result<f64> {
+        Ok(match self {
+            Overlap::Boxes => yolo_iou(&gts[g].bbox, &dets[d].bbox),
+            Overlap::Masks { gt, det } => det[d].iou(&gt[g], false)?,
+        })
+    }
+
+    /// The detection's area for the area ranges, in square pixels.
+    fn det_area(&self, dets: &[Detection], d: usize) -> f64 {
+        match self {
+            Overlap::Boxes => Xywh::from_xyxy(&dets[d].bbox).area(),
+            Overlap::Masks { det, .. } => det[d].area() as f64,
+        }
+    }
+}
+
 /// One detection's outcome for every area range: what `accumulate` needs from `evaluateImg`.
 /// Kept compact (24 bytes) because a COCO-sized run holds over a million of them.
 #[derive(Clone, Copy)]
@@ -217,6 +255,54 @@ impl Evaluator {
     /// already mapped to `0..num_classes`). The order of `gts` and `dets` matters only for ties, as in
     /// pycocotools (annotation order). Fails, adding nothing, when a class id is out of range.
     pub fn add_image(&mut self, gts: &[GroundTruth], dets: &[Detection]) -> Result<()> {
+        self.add(gts, dets, &Overlap::Boxes)
+    }
+
+    /// [`Evaluator::add_image`] for instance segmentation (mask AP, pycocotools' `segm`):
+    /// `gt_masks[k]` is the mask of `gts[k]` and `det_masks[k]` of `dets[k]`, all of the image's
+    /// size. Objects and detections overlap by their masks; the area ranges read each ground
+    /// truth's `area` (give its mask area) and each detection's mask area.
+    pub fn add_image_masks(
+        &mut self,
+        gts: &[GroundTruth],
+        gt_masks: &[Rle],
+        dets: &[Detection],
+        det_masks: &[Rle],
+    ) -> Result<()> {
+        if gt_masks.len() != gts.len() || det_masks.len() != dets.len() {
+            return Err(Error::InvalidArgument(format!(
+                "image {}: {} masks for {} objects and {} masks for {} detections; give one \
+                 mask each",
+                self.images,
+                gt_masks.len(),
+                gts.len(),
+                det_masks.len(),
+                dets.len()
+            )));
+        }
+        if let Some(m) = gt_masks.iter().chain(det_masks).find(|m| {
+            gt_masks
+                .first()
+                .or(det_masks.first())
+                .is_some_and(|f| (f.width, f.height) != (m.width, m.height))
+        }) {
+            return Err(Error::Shape(format!(
+                "image {}: a {}x{} mask among masks of another size; all masks of an image have \
+                 its size",
+                self.images, m.width, m.height
+            )));
+        }
+        self.add(
+            gts,
+            dets,
+            &Overlap::Masks {
+                gt: gt_masks,
+                det: det_masks,
+            },
+        )
+    }
+
+    fn add(&mut self, gts: &[GroundTruth], dets: &[Detection], overlap: &Overlap) -> Result<()> {
         let nc = self.num_classes;
         if let Some(g) = gts.iter().find(|g| g.class_id >= nc) {
             return Err(Error::InvalidArgument(format!(
@@ -234,50 +320,63 @@ impl Evaluator {
         }
 
         for class_id in 0..nc {
-            let g: Vec<&GroundTruth> = gts.iter().filter(|g| g.class_id == class_id).collect();
-            let d: Vec<&Detection> = dets.iter().filter(|d| d.class_id == class_id).collect();
+            let g: Vec<usize> = (0..gts.len())
+                .filter(|&k| gts[k].class_id == class_id)
+                .collect();
+            let d: Vec<usize> = (0..dets.len())
+                .filter(|&k| dets[k].class_id == class_id)
+                .collect();
             if g.is_empty() && d.is_empty() {
                 // pycocotools' evaluateImg returns None here: the pair contributes nothing.
                 continue;
             }
-            let n_real = g.iter().filter(|g| !g.iscrowd).count();
+            let n_real = g.iter().filter(|&&k| !gts[k].iscrowd).count();
             self.instances[class_id] += n_real;
             if n_real > 0 {
                 self.images_with_class[class_id] += 1;
             }
-            self.coco_image_class(class_id, &g, &d);
+            self.coco_image_class(class_id, gts, &g, dets, &d, overlap)?;
         }
-        self.yolo_image(gts, dets);
+        self.yolo_image(gts, dets, overlap)?;
         self.images += 1;
         Ok(())
     }
 
     /// pycocotools' `computeIoU` + `evaluateImg` for one image and class, for every area range.
-    fn coco_image_class(&mut self, class_id: usize, gts: &[&GroundTruth], dets: &[&Detection]) {
+    /// `gi` and `di` index the class's objects in `all_gts` and detections in `all_dets`.
+    fn coco_image_class(
+        &mut self,
+        class_id: usize,
+        all_gts: &[GroundTruth],
+        gi: &[usize],
+        all_dets: &[Detection],
+        di: &[usize],
+        overlap: &Overlap,
+    ) -> Result<()> {
+        let gts: Vec<&GroundTruth> = gi.iter().map(|&k| &all_gts[k]).collect();
         // Stable sort by descending score, then keep the first maxDets[-1] (computeIoU and evaluateImg).
-        let mut order: Vec<usize> = (0..dets.len()).collect();
-        order.sort_by(|&a, &b| by_score_desc(f64::from(dets[a].score), f64::from(dets[b].score)));
+        let mut order: Vec<usize> = di.to_vec();
+        order.sort_by(|&a, &b| {
+            by_score_desc(f64::from(all_dets[a].score), f64::from(all_dets[b].score))
+        });
         order.truncate(MAX_DET);
-        let dt_boxes: Vec<Xywh> = order
-            .iter()
-            .map(|&i| Xywh::from_xyxy(&dets[i].bbox))
-            .collect();
-        let gt_boxes: Vec<Xywh> = gts.iter().map(|g| Xywh::from_xyxy(&g.bbox)).collect();
-        let (nd, ng) = (dt_boxes.len(), gt_boxes.len());
-
-        // ious[d * ng + g], ground truth in its original order (computeIoU).
+        let (nd, ng) = (order.len(), gi.len());
+        // ious[d * ng + g], ground truth in its original order (computeIoU); detection areas
+        // for the area ranges (the box's, or the mask's for segm).
         let mut ious = vec![0.0f64; nd * ng];
-        for (d, db) in dt_boxes.iter().enumerate() {
-            for (g, gb) in gt_boxes.iter().enumerate() {
-                ious[d * ng + g] = coco_iou(db, gb, gts[g].iscrowd);
+        let mut dt_areas = Vec::with_capacity(nd);
+        for (d, &dk) in order.iter().enumerate() {
+            for (g, &gk) in gi.iter().enumerate() {
+                ious[d * ng + g] = overlap.coco_iou(all_dets, dk, all_gts, gk)?;
             }
+            dt_areas.push(overlap.det_area(all_dets, dk));
         }
 
         let mut records: Vec<DetRecord> = order
             .iter()
             .enumerate()
             .map(|(rank, &i)| DetRecord {
-                score: dets[i].score,
+                score: all_dets[i].score,
                 // rank < MAX_DET = 100, so it fits.
                 rank: rank as u8,
                 matched: [0; NUM_AREAS],
@@ -335,8 +434,7 @@ impl Evaluator {
             }
             // Unmatched detections outside the area range are ignored, not false positives.
             let all_thresholds = (1u16 << NUM_IOU_THRESHOLDS) - 1;
-            for d in 0..nd {
-                let da = dt_boxes[d].area();
+            for (d, &da) in dt_areas.iter().enumerate() {
                 if da < lo || da > hi {
                     ignored[d] |= !matched[d] & all_thresholds;
                 }
@@ -349,20 +447,26 @@ impl Evaluator {
             }
         }
         acc.dets.extend(records);
+        Ok(())
     }
 
     /// YOLO's `process_batch` at IoU 0.5: candidate pairs of the same class sorted by IoU, each
     /// detection keeps its best pair, then each label keeps its best remaining pair. Crowd regions are
     /// left out, as YOLO's COCO labels leave them out.
-    fn yolo_image(&mut self, gts: &[GroundTruth], dets: &[Detection]) {
-        let labels: Vec<&GroundTruth> = gts.iter().filter(|g| !g.iscrowd).collect();
+    fn yolo_image(
+        &mut self,
+        gts: &[GroundTruth],
+        dets: &[Detection],
+        overlap: &Overlap,
+    ) -> Result<()> {
+        let labels: Vec<usize> = (0..gts.len()).filter(|&k| !gts[k].iscrowd).collect();
         let mut pairs: Vec<(usize, usize, f64)> = Vec::new();
-        for (li, l) in labels.iter().enumerate() {
+        for (li, &lk) in labels.iter().enumerate() {
             for (di, d) in dets.iter().enumerate() {
-                if l.class_id != d.class_id {
+                if gts[lk].class_id != d.class_id {
                     continue;
                 }
-                let iou = yolo_iou(&l.bbox, &d.bbox);
+                let iou = overlap.yolo_iou(dets, di, gts, lk)?;
                 if iou >= YOLO_IOU {
                     pairs.push((li, di, iou));
                 }
@@ -394,6 +498,7 @@ impl Evaluator {
                 class_id: d.class_id as u32,
                 tp,
             }));
+        Ok(())
     }
 
     /// pycocotools' `accumulate` and `summarize`, and YOLO's precision and recall.

@@ -1,6 +1,10 @@
-"""Evaluate COCO detections with pycocotools (iouType bbox) and print the 12 stats as JSON.
+"""Evaluate COCO detections with pycocotools (iouType bbox, or segm with --segm) and print the 12
+stats as JSON.
 
-Usage: coco_eval.py GT_JSON DETS_JSON
+Usage: coco_eval.py GT_JSON DETS_JSON [--segm]
+
+With --segm, annotations and results carry "segmentation" as uncompressed RLE
+({"size": [h, w], "counts": [...]}); results are compressed with pycocotools before evaluation.
 
 GT_JSON is a COCO instances file; DETS_JSON a COCO results list
 ([{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]), possibly empty.
@@ -16,12 +20,18 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 
-def main(gt_path: str, dets_path: str) -> None:
+def main(gt_path: str, dets_path: str, iou_type: str) -> None:
     with contextlib.redirect_stdout(sys.stderr):
         gt = COCO(gt_path)
         with open(dets_path) as f:
             dets = json.load(f)
-        if dets:
+        if dets and iou_type == "segm":
+            from pycocotools import mask as mask_utils
+            for d in dets:
+                h, w = d["segmentation"]["size"]
+                d["segmentation"] = mask_utils.frPyObjects(d["segmentation"], h, w)
+            dt = gt.loadRes(dets)
+        elif dets:
             dt = gt.loadRes(dets_path)
         else:
             # loadRes cannot take an empty list (it looks at dets[0]); build the empty result by hand.
@@ -29,7 +39,7 @@ def main(gt_path: str, dets_path: str) -> None:
             dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
                           "annotations": []}
             dt.createIndex()
-        ev = COCOeval(gt, dt, iouType="bbox")
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -43,6 +53,6 @@ def main(gt_path: str, dets_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] != "--segm"):
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], "segm" if len(sys.argv) == 4 else "bbox")
