@@ -104,22 +104,24 @@ impl LetterboxParams {
 pub(crate) fn axis_taps(src: u32, dst: u32, taps: &mut Vec<(u32, u32, f32)>) {
     taps.clear();
     let scale = src as f64 / dst as f64;
-    for d in 0..dst {
-        let f = (d as f64 + 0.5) * scale - 0.5;
-        let mut i0 = f.floor();
-        let mut w = f - i0;
-        if i0 < 0.0 {
-            i0 = 0.0;
-            w = 0.0;
-        }
-        let mut i0 = i0 as u32;
-        if i0 >= src - 1 {
-            i0 = src - 1;
-            w = 0.0;
-        }
-        let i1 = (i0 + 1).min(src - 1);
-        taps.push((i0, i1, w as f32));
+    taps.extend((0..dst).map(|d| clamped_tap((d as f64 + 0.5) * scale - 0.5, src)));
+}
+
+/// The bilinear tap at sample position `f` (in source cells) of an axis of `n` cells: the two
+/// cells and the weight of the second, clamped at both edges.
+pub(crate) fn clamped_tap(f: f64, n: u32) -> (u32, u32, f32) {
+    let mut i0 = f.floor();
+    let mut w = f - i0;
+    if i0 < 0.0 {
+        i0 = 0.0;
+        w = 0.0;
     }
+    let mut i0 = i0 as u32;
+    if i0 >= n - 1 {
+        i0 = n - 1;
+        w = 0.0;
+    }
+    (i0, (i0 + 1).min(n - 1), w as f32)
 }
 
 /// Memory layout of an engine's image input.

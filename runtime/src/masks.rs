@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detection::BoxXyxy;
 use crate::error::{Error, Result};
-use crate::letterbox::LetterboxParams;
+use crate::letterbox::{LetterboxParams, clamped_tap};
 
 /// Mask coefficients per detection (and prototype maps per image) of YOLOv9 segmentation heads.
 pub const MASK_COEFFICIENTS: usize = 32;
@@ -226,21 +226,12 @@ pub(crate) fn mask_axis_taps(
     taps.clear();
     let to_input = new as f64 / src as f64;
     let to_cells = cells as f64 / input as f64;
-    for d in 0..src {
-        let f = (pad as f64 + (d as f64 + 0.5) * to_input) * to_cells - 0.5;
-        let mut i0 = f.floor();
-        let mut w = f - i0;
-        if i0 < 0.0 {
-            i0 = 0.0;
-            w = 0.0;
-        }
-        let mut i0 = i0 as u32;
-        if i0 >= cells - 1 {
-            i0 = cells - 1;
-            w = 0.0;
-        }
-        taps.push((i0, (i0 + 1).min(cells - 1), w as f32));
-    }
+    taps.extend((0..src).map(|d| {
+        clamped_tap(
+            (pad as f64 + (d as f64 + 0.5) * to_input) * to_cells - 0.5,
+            cells,
+        )
+    }));
 }
 
 /// The source pixels a box keeps, as half-open column and row ranges: pixel `x` is inside when

@@ -1713,29 +1713,26 @@ impl CudaEngine {
         let [h, w] = self.info.input_hw;
         let input_ptr = self.ptr(self.plan.input)?;
         let letterboxer = self.letterboxer()?;
-        if batch > frames.len() {
-            let mut padded = frames.to_vec();
-            padded.resize(batch, frames[frames.len() - 1]);
-            letterboxer.enqueue_device(
-                &padded,
-                w as u32,
-                h as u32,
-                InputTensor::NCHW_F32,
-                input_ptr,
-                placements,
-                after,
-            )
+        let padded;
+        let frames = if batch > frames.len() {
+            padded = {
+                let mut v = frames.to_vec();
+                v.resize(batch, frames[frames.len() - 1]);
+                v
+            };
+            &padded[..]
         } else {
-            letterboxer.enqueue_device(
-                frames,
-                w as u32,
-                h as u32,
-                InputTensor::NCHW_F32,
-                input_ptr,
-                placements,
-                after,
-            )
-        }
+            frames
+        };
+        letterboxer.enqueue_device(
+            frames,
+            w as u32,
+            h as u32,
+            InputTensor::NCHW_F32,
+            input_ptr,
+            placements,
+            after,
+        )
     }
 
     /// [`Engine::start_frames`] with the pipeline taken out of `self`.
