@@ -4,6 +4,7 @@
 //! overlay and applications read the structure.
 
 use gst_video::VideoRegionOfInterestMeta;
+use kestrel_runtime::masks::Rle;
 use kestrel_runtime::{BoxXyxy, Detection};
 
 /// Name of the structure attached to each region.
@@ -26,6 +27,8 @@ pub struct FrameDetection {
     pub bbox: BoxXyxy,
     /// The region's integer rectangle: x, y, width, height in pixels.
     pub rect: (u32, u32, u32, u32),
+    /// Segmentation models: the instance mask at the frame's size (COCO RLE).
+    pub mask: Option<Rle>,
 }
 
 /// The integer rectangle covering `b`, clipped to a `width` × `height` frame.
@@ -37,7 +40,8 @@ pub fn rect_of(b: &BoxXyxy, width: u32, height: u32) -> (u32, u32, u32, u32) {
     (x0, y0, x1 - x0, y1 - y0)
 }
 
-/// Attach `det` to `buffer` (a `width` × `height` frame).
+/// Attach `det` to `buffer` (a `width` × `height` frame), with its instance mask for
+/// segmentation models (fields `mask-width`, `mask-height` and `mask-counts`, the COCO RLE runs).
 pub fn attach(
     buffer: &mut gst::BufferRef,
     det: &Detection,
@@ -45,23 +49,28 @@ pub fn attach(
     instance_id: u32,
     unique_id: u32,
     (width, height): (u32, u32),
+    mask: Option<&Rle>,
 ) {
     let rect = rect_of(&det.bbox, width, height);
     let mut meta = VideoRegionOfInterestMeta::add(buffer, label, rect);
     meta.set_id(instance_id as i32);
-    meta.add_param(
-        gst::Structure::builder(STRUCTURE_NAME)
-            .field("class-id", det.class_id as u32)
-            .field("label", label)
-            .field("confidence", f64::from(det.score))
-            .field("instance-id", instance_id)
-            .field("unique-id", unique_id)
-            .field("x1", f64::from(det.bbox.x1))
-            .field("y1", f64::from(det.bbox.y1))
-            .field("x2", f64::from(det.bbox.x2))
-            .field("y2", f64::from(det.bbox.y2))
-            .build(),
-    );
+    let mut structure = gst::Structure::builder(STRUCTURE_NAME)
+        .field("class-id", det.class_id as u32)
+        .field("label", label)
+        .field("confidence", f64::from(det.score))
+        .field("instance-id", instance_id)
+        .field("unique-id", unique_id)
+        .field("x1", f64::from(det.bbox.x1))
+        .field("y1", f64::from(det.bbox.y1))
+        .field("x2", f64::from(det.bbox.x2))
+        .field("y2", f64::from(det.bbox.y2));
+    if let Some(m) = mask {
+        structure = structure
+            .field("mask-width", m.width as u32)
+            .field("mask-height", m.height as u32)
+            .field("mask-counts", gst::Array::new(m.counts.iter().copied()));
+    }
+    meta.add_param(structure.build());
 }
 
 /// The Kestrel detections on `buffer`, in attachment order (regions without a
@@ -102,6 +111,7 @@ pub fn read_into(buffer: &gst::BufferRef, out: &mut Vec<FrameDetection>) {
                 unique_id,
                 bbox: BoxXyxy { x1, y1, x2, y2 },
                 rect: meta.rect(),
+                mask: None,
             });
         }
         let d = &mut out[n];
@@ -113,9 +123,28 @@ pub fn read_into(buffer: &gst::BufferRef, out: &mut Vec<FrameDetection>) {
         d.unique_id = unique_id;
         d.bbox = BoxXyxy { x1, y1, x2, y2 };
         d.rect = meta.rect();
+        read_mask(s, &mut d.mask);
         n += 1;
     }
     out.truncate(n);
+}
+
+/// The mask fields of a detection structure into `mask` (its run list reused), or `None`.
+fn read_mask(s: &gst::StructureRef, mask: &mut Option<Rle>) {
+    let (Ok(width), Ok(height), Ok(counts)) = (
+        s.get::<u32>("mask-width"),
+        s.get::<u32>("mask-height"),
+        s.get::<gst::ArrayRef>("mask-counts"),
+    ) else {
+        *mask = None;
+        return;
+    };
+    let m = mask.get_or_insert_with(Rle::default);
+    m.width = width as usize;
+    m.height = height as usize;
+    m.counts.clear();
+    m.counts
+        .extend(counts.iter().filter_map(|v| v.get::<u32>().ok()));
 }
 
 #[cfg(test)]

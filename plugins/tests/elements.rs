@@ -692,3 +692,76 @@ fn the_overlay_leaves_nothing_of_the_previous_frame() {
         "boxes of the first frame stayed on the second"
     );
 }
+
+/// A segmentation model: each region carries its instance mask (the runtime's masks for the
+/// frame, as COCO RLE), and the overlay paints the masks.
+#[test]
+fn segmentation_masks_travel_on_the_regions_and_the_overlay_paints_them() {
+    use kestrel_exporter::{ExportOptions, ModelConfig, WeightSource, export, onnx};
+    use kestrel_runtime::masks::Rle;
+    init();
+    let dir = kestrel_tests::scratch_dir("element-seg");
+    let path = dir.join("seg.onnx");
+    let cfg = ModelConfig::new("gelan-t-seg", 3, 96).unwrap();
+    let model = export(
+        &cfg,
+        &mut WeightSource::Random { seed: 2 },
+        &ExportOptions::dynamic(3),
+    )
+    .unwrap();
+    onnx::write_model(&model, &path).unwrap();
+    let img = scene(5);
+    let nms = NmsConfig {
+        conf_threshold: 0.001,
+        max_detections: 4,
+        ..NmsConfig::display()
+    };
+    // The runtime's detections and masks for the frame.
+    let options = BuildOptions {
+        profile: BatchProfile {
+            min: 1,
+            opt: 1,
+            max: 1,
+        },
+        ..Default::default()
+    };
+    let mut detector = Detector::new(build_engine(&path, &options).unwrap());
+    let (mut want, mut masks) = (Vec::new(), Vec::new());
+    detector
+        .detect_masks(&[&img], &nms, &mut want, &mut masks)
+        .unwrap();
+    assert!(!want[0].is_empty());
+    let mut h = Harness::new_parse(&format!(
+        "kestrelinfer model={} conf-threshold=0.001 max-detections=4 ! kestreloverlay",
+        path.display()
+    ));
+    h.set_src_caps(rgb_caps(&img));
+    h.push(rgb_buffer(&img, 0)).unwrap();
+    let out = h.pull().unwrap();
+    let got = detection::read(&out);
+    assert_eq!(got.len(), want[0].len());
+    for (g, m) in got.iter().zip(&masks[0]) {
+        let rle = g.mask.as_ref().expect("a mask on the region");
+        assert_eq!(rle, &Rle::encode(m));
+        assert_eq!((rle.width, rle.height), (333, 250));
+    }
+    // The overlay changed pixels inside the masks.
+    let map = out.map_readable().unwrap();
+    let before = rgb_buffer(&img, 0);
+    let before = before.map_readable().unwrap();
+    let stride = map.len() / 250;
+    let m = &masks[0][0];
+    let painted = (0..m.data.len())
+        .filter(|&i| m.data[i] != 0)
+        .filter(|&i| {
+            let (x, y) = (i % 333, i / 333);
+            map[y * stride + x * 3..y * stride + x * 3 + 3]
+                != before[y * stride + x * 3..y * stride + x * 3 + 3]
+        })
+        .count();
+    assert!(
+        painted * 2 > m.area(),
+        "{painted} of {} mask pixels painted",
+        m.area()
+    );
+}

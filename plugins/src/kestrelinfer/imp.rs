@@ -9,7 +9,9 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_video::{VideoFrameExt, VideoFrameRef, VideoInfo};
+use image::RgbImage;
 use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, open_engine};
+use kestrel_runtime::masks::{Bitmap, Rle};
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_runtime::{Detection, Detector};
 
@@ -147,6 +149,9 @@ struct State {
     /// detections.
     todo: Vec<usize>,
     sizes: Vec<(u32, u32)>,
+    /// Segmentation models: RGB copies of the frames and each detection's mask.
+    images: Vec<RgbImage>,
+    masks: Vec<Vec<Bitmap>>,
     results: Vec<Vec<Detection>>,
     batch_stats: BatchStats,
     stats_interval: Option<Duration>,
@@ -324,6 +329,8 @@ impl KestrelInfer {
             pending: Vec::with_capacity(batch),
             todo: Vec::with_capacity(batch),
             sizes: Vec::new(),
+            images: Vec::new(),
+            masks: Vec::new(),
             results: Vec::new(),
             batch_stats: BatchStats::new(&element_name),
             stats_interval: (s.stats_interval_ms > 0)
@@ -372,6 +379,8 @@ impl KestrelInfer {
             streams,
             todo,
             sizes,
+            images,
+            masks,
             results,
             batch_stats,
             ..
@@ -424,10 +433,27 @@ impl KestrelInfer {
             .iter()
             .map(frame::raw)
             .collect::<Result<Vec<_>, _>>()?;
-        detector.detect_frames(&frames, nms, results).map_err(|e| {
+        let inference_failed = |e: kestrel_runtime::Error| {
             gst::element_imp_error!(self, gst::LibraryError::Failed, ("inference failed: {}", e));
             gst::FlowError::Error
-        })?;
+        };
+        if detector.info().prototypes.is_some() {
+            // Segmentation models: masks too, from RGB copies of the frames.
+            if images.len() < frames.len() {
+                images.resize_with(frames.len(), || RgbImage::new(1, 1));
+            }
+            for (f, img) in frames.iter().zip(images.iter_mut()) {
+                f.to_rgb(img).map_err(inference_failed)?;
+            }
+            detector
+                .detect_masks(&images[..frames.len()], nms, results, masks)
+                .map_err(inference_failed)?;
+        } else {
+            masks.clear();
+            detector
+                .detect_frames(&frames, nms, results)
+                .map_err(inference_failed)?;
+        }
         drop(frames);
         drop(mapped);
         batch_stats.ran(todo.len(), *batch_size);
@@ -437,7 +463,16 @@ impl KestrelInfer {
             let buffer = p.buffer.make_mut();
             for (n, det) in results[k].iter().enumerate() {
                 let label = names.get(det.class_id).map_or("object", String::as_str);
-                detection::attach(buffer, det, label, n as u32, *unique_id, (w, h));
+                let mask = masks.get(k).and_then(|m| m.get(n)).map(Rle::encode);
+                detection::attach(
+                    buffer,
+                    det,
+                    label,
+                    n as u32,
+                    *unique_id,
+                    (w, h),
+                    mask.as_ref(),
+                );
             }
         }
         Ok(())

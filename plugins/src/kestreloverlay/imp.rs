@@ -27,6 +27,8 @@ const DEFAULT_LINE: u32 = 2;
 const DEFAULT_FONT_SCALE: f64 = 1.0;
 /// Label text height at font-scale 1, pixels.
 const BASE_TEXT_PX: f32 = 16.0;
+/// Opacity of instance masks in the layer (of 255).
+const MASK_ALPHA: u8 = 110;
 
 #[derive(Debug, Clone, Copy)]
 struct Settings {
@@ -61,6 +63,30 @@ impl KestrelOverlay {
     ) -> std::ops::Range<u32> {
         let (w, h) = layer.dimensions();
         let (mut top, mut bottom) = (h, 0u32);
+        // Instance masks first (translucent, in the class colour), boxes and labels on top.
+        for d in dets {
+            let Some(m) = d
+                .mask
+                .as_ref()
+                .filter(|m| (m.width, m.height) == (w as usize, h as usize))
+            else {
+                continue;
+            };
+            let [r, g, b] = kestrel_runtime::labels::class_colour(d.class_id as usize);
+            let mut at = 0usize;
+            for (k, &run) in m.counts.iter().enumerate() {
+                if k % 2 == 1 {
+                    // Column-major runs: pixel i is (i / height, i % height).
+                    for i in at..(at + run as usize).min(m.width * m.height) {
+                        let (x, y) = ((i / m.height) as u32, (i % m.height) as u32);
+                        layer.put_pixel(x, y, Rgba([r, g, b, MASK_ALPHA]));
+                        top = top.min(y);
+                        bottom = bottom.max(y + 1);
+                    }
+                }
+                at += run as usize;
+            }
+        }
         let mut fill = |layer: &mut RgbaImage, x0: u32, y0: u32, x1: u32, y1: u32, c: [u8; 4]| {
             let (x1, y1) = (x1.min(w), y1.min(h));
             for y in y0..y1 {
