@@ -213,6 +213,8 @@ pub struct EngineInfo {
     /// Segmentation models: the shape of each image's prototypes (`output1`); the last
     /// [`crate::masks::MASK_COEFFICIENTS`] rows of `output0` are then mask coefficients.
     pub prototypes: Option<PrototypeShape>,
+    /// Segmentation models: the name of the prototype output (empty for detectors).
+    pub prototypes_name: String,
 }
 
 impl EngineInfo {
@@ -490,6 +492,15 @@ pub fn describe_model(
         num_classes,
         class_names,
         prototypes,
+        prototypes_name: if prototypes.is_some() {
+            graph
+                .output
+                .get(1)
+                .map(|o| o.name.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        },
     })
 }
 

@@ -778,4 +778,72 @@ fn the_image_endpoint_returns_masks_of_a_segmentation_model() {
     // Without masks=rle, no masks.
     let (_, _, body) = http(&server.addr, "POST", "/v1/models/seg/detect", &[], &png);
     assert!(json(&body)["detections"][0].get("mask_rle").is_none());
+
+    // KServe v2: the prototypes are a second output tensor, equal to the CPU engine's.
+    let a = &server.addr;
+    let (s, m) = get(a, "/v2/models/seg");
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["outputs"][1]["name"], "output1");
+    assert_eq!(
+        m["outputs"][1]["shape"],
+        serde_json::json!([-1, 32, 24, 24])
+    );
+    assert_eq!(
+        get(a, "/v2/models/seg/config").1["output"][1]["dims"],
+        serde_json::json!([32, 24, 24])
+    );
+    let mut rng = 9u64;
+    let input: Vec<f32> = (0..3 * 96 * 96)
+        .map(|_| {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (rng >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect();
+    let options = kestrel_runtime::engine::BuildOptions {
+        profile: kestrel_runtime::engine::BatchProfile {
+            min: 1,
+            opt: 1,
+            max: 1,
+        },
+        ..Default::default()
+    };
+    let mut engine = kestrel_runtime::engine::build_engine(&model, &options).unwrap();
+    let (out0, protos) = engine.run_with_prototypes(&input, 1).unwrap();
+    let (out0, protos) = (out0.to_vec(), protos.unwrap().to_vec());
+    let infer = |outputs: serde_json::Value| {
+        let request = serde_json::json!({
+            "inputs": [{"name": "images", "shape": [1, 3, 96, 96], "datatype": "FP32", "data": input}],
+            "outputs": outputs,
+        });
+        let (s, _, body) = http(
+            a,
+            "POST",
+            "/v2/models/seg/infer",
+            &[("Content-Type", "application/json")],
+            request.to_string().as_bytes(),
+        );
+        (s, json(&body))
+    };
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let (s, r) = infer(serde_json::json!([]));
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["outputs"][1]["shape"], serde_json::json!([1, 32, 24, 24]));
+    assert!(max_abs_diff(&floats(&r["outputs"][0]["data"]), &out0) < 1e-4);
+    assert!(max_abs_diff(&floats(&r["outputs"][1]["data"]), &protos) < 1e-4);
+    let (s, r) = infer(serde_json::json!([{"name": "output1"}]));
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["outputs"].as_array().unwrap().len(), 1);
+    assert_eq!(r["outputs"][0]["name"], "output1");
+    let (s, r) = infer(serde_json::json!([{"name": "masks"}]));
+    assert_eq!(s, 400);
+    assert!(
+        r["error"].as_str().unwrap().contains("output0, output1"),
+        "{r}"
+    );
 }

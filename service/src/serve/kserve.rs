@@ -11,6 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kestrel_runtime::Detection;
+use kestrel_runtime::engine::EngineInfo;
 use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
 use kestrel_runtime::masks::{
     MASK_COEFFICIENTS, MaskDecoder, PrototypeShape, Rle, coefficients_at,
@@ -113,12 +114,28 @@ fn metadata(model: &LoadedModel) -> serde_json::Value {
         "versions": [model.version.to_string()],
         "platform": format!("kestrel_{}", info.backend),
         "inputs": [{"name": info.input_name, "datatype": "FP32", "shape": [-1, 3, h, w]}],
-        "outputs": [{
-            "name": info.output_name,
-            "datatype": "FP32",
-            "shape": [-1, info.output_channels, info.anchors],
-        }],
+        "outputs": output_shapes(info, None)
+            .into_iter()
+            .map(|(name, shape)| serde_json::json!({"name": name, "datatype": "FP32", "shape": shape}))
+            .collect::<Vec<_>>(),
     })
+}
+
+/// Each output's name and shape (`images` rows, or -1 for a dynamic batch): `output0`, then
+/// the prototypes of segmentation models.
+fn output_shapes(info: &EngineInfo, images: Option<usize>) -> Vec<(&str, Vec<i64>)> {
+    let b = images.map_or(-1, |n| n as i64);
+    let mut out = vec![(
+        info.output_name.as_str(),
+        vec![b, info.output_channels as i64, info.anchors as i64],
+    )];
+    if let Some(p) = info.prototypes {
+        out.push((
+            info.prototypes_name.as_str(),
+            vec![b, MASK_COEFFICIENTS as i64, p.height as i64, p.width as i64],
+        ));
+    }
+    out
 }
 
 pub async fn model_metadata(
@@ -174,11 +191,12 @@ pub async fn model_config(
             "default_queue_policy": { "max_queue_size": c.max_queue_size },
         },
         "input": [{"name": m.info.input_name, "data_type": "TYPE_FP32", "dims": [3, h, w]}],
-        "output": [{
-            "name": m.info.output_name,
-            "data_type": "TYPE_FP32",
-            "dims": [m.info.output_channels, m.info.anchors],
-        }],
+        "output": output_shapes(&m.info, None)
+            .into_iter()
+            .map(|(name, shape)| {
+                serde_json::json!({"name": name, "data_type": "TYPE_FP32", "dims": shape[1..]})
+            })
+            .collect::<Vec<_>>(),
         "class_names": m.class_names,
         "detect_defaults": {
             "conf_threshold": c.conf_threshold,
@@ -463,11 +481,14 @@ async fn infer_request(
             input.shape
         )));
     }
+    let shapes = output_shapes(info, Some(images));
     for o in &request.outputs {
-        if o.name != info.output_name {
+        if !shapes.iter().any(|(name, _)| *name == o.name) {
+            let names: Vec<&str> = shapes.iter().map(|(name, _)| *name).collect();
             return Err(bad_request(format!(
-                "no output {:?}: the model's output is {}",
-                o.name, info.output_name
+                "no output {:?}: the model's outputs are {}",
+                o.name,
+                names.join(", ")
             )));
         }
     }
@@ -493,18 +514,40 @@ async fn infer_request(
     };
     let reply = run_batched(state, &model, values, images, timeout).await?;
     debug_assert_eq!(reply.output.len(), images * per_out);
-    let shape = [images, info.output_channels, info.anchors];
+    // The requested outputs, in the request's order; all of them when none is named.
+    let wanted: Vec<(&str, &Vec<i64>, &[f32])> = shapes
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _))| {
+            request.outputs.is_empty() || request.outputs.iter().any(|o| o.name == *name)
+        })
+        .map(|(k, (name, shape))| {
+            let data = if k == 0 {
+                &reply.output[..]
+            } else {
+                &reply.prototypes[..]
+            };
+            (*name, shape, data)
+        })
+        .collect();
     let mut out = serde_json::json!({
         "model_name": model.name,
         "model_version": model.version.to_string(),
-        "outputs": [{ "name": info.output_name, "datatype": "FP32", "shape": shape }],
+        "outputs": wanted
+            .iter()
+            .map(|(name, shape, _)| serde_json::json!({"name": name, "datatype": "FP32", "shape": shape}))
+            .collect::<Vec<_>>(),
     });
     if let Some(id) = &request.id {
         out["id"] = serde_json::json!(id);
     }
     if binary_out {
-        let bytes: Vec<u8> = reply.output.iter().flat_map(|v| v.to_le_bytes()).collect();
-        out["outputs"][0]["parameters"] = serde_json::json!({ "binary_data_size": bytes.len() });
+        let mut bytes = Vec::new();
+        for (k, (_, _, data)) in wanted.iter().enumerate() {
+            out["outputs"][k]["parameters"] =
+                serde_json::json!({ "binary_data_size": data.len() * 4 });
+            bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+        }
         let header_json = serde_json::to_vec(&out)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let n = header_json.len();
@@ -518,7 +561,9 @@ async fn infer_request(
         r.headers_mut().insert(BINARY_HEADER, HeaderValue::from(n));
         return Ok(r);
     }
-    out["outputs"][0]["data"] = serde_json::json!(reply.output);
+    for (k, (_, _, data)) in wanted.iter().enumerate() {
+        out["outputs"][k]["data"] = serde_json::json!(data);
+    }
     Ok(Json(out).into_response())
 }
 
