@@ -514,7 +514,7 @@ async fn infer_request(
     };
     let reply = run_batched(state, &model, values, images, timeout).await?;
     debug_assert_eq!(reply.output.len(), images * per_out);
-    // The requested outputs, in the request's order; all of them when none is named.
+    // The requested outputs, in the model's order; all of them when none is named.
     let wanted: Vec<(&str, &Vec<i64>, &[f32])> = shapes
         .iter()
         .enumerate()
