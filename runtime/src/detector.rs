@@ -195,12 +195,7 @@ impl Detector {
         if n == 0 {
             return Ok(());
         }
-        if n > profile.max {
-            return Err(Error::Shape(format!(
-                "{n} images exceed the engine's maximum batch of {}",
-                profile.max
-            )));
-        }
+        check_batch(n, profile.max)?;
         let batch = self.letterbox_batch(images)?;
         if self.device_postprocessing
             && self.engine.run_and_detect_masks(
@@ -266,12 +261,7 @@ impl Detector {
             out.clear();
             return Ok(());
         }
-        if n > profile.max {
-            return Err(Error::Shape(format!(
-                "{n} images exceed the engine's maximum batch of {}",
-                profile.max
-            )));
-        }
+        check_batch(n, profile.max)?;
         if self.device_postprocessing {
             // The whole detection on the device, letterbox included, from the RGB bytes.
             let frames: Vec<Frame> = images
@@ -325,4 +315,14 @@ impl Detector {
         }
         Ok(())
     }
+}
+
+/// `n` images fit an engine whose largest batch is `max`.
+fn check_batch(n: usize, max: usize) -> Result<()> {
+    if n > max {
+        return Err(Error::Shape(format!(
+            "{n} images exceed the engine's maximum batch of {max}"
+        )));
+    }
+    Ok(())
 }

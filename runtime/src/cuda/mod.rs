@@ -1648,6 +1648,41 @@ impl CudaEngine {
         Ok(output_ptr)
     }
 
+    /// Run a batch from host input and copy `output0` into `self.output` and, with
+    /// `prototypes` on a segmentation model, the prototypes into `self.prototypes`; returns
+    /// whether the prototypes were copied.
+    fn run_downloading(&mut self, input: &[f32], batch: usize, prototypes: bool) -> Result<bool> {
+        let output_ptr = self.launch_batch(Some(input), batch)?;
+        let protos = match (prototypes, self.plan.prototypes, self.info.prototypes) {
+            (true, Some(value), Some(shape)) => Some((self.ptr(value)?, batch * shape.len())),
+            _ => None,
+        };
+        let n_out = batch * self.info.output_len();
+        let s = self.stream.0;
+        // SAFETY: the pinned buffers hold max-batch outputs and prototypes and are not read
+        // until the stream is synchronised; the device values hold the batch's results.
+        unsafe {
+            drv::memcpy_dtoh_async(&mut self.pinned_out.as_f32_mut()[..n_out], output_ptr, s)
+                .and_then(|_| match protos {
+                    Some((ptr, n)) => {
+                        drv::memcpy_dtoh_async(&mut self.pinned_protos.as_f32_mut()[..n], ptr, s)
+                    }
+                    None => Ok(()),
+                })
+        }
+        .map_err(|e| cuda_error("downloading the outputs", e))?;
+        self.stream.synchronize()?;
+        self.output.clear();
+        self.output
+            .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
+        if let Some((_, n)) = protos {
+            self.prototypes.clear();
+            self.prototypes
+                .extend_from_slice(&self.pinned_protos.as_f32()[..n]);
+        }
+        Ok(protos.is_some())
+    }
+
     /// Decode + NMS of the output at `output_ptr` (complete) on this GPU.
     fn postprocess_on_device(
         &mut self,
@@ -1762,7 +1797,10 @@ impl CudaEngine {
         unsafe { drv::memcpy_dtod_async(p.outputs[slot].ptr, output_ptr, bytes, self.stream.0) }
             .map_err(|e| cuda_error("holding the engine output", e))?;
         p.held[slot].record(&self.stream)?;
-        p.cfg[slot] = Some(cfg.clone());
+        match &mut p.cfg[slot] {
+            Some(kept) => kept.clone_from(cfg),
+            empty => *empty = Some(cfg.clone()),
+        }
         p.in_flight.push_back((slot, n, batch));
         p.next_slot = (slot + 1) % p.outputs.len();
         Ok(())
@@ -1779,11 +1817,11 @@ impl CudaEngine {
             return Ok(false);
         };
         let cfg = p.cfg[slot]
-            .take()
+            .as_ref()
             .ok_or_else(|| cuda_error("pipeline", "no thresholds for the batch"))?;
         let post = self.post()?;
         post.wait_for(&p.held[slot])?;
-        post.run_device(p.outputs[slot].ptr, batch, &p.placements[slot], &cfg, out)?;
+        post.run_device(p.outputs[slot].ptr, batch, &p.placements[slot], cfg, out)?;
         out.truncate(n);
         placements.clear();
         placements.extend_from_slice(&p.placements[slot][..n]);
@@ -1847,19 +1885,7 @@ impl Engine for CudaEngine {
     }
 
     fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
-        let output_ptr = self.launch_batch(Some(input), batch)?;
-        let n_out = batch * self.info.output_len();
-        let s = self.stream.0;
-        // SAFETY: the pinned buffer holds max-batch outputs and is not read until the stream is
-        // synchronised.
-        unsafe {
-            drv::memcpy_dtoh_async(&mut self.pinned_out.as_f32_mut()[..n_out], output_ptr, s)
-        }
-        .map_err(|e| cuda_error("downloading the output", e))?;
-        self.stream.synchronize()?;
-        self.output.clear();
-        self.output
-            .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
+        self.run_downloading(input, batch, false)?;
         Ok(&self.output)
     }
 
@@ -1868,34 +1894,8 @@ impl Engine for CudaEngine {
         input: &[f32],
         batch: usize,
     ) -> Result<(&[f32], Option<&[f32]>)> {
-        let (Some(value), Some(shape)) = (self.plan.prototypes, self.info.prototypes) else {
-            return Ok((self.run(input, batch)?, None));
-        };
-        let output_ptr = self.launch_batch(Some(input), batch)?;
-        let protos_ptr = self.ptr(value)?;
-        let (n_out, n_protos) = (batch * self.info.output_len(), batch * shape.len());
-        let s = self.stream.0;
-        // SAFETY: both pinned buffers hold max-batch data and are not read until the stream is
-        // synchronised; the device values hold the batch's output and prototypes.
-        unsafe {
-            drv::memcpy_dtoh_async(&mut self.pinned_out.as_f32_mut()[..n_out], output_ptr, s)
-                .and_then(|_| {
-                    drv::memcpy_dtoh_async(
-                        &mut self.pinned_protos.as_f32_mut()[..n_protos],
-                        protos_ptr,
-                        s,
-                    )
-                })
-        }
-        .map_err(|e| cuda_error("downloading the outputs", e))?;
-        self.stream.synchronize()?;
-        self.output.clear();
-        self.output
-            .extend_from_slice(&self.pinned_out.as_f32()[..n_out]);
-        self.prototypes.clear();
-        self.prototypes
-            .extend_from_slice(&self.pinned_protos.as_f32()[..n_protos]);
-        Ok((&self.output, Some(&self.prototypes)))
+        let protos = self.run_downloading(input, batch, true)?;
+        Ok((&self.output, protos.then_some(&self.prototypes[..])))
     }
 
     fn run_and_detect_masks(
@@ -2225,34 +2225,37 @@ mod tests {
             eprintln!("NVRTC not found: kernel compilation not checked here");
             return;
         }
-        let ptx = compile_kernels(Some("compute_80"), device::int8_stages())
-            .expect("kernels.cu compiles");
-        for name in KERNEL_NAMES {
-            assert!(
-                ptx.contains(&format!(".entry {name}")),
-                "{name} missing from the PTX"
-            );
-        }
-        let ptx = pre::compile_pre_kernels(Some("compute_80")).expect("pre.cu compiles");
-        for name in pre::PRE_KERNEL_NAMES {
-            assert!(
-                ptx.contains(&format!(".entry {name}")),
-                "{name} missing from the PTX"
-            );
-        }
-        let ptx = post::compile_post_kernels(Some("compute_80")).expect("post.cu compiles");
-        for name in post::POST_KERNEL_NAMES {
-            assert!(
-                ptx.contains(&format!(".entry {name}")),
-                "{name} missing from the PTX"
-            );
-        }
-        let ptx = masks::compile_mask_kernels(Some("compute_80")).expect("masks.cu compiles");
-        for name in masks::MASK_KERNEL_NAMES {
-            assert!(
-                ptx.contains(&format!(".entry {name}")),
-                "{name} missing from the PTX"
-            );
+        let arch = Some("compute_80");
+        let sources: [(&str, Result<String>, &[&str]); 4] = [
+            (
+                "kernels.cu",
+                compile_kernels(arch, device::int8_stages()),
+                &KERNEL_NAMES,
+            ),
+            (
+                "pre.cu",
+                pre::compile_pre_kernels(arch),
+                &pre::PRE_KERNEL_NAMES,
+            ),
+            (
+                "post.cu",
+                post::compile_post_kernels(arch),
+                &post::POST_KERNEL_NAMES,
+            ),
+            (
+                "masks.cu",
+                masks::compile_mask_kernels(arch),
+                &masks::MASK_KERNEL_NAMES,
+            ),
+        ];
+        for (file, ptx, names) in sources {
+            let ptx = ptx.unwrap_or_else(|e| panic!("{file} does not compile: {e}"));
+            for name in names {
+                assert!(
+                    ptx.contains(&format!(".entry {name}")),
+                    "{name} missing from the PTX of {file}"
+                );
+            }
         }
     }
 }
