@@ -1,6 +1,13 @@
 //! Datasets as YOLO tools know them: a data YAML pointing at image folders with YOLO txt labels, or a
 //! COCO instances json. Both load into the same [`Dataset`] of images with their ground truth in pixels.
 //!
+//! Instance masks come with the boxes where the labels have them: YOLO-seg polygon lines, COCO
+//! `segmentation` polygons or RLEs ([`Sample::segments`]). How objects of one image overlap
+//! differs by format ([`MaskOverlap`]): in a YOLO-seg label file later lines lie on top (a pixel
+//! belongs to the last object whose polygon covers it, as the synthetic scenes are painted); in a
+//! COCO json every annotation's mask stands alone, as pycocotools reads it.
+//! [`Sample::instance_masks`] applies the rule.
+//!
 //! Only image headers are read while loading (for the sizes); pixels are decoded later, one image at
 //! a time, with [`load_rgb`].
 
@@ -11,6 +18,8 @@ use serde::Deserialize;
 
 use crate::detection::{BoxXyxy, GroundTruth};
 use crate::error::{Error, Result};
+use crate::masks::Rle;
+use crate::segments::{Segmentation, paint_order_masks};
 
 /// Largest image (width × height, pixels) [`load_rgb`] decodes. Larger files are refused from their
 /// header alone, so a small compressed "decompression bomb" cannot make us allocate gigabytes.
@@ -63,6 +72,50 @@ pub struct Sample {
     /// Objects with boxes in this image's pixels; `area` is the box area for YOLO labels and COCO's
     /// `area` (mask area) for COCO json.
     pub objects: Vec<GroundTruth>,
+    /// The shape of each object of `objects` (same order), in this image's pixels: the polygon of
+    /// a YOLO-seg label line, the `segmentation` of a COCO annotation; `None` for an object with
+    /// only a box.
+    pub segments: Vec<Option<Segmentation>>,
+}
+
+/// How the instance masks of one image's objects relate where their shapes overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskOverlap {
+    /// Later objects lie on top: a pixel belongs to the last object (in label order) whose shape
+    /// covers it, so masks never overlap. YOLO-seg txt labels and the synthetic scenes.
+    PaintOrder,
+    /// Every object's mask is its whole shape, whatever else covers it (pycocotools' reading of a
+    /// COCO json).
+    Independent,
+}
+
+impl Sample {
+    /// Whether every object has a segmentation (true for an image without objects).
+    pub fn has_masks(&self) -> bool {
+        self.segments.len() == self.objects.len() && self.segments.iter().all(Option::is_some)
+    }
+
+    /// The instance mask of each object, in order, as COCO RLEs of this image's size
+    /// (`width` × `height` pixels), objects overlapping as `overlap` says (use the dataset's
+    /// [`Dataset::mask_overlap`]). `None` when some object has no segmentation. An error when a
+    /// segmentation cannot be rasterised (an RLE of another size, more than 65535 objects in
+    /// paint order).
+    pub fn instance_masks(&self, overlap: MaskOverlap) -> Result<Option<Vec<Rle>>> {
+        if !self.has_masks() {
+            return Ok(None);
+        }
+        let segments: Vec<&Segmentation> = self.segments.iter().flatten().collect();
+        let (w, h) = (self.width as usize, self.height as usize);
+        let masks = match overlap {
+            MaskOverlap::PaintOrder => paint_order_masks(&segments, w, h),
+            MaskOverlap::Independent => segments.iter().map(|s| s.to_rle(w, h)).collect(),
+        };
+        masks.map(Some).map_err(|e| Error::Dataset {
+            path: self.image.clone(),
+            line: None,
+            message: format!("the instance masks of this image: {e}"),
+        })
+    }
 }
 
 /// A list of images with ground truth and the class names.
@@ -75,6 +128,9 @@ pub struct Dataset {
     pub category_ids: Vec<u64>,
     /// Images sorted by path (YOLO) or by image id (COCO), so runs are reproducible.
     pub samples: Vec<Sample>,
+    /// How the objects' masks overlap: [`MaskOverlap::PaintOrder`] for YOLO datasets,
+    /// [`MaskOverlap::Independent`] for COCO json.
+    pub mask_overlap: MaskOverlap,
 }
 
 impl Dataset {
@@ -86,6 +142,23 @@ impl Dataset {
     /// Total number of labelled objects (crowd regions included).
     pub fn num_objects(&self) -> usize {
         self.samples.iter().map(|s| s.objects.len()).sum()
+    }
+
+    /// Whether mask metrics can be computed: every object of every image has a segmentation,
+    /// and there is at least one object.
+    pub fn has_masks(&self) -> bool {
+        self.num_objects() > 0 && self.samples.iter().all(Sample::has_masks)
+    }
+
+    /// Objects without a segmentation (box-only labels), over all images.
+    pub fn objects_without_masks(&self) -> usize {
+        self.samples
+            .iter()
+            .map(|s| {
+                let with = s.segments.iter().filter(|g| g.is_some()).count();
+                s.objects.len().saturating_sub(with)
+            })
+            .sum()
     }
 
     /// Load one split of a YOLO data YAML.
@@ -220,9 +293,11 @@ impl Dataset {
             let sample = (|| {
                 let (width, height) = image_size(&image)?;
                 let label = label_path_for(&image);
-                let objects = match std::fs::read_to_string(&label) {
-                    Ok(text) => parse_yolo_labels(&text, &label, width, height, names.len())?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                let (objects, segments) = match std::fs::read_to_string(&label) {
+                    Ok(text) => {
+                        parse_yolo_labels_with_segments(&text, &label, width, height, names.len())?
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
                     Err(e) => return Err(Error::io(&label, e)),
                 };
                 Ok(Sample {
@@ -231,6 +306,7 @@ impl Dataset {
                     width,
                     height,
                     objects,
+                    segments,
                 })
             })();
             match (sample, skipped.as_deref_mut()) {
@@ -250,6 +326,7 @@ impl Dataset {
             names,
             category_ids,
             samples,
+            mask_overlap: MaskOverlap::PaintOrder,
         })
     }
 
@@ -257,6 +334,12 @@ impl Dataset {
     /// the top-left corner, `categories`); image files are `images_dir/<file_name>`. Class ids are the
     /// positions of the categories sorted by id; [`Dataset::category_ids`] maps them back. Image sizes
     /// come from the json; the image files are not opened.
+    ///
+    /// An annotation's `segmentation`, when present, becomes its [`Sample::segments`] entry: a list
+    /// of polygons (each a flat `[x1, y1, x2, y2, ...]` of at least 6 numbers, pixels) or an RLE
+    /// `{"size": [height, width], "counts": [...] | "..."}` (uncompressed runs or pycocotools'
+    /// compressed string) of the image's size. An empty list or `null` means box only. Masks of
+    /// a COCO json overlap independently ([`MaskOverlap::Independent`]).
     pub fn from_coco_json(json: &Path, images_dir: &Path) -> Result<Dataset> {
         let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e))?;
         let err = |message: String| Error::Dataset {
@@ -303,6 +386,7 @@ impl Dataset {
                 width: im.width,
                 height: im.height,
                 objects: Vec::new(),
+                segments: Vec::new(),
             })
             .collect();
 
@@ -334,6 +418,12 @@ impl Dataset {
                 )));
             }
             let bbox = BoxXyxy::new(x as f32, y as f32, (x + w) as f32, (y + h) as f32);
+            let segment = match &ann.segmentation {
+                None => None,
+                Some(v) => parse_coco_segmentation(v, samples[i].width, samples[i].height)
+                    .map_err(|m| err(format!("{}: {m}", what())))?,
+            };
+            samples[i].segments.push(segment);
             samples[i].objects.push(GroundTruth {
                 bbox,
                 class_id,
@@ -346,6 +436,7 @@ impl Dataset {
             names: cats.iter().map(|c| c.name.clone()).collect(),
             category_ids: cats.iter().map(|c| c.id).collect(),
             samples,
+            mask_overlap: MaskOverlap::Independent,
         })
     }
 }
@@ -374,7 +465,8 @@ pub fn label_path_for(image: &Path) -> PathBuf {
 /// Parse a YOLO label file: one object per line, `class cx cy w h` (normalized to [0, 1]) or a YOLO-seg
 /// polygon `class x1 y1 x2 y2 ...` (at least three points; the box is the polygon's bounds). Blank
 /// lines are skipped. Boxes are returned in pixels of a `width` × `height` image, clipped to it, with
-/// `area` = box area. `path` is only used in error messages.
+/// `area` = box area. `path` is only used in error messages. The polygons are dropped; see
+/// [`parse_yolo_labels_with_segments`].
 pub fn parse_yolo_labels(
     text: &str,
     path: &Path,
@@ -382,7 +474,21 @@ pub fn parse_yolo_labels(
     height: u32,
     num_classes: usize,
 ) -> Result<Vec<GroundTruth>> {
+    parse_yolo_labels_with_segments(text, path, width, height, num_classes).map(|(boxes, _)| boxes)
+}
+
+/// [`parse_yolo_labels`], keeping each object's shape: for a polygon line, the polygon in pixels
+/// of the image (vertices clipped to it, like the box); `None` for a box line. Later lines lie on
+/// top of earlier ones ([`MaskOverlap::PaintOrder`]).
+pub fn parse_yolo_labels_with_segments(
+    text: &str,
+    path: &Path,
+    width: u32,
+    height: u32,
+    num_classes: usize,
+) -> Result<(Vec<GroundTruth>, Vec<Option<Segmentation>>)> {
     let mut out = Vec::new();
+    let mut segments = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let lineno = i + 1;
         let err = |message: String| Error::Dataset {
@@ -458,8 +564,21 @@ pub fn parse_yolo_labels(
             area: bbox.area(),
             iscrowd: false,
         });
+        segments.push((!is_box).then(|| {
+            Segmentation::Polygons(vec![
+                coords
+                    .chunks_exact(2)
+                    .map(|p| {
+                        [
+                            (p[0].clamp(0.0, 1.0) * w) as f32,
+                            (p[1].clamp(0.0, 1.0) * h) as f32,
+                        ]
+                    })
+                    .collect(),
+            ])
+        }));
     }
-    Ok(out)
+    Ok((out, segments))
 }
 
 /// A class field: an integer, or an integral float such as `3.0` (some converters write those).
@@ -703,6 +822,136 @@ fn parse_names(
     Ok(names)
 }
 
+/// The fix appended to every malformed-`segmentation` message.
+const COCO_SEGMENTATION_FORMS: &str = "COCO segmentations are a list of polygons \
+     [[x1, y1, x2, y2, x3, y3, ...], ...] in pixels or an RLE {\"size\": [height, width], \
+     \"counts\": [runs...] or \"compressed string\"}";
+
+/// A COCO annotation's `segmentation` in a `width` × `height` image: polygons or an RLE (see
+/// [`Dataset::from_coco_json`]); `None` for `null` or `[]`. The error is the problem and its fix.
+fn parse_coco_segmentation(
+    v: &serde_json::Value,
+    width: u32,
+    height: u32,
+) -> std::result::Result<Option<Segmentation>, String> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Ok(None),
+        Value::Array(list) if list.is_empty() => Ok(None),
+        Value::Array(list) => {
+            let mut polygons = Vec::with_capacity(list.len());
+            for (k, p) in list.iter().enumerate() {
+                let Value::Array(nums) = p else {
+                    return Err(format!(
+                        "`segmentation` item {} is {}, not a polygon (a flat list of numbers \
+                         wrapped in an outer list); {COCO_SEGMENTATION_FORMS}",
+                        k + 1,
+                        json_kind(p)
+                    ));
+                };
+                if nums.len() < 6 || nums.len() % 2 != 0 {
+                    return Err(format!(
+                        "`segmentation` polygon {} has {} numbers; a polygon needs an even \
+                         number, at least 6 (3 points x, y); {COCO_SEGMENTATION_FORMS}",
+                        k + 1,
+                        nums.len()
+                    ));
+                }
+                let mut points = Vec::with_capacity(nums.len() / 2);
+                for pair in nums.chunks_exact(2) {
+                    let coord = |n: &Value| n.as_f64().filter(|v| v.is_finite());
+                    match (coord(&pair[0]), coord(&pair[1])) {
+                        (Some(x), Some(y)) => points.push([x as f32, y as f32]),
+                        _ => {
+                            return Err(format!(
+                                "`segmentation` polygon {} holds {} and {}, which are not both \
+                                 finite numbers (pixels); {COCO_SEGMENTATION_FORMS}",
+                                k + 1,
+                                pair[0],
+                                pair[1]
+                            ));
+                        }
+                    }
+                }
+                polygons.push(points);
+            }
+            Ok(Some(Segmentation::Polygons(polygons)))
+        }
+        Value::Object(map) => {
+            let size = map
+                .get("size")
+                .and_then(Value::as_array)
+                .filter(|a| a.len() == 2)
+                .and_then(|a| Some([a[0].as_u64()?, a[1].as_u64()?]))
+                .ok_or_else(|| {
+                    format!(
+                        "the RLE `segmentation` needs `size`: [height, width] (two integers); \
+                         {COCO_SEGMENTATION_FORMS}"
+                    )
+                })?;
+            if size != [u64::from(height), u64::from(width)] {
+                return Err(format!(
+                    "the RLE `segmentation` has size {size:?} but its image is {height} high and \
+                     {width} wide; `size` is [height, width] of the image"
+                ));
+            }
+            let (h, w) = (height as usize, width as usize);
+            let rle = match map.get("counts") {
+                Some(Value::String(text)) => Rle::from_coco_string(h, w, text)
+                    .map_err(|e| format!("the RLE `segmentation`: {e}"))?,
+                Some(Value::Array(runs)) => {
+                    let counts = runs
+                        .iter()
+                        .map(|c| c.as_u64().and_then(|c| u32::try_from(c).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                        .ok_or_else(|| {
+                            "the RLE `segmentation` has `counts` that are not all non-negative \
+                             integers (run lengths in pixels)"
+                                .to_string()
+                        })?;
+                    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+                    if total != u64::from(width) * u64::from(height) {
+                        return Err(format!(
+                            "the RLE `segmentation` runs cover {total} pixels; a {width}x{height} \
+                             image has {}; the runs must add up to height * width",
+                            u64::from(width) * u64::from(height)
+                        ));
+                    }
+                    Rle {
+                        height: h,
+                        width: w,
+                        counts,
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "the RLE `segmentation` needs `counts`, a list of run lengths or a \
+                         compressed string; {COCO_SEGMENTATION_FORMS}"
+                    ));
+                }
+            };
+            Ok(Some(Segmentation::Rle(rle)))
+        }
+        other => Err(format!(
+            "`segmentation` is {}; {COCO_SEGMENTATION_FORMS}",
+            json_kind(other)
+        )),
+    }
+}
+
+/// A JSON value's kind in words, for messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// 1-based line of a top-level `key:` in the YAML text, for error messages.
 fn key_line(text: &str, key: &str) -> Option<usize> {
     text.lines()
@@ -740,6 +989,9 @@ struct CocoAnnotation {
     area: Option<f64>,
     #[serde(default)]
     iscrowd: Flag,
+    /// Read by hand ([`parse_coco_segmentation`]) so that a malformed one gets a precise message.
+    #[serde(default)]
+    segmentation: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -816,6 +1068,66 @@ mod tests {
         assert!((g[1].bbox.x1 - 20.0).abs() < 1e-4 && (g[1].bbox.x2 - 60.0).abs() < 1e-4);
         assert!((g[1].bbox.y1 - 10.0).abs() < 1e-4 && (g[1].bbox.y2 - 50.0).abs() < 1e-4);
         assert!(!g[1].iscrowd);
+    }
+
+    #[test]
+    fn yolo_seg_lines_keep_their_polygons_in_pixels() {
+        // A box line, then a triangle, then a square over the triangle's right part.
+        let text =
+            "0 0.5 0.5 0.2 0.4\n1 0.0 0.0 0.5 0.0 0.0 1.0\n2 0.2 0.2 0.6 0.2 0.6 0.6 0.2 0.6\n";
+        let (g, seg) =
+            parse_yolo_labels_with_segments(text, Path::new("l.txt"), 10, 10, 3).unwrap();
+        assert_eq!((g.len(), seg.len()), (3, 3));
+        assert!(seg[0].is_none());
+        assert_eq!(
+            seg[1],
+            Some(Segmentation::Polygons(vec![vec![
+                [0.0, 0.0],
+                [5.0, 0.0],
+                [0.0, 10.0]
+            ]]))
+        );
+        assert_eq!(g[2].bbox, BoxXyxy::new(2.0, 2.0, 6.0, 6.0));
+        let sample = Sample {
+            image: PathBuf::from("x.png"),
+            image_id: 1,
+            width: 10,
+            height: 10,
+            objects: g.clone(),
+            segments: seg.clone(),
+        };
+        assert!(!sample.has_masks());
+        assert_eq!(
+            sample.instance_masks(MaskOverlap::PaintOrder).unwrap(),
+            None
+        );
+        // Without the box-only object: the square (16 px) hides part of the triangle.
+        let sample = Sample {
+            objects: g[1..].to_vec(),
+            segments: seg[1..].to_vec(),
+            ..sample
+        };
+        assert!(sample.has_masks());
+        let painted = sample
+            .instance_masks(MaskOverlap::PaintOrder)
+            .unwrap()
+            .unwrap();
+        let alone = sample
+            .instance_masks(MaskOverlap::Independent)
+            .unwrap()
+            .unwrap();
+        // Triangle (0,0) (5,0) (0,10): row y holds the pixels with x + 0.5 < 5 - (y + 0.5) / 2.
+        let triangle: u64 = (0..10)
+            .map(|y| (4.25 - f64::from(y) / 2.0).ceil().max(0.0) as u64)
+            .sum();
+        assert_eq!(triangle, 25);
+        assert_eq!(alone[0].area(), triangle);
+        assert_eq!(alone[1].area(), 16);
+        assert_eq!(painted[1], alone[1]);
+        let hidden = alone[0].intersection(&alone[1]).unwrap();
+        assert!(hidden > 0);
+        assert_eq!(painted[0].area(), triangle - hidden);
+        assert_eq!(painted[0].intersection(&painted[1]).unwrap(), 0);
     }
 
     #[test]
@@ -971,6 +1283,98 @@ mod tests {
         assert_eq!(o[0].area, 150.0);
         assert!(o[1].iscrowd);
         assert_eq!(o[1].area, 25.0, "missing area = box area");
+    }
+
+    /// A one-image COCO json (10 wide, 8 high) whose single annotation has `segmentation`.
+    fn coco_with_segmentation(dir: &Path, segmentation: &str) -> Result<Dataset> {
+        let json = dir.join("seg.json");
+        std::fs::write(
+            &json,
+            format!(
+                r#"{{"images":[{{"id":1,"file_name":"a.png","width":10,"height":8}}],
+                   "annotations":[{{"id":42,"image_id":1,"category_id":1,"bbox":[0,0,4,4],
+                                    "segmentation":{segmentation}}}],
+                   "categories":[{{"id":1,"name":"a"}}]}}"#
+            ),
+        )
+        .unwrap();
+        Dataset::from_coco_json(&json, dir)
+    }
+
+    #[test]
+    fn coco_segmentations_load_as_polygons_and_rles() {
+        let dir = tmp("cocoseg");
+        let poly = coco_with_segmentation(&dir, "[[0,0,4,0,4,4,0,4],[6,6,8,6,8,8]]").unwrap();
+        assert_eq!(poly.mask_overlap, MaskOverlap::Independent);
+        assert!(poly.has_masks());
+        let s = &poly.samples[0];
+        let masks = s.instance_masks(poly.mask_overlap).unwrap().unwrap();
+        // The square (16 px) and the triangle (6,6) (8,6) (8,8), whose hypotenuse y = x passes
+        // through pixel centres: (6, 6), (7, 6) and (7, 7) are in (left edges belong to the shape).
+        assert_eq!(masks[0].area(), 16 + 3);
+        assert_eq!((masks[0].width, masks[0].height), (10, 8));
+
+        // The same square as uncompressed and compressed RLE.
+        let square =
+            Segmentation::Polygons(vec![vec![[0.0, 0.0], [4.0, 0.0], [4.0, 4.0], [0.0, 4.0]]])
+                .to_rle(10, 8)
+                .unwrap();
+        let counts = format!("{:?}", square.counts);
+        let raw = coco_with_segmentation(&dir, &format!(r#"{{"size":[8,10],"counts":{counts}}}"#))
+            .unwrap();
+        let text = square.to_coco_string();
+        let packed =
+            coco_with_segmentation(&dir, &format!(r#"{{"size":[8,10],"counts":"{text}"}}"#))
+                .unwrap();
+        for ds in [&raw, &packed] {
+            assert_eq!(
+                ds.samples[0].segments[0],
+                Some(Segmentation::Rle(square.clone()))
+            );
+            let m = ds.samples[0]
+                .instance_masks(ds.mask_overlap)
+                .unwrap()
+                .unwrap();
+            assert_eq!(m[0], square);
+        }
+
+        // No segmentation, null or []: box only.
+        for seg in ["null", "[]"] {
+            let ds = coco_with_segmentation(&dir, seg).unwrap();
+            assert_eq!(ds.samples[0].segments, [None]);
+            assert!(!ds.has_masks());
+            assert_eq!(ds.objects_without_masks(), 1);
+        }
+    }
+
+    #[test]
+    fn malformed_coco_segmentations_name_the_problem() {
+        let dir = tmp("cocosegerr");
+        for (seg, needle) in [
+            ("[[0,0,4,0,4]]", "polygon 1 has 5 numbers"),
+            ("[[0,0,4,0,4,4],[1,2,3,4]]", "polygon 2 has 4 numbers"),
+            ("[0,0,4,0,4,4]", "not a polygon"),
+            (r#"[[0,0,4,"x",4,4]]"#, "not both finite numbers"),
+            ("7", "`segmentation` is a number"),
+            (r#"{"counts":[80]}"#, "needs `size`"),
+            (
+                r#"{"size":[10,8],"counts":[80]}"#,
+                "size [10, 8] but its image is 8 high",
+            ),
+            (r#"{"size":[8,10],"counts":[70]}"#, "cover 70 pixels"),
+            (
+                r#"{"size":[8,10],"counts":[-1,81]}"#,
+                "not all non-negative",
+            ),
+            (r#"{"size":[8,10],"counts":"0 x"}"#, "outside '0'..='o'"),
+            (r#"{"size":[8,10]}"#, "needs `counts`"),
+        ] {
+            let e = coco_with_segmentation(&dir, seg).unwrap_err().to_string();
+            assert!(
+                e.contains("seg.json") && e.contains("annotation id 42") && e.contains(needle),
+                "{seg}: {e}"
+            );
+        }
     }
 
     #[test]

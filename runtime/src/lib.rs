@@ -1,6 +1,7 @@
 //! Kestrel runtime: engines (the `cpu` backend on tract), letterbox pre-processing, decoding of the
-//! YOLOv9 head, NMS, datasets (YOLO txt, COCO json, synthetic scenes), COCO-style evaluation, and
-//! calibration of activation ranges for post-training quantization.
+//! YOLOv9 head, NMS, datasets (YOLO txt, COCO json, synthetic scenes) with their instance masks,
+//! COCO-style evaluation (boxes and masks), and calibration of activation ranges for post-training
+//! quantization.
 //!
 //! The CPU implementations here are the reference every GPU kernel is tested against.
 
@@ -18,6 +19,7 @@ pub mod labels;
 pub mod letterbox;
 pub mod masks;
 pub mod nms;
+pub mod segments;
 pub mod synth;
 
 mod cpu;
@@ -26,3 +28,5 @@ pub mod cuda;
 pub use detection::{BoxXyxy, Detection, GroundTruth};
 pub use detector::Detector;
 pub use error::{Error, Result};
+pub use masks::{Bitmap, Rle};
+pub use segments::{Segmentation, paint_order_masks};

@@ -14,8 +14,12 @@
 //! - occlusion: later objects may cover earlier ones, but never more than half of one;
 //! - objects cut by the image border (at most about two thirds of the shape outside).
 //!
-//! Labels are amodal (occlusion by other objects is ignored): the polygon is the whole shape clipped
-//! to the image, and the box is that clipped polygon's bounds.
+//! Boxes and polygons are amodal (occlusion by other objects is ignored): the polygon is the whole
+//! shape clipped to the image, and the box is that clipped polygon's bounds. Instance masks are the
+//! visible parts: objects are painted in list order, so a pixel belongs to the last object whose
+//! polygon covers its centre ([`scene_masks`]; paint order, see [`crate::segments`]). The YOLO-seg
+//! label files list the polygons in that order, so reading them in paint order gives these masks
+//! back; the COCO json stores the masks themselves.
 
 use std::io::Write as _;
 use std::ops::RangeInclusive;
@@ -25,6 +29,8 @@ use serde::Serialize;
 
 use crate::detection::BoxXyxy;
 use crate::error::{Error, Result};
+use crate::masks::Rle;
+use crate::segments::{Segmentation, paint_order_masks};
 
 /// Class names of the synthetic shapes; the class id is the index.
 pub const CLASS_NAMES: [&str; 6] = [
@@ -121,6 +127,18 @@ impl SceneObject {
     pub fn area(&self) -> f32 {
         polygon_area(&self.polygon)
     }
+}
+
+/// The visible instance mask of each object of a `width` × `height` scene, in order: objects are
+/// stacked in paint order (later ones hide earlier ones), each polygon rasterised at pixel
+/// centres. An object hidden entirely gets an empty mask.
+pub fn scene_masks(objects: &[SceneObject], width: usize, height: usize) -> Result<Vec<Rle>> {
+    let segments: Vec<Segmentation> = objects
+        .iter()
+        .map(|o| Segmentation::Polygons(vec![o.polygon.clone()]))
+        .collect();
+    let refs: Vec<&Segmentation> = segments.iter().collect();
+    paint_order_masks(&refs, width, height)
 }
 
 /// SplitMix64: tiny, fast, and good enough for scene parameters (and it seeds itself from any u64).
@@ -686,10 +704,18 @@ fn finish(c: &Canvas, rng: &mut Rng) -> image::RgbImage {
         .unwrap_or_else(|| image::RgbImage::new(c.width as u32, c.height as u32))
 }
 
-/// Write a synthetic dataset under `out_dir`: `images/{train,val}/NNNNNN.png`, YOLO labels
-/// `labels/{train,val}/NNNNNN.txt` (normalized `class cx cy w h`, 6 decimals), `data.yaml`, and COCO
-/// `annotations/instances_{train,val}.json` (category ids 1..=6, polygon segmentation, area = polygon
-/// area). `progress(done, total)` is called after each image. Refuses a folder that already holds
+/// Write a synthetic dataset under `out_dir`:
+/// - `images/{train,val}/NNNNNN.png`;
+/// - YOLO-seg labels `labels/{train,val}/NNNNNN.txt`: one polygon per object, `class x1 y1 x2 y2
+///   ...` normalized to [0, 1] with 6 decimals, in paint order, so the loaded box is the polygon's
+///   bounds and the paint-order masks are the visible ones;
+/// - `data.yaml`;
+/// - COCO `annotations/instances_{train,val}.json`: category ids 1..=6, `bbox` the polygon's
+///   bounds, `segmentation` the object's visible mask as a compressed RLE `{"size": [h, w],
+///   "counts": "..."}`, `area` that mask's pixels (0 for an object hidden entirely, which is kept
+///   so that both files list the same objects).
+///
+/// `progress(done, total)` is called after each image. Refuses a folder that already holds
 /// `images/` or `labels/` files, so a smaller run never leaves stale images behind.
 pub fn generate(
     cfg: &SynthConfig,
@@ -742,12 +768,13 @@ pub fn generate(
 
         let mut txt = String::new();
         for o in &objects {
-            let b = &o.bbox;
-            let cx = (f64::from(b.x1) + f64::from(b.x2)) / 2.0 / f64::from(wf);
-            let cy = (f64::from(b.y1) + f64::from(b.y2)) / 2.0 / f64::from(hf);
-            let bw = f64::from(b.width()) / f64::from(wf);
-            let bh = f64::from(b.height()) / f64::from(hf);
-            txt.push_str(&format!("{} {cx:.6} {cy:.6} {bw:.6} {bh:.6}\n", o.class_id));
+            txt.push_str(&o.class_id.to_string());
+            for p in &o.polygon {
+                let x = f64::from(p[0]) / f64::from(wf);
+                let y = f64::from(p[1]) / f64::from(hf);
+                txt.push_str(&format!(" {x:.6} {y:.6}"));
+            }
+            txt.push('\n');
         }
         let label_path = out_dir
             .join("labels")
@@ -756,12 +783,14 @@ pub fn generate(
         std::fs::write(&label_path, txt).map_err(|e| Error::io(&label_path, e))?;
 
         let image_id = i as u64 + 1;
+        let masks = scene_masks(&objects, cfg.width as usize, cfg.height as usize)?;
         coco[si].add(
             image_id,
             format!("{stem}.png"),
             cfg.width,
             cfg.height,
             &objects,
+            &masks,
         );
         counts[si].0 += 1;
         counts[si].1 += objects.len();
@@ -893,7 +922,14 @@ struct CocoAnnOut {
     bbox: [f64; 4],
     area: f64,
     iscrowd: u8,
-    segmentation: Vec<Vec<f64>>,
+    segmentation: CocoRleOut,
+}
+
+/// pycocotools' compressed RLE: `size` is `[height, width]`.
+#[derive(Serialize)]
+struct CocoRleOut {
+    size: [usize; 2],
+    counts: String,
 }
 
 #[derive(Serialize)]
@@ -924,6 +960,7 @@ impl CocoOut {
         width: u32,
         height: u32,
         objects: &[SceneObject],
+        masks: &[Rle],
     ) {
         self.images.push(CocoImageOut {
             id,
@@ -931,21 +968,19 @@ impl CocoOut {
             width,
             height,
         });
-        for o in objects {
+        for (o, m) in objects.iter().zip(masks) {
             let b = &o.bbox;
             self.annotations.push(CocoAnnOut {
                 id: self.annotations.len() as u64 + 1,
                 image_id: id,
                 category_id: o.class_id as u64 + 1,
                 bbox: [r3(b.x1), r3(b.y1), r3(b.width()), r3(b.height())],
-                area: r3(o.area()),
+                area: m.area() as f64,
                 iscrowd: 0,
-                segmentation: vec![
-                    o.polygon
-                        .iter()
-                        .flat_map(|p| [r3(p[0]), r3(p[1])])
-                        .collect(),
-                ],
+                segmentation: CocoRleOut {
+                    size: [m.height, m.width],
+                    counts: m.to_coco_string(),
+                },
             });
         }
     }
@@ -1100,6 +1135,24 @@ mod tests {
         assert_eq!(coco.num_objects(), s.train_objects);
         assert!(coco.samples.iter().all(|x| x.image.is_file()));
 
+        // Masks: YOLO-seg polygons read in paint order give the COCO json's visible masks (up to
+        // the 6-decimal rounding of the label vertices), and COCO's area is the mask's.
+        let yolo =
+            crate::dataset::Dataset::from_yolo_yaml(&s.data_yaml, crate::dataset::Split::Train)
+                .unwrap();
+        assert_eq!(yolo.mask_overlap, crate::dataset::MaskOverlap::PaintOrder);
+        assert!(yolo.has_masks() && coco.has_masks());
+        for (y, c) in yolo.samples.iter().zip(&coco.samples) {
+            let ym = y.instance_masks(yolo.mask_overlap).unwrap().unwrap();
+            let cm = c.instance_masks(coco.mask_overlap).unwrap().unwrap();
+            assert_eq!(ym.len(), cm.len());
+            for ((a, b), g) in ym.iter().zip(&cm).zip(&c.objects) {
+                assert_eq!(b.area() as f32, g.area);
+                let iou = a.iou(b, false).unwrap();
+                assert!(iou > 0.98 || a.area() + b.area() < 10, "IoU {iou}");
+            }
+        }
+
         // A second run into the same folder is refused.
         let e = generate(&cfg, &dir, &mut |_, _| {}).unwrap_err();
         assert!(e.to_string().contains("not empty"), "{e}");
@@ -1109,6 +1162,38 @@ mod tests {
         };
         assert!(generate(&bad, &dir.join("x"), &mut |_, _| {}).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn scene_masks_are_the_visible_parts() {
+        for seed in 0..20 {
+            let (_, objs) = render_scene(seed, 160, 120);
+            let masks = scene_masks(&objs, 160, 120).unwrap();
+            assert_eq!(masks.len(), objs.len());
+            let mut union = vec![0u8; 160 * 120];
+            for (k, (o, m)) in objs.iter().zip(&masks).enumerate() {
+                let alone = Segmentation::Polygons(vec![o.polygon.clone()])
+                    .to_bitmap(160, 120)
+                    .unwrap();
+                let mine = m.decode().unwrap();
+                for (i, (&v, &a)) in mine.data.iter().zip(&alone.data).enumerate() {
+                    // Inside the object's own shape, never on another object's mask.
+                    assert!(v <= a, "seed {seed} object {k} pixel {i}");
+                    union[i] += v;
+                }
+                // The placement rules keep at least about half of every object visible.
+                assert!(
+                    m.area() as f64 >= 0.3 * alone.area() as f64,
+                    "seed {seed} object {k}: {} of {} pixels visible",
+                    m.area(),
+                    alone.area()
+                );
+                if k + 1 == objs.len() {
+                    assert_eq!(m.area() as usize, alone.area(), "the last object is whole");
+                }
+            }
+            assert!(union.iter().all(|&v| v <= 1), "seed {seed}: masks overlap");
+        }
     }
 
     #[test]

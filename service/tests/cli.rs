@@ -838,3 +838,78 @@ fn infer_writes_masks_of_a_segmentation_model() {
     let out = kestrel(&["infer", "-m", p(&model), "--backend", "cuda", p(&img)]);
     assert_user_error(&out, &["cuda"]);
 }
+
+#[test]
+fn val_scores_masks_of_a_segmentation_model() {
+    // An untrained gelan-t-seg on a tiny synthetic set (YOLO-seg polygons): Box and Mask
+    // metrics, each in [0, 1]; on box-only labels, boxes and a note that masks were skipped.
+    let dir = scratch("seg-val");
+    let model = dir.join("seg.onnx");
+    let out = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t-seg",
+        "--imgsz",
+        "64",
+        "--classes",
+        "6",
+        "--dynamic",
+        "-o",
+        p(&model),
+    ]);
+    assert_success(&out);
+    let data = dir.join("synth");
+    let out = kestrel(&[
+        "synth",
+        "-o",
+        p(&data),
+        "--images",
+        "4",
+        "--seed",
+        "5",
+        "--imgsz",
+        "64",
+        "--val-fraction",
+        "0.5",
+    ]);
+    assert_success(&out);
+    let yaml = data.join("data.yaml");
+    let out = kestrel(&["val", "-m", p(&model), "--data", p(&yaml), "--json"]);
+    assert_success(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["instances"].as_u64().unwrap() > 0, "{v}");
+    for kind in ["box", "mask"] {
+        for key in ["precision", "recall", "map50", "map50_95"] {
+            let x = v[kind][key].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&x), "{kind}.{key} = {x}: {v}");
+        }
+    }
+    assert_eq!(v["map50_95"], v["box"]["map50_95"]);
+    let out = kestrel(&["val", "-m", p(&model), "--data", p(&yaml)]);
+    assert_success(&out);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with("all   Box"))
+            && table
+                .lines()
+                .any(|l| l.trim_start().starts_with("all  Mask")),
+        "{table}"
+    );
+
+    // Box labels only: no mask metrics, and a note on stderr saying why.
+    for entry in std::fs::read_dir(data.join("labels/val")).unwrap() {
+        std::fs::write(entry.unwrap().path(), "0 0.5 0.5 0.3 0.3\n").unwrap();
+    }
+    let out = kestrel(&["val", "-m", p(&model), "--data", p(&yaml), "--json"]);
+    assert_success(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.get("mask").is_none(), "{v}");
+    assert!(v["box"]["map50_95"].as_f64().unwrap() >= 0.0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("masks were not evaluated") && stderr.contains("no masks"),
+        "{stderr}"
+    );
+}
