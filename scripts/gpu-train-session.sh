@@ -31,7 +31,7 @@ case "$what" in
     timeout "$limit" bash scripts/train-demo-model.sh train \
       >> "$OUT/log.txt" 2>&1
     echo "train stage exit $? after at most $limit s" >> "$OUT/log.txt"
-    R=runs/demo-model
+    R=runs/${NAME:-$([ "${TASK:-detect}" = seg ] && echo seg-demo-model || echo demo-model)}
     tar czf "$OUT/run.tgz" $R/*.png $R/*.csv $R/summary.json $R/weights/*.json 2>/dev/null
     for f in last.safetensors last.ema.safetensors best.ema.safetensors; do
       [ -f $R/weights/$f ] && cp $R/weights/$f "$OUT/$f"

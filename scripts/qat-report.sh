@@ -3,6 +3,7 @@
 # (models/gelan-t-shapes.onnx) on Kestrel's synthetic scenes, from PyTorch-style fake quantization
 # to the INT8 engine:
 #   Origin (float, tch) | PTQ (tch) | QAT best (tch) | INT8 on the CPU backend | INT8 CUDA engine
+# MODEL=models/gelan-t-seg-shapes.onnx gives the segmentation model's table (Box and Mask columns).
 # All rows are evaluated on the same 500 held-out scenes (seed 1000003: the validation split of
 # synthetic:0:N, which the model never trained on), with YOLOv9's settings (conf 0.001, IoU 0.7).
 #
@@ -27,7 +28,7 @@ LR=${LR:-3e-5}
 EXTRA=${EXTRA---supervise-head --keep-head-float --detection-loss 1 --float-layers 2}
 CALIBRATOR=${CALIBRATOR:-histogram}
 METHOD=${METHOD:-mse}
-MODEL=models/gelan-t-shapes.onnx
+MODEL=${MODEL:-models/gelan-t-shapes.onnx}   # models/gelan-t-seg-shapes.onnx: the seg table
 PY=${KESTREL_PYTHON:-python3}
 
 if [ -z "${KESTREL_TRAIN:-}" ]; then

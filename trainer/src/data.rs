@@ -1,6 +1,10 @@
 //! Training batches: images letterboxed to the network size (as inference does), boxes mapped
 //! with them, a deterministic shuffle per epoch, and YOLOv9's augmentation: four-image mosaics,
 //! random scale and translation, HSV jitter and horizontal flips. Images load on several threads.
+//! For segmentation models each batch also carries the objects' masks at a quarter of the input
+//! size, as YOLOv9's overlapping masks: one label map per image (0 background, k + 1 where
+//! object k is on top), made by sampling each source image's painted outlines through the same
+//! letterbox, mosaic, zoom, shift and flip as the pixels.
 //! Sources: a dataset the runtime reads (YOLO txt or COCO json) or Kestrel's synthetic scenes
 //! (rendered on first use and kept in memory).
 
@@ -8,9 +12,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use kestrel_runtime::dataset::{Dataset, Split, load_rgb};
+use kestrel_runtime::dataset::{Dataset, MaskOverlap, Split, load_rgb};
 use kestrel_runtime::labels::hsv_to_rgb;
-use kestrel_runtime::letterbox::Letterboxer;
+use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
+use kestrel_runtime::segments::Segmentation;
 use kestrel_runtime::synth::{image_seed, render_scene};
 use kestrel_runtime::{BoxXyxy, GroundTruth};
 use tch::{Device, Tensor};
@@ -72,14 +77,24 @@ impl Source {
     /// Image `index` as RGB with its ground truth in its pixels (crowd regions included: the
     /// evaluator ignores them, training skips them).
     pub fn load(&self, index: usize) -> Result<(image::RgbImage, Vec<GroundTruth>)> {
+        let (img, objects, _) = self.load_with_segments(index)?;
+        Ok((img, objects))
+    }
+
+    /// [`Source::load`] with each object's outline (`None` where the labels give only a box).
+    pub fn load_with_segments(&self, index: usize) -> Result<Labelled> {
         match self {
             Source::Dataset(d) => {
                 let s = &d.samples[index];
                 let img = load_rgb(&s.image).map_err(Error::Runtime)?;
-                Ok((img, s.objects.clone()))
+                Ok((img, s.objects.clone(), s.segments.clone()))
             }
             Source::Synthetic { seed, size, .. } => {
                 let (img, objects) = render_scene(image_seed(*seed, index), *size, *size);
+                let segments = objects
+                    .iter()
+                    .map(|o| Some(Segmentation::Polygons(vec![o.polygon.clone()])))
+                    .collect();
                 let objects = objects
                     .into_iter()
                     .map(|o| GroundTruth {
@@ -89,11 +104,24 @@ impl Source {
                         iscrowd: false,
                     })
                     .collect();
-                Ok((img, objects))
+                Ok((img, objects, segments))
             }
         }
     }
+
+    /// Whether later objects of an image lie on top of earlier ones (YOLO-seg labels, synthetic
+    /// scenes); otherwise (COCO json) masks are independent and training paints the smaller
+    /// ones on top, as YOLOv9 does.
+    pub fn paint_order(&self) -> bool {
+        match self {
+            Source::Dataset(d) => d.mask_overlap == MaskOverlap::PaintOrder,
+            Source::Synthetic { .. } => true,
+        }
+    }
 }
+
+/// An image, its objects and their outlines (one entry per object).
+pub type Labelled = (image::RgbImage, Vec<GroundTruth>, Vec<Option<Segmentation>>);
 
 /// One batch for the network and the loss.
 #[derive(Debug)]
@@ -106,6 +134,9 @@ pub struct Batch {
     pub boxes: Tensor,
     /// `[B, N]` 1 for a real object, 0 for padding.
     pub valid: Tensor,
+    /// `[B, H/4, W/4]` object labels for segmentation models (0 background, k + 1 where row k
+    /// of the image's objects is on top); `None` for detectors.
+    pub masks: Option<Tensor>,
     /// Dataset indices of the images, in batch order.
     pub indices: Vec<usize>,
 }
@@ -121,13 +152,32 @@ impl Batch {
             classes: self.classes.to_device(device),
             boxes: self.boxes.to_device(device),
             valid: self.valid.to_device(device),
+            masks: self.masks.map(|m| m.to_device(device)),
             indices: self.indices,
         }
     }
 }
 
-/// A decoded image with its objects (class id, box in its pixels).
-type Item = Arc<(image::RgbImage, Vec<(usize, BoxXyxy)>)>;
+/// A decoded image with its objects (class id, box in its pixels) and, when masks are made, their
+/// outlines in paint order (the same order as `objects`: later ones on top).
+#[derive(Debug)]
+struct Loaded {
+    image: image::RgbImage,
+    objects: Vec<(usize, BoxXyxy)>,
+    segments: Vec<Segmentation>,
+}
+
+type Item = Arc<Loaded>;
+
+/// Pixels of the input per mask cell (YOLOv9's prototypes are at stride 4).
+pub const MASK_STRIDE: u32 = 4;
+
+/// One letterboxed image placed on the augmentation canvas.
+struct Tile {
+    item: Item,
+    placement: LetterboxParams,
+    offset: [f32; 2],
+}
 
 /// Images that failed to load and were skipped (`--skip-bad`): dataset index → the reason.
 pub type SkippedImages = Arc<Mutex<BTreeMap<usize, String>>>;
@@ -158,6 +208,8 @@ pub struct Loader {
     pub mosaic: f64,
     /// Worker threads for image loading.
     pub workers: usize,
+    /// Make instance masks (segmentation models): every object needs an outline.
+    pub masks: bool,
 }
 
 /// SplitMix64, for shuffles and flips that depend only on (seed, epoch, index).
@@ -204,6 +256,7 @@ impl Loader {
             hsv: [0.015, 0.7, 0.4],
             mosaic: 1.0,
             workers,
+            masks: false,
         })
     }
 
@@ -287,18 +340,38 @@ impl Loader {
         let n = indices.len();
         let mut pixels = vec![0f32; n * plane];
         let mut objects: Vec<Vec<(usize, BoxXyxy)>> = vec![Vec::new(); n];
+        let cells = size / MASK_STRIDE as usize;
+        // One mask plane per image when masks are made; a zero-length plane each otherwise.
+        let mask_plane = if self.masks { cells * cells } else { 0 };
+        let mut masks = vec![0f32; n * mask_plane];
         let workers = self.workers.clamp(1, n);
         let per = n.div_ceil(workers);
+        // Each worker owns its images' mask planes (none when no masks are made).
+        let mask_chunks: Vec<&mut [f32]> = if mask_plane == 0 {
+            (0..n.div_ceil(per))
+                .map(|_| <&mut [f32]>::default())
+                .collect()
+        } else {
+            masks.chunks_mut(per * mask_plane).collect()
+        };
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
             let handles: Vec<_> = pixels
                 .chunks_mut(per * plane)
                 .zip(objects.chunks_mut(per))
                 .zip(indices.chunks(per))
-                .map(|((px, objs), idx)| {
+                .zip(mask_chunks)
+                .map(|(((px, objs), idx), m)| {
                     scope.spawn(move || -> Result<()> {
                         let mut lb = Letterboxer::new();
-                        for ((out, obj), &i) in px.chunks_mut(plane).zip(objs.iter_mut()).zip(idx) {
-                            *obj = self.load_one(&mut lb, epoch, i, out)?;
+                        for (k, ((out, obj), &i)) in px
+                            .chunks_mut(plane)
+                            .zip(objs.iter_mut())
+                            .zip(idx)
+                            .enumerate()
+                        {
+                            let mask = (mask_plane > 0)
+                                .then(|| &mut m[k * mask_plane..(k + 1) * mask_plane]);
+                            *obj = self.load_one(&mut lb, epoch, i, out, mask)?;
                         }
                         Ok(())
                     })
@@ -334,6 +407,10 @@ impl Loader {
             classes: Tensor::from_slice(&classes).view([n, m]),
             boxes: Tensor::from_slice(&boxes).view([n, m, 4]),
             valid: Tensor::from_slice(&valid).view([n, m]),
+            masks: self.masks.then(|| {
+                let c = cells as i64;
+                Tensor::from_slice(&masks).view([n, c, c])
+            }),
             indices,
         })
     }
@@ -376,34 +453,62 @@ impl Loader {
         Ok(cache[index].get_or_init(|| item).clone())
     }
 
-    /// One image `index` with its objects, class ids checked.
+    /// One image `index` with its objects, class ids checked; with masks, their outlines in
+    /// paint order.
     fn load_checked(&self, index: usize) -> Result<Item> {
-        let (img, objects) = self.source.load(index)?;
-        let objects: Vec<(usize, BoxXyxy)> = objects
-            .into_iter()
-            .filter(|o| !o.iscrowd)
-            .map(|o| (o.class_id, o.bbox))
-            .collect();
+        let (image, objects, segments) = self.source.load_with_segments(index)?;
         let nc = self.source.num_classes();
-        if let Some((c, _)) = objects.iter().find(|(c, _)| *c >= nc) {
-            return Err(Error::Data(format!(
-                "{}: class {c} is out of range for {nc} classes",
-                self.source.describe(index)
-            )));
+        let mut kept = Vec::with_capacity(objects.len());
+        for (k, (o, seg)) in objects.into_iter().zip(segments).enumerate() {
+            if o.iscrowd {
+                continue;
+            }
+            if o.class_id >= nc {
+                return Err(Error::Data(format!(
+                    "{}: class {} is out of range for {nc} classes",
+                    self.source.describe(index),
+                    o.class_id
+                )));
+            }
+            if self.masks && seg.is_none() {
+                return Err(Error::Data(format!(
+                    "{}: object {} has a box but no outline; a segmentation model trains on \
+                     YOLO-seg polygons or COCO segmentations (label every object with one)",
+                    self.source.describe(index),
+                    k + 1
+                )));
+            }
+            kept.push(((o.class_id, o.bbox), seg));
         }
-        Ok(Arc::new((img, objects)))
+        if self.masks && !self.source.paint_order() {
+            // Independent masks (COCO): larger objects first, so smaller ones stay visible.
+            kept.sort_by(|a, b| b.0.1.area().total_cmp(&a.0.1.area()));
+        }
+        let (objects, segments): (Vec<_>, Vec<_>) = kept.into_iter().unzip();
+        let segments = if self.masks {
+            segments.into_iter().flatten().collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Arc::new(Loaded {
+            image,
+            objects,
+            segments,
+        }))
     }
 
     /// Image `index` for the network, augmented, into `out` (NCHW planes), with its objects in
     /// input pixels. With probability `mosaic` it is YOLOv9's mosaic: four images (this one and
     /// three drawn from the dataset) letterboxed into the quadrants around a random centre of a
     /// canvas twice the input size, which the random zoom and shift then crop to the input.
+    /// With `mask` (a `(H/4)·(W/4)` plane), the kept objects' labels go there.
     fn load_one(
         &self,
         lb: &mut Letterboxer,
         epoch: usize,
         index: usize,
         out: &mut [f32],
+        mask: Option<&mut [f32]>,
     ) -> Result<Vec<(usize, BoxXyxy)>> {
         let size = self.imgsz as f32;
         let n = self.imgsz as usize;
@@ -426,7 +531,9 @@ impl Loader {
         ];
         let use_mosaic = uniform() < self.mosaic;
 
-        // The source canvas (side `canvas`) and the objects in its pixels.
+        // The source canvas (side `canvas`), its tiles, and the objects in its pixels with their
+        // tile and index there.
+        let mut tiles: Vec<Tile> = Vec::with_capacity(4);
         let (canvas, pixels, objects) = if use_mosaic {
             let side = 2 * n;
             let fill = kestrel_runtime::letterbox::FILL as f32 / 255.0;
@@ -442,7 +549,7 @@ impl Loader {
                     ((uniform() * self.source.len() as f64) as usize).min(self.source.len() - 1)
                 };
                 let item = self.load_good(pick)?;
-                let (img, objs) = (&item.0, &item.1);
+                let (img, objs) = (&item.image, &item.objects);
                 let p = lb
                     .run(img, self.imgsz, self.imgsz, &mut tile)
                     .map_err(Error::Runtime)?;
@@ -453,7 +560,8 @@ impl Loader {
                     _ => (cx, cy),
                 };
                 paste(&tile, n, &mut pixels, side, ox, oy);
-                objects.extend(objs.iter().map(|&(c, b)| {
+                let t = tiles.len();
+                objects.extend(objs.iter().enumerate().map(|(j, &(c, b))| {
                     let b = p.to_input(b);
                     let (dx, dy) = (ox as f32, oy as f32);
                     let b = BoxXyxy {
@@ -462,17 +570,31 @@ impl Loader {
                         x2: b.x2 + dx,
                         y2: b.y2 + dy,
                     };
-                    (c, b.clip(side as f32, side as f32))
+                    (c, b.clip(side as f32, side as f32), t, j)
                 }));
+                tiles.push(Tile {
+                    item: item.clone(),
+                    placement: p,
+                    offset: [ox as f32, oy as f32],
+                });
             }
             (side, pixels, objects)
         } else {
             let item = self.load_good(index)?;
-            let (img, objs) = (&item.0, &item.1);
+            let (img, objs) = (&item.image, &item.objects);
             let p = lb
                 .run(img, self.imgsz, self.imgsz, out)
                 .map_err(Error::Runtime)?;
-            let objects = objs.iter().map(|&(c, b)| (c, p.to_input(b))).collect();
+            let objects = objs
+                .iter()
+                .enumerate()
+                .map(|(j, &(c, b))| (c, p.to_input(b), 0, j))
+                .collect();
+            tiles.push(Tile {
+                item: item.clone(),
+                placement: p,
+                offset: [0.0, 0.0],
+            });
             (n, out.to_vec(), objects)
         };
         let geometry = Affine {
@@ -492,9 +614,9 @@ impl Loader {
                 row.reverse();
             }
         }
-        Ok(objects
+        let kept: Vec<(usize, BoxXyxy, usize, usize)> = objects
             .into_iter()
-            .filter_map(|(c, original)| {
+            .filter_map(|(c, original, tile, j)| {
                 let b = geometry.apply(original).clip(size, size);
                 let (w, h) = (b.x2 - b.x1, b.y2 - b.y1);
                 let (w0, h0) = (
@@ -515,10 +637,104 @@ impl Loader {
                 } else {
                     b
                 };
-                keep.then_some((c, b))
+                keep.then_some((c, b, tile, j))
             })
-            .collect())
+            .collect();
+        if let Some(mask) = mask {
+            let cells = n / MASK_STRIDE as usize;
+            paint_masks(
+                &tiles,
+                &kept,
+                &geometry,
+                flip,
+                canvas as f32,
+                n as f32,
+                cells,
+                mask,
+            )?;
+        }
+        Ok(kept.into_iter().map(|(c, b, _, _)| (c, b)).collect())
     }
+}
+
+/// The label plane of one augmented image: each mask cell's centre is mapped back through the
+/// flip, the zoom and shift, the mosaic and the letterbox to a source pixel, whose object (by
+/// paint order) gives the label: k + 1 for `kept[k]`, 0 for background and dropped objects.
+/// `canvas` is the side of the canvas the tiles were pasted on (clipped there), `size` the
+/// input's.
+#[allow(clippy::too_many_arguments)]
+fn paint_masks(
+    tiles: &[Tile],
+    kept: &[(usize, BoxXyxy, usize, usize)],
+    geometry: &Affine,
+    flip: bool,
+    canvas: f32,
+    size: f32,
+    cells: usize,
+    mask: &mut [f32],
+) -> Result<()> {
+    // Per tile: its source image's painted outlines (value j + 1 for object j) and the label of
+    // each object.
+    let mut painted: Vec<Vec<u16>> = Vec::with_capacity(tiles.len());
+    let mut labels: Vec<Vec<f32>> = Vec::with_capacity(tiles.len());
+    for t in tiles {
+        let (w, h) = (
+            t.item.image.width() as usize,
+            t.item.image.height() as usize,
+        );
+        let mut map = vec![0u16; w * h];
+        if t.item.segments.len() >= usize::from(u16::MAX) {
+            return Err(Error::Data(format!(
+                "an image with {} objects: at most {} can be masked",
+                t.item.segments.len(),
+                u16::MAX - 1
+            )));
+        }
+        for (j, seg) in t.item.segments.iter().enumerate() {
+            seg.paint(&mut map, w, h, (j + 1) as u16)
+                .map_err(Error::Runtime)?;
+        }
+        painted.push(map);
+        labels.push(vec![0.0; t.item.segments.len() + 1]);
+    }
+    for (k, &(_, _, tile, j)) in kept.iter().enumerate() {
+        labels[tile][j + 1] = (k + 1) as f32;
+    }
+    let stride = size / cells as f32;
+    let inv = 1.0 / geometry.zoom;
+    for v in 0..cells {
+        let y = (v as f32 + 0.5) * stride;
+        let cy = (y - geometry.dst_centre - geometry.shift[1]) * inv + geometry.src_centre;
+        for u in 0..cells {
+            let x = (u as f32 + 0.5) * stride;
+            let x = if flip { size - x } else { x };
+            let cx = (x - geometry.dst_centre - geometry.shift[0]) * inv + geometry.src_centre;
+            // Outside the canvas `paste` left the fill; else the last pasted tile wins.
+            let on_canvas = cx >= 0.0 && cy >= 0.0 && cx < canvas && cy < canvas;
+            let found = tiles
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(|_| on_canvas)
+                .find_map(|(t, tile)| {
+                    let (tx, ty) = (cx - tile.offset[0], cy - tile.offset[1]);
+                    (tx >= 0.0 && ty >= 0.0 && tx < size && ty < size).then_some((t, tx, ty))
+                });
+            let label = found.map_or(0.0, |(t, tx, ty)| {
+                let p = &tiles[t].placement;
+                let sx = (tx - p.left as f32) / p.scale_x();
+                let sy = (ty - p.top as f32) / p.scale_y();
+                let (w, h) = (p.src_w as f32, p.src_h as f32);
+                if sx < 0.0 || sy < 0.0 || sx >= w || sy >= h {
+                    return 0.0;
+                }
+                let at = sy as usize * p.src_w as usize + sx as usize;
+                labels[t][usize::from(painted[t][at])]
+            });
+            mask[v * cells + u] = label;
+        }
+    }
+    Ok(())
 }
 
 /// Copy NCHW planes of a `n`×`n` tile into a `side`×`side` canvas at (`ox`, `oy`), clipped.

@@ -116,6 +116,8 @@ pub struct GraphNet {
     param_names: Vec<String>,
     input: usize,
     output: usize,
+    /// A segmentation model's second output, the prototypes (`output1`).
+    prototypes: Option<usize>,
     /// Per node index (convolutions only): its fake quantizer.
     quantizers: HashMap<usize, ConvQuantizer>,
     /// Per node index (quantized convolutions): a trainable natural log of the input scale that
@@ -180,6 +182,7 @@ impl GraphNet {
             param_names: Vec::new(),
             input: 0,
             output: 0,
+            prototypes: None,
             quantizers: HashMap::new(),
             learned_log_scales: HashMap::new(),
             quantize: true,
@@ -413,6 +416,11 @@ impl GraphNet {
         net.output = *net.value_index.get(&output.name).ok_or_else(|| {
             Error::Quantization(format!("output '{}' is not computed", output.name))
         })?;
+        if let Some(second) = graph.output.get(1) {
+            net.prototypes = Some(*net.value_index.get(&second.name).ok_or_else(|| {
+                Error::Quantization(format!("output '{}' is not computed", second.name))
+            })?);
+        }
         Ok(net)
     }
 
@@ -558,8 +566,18 @@ impl GraphNet {
     pub fn forward_observed(
         &self,
         images: &Tensor,
-        mut observe: impl FnMut(usize, &Tensor) -> Result<()>,
+        observe: impl FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
+        Ok(self.forward_outputs_observed(images, observe)?.0)
+    }
+
+    /// Both outputs (`output0`, and a segmentation model's prototypes `output1`), observed as
+    /// in [`GraphNet::forward_observed`].
+    pub fn forward_outputs_observed(
+        &self,
+        images: &Tensor,
+        mut observe: impl FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mut values: Vec<Option<Tensor>> = (0..self.value_names.len()).map(|_| None).collect();
         values[self.input] = Some(images.shallow_clone());
         observe(self.input, images)?;
@@ -600,9 +618,21 @@ impl GraphNet {
                 values[id] = Some(t);
             }
         }
-        values[self.output]
+        let prototypes = match self.prototypes {
+            Some(id) => Some(values[id].take().ok_or_else(|| {
+                Error::Quantization("the prototypes output was not computed".into())
+            })?),
+            None => None,
+        };
+        let head = values[self.output]
             .take()
-            .ok_or_else(|| Error::Quantization("the output was not computed".into()))
+            .ok_or_else(|| Error::Quantization("the output was not computed".into()))?;
+        Ok((head, prototypes))
+    }
+
+    /// The value id of a segmentation model's prototypes (its second output).
+    pub fn prototypes_value(&self) -> Option<usize> {
+        self.prototypes
     }
 
     /// `output0` of a batch `[B, 3, H, W]`.

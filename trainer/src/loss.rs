@@ -2,6 +2,10 @@
 //! ground-truth box, the anchors whose predictions already align best with it; classification
 //! is BCE against IoU-scaled soft targets, boxes get CIoU and distribution-focal (DFL) losses.
 //!
+//! Segmentation models add YOLOv9's mask loss (`utils/segment/loss_tal.py`): each foreground
+//! anchor's mask (its coefficients times the image's prototypes) against its ground-truth
+//! object's mask, BCE inside the object's box, normalised by the box area.
+//!
 //! Boxes are `x1, y1, x2, y2`. Predictions come in grid units per anchor (the head's raw output);
 //! the assigner works in input pixels, the box losses in grid units, as YOLOv9 does.
 
@@ -16,6 +20,8 @@ pub struct LossWeights {
     pub boxes: f64,
     pub classes: f64,
     pub dfl: f64,
+    /// The mask term of segmentation models (YOLOv9 uses the box gain).
+    pub masks: f64,
 }
 
 impl Default for LossWeights {
@@ -24,6 +30,7 @@ impl Default for LossWeights {
             boxes: 7.5,
             classes: 0.5,
             dfl: 1.5,
+            masks: 7.5,
         }
     }
 }
@@ -133,6 +140,9 @@ pub struct Assignment {
     pub boxes: Tensor,
     /// Anchors assigned to some ground truth `[B, A]` (bool).
     pub foreground: Tensor,
+    /// The ground-truth row each anchor is assigned to `[B, A]` (int64; meaningful where
+    /// `foreground`).
+    pub gt_index: Tensor,
 }
 
 /// YOLOv9's `TaskAlignedAssigner`. Inputs: sigmoid scores `[B, A, C]`, predicted boxes in pixels
@@ -156,6 +166,7 @@ pub fn assign(
                 scores: scores.zeros_like(),
                 boxes: pred_boxes.zeros_like(),
                 foreground: Tensor::zeros([b, a], (Kind::Bool, device)),
+                gt_index: Tensor::zeros([b, a], (Kind::Int64, device)),
             });
         }
         // Anchor centres strictly inside each ground-truth box: [B, N, A].
@@ -214,6 +225,7 @@ pub fn assign(
             scores: one_hot * norm.unsqueeze(-1),
             boxes,
             foreground,
+            gt_index,
         })
     })
 }
@@ -225,15 +237,17 @@ fn dims3(t: &Tensor) -> Result<[i64; 3]> {
     }
 }
 
-/// The three loss terms (already weighted) and their sum. Like YOLOv9's, each is normalised by
-/// the sum of the soft class targets; YOLOv9 then multiplies the sum by the batch size for the
-/// optimiser, which the training loop does.
+/// The loss terms (already weighted) and their sum. Like YOLOv9's, the detection terms are
+/// normalised by the sum of the soft class targets; YOLOv9 then multiplies the sum by the batch
+/// size for the optimiser, which the training loop does.
 #[derive(Debug)]
 pub struct LossTerms {
     pub total: Tensor,
     pub boxes: f64,
     pub classes: f64,
     pub dfl: f64,
+    /// The mask term (0 for a detector).
+    pub masks: f64,
 }
 
 /// YOLOv9's detection loss for raw head outputs `[B, 4·reg_max + C, A]` (grid units), anchor
@@ -250,6 +264,156 @@ pub fn detection_loss(
     weights: &LossWeights,
     assigner: &AssignerConfig,
 ) -> Result<LossTerms> {
+    let d = detection_terms(
+        raw, anchors, strides, gt_classes, gt_boxes, gt_valid, weights, assigner,
+    )?;
+    Ok(d.finish(None))
+}
+
+/// YOLOv9's segmentation loss: the detection loss of the raw head's first `4·reg_max + C` rows
+/// (`raw` is `[B, 4·reg_max + C + nm, A]`, the mask coefficients last) plus the mask term.
+/// `prototypes` is `[B, nm, h, w]`; `gt_masks` `[B, h, w]` holds each image's objects as labels
+/// (0 background, k + 1 where row k of `gt_boxes` is on top, YOLOv9's overlapping masks);
+/// `input` is the network's input size (width, height) in pixels.
+#[allow(clippy::too_many_arguments)]
+pub fn segmentation_loss(
+    raw: &Tensor,
+    prototypes: &Tensor,
+    anchors: &Tensor,
+    strides: &Tensor,
+    gt_classes: &Tensor,
+    gt_boxes: &Tensor,
+    gt_valid: &Tensor,
+    gt_masks: &Tensor,
+    input: [i64; 2],
+    weights: &LossWeights,
+    assigner: &AssignerConfig,
+) -> Result<LossTerms> {
+    let [b, channels, _] = dims3(raw)?;
+    let (nm, h, w) = match prototypes.size()[..] {
+        [pb, nm, h, w] if pb == b => (nm, h, w),
+        ref s => {
+            return Err(Error::Shape(format!(
+                "prototypes {s:?} for a batch of {b}: expected [{b}, masks, height, width]"
+            )));
+        }
+    };
+    if gt_masks.size() != [b, h, w] {
+        return Err(Error::Shape(format!(
+            "ground-truth masks {:?}; the prototypes need [{b}, {h}, {w}] (a quarter of the input)",
+            gt_masks.size()
+        )));
+    }
+    let det_rows = channels - nm;
+    let d = detection_terms(
+        &raw.narrow(1, 0, det_rows),
+        anchors,
+        strides,
+        gt_classes,
+        gt_boxes,
+        gt_valid,
+        weights,
+        assigner,
+    )?;
+    let coefficients = raw.narrow(1, det_rows, nm).transpose(1, 2); // [B, A, nm]
+    let fg = &d.assignment.foreground;
+    let scale = Tensor::from_slice(&[
+        1.0 / input[0] as f32,
+        1.0 / input[1] as f32,
+        1.0 / input[0] as f32,
+        1.0 / input[1] as f32,
+    ])
+    .to_device(raw.device());
+    let cols = Tensor::arange(w, (Kind::Float, raw.device())).view([1, 1, w]);
+    let rows = Tensor::arange(h, (Kind::Float, raw.device())).view([1, h, 1]);
+    let mut total = raw.sum(Kind::Float) * 0.0;
+    for i in 0..b {
+        let fg_i = fg.get(i);
+        if fg_i.sum(Kind::Int64).int64_value(&[]) == 0 {
+            continue;
+        }
+        let index = d.assignment.gt_index.get(i).masked_select(&fg_i);
+        let target = gt_masks
+            .get(i)
+            .unsqueeze(0)
+            .eq_tensor(&(index + 1).to_kind(Kind::Float).view([-1, 1, 1]))
+            .to_kind(Kind::Float);
+        let boxes = d
+            .assignment
+            .boxes
+            .get(i)
+            .masked_select(&fg_i.unsqueeze(-1))
+            .view([-1, 4])
+            * &scale;
+        let area =
+            (boxes.select(1, 2) - boxes.select(1, 0)) * (boxes.select(1, 3) - boxes.select(1, 1));
+        let coef = coefficients
+            .get(i)
+            .masked_select(&fg_i.unsqueeze(-1))
+            .view([-1, nm]);
+        let logits = coef
+            .matmul(&prototypes.get(i).view([nm, -1]))
+            .view([-1, h, w]);
+        let bce = logits.binary_cross_entropy_with_logits::<Tensor>(
+            &target,
+            None,
+            None,
+            tch::Reduction::None,
+        );
+        // YOLO's crop_mask: cells whose index lies in [x1, x2) × [y1, y2) in mask cells.
+        let edge = |k: i64, size: i64| (boxes.select(1, k) * size as f64).view([-1, 1, 1]);
+        let inside = cols
+            .ge_tensor(&edge(0, w))
+            .logical_and(&cols.lt_tensor(&edge(2, w)))
+            .logical_and(&rows.ge_tensor(&edge(1, h)))
+            .logical_and(&rows.lt_tensor(&edge(3, h)))
+            .to_kind(Kind::Float);
+        let per_object =
+            (bce * inside).mean_dim([1, 2].as_slice(), false, Kind::Float) / area.clamp_min(EPS);
+        total = total + per_object.mean(Kind::Float);
+    }
+    let masks = total * (weights.masks / b as f64);
+    Ok(d.finish(Some(masks)))
+}
+
+/// The detection terms (weighted) and the assignment they came from.
+struct DetectionTerms {
+    boxes: Tensor,
+    classes: Tensor,
+    dfl: Tensor,
+    assignment: Assignment,
+}
+
+impl DetectionTerms {
+    fn finish(self, masks: Option<Tensor>) -> LossTerms {
+        let value = |t: &Tensor| t.double_value(&[]);
+        let mut total = &self.boxes + &self.classes + &self.dfl;
+        let mut mask_value = 0.0;
+        if let Some(m) = masks {
+            mask_value = value(&m);
+            total = total + m;
+        }
+        LossTerms {
+            boxes: value(&self.boxes),
+            classes: value(&self.classes),
+            dfl: value(&self.dfl),
+            masks: mask_value,
+            total,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn detection_terms(
+    raw: &Tensor,
+    anchors: &Tensor,
+    strides: &Tensor,
+    gt_classes: &Tensor,
+    gt_boxes: &Tensor,
+    gt_valid: &Tensor,
+    weights: &LossWeights,
+    assigner: &AssignerConfig,
+) -> Result<DetectionTerms> {
     let [b, channels, _] = dims3(raw)?;
     let classes = channels - 4 * REG_MAX as i64;
     if classes < 1 {
@@ -308,15 +472,11 @@ pub fn detection_loss(
         let zero = raw.sum(Kind::Float) * 0.0;
         (zero.shallow_clone(), zero)
     };
-    let box_loss = box_loss * weights.boxes;
-    let cls_loss = cls_loss * weights.classes;
-    let dfl_loss = dfl_loss * weights.dfl;
-    let value = |t: &Tensor| t.double_value(&[]);
-    Ok(LossTerms {
-        boxes: value(&box_loss),
-        classes: value(&cls_loss),
-        dfl: value(&dfl_loss),
-        total: box_loss + cls_loss + dfl_loss,
+    Ok(DetectionTerms {
+        boxes: box_loss * weights.boxes,
+        classes: cls_loss * weights.classes,
+        dfl: dfl_loss * weights.dfl,
+        assignment,
     })
 }
 

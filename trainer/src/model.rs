@@ -281,6 +281,29 @@ enum Layer {
         idx: Vec<usize>,
     },
     Detect(Detect),
+    Segment(SegmentHead),
+}
+
+/// YOLOv9's `Segment` head: a [`Detect`] with a dense box branch, per-level mask-coefficient
+/// branches (`cv4`: 3×3, 3×3, 1×1 to `nm`) and the prototype branch on the first level (`proto`:
+/// 3×3, nearest ×2, 3×3, 1×1 to `nm`, all with activation), at stride 4.
+#[derive(Debug)]
+struct SegmentHead {
+    detect: Detect,
+    coefficients: Vec<(ConvBn, ConvBn, nn::Conv2D)>,
+    proto: [ConvBn; 3],
+    nm: usize,
+}
+
+/// The outputs of a forward pass: the head and, for segmentation models, the prototypes.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Decoded (`output0`: `[B, 4 + nc (+ nm), A]`, the exporter's layout) or raw (`[B,
+    /// 4·reg_max + nc (+ nm), A]`, what the loss takes); segmentation heads end with each
+    /// anchor's `nm` mask coefficients in both forms.
+    pub head: Tensor,
+    /// `[B, nm, H/4, W/4]` mask prototypes (`output1`) of a segmentation model.
+    pub prototypes: Option<Tensor>,
 }
 
 /// A GELAN detection network in training form.
@@ -382,14 +405,12 @@ impl Gelan {
                 }
                 Block::DDetect => {
                     let levels: Vec<usize> = from.iter().map(|&f| channels[f][0]).collect();
-                    (Layer::Detect(Detect::new(&p, config, &levels)?), vec![0])
+                    (Layer::Detect(Detect::new(&p, config, &levels, 4)?), vec![0])
                 }
-                Block::Segment { .. } => {
-                    return Err(Error::Shape(format!(
-                        "{}: segmentation models cannot be trained yet (the Segment head and its \
-                         mask loss are not built); export it with `kestrel export` for inference",
-                        config.spec.name
-                    )));
+                Block::Segment { nm, npr } => {
+                    let levels: Vec<usize> = from.iter().map(|&f| channels[f][0]).collect();
+                    let head = SegmentHead::new(&p, config, &levels, *nm, *npr)?;
+                    (Layer::Segment(head), vec![0])
                 }
             };
             layers.push(built);
@@ -412,16 +433,30 @@ impl Gelan {
     /// pixels, then sigmoid class scores (the exporter's `output0`). `train` selects batch
     /// statistics (training) or running statistics (evaluation) in the BatchNorms.
     pub fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        self.run(images, train, false)
+        Ok(self.run(images, train, false)?.head)
     }
 
     /// The head's raw output `[B, 4·reg_max + classes, anchors]` (box side distributions as
     /// logits, class logits), what the loss takes.
     pub fn forward_raw_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        self.run(images, train, true)
+        Ok(self.run(images, train, true)?.head)
     }
 
-    fn run(&self, images: &Tensor, train: bool, raw: bool) -> Result<Tensor> {
+    /// Both outputs, decoded (`raw` false: the exporter's `output0` and `output1`) or raw (what
+    /// the loss takes).
+    pub fn forward_outputs_t(&self, images: &Tensor, train: bool, raw: bool) -> Result<Outputs> {
+        self.run(images, train, raw)
+    }
+
+    /// Mask coefficients per anchor of a segmentation model; `None` for a detector.
+    pub fn mask_coefficients(&self) -> Option<usize> {
+        self.layers.iter().find_map(|l| match l {
+            Layer::Segment(s) => Some(s.nm),
+            _ => None,
+        })
+    }
+
+    fn run(&self, images: &Tensor, train: bool, raw: bool) -> Result<Outputs> {
         let size = images.size();
         if size.len() != 4 || size[1] != 3 {
             return Err(Error::Shape(format!(
@@ -508,8 +543,18 @@ impl Gelan {
                     } else {
                         d.forward_t(&levels, train)?
                     };
-                    result = Some(y.shallow_clone());
+                    result = Some(Outputs {
+                        head: y.shallow_clone(),
+                        prototypes: None,
+                    });
                     vec![y]
+                }
+                Layer::Segment(s) => {
+                    let levels: Vec<&Tensor> = from.iter().map(|&f| &outputs[f][0]).collect();
+                    let y = s.forward_t(&levels, train, raw)?;
+                    let head = y.head.shallow_clone();
+                    result = Some(y);
+                    vec![head]
                 }
             };
             outputs.push(out);
@@ -559,25 +604,19 @@ impl Gelan {
                         put(format!("{path}.bias"), b);
                     }
                 }
-                Layer::Detect(d) => {
-                    for branch in d.boxes.iter().chain(&d.classes) {
-                        fusable.push(Fusable::Conv(&branch.0));
-                        fusable.push(Fusable::Conv(&branch.1));
-                    }
-                    for (l, (_, _, last)) in d.boxes.iter().enumerate() {
-                        put(format!("{}.cv2.{l}.2.weight", d.path), &last.ws);
-                        if let Some(b) = &last.bs {
-                            put(format!("{}.cv2.{l}.2.bias", d.path), b);
+                Layer::Segment(s) => {
+                    s.detect.fuse_into(&mut fusable, &mut put);
+                    for (l, (a, b, last)) in s.coefficients.iter().enumerate() {
+                        fusable.push(Fusable::Conv(a));
+                        fusable.push(Fusable::Conv(b));
+                        put(format!("{}.cv4.{l}.2.weight", s.detect.path), &last.ws);
+                        if let Some(bias) = &last.bs {
+                            put(format!("{}.cv4.{l}.2.bias", s.detect.path), bias);
                         }
                     }
-                    for (l, (_, _, last)) in d.classes.iter().enumerate() {
-                        put(format!("{}.cv3.{l}.2.weight", d.path), &last.ws);
-                        if let Some(b) = &last.bs {
-                            put(format!("{}.cv3.{l}.2.bias", d.path), b);
-                        }
-                    }
-                    put(format!("{}.dfl.conv.weight", d.path), &dfl_projection());
+                    fusable.extend(s.proto.iter().map(Fusable::Conv));
                 }
+                Layer::Detect(d) => d.fuse_into(&mut fusable, &mut put),
                 Layer::Silence | Layer::Upsample | Layer::Concat | Layer::CbFuse { .. } => {}
             }
         }
@@ -611,7 +650,9 @@ fn dfl_projection() -> Tensor {
 }
 
 impl Detect {
-    fn new(p: &nn::Path, config: &ModelConfig, levels: &[usize]) -> Result<Self> {
+    /// `groups`: of the box branch's second 3×3 and last 1×1 convolutions (4 in DDetect, 1 in
+    /// the Segment head's dense `Detect`).
+    fn new(p: &nn::Path, config: &ModelConfig, levels: &[usize], groups: usize) -> Result<Self> {
         let act = config.activation;
         let nc = config.num_classes;
         let first = *levels
@@ -629,14 +670,14 @@ impl Detect {
                 (4 * REG_MAX) as i64,
                 1,
                 nn::ConvConfig {
-                    groups: 4,
+                    groups: groups as i64,
                     bs_init: nn::Init::Const(1.0),
                     ..Default::default()
                 },
             );
             boxes.push((
                 ConvBn::new(&q, "0", c, c2, 3, 1, 1, Some(act)),
-                ConvBn::new(&q, "1", c2, c2, 3, 1, 4, Some(act)),
+                ConvBn::new(&q, "1", c2, c2, 3, 1, groups, Some(act)),
                 last,
             ));
             let q = p / "cv3" / l;
@@ -675,6 +716,32 @@ impl Detect {
         })
     }
 
+    /// The branches' convolutions for [`Gelan::fuse`], and the final 1×1 convolutions and the
+    /// DFL projection put under their exporter names.
+    fn fuse_into<'a>(
+        &'a self,
+        fusable: &mut Vec<Fusable<'a>>,
+        put: &mut impl FnMut(String, &Tensor),
+    ) {
+        for branch in self.boxes.iter().chain(&self.classes) {
+            fusable.push(Fusable::Conv(&branch.0));
+            fusable.push(Fusable::Conv(&branch.1));
+        }
+        for (l, (_, _, last)) in self.boxes.iter().enumerate() {
+            put(format!("{}.cv2.{l}.2.weight", self.path), &last.ws);
+            if let Some(b) = &last.bs {
+                put(format!("{}.cv2.{l}.2.bias", self.path), b);
+            }
+        }
+        for (l, (_, _, last)) in self.classes.iter().enumerate() {
+            put(format!("{}.cv3.{l}.2.weight", self.path), &last.ws);
+            if let Some(b) = &last.bs {
+                put(format!("{}.cv3.{l}.2.bias", self.path), b);
+            }
+        }
+        put(format!("{}.dfl.conv.weight", self.path), &dfl_projection());
+    }
+
     /// Raw per-level outputs concatenated over anchors: `[B, 4·reg_max + classes, A]`
     /// (what the loss uses).
     fn raw_t(&self, levels: &[&Tensor], train: bool) -> Result<Tensor> {
@@ -700,7 +767,11 @@ impl Detect {
 
     /// Decoded output `[B, 4 + classes, A]` (xywh in pixels, sigmoid scores).
     fn forward_t(&self, levels: &[&Tensor], train: bool) -> Result<Tensor> {
-        let raw = self.raw_t(levels, train)?;
+        self.decode(&self.raw_t(levels, train)?)
+    }
+
+    /// The raw head `[B, 4·reg_max + classes, A]` decoded as [`Detect::forward_t`] returns it.
+    fn decode(&self, raw: &Tensor) -> Result<Tensor> {
         let n = size_of(&raw, 0);
         let a = size_of(&raw, 2);
         let parts = raw.split_with_sizes([(4 * REG_MAX) as i64, self.num_classes as i64], 1);
@@ -719,6 +790,66 @@ impl Detect {
         let wh = x2y2 - x1y1;
         let boxes = Tensor::cat(&[cxy, wh], 1) * strides;
         Ok(Tensor::cat(&[boxes, parts[1].sigmoid()], 1))
+    }
+}
+
+impl SegmentHead {
+    fn new(
+        p: &nn::Path,
+        config: &ModelConfig,
+        levels: &[usize],
+        nm: usize,
+        npr: usize,
+    ) -> Result<Self> {
+        let act = Some(config.activation);
+        let detect = Detect::new(p, config, levels, 1)?;
+        let c_p3 = levels[0];
+        let c4 = (c_p3 / 4).max(nm);
+        let coefficients = levels
+            .iter()
+            .enumerate()
+            .map(|(l, &c)| {
+                let q = p / "cv4" / l;
+                (
+                    ConvBn::new(&q, "0", c, c4, 3, 1, 1, act),
+                    ConvBn::new(&q, "1", c4, c4, 3, 1, 1, act),
+                    nn::conv2d(&q / "2", c4 as i64, nm as i64, 1, Default::default()),
+                )
+            })
+            .collect();
+        let q = p / "proto";
+        let proto = [
+            ConvBn::new(&q, "cv1", c_p3, npr, 3, 1, 1, act),
+            ConvBn::new(&q, "cv2", npr, npr, 3, 1, 1, act),
+            ConvBn::new(&q, "cv3", npr, nm, 1, 1, 1, act),
+        ];
+        Ok(Self {
+            detect,
+            coefficients,
+            proto,
+            nm,
+        })
+    }
+
+    /// The detection rows (raw or decoded) with each anchor's mask coefficients appended, and
+    /// the prototypes.
+    fn forward_t(&self, levels: &[&Tensor], train: bool, raw: bool) -> Result<Outputs> {
+        let det = self.detect.raw_t(levels, train)?;
+        let det = if raw { det } else { self.detect.decode(&det)? };
+        let mut per_level = Vec::with_capacity(levels.len());
+        for ((a, b, last), x) in self.coefficients.iter().zip(levels) {
+            let m = last.forward(&b.forward_t(&a.forward_t(x, train), train));
+            per_level.push(m.view([size_of(&m, 0), self.nm as i64, -1]));
+        }
+        let head = Tensor::cat(&[det, Tensor::cat(&per_level, 2)], 1);
+        let [cv1, cv2, cv3] = &self.proto;
+        let x = cv1.forward_t(levels[0], train);
+        let x = x.upsample_nearest2d([size_of(&x, 2) * 2, size_of(&x, 3) * 2], None, None);
+        let prototypes = cv3.forward_t(&cv2.forward_t(&x, train), train);
+        Ok(Outputs {
+            head,
+            prototypes: Some(prototypes),
+        })
     }
 }
 

@@ -107,6 +107,10 @@ impl Network for OnnxNetwork {
     fn infer(&self, images: &Tensor) -> Result<Tensor> {
         tch::no_grad(|| self.net.forward(images))
     }
+
+    fn infer_outputs(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        tch::no_grad(|| self.net.forward_outputs_observed(images, |_, _| Ok(())))
+    }
 }
 
 /// Read an ONNX file for quantization, with clear errors for the files users confuse it with.
@@ -550,6 +554,10 @@ impl Qat {
         {
             supervised.push(last);
         }
+        // A segmentation head's prototype branch ends in no body layer: supervise its output.
+        if let Some(prototypes) = student.network.net.prototypes_value() {
+            supervised.push(prototypes);
+        }
         if config.supervise_head {
             let head = head_output_convs(&student.float);
             if head.is_empty() {
@@ -676,7 +684,11 @@ impl Qat {
 /// The head's (box, class) convolution pairs of `student`, checked against the layout the
 /// detection loss reads: per level, 4 · reg_max box channels then one channel per class.
 fn head_taps(student: &QuantModel, weight: f64) -> Result<HeadTaps> {
-    let convs = head_output_convs(&student.float);
+    // A segmentation head's mask-coefficient convolutions (`cv4`) are not the loss's.
+    let convs: Vec<String> = head_output_convs(&student.float)
+        .into_iter()
+        .filter(|c| !c.contains(".cv4."))
+        .collect();
     let config = student.network.config();
     let reg = 4 * kestrel_exporter::spec::REG_MAX as i64;
     let channels = |conv: &str| -> Option<i64> {

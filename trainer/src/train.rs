@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{Batch, Loader};
 use crate::error::{Error, Result};
-use crate::loss::{AssignerConfig, LossWeights, detection_loss};
+use crate::loss::{AssignerConfig, LossWeights, detection_loss, segmentation_loss};
 use crate::model::{Gelan, anchor_points};
 use crate::optim::{FlatSgd, FlatVars};
 use kestrel_exporter::ModelConfig;
@@ -138,6 +138,8 @@ pub struct EpochSummary {
     pub boxes: f64,
     pub classes: f64,
     pub dfl: f64,
+    /// The mask term (0 for a detector).
+    pub masks: f64,
     /// Training images per second (data loading included).
     pub images_per_s: f64,
     /// Optimiser steps skipped because FP16 gradients overflowed (mixed precision only).
@@ -153,6 +155,8 @@ pub struct StepReport {
     pub boxes: f64,
     pub classes: f64,
     pub dfl: f64,
+    /// The mask term (0 for a detector).
+    pub masks: f64,
     pub lr: f64,
 }
 
@@ -269,10 +273,32 @@ impl Trainer {
     /// IoUs, the DFL expectation) stays in FP32. (YOLOv9 runs its loss under autocast too; a run
     /// of ours with the whole step under autocast diverged, cause not isolated, so we do not.)
     pub fn batch_loss(&self, batch: &Batch) -> Result<crate::loss::LossTerms> {
-        let raw = tch::autocast(self.mixed_precision(), || {
-            self.model.forward_raw_t(&batch.images, true)
+        let out = tch::autocast(self.mixed_precision(), || {
+            self.model.forward_outputs_t(&batch.images, true, true)
         })?;
-        let raw = raw.to_kind(Kind::Float);
+        let raw = out.head.to_kind(Kind::Float);
+        if let Some(prototypes) = &out.prototypes {
+            let masks = batch.masks.as_ref().ok_or_else(|| {
+                Error::Data(
+                    "a segmentation model needs batches with masks (the loader's `masks` is off)"
+                        .into(),
+                )
+            })?;
+            let [h, w] = self.model.config().imgsz.map(|v| v as i64);
+            return segmentation_loss(
+                &raw,
+                &prototypes.to_kind(Kind::Float),
+                &self.anchors,
+                &self.strides,
+                &batch.classes,
+                &batch.boxes,
+                &batch.valid,
+                masks,
+                [w, h],
+                &self.config.loss,
+                &self.config.assigner,
+            );
+        }
         detection_loss(
             &raw,
             &self.anchors,
@@ -296,7 +322,7 @@ impl Trainer {
         let warmup = ((self.config.warmup_epochs * nb as f64).round() as u64).max(100);
         let started = std::time::Instant::now();
         let device = self.vs.device();
-        let (mut sums, mut images) = ([0.0f64; 3], 0usize);
+        let (mut sums, mut images) = ([0.0f64; 4], 0usize);
         let skipped_before = self.loss_scale.skipped_steps;
         self.vars.zero_gradients();
         // The loader thread builds the next batches on the CPU while this one trains.
@@ -315,6 +341,7 @@ impl Trainer {
             boxes: sums[0] / n,
             classes: sums[1] / n,
             dfl: sums[2] / n,
+            masks: sums[3] / n,
             images_per_s: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
             skipped_steps: self.loss_scale.skipped_steps - skipped_before,
         })
@@ -330,7 +357,7 @@ impl Trainer {
         b: usize,
         nb: usize,
         warmup: u64,
-        sums: &mut [f64; 3],
+        sums: &mut [f64; 4],
         progress: &mut impl FnMut(&StepReport),
     ) -> Result<()> {
         {
@@ -366,16 +393,14 @@ impl Trainer {
                 }
                 self.vars.zero_gradients();
             }
-            for (s, v) in sums.iter_mut().zip([loss.boxes, loss.classes, loss.dfl]) {
+            let terms = [loss.boxes, loss.classes, loss.dfl, loss.masks];
+            for (s, v) in sums.iter_mut().zip(terms) {
                 *s += v * n as f64;
             }
-            if [loss.boxes, loss.classes, loss.dfl]
-                .iter()
-                .any(|v| !v.is_finite())
-            {
+            if terms.iter().any(|v| !v.is_finite()) {
                 return Err(Error::Data(format!(
                     "the loss became {} at epoch {epoch}, batch {b}: lower the learning rate",
-                    loss.boxes + loss.classes + loss.dfl
+                    terms.iter().sum::<f64>()
                 )));
             }
             progress(&StepReport {
@@ -385,6 +410,7 @@ impl Trainer {
                 boxes: loss.boxes,
                 classes: loss.classes,
                 dfl: loss.dfl,
+                masks: loss.masks,
                 lr,
             });
         }

@@ -154,3 +154,73 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_segmentation_model_trains_on_masks_and_exports_both_outputs() {
+    let dir = std::env::temp_dir().join(format!("kestrel-train-cli-seg-{}", std::process::id()));
+    let project = dir.join("runs");
+    let log = run(&[
+        "train",
+        "--model",
+        "gelan-t-seg",
+        "--data",
+        "synthetic:3:8",
+        "--epochs",
+        "2",
+        "--imgsz",
+        "64",
+        "--batch-size",
+        "4",
+        "--project",
+        project.to_str().unwrap(),
+        "--name",
+        "seg",
+    ]);
+    assert!(
+        log.contains("epoch 2: box") && log.contains(" seg "),
+        "{log}"
+    );
+    assert!(log.contains("val masks: P"), "{log}");
+    let run_dir = project.join("seg");
+    let csv = std::fs::read_to_string(run_dir.join("results.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(
+        rows[0].ends_with(",seg,mask_precision,mask_recall,mask_map50,mask_map50_95"),
+        "{csv}"
+    );
+    assert_eq!(rows[2].split(',').count(), 14, "{csv}");
+    let seg_loss: f64 = rows[2].split(',').nth(9).unwrap().parse().unwrap();
+    assert!(seg_loss > 0.0, "{csv}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let m = summary["final_masks"]["map50_95"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&m), "{summary}");
+
+    let onnx = dir.join("seg.onnx");
+    let ema = run_dir.join("weights").join("last.ema.safetensors");
+    run(&[
+        "export",
+        "--weights",
+        ema.to_str().unwrap(),
+        "-o",
+        onnx.to_str().unwrap(),
+    ]);
+    let options = BuildOptions {
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        profile: BatchProfile {
+            min: 1,
+            opt: 1,
+            max: 1,
+        },
+    };
+    let mut engine = build_engine(&onnx, &options).unwrap();
+    let (out, prototypes) = engine
+        .run_with_prototypes(&vec![0.5f32; 3 * 64 * 64], 1)
+        .unwrap();
+    // 4 box rows + 6 classes + 32 mask coefficients, 84 anchors; 32 prototypes of 16x16.
+    assert_eq!(out.len(), (4 + 6 + 32) * 84);
+    assert_eq!(prototypes.map(<[f32]>::len), Some(32 * 16 * 16));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -49,10 +49,16 @@ fn training_form_matches_exported_fused_form(name: &str) {
         [batch, 3, imgsz as i64, imgsz as i64],
         (Kind::Float, Device::Cpu),
     );
-    let ours = model.forward_t(&images, false).unwrap();
+    let out = model.forward_outputs_t(&images, false, false).unwrap();
     let a = cfg.num_anchors() as i64;
-    assert_eq!(ours.size(), vec![batch, 4 + 3, a]);
-    let ours = Vec::<f32>::try_from(ours.flatten(0, -1)).unwrap();
+    let nm = cfg.spec.mask_coefficients().unwrap_or(0) as i64;
+    assert_eq!(out.head.size(), vec![batch, 4 + 3 + nm, a]);
+    let ours = Vec::<f32>::try_from(out.head.flatten(0, -1)).unwrap();
+    let our_prototypes = out.prototypes.map(|p| {
+        let q = imgsz as i64 / 4;
+        assert_eq!(p.size(), vec![batch, nm, q, q]);
+        Vec::<f32>::try_from(p.flatten(0, -1)).unwrap()
+    });
 
     let dir = std::env::temp_dir().join(format!(
         "kestrel-trainer-fuse-{name}-{}",
@@ -78,11 +84,21 @@ fn training_form_matches_exported_fused_form(name: &str) {
     };
     let mut engine = build_engine(&path, &options).unwrap();
     let input = Vec::<f32>::try_from(images.flatten(0, -1)).unwrap();
-    let exported = engine.run(&input, batch as usize).unwrap().to_vec();
+    let (exported, exported_prototypes) =
+        engine.run_with_prototypes(&input, batch as usize).unwrap();
     assert_eq!(exported.len(), ours.len());
-    let e = rel_l2(&ours, &exported);
+    let e = rel_l2(&ours, exported);
     println!("{name}: training form (tch) vs fused ONNX (cpu backend): rel L2 {e:.2e}");
     assert!(e < 1e-4, "{name}: {e}");
+    match (&our_prototypes, exported_prototypes) {
+        (Some(ours), Some(theirs)) => {
+            let e = rel_l2(ours, theirs);
+            println!("{name}: prototypes, tch vs cpu backend: rel L2 {e:.2e}");
+            assert!(e < 1e-4, "{name} prototypes: {e}");
+        }
+        (None, None) => {}
+        (o, t) => panic!("prototypes: tch {} vs engine {}", o.is_some(), t.is_some()),
+    }
 
     // And against onnxruntime, a reference nobody here wrote.
     let write_f32 = |path: &std::path::Path, v: &[f32]| {
@@ -104,7 +120,11 @@ fn training_form_matches_exported_fused_form(name: &str) {
     );
     let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     println!("{name}: training form (tch) vs fused ONNX (onnxruntime): {v}");
-    for key in ["rel_l2", "rel_l2_boxes", "rel_l2_scores"] {
+    let mut keys = vec!["rel_l2", "rel_l2_boxes", "rel_l2_scores"];
+    if nm > 0 {
+        keys.push("rel_l2_masks");
+    }
+    for key in keys {
         let e = v[key].as_f64().unwrap();
         assert!(e < 1e-4, "{name}: {key} = {e}");
     }
@@ -119,4 +139,9 @@ fn gelan_t_training_form_matches_its_fused_export() {
 #[test]
 fn gelan_c_training_form_matches_its_fused_export() {
     training_form_matches_exported_fused_form("gelan-c");
+}
+
+#[test]
+fn gelan_t_seg_training_form_matches_its_fused_export() {
+    training_form_matches_exported_fused_form("gelan-t-seg");
 }

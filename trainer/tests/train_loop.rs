@@ -180,3 +180,128 @@ fn a_checkpoint_resumes_with_the_same_next_step_loss() {
     assert!(e.contains("last.safetensors"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Labels of a `[B, H, W]` mask batch, row-major per image.
+fn mask_values(batch: &kestrel_trainer::data::Batch) -> (Vec<f32>, i64) {
+    let m = batch.masks.as_ref().expect("masks");
+    let side = m.size()[1];
+    (Vec::<f32>::try_from(m.flatten(0, -1)).unwrap(), side)
+}
+
+/// Every labelled mask cell lies inside its object's box (one cell of slack), and every object
+/// of a reasonable size has some.
+fn masks_follow_the_boxes(batch: &kestrel_trainer::data::Batch, what: &str) {
+    let (masks, side) = mask_values(batch);
+    let side = side as usize;
+    let boxes = Vec::<f32>::try_from(batch.boxes.flatten(0, -1)).unwrap();
+    let valid = Vec::<f32>::try_from(batch.valid.flatten(0, -1)).unwrap();
+    let n = batch.indices.len();
+    let most = valid.len() / n;
+    let mut labelled = 0;
+    for i in 0..n {
+        let plane = &masks[i * side * side..(i + 1) * side * side];
+        let objects = (0..most).filter(|&k| valid[i * most + k] > 0.0).count();
+        let mut cells = vec![0usize; objects];
+        for (p, &v) in plane.iter().enumerate() {
+            if v == 0.0 {
+                continue;
+            }
+            let k = v as usize - 1;
+            assert!(k < objects, "{what}: label {v} with {objects} objects");
+            cells[k] += 1;
+            let b = &boxes[(i * most + k) * 4..(i * most + k) * 4 + 4];
+            let (x, y) = ((p % side) as f32 * 4.0 + 2.0, (p / side) as f32 * 4.0 + 2.0);
+            assert!(
+                x > b[0] - 4.0 && x < b[2] + 4.0 && y > b[1] - 4.0 && y < b[3] + 4.0,
+                "{what}: a cell of object {k} at ({x}, {y}) is outside its box {b:?}"
+            );
+        }
+        for (k, &c) in cells.iter().enumerate() {
+            let b = &boxes[(i * most + k) * 4..(i * most + k) * 4 + 4];
+            if (b[2] - b[0]).min(b[3] - b[1]) >= 16.0 {
+                assert!(c > 0, "{what}: object {k} {b:?} has no mask cell");
+            }
+            labelled += usize::from(c > 0);
+        }
+    }
+    assert!(labelled > 0, "{what}: no object has a mask");
+}
+
+#[test]
+fn segmentation_batches_carry_masks_that_move_with_the_pixels() {
+    use kestrel_runtime::segments::{Segmentation, paint_order_masks};
+    use kestrel_runtime::synth::{image_seed, render_scene};
+    let size = 128u32;
+    let source = Source::Synthetic {
+        seed: 7,
+        count: 6,
+        size,
+    };
+    let mut loader = Loader::new(source, size, 3, 1).unwrap();
+    loader.masks = true;
+    // Without augmentation the masks are the scenes' visible masks sampled at cell centres.
+    let augmented = loader.clone();
+    loader.scale = 0.0;
+    loader.translate = 0.0;
+    loader.hsv = [0.0; 3];
+    loader.mosaic = 0.0;
+    loader.flip = 0.0;
+    let plain = loader.batch(0, 0).unwrap();
+    let (masks, side) = mask_values(&plain);
+    let side = side as usize;
+    for (i, &index) in plain.indices.iter().enumerate() {
+        let (_, objects) = render_scene(image_seed(7, index), size, size);
+        let segments: Vec<Segmentation> = objects
+            .iter()
+            .map(|o| Segmentation::Polygons(vec![o.polygon.clone()]))
+            .collect();
+        let refs: Vec<&Segmentation> = segments.iter().collect();
+        let visible = paint_order_masks(&refs, size as usize, size as usize).unwrap();
+        let bitmaps: Vec<_> = visible.iter().map(|r| r.decode().unwrap()).collect();
+        let mut differ = 0;
+        for v in 0..side {
+            for u in 0..side {
+                let (x, y) = (u * 4 + 2, v * 4 + 2);
+                let want = bitmaps
+                    .iter()
+                    .position(|b| b.data[y * size as usize + x] != 0)
+                    .map_or(0.0, |k| (k + 1) as f32);
+                differ += usize::from(masks[i * side * side + v * side + u] != want);
+            }
+        }
+        assert_eq!(
+            differ, 0,
+            "image {i}: {differ} cells differ from the scene's masks"
+        );
+    }
+    masks_follow_the_boxes(&plain, "plain");
+    // A flip mirrors the masks.
+    loader.flip = 1.0;
+    let flipped = loader.batch(0, 0).unwrap();
+    assert!(
+        plain
+            .masks
+            .as_ref()
+            .unwrap()
+            .flip([2])
+            .equal(flipped.masks.as_ref().unwrap()),
+        "flipped masks"
+    );
+
+    // YOLOv9's augmentation (mosaic, zoom, shift, flips): masks stay with their boxes.
+    for epoch in 0..3 {
+        let batch = augmented.batch(epoch, 0).unwrap();
+        assert_eq!(batch.masks.as_ref().unwrap().size(), vec![3, 32, 32]);
+        masks_follow_the_boxes(&batch, &format!("augmented, epoch {epoch}"));
+    }
+    let again = augmented.batch(0, 0).unwrap();
+    assert!(
+        augmented
+            .batch(0, 0)
+            .unwrap()
+            .masks
+            .unwrap()
+            .equal(again.masks.as_ref().unwrap()),
+        "deterministic"
+    );
+}

@@ -12,7 +12,7 @@ use kestrel_runtime::eval::EvalSummary;
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::Gelan;
 use kestrel_trainer::data::{Loader, Source, open_source};
-use kestrel_trainer::eval::{Network, evaluate};
+use kestrel_trainer::eval::{Evaluation, Network, evaluate_masks};
 use kestrel_trainer::plot::{Series, curves, pr_curves};
 use kestrel_trainer::train::{TrainConfig, Trainer};
 use tch::{Device, nn};
@@ -34,7 +34,8 @@ struct Cli {
 enum Command {
     /// Train a model; checkpoints go to PROJECT/NAME/weights (last.*, each epoch).
     Train {
-        /// gelan-t, gelan-s, gelan-m, gelan-c or gelan-e.
+        /// gelan-t, gelan-s, gelan-m, gelan-c or gelan-e; gelan-t-seg, gelan-s-seg or gelan-c-seg
+        /// for instance segmentation (trained on YOLO-seg polygons or COCO segmentations).
         #[arg(long, default_value = "gelan-t")]
         model: String,
         /// A YOLO data YAML, or synthetic[:SEED[:COUNT]] for Kestrel's synthetic scenes.
@@ -283,6 +284,8 @@ fn main() -> Result<()> {
             let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
             let cfg = ModelConfig::new(&model, source.num_classes(), imgsz as usize)?;
             let mut loader = Loader::new(source, imgsz, batch_size, seed)?;
+            // Segmentation models train on masks too.
+            loader.masks = cfg.spec.mask_coefficients().is_some();
             if cache {
                 loader.cache_images();
             }
@@ -348,8 +351,13 @@ fn main() -> Result<()> {
                     &format!("epoch {}/{epochs}", e + 1),
                 );
                 let summary = trainer.train_epoch(loader, |r| {
+                    let seg = if r.masks > 0.0 {
+                        format!(" seg {:.3}", r.masks)
+                    } else {
+                        String::new()
+                    };
                     pb.set_message(format!(
-                        "box {:.3} cls {:.3} dfl {:.3} lr {:.2e}",
+                        "box {:.3}{seg} cls {:.3} dfl {:.3} lr {:.2e}",
                         r.boxes, r.classes, r.dfl, r.lr
                     ));
                     pb.inc(1);
@@ -367,8 +375,10 @@ fn main() -> Result<()> {
                     boxes: summary.boxes,
                     classes: summary.classes,
                     dfl: summary.dfl,
+                    masks: loader.masks.then_some(summary.masks),
                     images_per_s: summary.images_per_s,
                     metrics: None,
+                    mask_metrics: None,
                 };
                 let due = e + 1 == epochs || (val_interval > 0 && (e + 1) % val_interval == 0);
                 if due {
@@ -380,7 +390,8 @@ fn main() -> Result<()> {
                         &NmsConfig::evaluation(),
                         "val",
                     )?;
-                    record.metrics = Some([m.precision, m.recall, m.ap50, m.ap]);
+                    record.metrics = Some(four(&m.boxes));
+                    record.mask_metrics = m.masks.as_ref().map(four);
                     last_eval = Some(m);
                 }
                 eprintln!("epoch {}: {record}", e + 1);
@@ -407,7 +418,7 @@ fn main() -> Result<()> {
                     "val",
                 )?,
             };
-            plot_pr(&run_dir.join("pr.png"), &last, &class_names(&val))?;
+            plot_pr(&run_dir.join("pr.png"), &last.boxes, &class_names(&val))?;
             let out = dir.join("fused.safetensors");
             save_safetensors(&out, &trainer.eval_model().fuse()?)?;
             let which = if trainer.config.ema { "EMA" } else { "trained" };
@@ -425,8 +436,8 @@ fn main() -> Result<()> {
                 "device": format!("{device:?}"),
                 "mixed_precision": trainer.mixed_precision(),
                 "wall_s": started.elapsed().as_secs_f64(),
-                "final": {"precision": last.precision, "recall": last.recall,
-                          "map50": last.ap50, "map50_95": last.ap},
+                "final": metrics_json(&last.boxes),
+                "final_masks": last.masks.as_ref().map(metrics_json),
                 "best_fitness": best,
                 "skipped_images": bad.len() + skipped_loading.len(),
                 "skipped": bad.iter().cloned().chain(skipped_loading.into_values()).collect::<Vec<_>>(),
@@ -471,7 +482,7 @@ fn main() -> Result<()> {
                 "val",
             )?;
             if let Some(path) = pr_plot {
-                plot_pr(&path, &summary, &class_names(&source))?;
+                plot_pr(&path, &summary.boxes, &class_names(&source))?;
                 println!("wrote {}", path.display());
             }
         }
@@ -619,20 +630,38 @@ pub(crate) fn validate(
     device: Device,
     nms: &NmsConfig,
     what: &str,
-) -> Result<EvalSummary> {
+) -> Result<Evaluation> {
     let pb = bar(source.len() as u64, what);
-    let summary = evaluate(model, source, batch_size, device, nms, |n| pb.inc(n as u64))?;
+    let masks = model.config().spec.mask_coefficients().is_some();
+    let summary = evaluate_masks(model, source, batch_size, device, nms, masks, |n| {
+        pb.inc(n as u64)
+    })?;
     pb.finish_and_clear();
+    let b = &summary.boxes;
     println!(
         "{what}: {} images, {} instances: P {:.4} R {:.4} mAP50 {:.4} mAP50-95 {:.4}",
-        summary.images,
-        summary.instances,
-        summary.precision,
-        summary.recall,
-        summary.ap50,
-        summary.ap
+        b.images, b.instances, b.precision, b.recall, b.ap50, b.ap
     );
+    match &summary.masks {
+        Some(m) => println!(
+            "{what} masks: P {:.4} R {:.4} mAP50 {:.4} mAP50-95 {:.4}",
+            m.precision, m.recall, m.ap50, m.ap
+        ),
+        None if masks => println!("{what} masks: not evaluated (the data has no outlines)"),
+        None => {}
+    }
     Ok(summary)
+}
+
+/// P, R, mAP50, mAP50-95.
+fn four(m: &EvalSummary) -> [f64; 4] {
+    [m.precision, m.recall, m.ap50, m.ap]
+}
+
+/// P, R, mAP50 and mAP50-95 as JSON.
+fn metrics_json(m: &EvalSummary) -> serde_json::Value {
+    serde_json::json!({"precision": m.precision, "recall": m.recall, "map50": m.ap50,
+                       "map50_95": m.ap})
 }
 
 /// One epoch of a run: mean weighted loss terms, throughput, and the validation metrics when
@@ -645,26 +674,45 @@ struct EpochRecord {
     #[serde(rename = "cls")]
     classes: f64,
     dfl: f64,
+    /// The mask term of a segmentation model.
+    #[serde(default, rename = "seg", skip_serializing_if = "Option::is_none")]
+    masks: Option<f64>,
     images_per_s: f64,
     metrics: Option<[f64; 4]>,
+    /// Mask P, R, mAP50, mAP50-95 of a segmentation model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mask_metrics: Option<[f64; 4]>,
 }
 
 impl EpochRecord {
-    /// YOLOv9's fitness, which picks `best`: 0.1 · mAP50 + 0.9 · mAP50-95.
+    /// YOLOv9's fitness, which picks `best`: 0.1 · mAP50 + 0.9 · mAP50-95, of the boxes plus,
+    /// for segmentation, of the masks.
     fn fitness(&self) -> Option<f64> {
-        self.metrics.map(|m| 0.1 * m[2] + 0.9 * m[3])
+        let f = |m: [f64; 4]| 0.1 * m[2] + 0.9 * m[3];
+        self.metrics
+            .map(|m| f(m) + self.mask_metrics.map_or(0.0, f))
     }
 }
 
 impl std::fmt::Display for EpochRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "box {:.4} ", self.boxes)?;
+        if let Some(m) = self.masks {
+            write!(f, "seg {m:.4} ")?;
+        }
         write!(
             f,
-            "box {:.4} cls {:.4} dfl {:.4}, {:.1} images/s",
-            self.boxes, self.classes, self.dfl, self.images_per_s
+            "cls {:.4} dfl {:.4}, {:.1} images/s",
+            self.classes, self.dfl, self.images_per_s
         )?;
         if let Some([p, r, m50, m]) = self.metrics {
             write!(f, "; val P {p:.4} R {r:.4} mAP50 {m50:.4} mAP50-95 {m:.4}")?;
+        }
+        if let Some([p, r, m50, m]) = self.mask_metrics {
+            write!(
+                f,
+                "; masks P {p:.4} R {r:.4} mAP50 {m50:.4} mAP50-95 {m:.4}"
+            )?;
         }
         Ok(())
     }
@@ -672,16 +720,36 @@ impl std::fmt::Display for EpochRecord {
 
 /// `results.csv` and the loss and mAP plots of a run.
 fn write_history(run_dir: &Path, history: &[EpochRecord]) -> Result<()> {
-    let mut csv = String::from("epoch,box,cls,dfl,images_per_s,precision,recall,map50,map50_95\n");
-    for r in history {
-        let m = r.metrics.map_or_else(
+    let seg = history.iter().any(|r| r.masks.is_some());
+    let mut csv = String::from("epoch,box,cls,dfl,images_per_s,precision,recall,map50,map50_95");
+    if seg {
+        csv += ",seg,mask_precision,mask_recall,mask_map50,mask_map50_95";
+    }
+    csv.push('\n');
+    let cells = |m: Option<[f64; 4]>| {
+        m.map_or_else(
             || ",,,".to_string(),
             |m| format!("{:.5},{:.5},{:.5},{:.5}", m[0], m[1], m[2], m[3]),
-        );
+        )
+    };
+    for r in history {
         csv += &format!(
-            "{},{:.5},{:.5},{:.5},{:.1},{m}\n",
-            r.epoch, r.boxes, r.classes, r.dfl, r.images_per_s
+            "{},{:.5},{:.5},{:.5},{:.1},{}",
+            r.epoch,
+            r.boxes,
+            r.classes,
+            r.dfl,
+            r.images_per_s,
+            cells(r.metrics)
         );
+        if seg {
+            csv += &format!(
+                ",{:.5},{}",
+                r.masks.unwrap_or(f64::NAN),
+                cells(r.mask_metrics)
+            );
+        }
+        csv.push('\n');
     }
     let path = run_dir.join("results.csv");
     std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
@@ -694,21 +762,41 @@ fn write_history(run_dir: &Path, history: &[EpochRecord]) -> Result<()> {
             .collect()
     };
     let (m50, m) = (metric(2), metric(3));
+    let mask_metric = |k: usize| -> Vec<f64> {
+        history
+            .iter()
+            .map(|r| r.mask_metrics.map_or(f64::NAN, |m| m[k]))
+            .collect()
+    };
+    let (k50, k) = (mask_metric(2), mask_metric(3));
+    let mut series = vec![
+        Series {
+            name: "mAP50",
+            values: &m50,
+            colour: [38, 139, 210],
+        },
+        Series {
+            name: "mAP50-95",
+            values: &m,
+            colour: [220, 50, 47],
+        },
+    ];
+    if history.iter().any(|r| r.mask_metrics.is_some()) {
+        series.push(Series {
+            name: "mask mAP50",
+            values: &k50,
+            colour: [42, 161, 152],
+        });
+        series.push(Series {
+            name: "mask mAP50-95",
+            values: &k,
+            colour: [211, 54, 130],
+        });
+    }
     curves(
         &run_dir.join("map.png"),
         "validation mAP (EMA weights)",
-        &[
-            Series {
-                name: "mAP50",
-                values: &m50,
-                colour: [38, 139, 210],
-            },
-            Series {
-                name: "mAP50-95",
-                values: &m,
-                colour: [220, 50, 47],
-            },
-        ],
+        &series,
     )?;
     Ok(())
 }
@@ -769,26 +857,31 @@ fn plot_losses(path: &Path, history: &[EpochRecord]) -> Result<()> {
         column(|r| r.classes),
         column(|r| r.dfl),
     );
-    curves(
-        path,
-        "training losses (weighted, per image)",
-        &[
-            Series {
-                name: "box (CIoU)",
-                values: &b,
-                colour: [220, 50, 47],
-            },
-            Series {
-                name: "cls (BCE)",
-                values: &c,
-                colour: [38, 139, 210],
-            },
-            Series {
-                name: "dfl",
-                values: &d,
-                colour: [133, 153, 0],
-            },
-        ],
-    )?;
+    let seg = column(|r| r.masks.unwrap_or(f64::NAN));
+    let mut series = vec![
+        Series {
+            name: "box (CIoU)",
+            values: &b,
+            colour: [220, 50, 47],
+        },
+        Series {
+            name: "cls (BCE)",
+            values: &c,
+            colour: [38, 139, 210],
+        },
+        Series {
+            name: "dfl",
+            values: &d,
+            colour: [133, 153, 0],
+        },
+    ];
+    if history.iter().any(|r| r.masks.is_some()) {
+        series.push(Series {
+            name: "seg (mask BCE)",
+            values: &seg,
+            colour: [211, 54, 130],
+        });
+    }
+    curves(path, "training losses (weighted, per image)", &series)?;
     Ok(())
 }

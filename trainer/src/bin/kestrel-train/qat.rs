@@ -12,7 +12,7 @@ use kestrel_runtime::dataset::Split;
 use kestrel_runtime::eval::EvalSummary;
 use kestrel_runtime::nms::NmsConfig;
 use kestrel_trainer::data::{Loader, Source, open_source};
-use kestrel_trainer::eval::Network;
+use kestrel_trainer::eval::{Evaluation, Network};
 use kestrel_trainer::plot::{Series, curves_zoomed};
 use kestrel_trainer::quant::{
     OnnxNetwork, Qat, QatConfig, QuantModel, calibration_batches, qat_learning_rate,
@@ -165,8 +165,21 @@ pub fn run(command: QatCommand) -> Result<()> {
 }
 
 /// AP, AP50, precision and recall as the report writes them.
-fn metrics(s: &EvalSummary) -> serde_json::Value {
-    serde_json::json!({"ap": s.ap, "ap50": s.ap50, "precision": s.precision, "recall": s.recall})
+/// What picks the best QAT epoch: box mAP50-95, plus mask mAP50-95 for segmentation.
+fn fitness(e: &Evaluation) -> f64 {
+    e.boxes.ap + e.masks.as_ref().map_or(0.0, |m| m.ap)
+}
+
+fn metrics(e: &Evaluation) -> serde_json::Value {
+    let four = |s: &EvalSummary| {
+        serde_json::json!({"ap": s.ap, "ap50": s.ap50, "precision": s.precision,
+                           "recall": s.recall})
+    };
+    let mut v = four(&e.boxes);
+    if let Some(m) = &e.masks {
+        v["mask"] = four(m);
+    }
+    v
 }
 
 /// The model, its data (class count checked) and the run folder.
@@ -324,7 +337,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         )?)
     };
     let ptq_name = match &ptq {
-        Some(m) => format!("ptq_ap_{:.4}_{name}.onnx", m.ap),
+        Some(m) => format!("ptq_ap_{:.4}_{name}.onnx", m.boxes.ap),
         None => format!("ptq_{name}.onnx"),
     };
     write_qdq(&s.model, &ptq_method, &s.run_dir.join(ptq_name))?;
@@ -341,7 +354,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let loader = Loader::new(s.train.clone(), imgsz, batch, common.seed)?;
     let per_epoch = loader.batches_per_epoch();
     let mut epochs_report = Vec::new();
-    let mut best: Option<(usize, EvalSummary)> = None;
+    let mut best: Option<(usize, Evaluation)> = None;
     let mut curve = Vec::new();
     let qat_method = format!("qat-{}", s.method.label());
     for epoch in 0..epochs {
@@ -382,9 +395,9 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             &s.model,
             &qat_method,
             &s.run_dir
-                .join(format!("qat_ep_{epoch}_ap_{:.4}_{name}.onnx", m.ap)),
+                .join(format!("qat_ep_{epoch}_ap_{:.4}_{name}.onnx", m.boxes.ap)),
         )?;
-        if best.as_ref().is_none_or(|(_, b)| m.ap > b.ap) {
+        if best.as_ref().is_none_or(|(_, b)| fitness(&m) > fitness(b)) {
             write_qdq(
                 &s.model,
                 &qat_method,
@@ -392,7 +405,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             )?;
             best = Some((epoch, m.clone()));
         }
-        curve.push(m.ap);
+        curve.push(m.boxes.ap);
         let mut row = metrics(&m);
         row["epoch"] = serde_json::json!(epoch);
         row["loss"] = serde_json::json!(mean_loss);
@@ -421,8 +434,8 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     if !curve.is_empty() {
         let flat = |v: Option<f64>| vec![v.unwrap_or(f64::NAN); curve.len()];
         let (o, p) = (
-            flat(origin.as_ref().map(|m| m.ap)),
-            flat(ptq.as_ref().map(|m| m.ap)),
+            flat(origin.as_ref().map(|m| m.boxes.ap)),
+            flat(ptq.as_ref().map(|m| m.boxes.ap)),
         );
         curves_zoomed(
             &s.run_dir.join("qat.png"),
@@ -500,7 +513,7 @@ fn sensitive(args: SensitiveArgs) -> Result<()> {
             r.block,
             r.ap,
             r.ap50,
-            r.ap - all.ap
+            r.ap - all.boxes.ap
         );
     }
     println!("wrote {}", path.display());
