@@ -1,9 +1,11 @@
 """Run an ONNX model with onnxruntime (CPU) on a raw float32 input and compare with our output.
 
 usage: ort_compare.py MODEL INPUT.f32 B,C,H,W OURS.f32 NUM_CLASSES [REFERENCE_OUT.f32]
+                      [--prototypes OURS_PROTOTYPES.f32]
 Prints JSON: relative L2 error of the whole output0 and of its box and score rows (and of the mask
 coefficient rows of segmentation models), and the shape of every output; with a sixth argument,
-also writes onnxruntime's output0 there (raw little-endian float32).
+also writes onnxruntime's output0 there (raw little-endian float32). With --prototypes, also the
+relative L2 error of a segmentation model's output1 (`rel_l2_prototypes`).
 """
 import json
 import sys
@@ -11,7 +13,13 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-model, inp, shape, ours, nc = sys.argv[1:6]
+args = sys.argv[1:]
+prototypes = None
+if "--prototypes" in args:
+    k = args.index("--prototypes")
+    prototypes = args[k + 1]
+    del args[k:k + 2]
+model, inp, shape, ours, nc = args[:5]
 shape = tuple(int(s) for s in shape.split(","))
 x = np.fromfile(inp, dtype="<f4").reshape(shape)
 sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -19,8 +27,12 @@ outputs = sess.run(None, {"images": x})
 shapes = {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), outputs)}
 ref = outputs[[o.name for o in sess.get_outputs()].index("output0")]
 got = np.fromfile(ours, dtype="<f4").reshape(ref.shape)
-if len(sys.argv) > 6:
-    ref.astype("<f4").tofile(sys.argv[6])
+if len(args) > 5:
+    ref.astype("<f4").tofile(args[5])
+proto_err = None
+if prototypes is not None:
+    ref_p = outputs[[o.name for o in sess.get_outputs()].index("output1")]
+    got_p = np.fromfile(prototypes, dtype="<f4").reshape(ref_p.shape)
 
 
 def rel_l2(a, b):
@@ -28,11 +40,14 @@ def rel_l2(a, b):
 
 
 masks = ref.shape[1] > 4 + int(nc)
+if prototypes is not None:
+    proto_err = rel_l2(got_p, ref_p)
 print(json.dumps({
     "shape": list(ref.shape),
     "output_shapes": shapes,
     "rel_l2_masks": rel_l2(got[:, 4 + int(nc):], ref[:, 4 + int(nc):]) if masks else None,
     "rel_l2": rel_l2(got, ref),
+    "rel_l2_prototypes": proto_err,
     "rel_l2_boxes": rel_l2(got[:, :4], ref[:, :4]),
     "rel_l2_scores": rel_l2(got[:, 4:4 + int(nc)], ref[:, 4:4 + int(nc)]),
     "max_score": float(ref[:, 4:].max()),

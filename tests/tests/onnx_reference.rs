@@ -63,21 +63,26 @@ fn compare_with_onnxruntime(name: &str) {
     let per_image = engine.info().input_len();
     let mut rng = SplitMix64::new(42);
     let input: Vec<f32> = (0..2 * per_image).map(|_| rng.next_f32()).collect();
-    let ours = engine.run(&input, 2).unwrap().to_vec();
+    let (ours, prototypes) = engine.run_with_prototypes(&input, 2).unwrap();
+    let (ours, prototypes) = (ours.to_vec(), prototypes.map(<[f32]>::to_vec));
     let in_path = dir.join("input.f32");
     let out_path = dir.join("ours.f32");
+    let protos_path = dir.join("ours-prototypes.f32");
     write_f32(&in_path, &input);
     write_f32(&out_path, &ours);
-    let report = run_python(
-        "ort_compare.py",
-        &[
-            model_path.to_str().unwrap(),
-            in_path.to_str().unwrap(),
-            "2,3,640,640",
-            out_path.to_str().unwrap(),
-            &nc.to_string(),
-        ],
-    );
+    let nc_text = nc.to_string();
+    let mut args = vec![
+        model_path.to_str().unwrap(),
+        in_path.to_str().unwrap(),
+        "2,3,640,640",
+        out_path.to_str().unwrap(),
+        &nc_text,
+    ];
+    if let Some(p) = &prototypes {
+        write_f32(&protos_path, p);
+        args.extend(["--prototypes", protos_path.to_str().unwrap()]);
+    }
+    let report = run_python("ort_compare.py", &args);
     let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     println!("{name}: {v}");
     let seg = name.ends_with("-seg");
@@ -89,8 +94,10 @@ fn compare_with_onnxruntime(name: &str) {
             serde_json::json!([2, 32, 160, 160]),
             "{name}: prototypes"
         );
-        let e = v["rel_l2_masks"].as_f64().unwrap();
-        assert!(e < 1e-4, "{name}: rel_l2_masks = {e}");
+        for key in ["rel_l2_masks", "rel_l2_prototypes"] {
+            let e = v[key].as_f64().unwrap();
+            assert!(e < 1e-4, "{name}: {key} = {e}");
+        }
     }
     for key in ["rel_l2", "rel_l2_boxes", "rel_l2_scores"] {
         let e = v[key].as_f64().unwrap();
@@ -120,8 +127,8 @@ fn gelan_s_cpu_matches_onnxruntime() {
 
 #[test]
 fn gelan_t_seg_cpu_matches_onnxruntime() {
-    // output0 (detection rows and mask coefficients) through the CPU backend; the prototypes'
-    // shape from onnxruntime.
+    // Both outputs through the CPU backend: output0 (detection rows and mask coefficients) and
+    // the prototypes.
     compare_with_onnxruntime("gelan-t-seg");
 }
 
