@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
-use crate::engine::{Engine, EngineInfo, Precision};
+use crate::engine::{EndToEndOutputs, Engine, EngineInfo, Precision};
 use crate::error::{Error, Result};
 
 /// An optimized tract plan, shared by the engine and its state.
@@ -26,6 +26,17 @@ pub struct CpuEngine {
     output: Vec<f32>,
     /// Segmentation models' `output1` of the last run.
     prototypes: Vec<f32>,
+    /// End-to-end models' outputs of the last run.
+    end_to_end: EndToEndBuffers,
+}
+
+#[derive(Debug, Default)]
+struct EndToEndBuffers {
+    num_dets: Vec<i32>,
+    boxes: Vec<f32>,
+    scores: Vec<f32>,
+    classes: Vec<i32>,
+    masks: Vec<f32>,
 }
 
 pub(crate) fn backend_error(e: impl std::fmt::Display) -> Error {
@@ -111,16 +122,13 @@ impl CpuEngine {
             state,
             output: Vec::new(),
             prototypes: Vec::new(),
+            end_to_end: EndToEndBuffers::default(),
         })
     }
 }
 
-impl Engine for CpuEngine {
-    fn info(&self) -> &EngineInfo {
-        &self.info
-    }
-
-    fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+impl CpuEngine {
+    fn check_input(&self, input: &[f32], batch: usize) -> Result<()> {
         if !self.info.profile.contains(batch) {
             return Err(Error::Shape(format!(
                 "batch of {batch} images is outside the engine's profile {} (min:opt:max)",
@@ -136,7 +144,49 @@ impl Engine for CpuEngine {
                 self.info.input_hw[1]
             )));
         }
+        Ok(())
+    }
+}
+
+/// The values of output `k` of a run as `T`, checked to be `len` long.
+fn output_values<T: tract_onnx::prelude::Datum + Copy>(
+    outputs: &TVec<TValue>,
+    k: usize,
+    name: &str,
+    len: usize,
+    out: &mut Vec<T>,
+) -> Result<()> {
+    let t = outputs
+        .get(k)
+        .ok_or_else(|| backend_error(format!("the model produced no {name}")))?;
+    let view = t.try_as_plain_ram().map_err(backend_error)?;
+    let values = view.as_slice::<T>().map_err(backend_error)?;
+    if values.len() != len {
+        return Err(backend_error(format!(
+            "{name} has {} values, expected {len} per image",
+            values.len()
+        )));
+    }
+    out.extend_from_slice(values);
+    Ok(())
+}
+
+impl Engine for CpuEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+        if self.info.end_to_end.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is an end-to-end model (NMS inside): it returns detections, not output0; \
+                 run it through the detector (kestrel infer/val) or Engine::run_end_to_end",
+                self.info.model_name
+            )));
+        }
+        self.check_input(input, batch)?;
         let [h, w] = self.info.input_hw;
+        let per_image = self.info.input_len();
         let out_len = self.info.output_len();
         let proto_len = self.info.prototypes.map_or(0, |p| p.len());
         self.output.clear();
@@ -147,34 +197,52 @@ impl Engine for CpuEngine {
                 .state
                 .run(tvec!(tensor.into_tvalue()))
                 .map_err(backend_error)?;
-            let first = outputs
-                .first()
-                .ok_or_else(|| backend_error("the model produced no output"))?;
-            let view = first.try_as_plain_ram().map_err(backend_error)?;
-            let values = view.as_slice::<f32>().map_err(backend_error)?;
-            if values.len() != out_len {
-                return Err(backend_error(format!(
-                    "output has {} values, expected {out_len} per image",
-                    values.len()
-                )));
-            }
-            self.output.extend_from_slice(values);
+            output_values(&outputs, 0, "output0", out_len, &mut self.output)?;
             if proto_len > 0 {
-                let protos = outputs
-                    .get(1)
-                    .ok_or_else(|| backend_error("the model produced no prototypes"))?;
-                let view = protos.try_as_plain_ram().map_err(backend_error)?;
-                let values = view.as_slice::<f32>().map_err(backend_error)?;
-                if values.len() != proto_len {
-                    return Err(backend_error(format!(
-                        "prototypes have {} values, expected {proto_len} per image",
-                        values.len()
-                    )));
-                }
-                self.prototypes.extend_from_slice(values);
+                output_values(&outputs, 1, "prototypes", proto_len, &mut self.prototypes)?;
             }
         }
         Ok(&self.output)
+    }
+
+    fn run_end_to_end(&mut self, input: &[f32], batch: usize) -> Result<EndToEndOutputs<'_>> {
+        let Some(e2e) = self.info.end_to_end.clone() else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not an end-to-end model; export it with --end2end",
+                self.info.model_name
+            )));
+        };
+        self.check_input(input, batch)?;
+        let [h, w] = self.info.input_hw;
+        let k = e2e.max_detections;
+        let b = &mut self.end_to_end;
+        b.num_dets.clear();
+        b.boxes.clear();
+        b.scores.clear();
+        b.classes.clear();
+        b.masks.clear();
+        for image in input.chunks_exact(self.info.input_len()) {
+            let tensor = Tensor::from_shape(&[1, 3, h, w], image).map_err(backend_error)?;
+            let outputs = self
+                .state
+                .run(tvec!(tensor.into_tvalue()))
+                .map_err(backend_error)?;
+            output_values(&outputs, 0, "num_dets", 1, &mut b.num_dets)?;
+            output_values(&outputs, 1, "det_boxes", 4 * k, &mut b.boxes)?;
+            output_values(&outputs, 2, "det_scores", k, &mut b.scores)?;
+            output_values(&outputs, 3, "det_classes", k, &mut b.classes)?;
+            if let Some(m) = e2e.masks {
+                let cells = m.width * m.height;
+                output_values(&outputs, 4, "det_masks", k * cells, &mut b.masks)?;
+            }
+        }
+        Ok(EndToEndOutputs {
+            num_dets: &b.num_dets,
+            boxes: &b.boxes,
+            scores: &b.scores,
+            classes: &b.classes,
+            masks: e2e.masks.map(|_| &b.masks[..]),
+        })
     }
 
     fn run_with_prototypes(

@@ -32,6 +32,8 @@ pub struct Detector {
     mask_decoder: MaskDecoder,
     coefficients: Vec<f32>,
     boxes: Vec<BoxXyxy>,
+    /// End-to-end segmentation models: the kept detections' mask probabilities.
+    probabilities: Vec<f32>,
 }
 
 impl Detector {
@@ -50,6 +52,7 @@ impl Detector {
             mask_decoder: MaskDecoder::new(),
             coefficients: Vec::new(),
             boxes: Vec::new(),
+            probabilities: Vec::new(),
         }
     }
 
@@ -179,6 +182,10 @@ impl Detector {
         masks: &mut Vec<Vec<Bitmap>>,
     ) -> Result<()> {
         cfg.validate()?;
+        if self.engine.info().end_to_end.is_some() {
+            check_batch(images.len(), self.engine.info().profile.max)?;
+            return self.detect_end_to_end(images, cfg, out, Some(masks));
+        }
         let info = self.engine.info();
         let Some(shape) = info.prototypes else {
             return Err(Error::InvalidArgument(format!(
@@ -262,6 +269,9 @@ impl Detector {
             return Ok(());
         }
         check_batch(n, profile.max)?;
+        if self.engine.info().end_to_end.is_some() {
+            return self.detect_end_to_end(images, cfg, out, None);
+        }
         if self.device_postprocessing {
             // The whole detection on the device, letterbox included, from the RGB bytes.
             let frames: Vec<Frame> = images
@@ -312,6 +322,93 @@ impl Detector {
                 cfg,
                 dets,
             )?;
+        }
+        Ok(())
+    }
+}
+
+impl Detector {
+    /// The path of end-to-end models (NMS inside the graph): their rows mapped to each image's
+    /// pixels. `cfg` still applies where it is stricter than the graph's own settings: its score
+    /// threshold, class filter and detection limit. With `masks`, each detection's mask from the
+    /// model's `det_masks` (an error for a detector).
+    fn detect_end_to_end<I: std::borrow::Borrow<RgbImage>>(
+        &mut self,
+        images: &[I],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+        mut masks: Option<&mut Vec<Vec<Bitmap>>>,
+    ) -> Result<()> {
+        let n = images.len();
+        out.clear();
+        if let Some(m) = masks.as_deref_mut() {
+            m.clear();
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (k, shape) = match &self.engine.info().end_to_end {
+            Some(e) => (e.max_detections, e.masks),
+            None => return Err(Error::InvalidArgument("not an end-to-end model".into())),
+        };
+        if masks.is_some() && shape.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "model {} detects boxes only (it has no det_masks); masks need a segmentation \
+                 model such as gelan-c-seg",
+                self.engine.info().model_name
+            )));
+        }
+        let batch = self.letterbox_batch(images)?;
+        let r = self.engine.run_end_to_end(&self.input, batch)?;
+        let cells = shape.map_or(0, |s| s.width * s.height);
+        out.resize_with(n, Vec::new);
+        for (i, dets) in out.iter_mut().enumerate() {
+            let placement = &self.placements[i];
+            let (w, h) = (placement.src_w as f32, placement.src_h as f32);
+            let count = usize::try_from(r.num_dets[i]).unwrap_or(0).min(k);
+            self.boxes.clear();
+            self.probabilities.clear();
+            for j in 0..count {
+                let row = i * k + j;
+                let (score, class) = (r.scores[row], r.classes[row]);
+                let Ok(class_id) = usize::try_from(class) else {
+                    continue;
+                };
+                if score <= cfg.conf_threshold
+                    || cfg.classes.as_ref().is_some_and(|c| !c.contains(&class_id))
+                {
+                    continue;
+                }
+                let b = &r.boxes[row * 4..row * 4 + 4];
+                let bbox = placement
+                    .to_source(BoxXyxy::new(b[0], b[1], b[2], b[3]))
+                    .clip(w, h);
+                dets.push(Detection {
+                    bbox,
+                    score,
+                    class_id,
+                    // The row of the model's output: end-to-end models have no anchors here.
+                    anchor: j,
+                });
+                if let Some(all) = r.masks {
+                    self.boxes.push(bbox);
+                    self.probabilities
+                        .extend_from_slice(&all[row * cells..(row + 1) * cells]);
+                }
+                if dets.len() == cfg.max_detections {
+                    break;
+                }
+            }
+            if let (Some(m), Some(shape)) = (masks.as_deref_mut(), shape) {
+                m.resize_with(n, Vec::new);
+                self.mask_decoder.decode_probabilities(
+                    &self.probabilities,
+                    shape,
+                    placement,
+                    &self.boxes,
+                    &mut m[i],
+                )?;
+            }
         }
         Ok(())
     }

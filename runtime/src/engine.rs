@@ -215,6 +215,41 @@ pub struct EngineInfo {
     pub prototypes: Option<PrototypeShape>,
     /// Segmentation models: the name of the prototype output (empty for detectors).
     pub prototypes_name: String,
+    /// End-to-end models (NMS inside the graph, `kestrel export --end2end`): what they return.
+    /// `output0` and the prototypes are then internal; run them with [`Engine::run_end_to_end`].
+    pub end_to_end: Option<EndToEndInfo>,
+}
+
+/// The outputs of an end-to-end model: `num_dets [B, 1]`, `det_boxes [B, K, 4]`,
+/// `det_scores [B, K]`, `det_classes [B, K]` and, for segmentation models,
+/// `det_masks [B, K, h, w]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndToEndInfo {
+    /// How the NMS is expressed (`onnx`, `efficient-nms-trt`, `trt-inms`).
+    pub flavour: String,
+    /// K: detection rows per image.
+    pub max_detections: usize,
+    /// The thresholds baked into the graph (IoU, score).
+    pub iou_threshold: f32,
+    pub score_threshold: f32,
+    /// Segmentation models: the mask maps' size in cells (prototype resolution).
+    pub masks: Option<PrototypeShape>,
+}
+
+/// What an end-to-end model returned for a batch of B images, row-major, K rows per image;
+/// rows past an image's `num_dets` are padding.
+#[derive(Debug, Clone, Copy)]
+pub struct EndToEndOutputs<'a> {
+    /// `[B]` detections per image.
+    pub num_dets: &'a [i32],
+    /// `[B, K, 4]` x1, y1, x2, y2 in input pixels.
+    pub boxes: &'a [f32],
+    /// `[B, K]`.
+    pub scores: &'a [f32],
+    /// `[B, K]`.
+    pub classes: &'a [i32],
+    /// `[B, K, h, w]` mask probabilities at prototype resolution, zero outside each box.
+    pub masks: Option<&'a [f32]>,
 }
 
 impl EngineInfo {
@@ -283,6 +318,16 @@ pub trait Engine: Send {
     /// The accelerator the engine runs on (GPU name), if any.
     fn device_name(&self) -> Option<String> {
         None
+    }
+
+    /// Run an end-to-end model (see [`EngineInfo::end_to_end`]) on a batch.
+    fn run_end_to_end(&mut self, input: &[f32], batch: usize) -> Result<EndToEndOutputs<'_>> {
+        let _ = (input, batch);
+        Err(Error::InvalidArgument(format!(
+            "the {} backend does not run end-to-end models (NMS inside the graph); use \
+             --backend cpu, or export without --end2end",
+            self.info().backend
+        )))
     }
 
     /// Run a batch and decode + NMS its output on the engine's device with `cfg` (the
@@ -433,6 +478,9 @@ pub fn describe_model(
             )));
         }
     }
+    if let Some(flavour) = model.metadata(kestrel_exporter::end2end::END2END_KEY) {
+        return describe_end_to_end(model, path, options, flavour, &input.name, [h, w]);
+    }
     let output = graph
         .output
         .first()
@@ -501,6 +549,105 @@ pub fn describe_model(
         } else {
             String::new()
         },
+        end_to_end: None,
+    })
+}
+
+/// [`describe_model`] for an end-to-end model (`kestrel export --end2end`): its outputs checked
+/// against the layout the exporter writes.
+fn describe_end_to_end(
+    model: &pb::ModelProto,
+    path: &Path,
+    options: &BuildOptions,
+    flavour: &str,
+    input_name: &str,
+    [h, w]: [i64; 2],
+) -> Result<EngineInfo> {
+    use kestrel_exporter::end2end::END2END_OUTPUTS;
+    let err = |message: String| Error::Model {
+        path: path.to_path_buf(),
+        message,
+    };
+    if options.backend != Backend::Cpu {
+        return Err(err(format!(
+            "an end-to-end model (NMS inside, flavour {flavour}) runs on the cpu backend; for \
+             --backend {} export without --end2end: the engine runs decode and NMS on the GPU \
+             itself, with thresholds per call",
+            options.backend
+        )));
+    }
+    if flavour == "efficient-nms-trt" {
+        return Err(err(
+            "this end-to-end model uses TensorRT 10's EfficientNMS_TRT plugin, which only \
+             TensorRT runs; export with --end2end onnx for Kestrel's backends and onnxruntime"
+                .into(),
+        ));
+    }
+    let graph = model.graph();
+    let names: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let with_masks = names.len() == 5;
+    if names.len() < 4 || names[..] != END2END_OUTPUTS[..names.len()] {
+        return Err(err(format!(
+            "end-to-end outputs {names:?}; expected {:?} (and det_masks for segmentation)",
+            &END2END_OUTPUTS[..4]
+        )));
+    }
+    let fixed = |k: usize, d: usize| -> Option<usize> {
+        graph.output[k]
+            .tensor_shape()
+            .and_then(|(_, dims)| dims.get(d).and_then(Dim::fixed))
+            .map(|v| v as usize)
+    };
+    let k = fixed(1, 1).ok_or_else(|| err("det_boxes has no fixed K".into()))?;
+    let masks = if with_masks {
+        let (Some(mh), Some(mw)) = (fixed(4, 2), fixed(4, 3)) else {
+            return Err(err(
+                "det_masks is not [batch, K, h, w] with a fixed size".into()
+            ));
+        };
+        Some(PrototypeShape {
+            width: mw,
+            height: mh,
+        })
+    } else {
+        None
+    };
+    let meta_f32 = |key: &str| model.metadata(key).and_then(|v| v.parse::<f32>().ok());
+    let names: Option<Vec<String>> = model
+        .metadata("names")
+        .and_then(|n| serde_json::from_str(n).ok());
+    let num_classes = model
+        .metadata("num_classes")
+        .and_then(|n| n.parse().ok())
+        .or(names.as_ref().map(Vec::len))
+        .ok_or_else(|| err("no num_classes metadata".into()))?;
+    let class_names = names
+        .filter(|n| n.len() == num_classes)
+        .unwrap_or_else(|| (0..num_classes).map(|i| format!("class{i}")).collect());
+    Ok(EngineInfo {
+        model_name: model
+            .metadata("model")
+            .map(str::to_string)
+            .unwrap_or_else(|| "model".into()),
+        backend: options.backend,
+        precision: options.precision,
+        profile: options.profile,
+        input_name: input_name.to_string(),
+        input_hw: [h as usize, w as usize],
+        output_name: END2END_OUTPUTS[1].to_string(),
+        output_channels: 4 + num_classes,
+        anchors: 0,
+        num_classes,
+        class_names,
+        prototypes: None,
+        prototypes_name: String::new(),
+        end_to_end: Some(EndToEndInfo {
+            flavour: flavour.to_string(),
+            max_detections: k,
+            iou_threshold: meta_f32("end2end_iou_threshold").unwrap_or(f32::NAN),
+            score_threshold: meta_f32("end2end_score_threshold").unwrap_or(f32::NAN),
+            masks,
+        }),
     })
 }
 

@@ -354,30 +354,96 @@ impl MaskDecoder {
                 }
                 *cell = sigmoid(z);
             }
-            mask.width = w;
-            mask.height = h;
-            mask.data.clear();
-            mask.data.resize(w * h, 0);
-            let [x0, y0, x1, y1] = box_pixel_range(b, w, h);
-            for y in y0..y1 {
-                let (r0, r1, wy) = self.ys[y];
-                let (row0, row1) = (r0 as usize * shape.width, r1 as usize * shape.width);
-                for x in x0..x1 {
-                    let (c0, c1, wx) = self.xs[x];
-                    let (c0, c1) = (c0 as usize, c1 as usize);
-                    let v = blend(
-                        self.cells[row0 + c0],
-                        self.cells[row0 + c1],
-                        self.cells[row1 + c0],
-                        self.cells[row1 + c1],
-                        wx,
-                        wy,
-                    );
-                    mask.data[y * w + x] = u8::from(v > 0.5);
-                }
-            }
+            sample_mask(&self.cells, shape, &self.xs, &self.ys, w, h, b, mask);
         }
         Ok(())
+    }
+
+    /// Masks of one image's detections from mask probabilities at prototype resolution (an
+    /// end-to-end model's `det_masks`: `shape` cells per box in `probabilities`), sampled like
+    /// [`MaskDecoder::decode`] at the source resolution of `letterbox`.
+    pub fn decode_probabilities(
+        &mut self,
+        probabilities: &[f32],
+        shape: PrototypeShape,
+        letterbox: &LetterboxParams,
+        boxes: &[BoxXyxy],
+        out: &mut Vec<Bitmap>,
+    ) -> Result<()> {
+        let plane = shape.width * shape.height;
+        if plane == 0 || probabilities.len() != plane * boxes.len() {
+            return Err(Error::Shape(format!(
+                "{} mask probabilities for {} boxes of {}x{} cells",
+                probabilities.len(),
+                boxes.len(),
+                shape.width,
+                shape.height
+            )));
+        }
+        let l = letterbox;
+        mask_axis_taps(
+            l.src_w,
+            l.new_w,
+            l.left,
+            l.dst_w,
+            shape.width as u32,
+            &mut self.xs,
+        );
+        mask_axis_taps(
+            l.src_h,
+            l.new_h,
+            l.top,
+            l.dst_h,
+            shape.height as u32,
+            &mut self.ys,
+        );
+        let (w, h) = (l.src_w as usize, l.src_h as usize);
+        out.resize_with(boxes.len(), Bitmap::default);
+        for ((b, cells), mask) in boxes
+            .iter()
+            .zip(probabilities.chunks_exact(plane))
+            .zip(out.iter_mut())
+        {
+            sample_mask(cells, shape, &self.xs, &self.ys, w, h, b, mask);
+        }
+        Ok(())
+    }
+}
+
+/// One detection's mask at the source resolution (`w` × `h`): the probability `cells` sampled
+/// bilinearly through the axis taps, cleared outside box `b`, thresholded at 0.5.
+#[allow(clippy::too_many_arguments)]
+fn sample_mask(
+    cells: &[f32],
+    shape: PrototypeShape,
+    xs: &[(u32, u32, f32)],
+    ys: &[(u32, u32, f32)],
+    w: usize,
+    h: usize,
+    b: &BoxXyxy,
+    mask: &mut Bitmap,
+) {
+    mask.width = w;
+    mask.height = h;
+    mask.data.clear();
+    mask.data.resize(w * h, 0);
+    let [x0, y0, x1, y1] = box_pixel_range(b, w, h);
+    for y in y0..y1 {
+        let (r0, r1, wy) = ys[y];
+        let (row0, row1) = (r0 as usize * shape.width, r1 as usize * shape.width);
+        for x in x0..x1 {
+            let (c0, c1, wx) = xs[x];
+            let (c0, c1) = (c0 as usize, c1 as usize);
+            let v = blend(
+                cells[row0 + c0],
+                cells[row0 + c1],
+                cells[row1 + c0],
+                cells[row1 + c1],
+                wx,
+                wy,
+            );
+            mask.data[y * w + x] = u8::from(v > 0.5);
+        }
     }
 }
 

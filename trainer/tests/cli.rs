@@ -222,5 +222,30 @@ fn a_segmentation_model_trains_on_masks_and_exports_both_outputs() {
     // 4 box rows + 6 classes + 32 mask coefficients, 84 anchors; 32 prototypes of 16x16.
     assert_eq!(out.len(), (4 + 6 + 32) * 84);
     assert_eq!(prototypes.map(<[f32]>::len), Some(32 * 16 * 16));
+
+    // End to end: NMS and the masks inside the graph, run by the CPU backend's detector.
+    let e2e = dir.join("seg-e2e.onnx");
+    let log = run(&[
+        "export",
+        "--weights",
+        ema.to_str().unwrap(),
+        "-o",
+        e2e.to_str().unwrap(),
+        "--end2end",
+        "onnx",
+        "--conf",
+        "0.001",
+    ]);
+    assert!(log.contains("end-to-end (onnx)"), "{log}");
+    let mut detector = kestrel_runtime::Detector::new(build_engine(&e2e, &options).unwrap());
+    let info = detector.info().end_to_end.clone().unwrap();
+    assert_eq!((info.max_detections, info.masks.map(|m| m.width)), (100, Some(16)));
+    let (scene, _) = kestrel_runtime::synth::render_scene(3, 64, 64);
+    let (mut dets, mut masks) = (Vec::new(), Vec::new());
+    let nms = kestrel_runtime::nms::NmsConfig::evaluation();
+    detector
+        .detect_masks(&[scene], &nms, &mut dets, &mut masks)
+        .unwrap();
+    assert_eq!(masks[0].len(), dets[0].len());
     let _ = std::fs::remove_dir_all(dir);
 }

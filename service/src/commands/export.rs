@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use kestrel_exporter::end2end::{END2END_KEY, EndToEnd, NmsFlavour, append_nms};
 use kestrel_exporter::weights::save_safetensors;
 use kestrel_exporter::{
     Activation, ExportOptions, ModelConfig, WeightFile, WeightSource, export, inspect, onnx, pb,
@@ -97,6 +98,44 @@ pub struct Args {
     /// Output ONNX file.
     #[arg(long, short = 'o', required_unless_present = "list_weights")]
     output: Option<PathBuf>,
+    #[command(flatten)]
+    end2end: End2EndArgs,
+}
+
+/// End-to-end export: NMS (and masks) inside the graph.
+#[derive(Debug, clap::Args)]
+pub struct End2EndArgs {
+    /// Append NMS to the graph: onnx (standard operators: onnxruntime, Kestrel's CPU backend),
+    /// efficient-nms-trt (TensorRT 10's EfficientNMS_TRT plugin, detectors only) or trt-inms
+    /// (TensorRT 11's INMS layer). Outputs num_dets, det_boxes, det_scores, det_classes (and
+    /// det_masks for segmentation models).
+    #[arg(long, value_name = "FLAVOUR")]
+    pub end2end: Option<String>,
+    /// End-to-end: detections kept per image (K).
+    #[arg(long, default_value_t = 100)]
+    pub max_det: usize,
+    /// End-to-end: NMS IoU threshold.
+    #[arg(long, default_value_t = 0.45)]
+    pub iou: f32,
+    /// End-to-end: score threshold.
+    #[arg(long, default_value_t = 0.25)]
+    pub conf: f32,
+}
+
+impl End2EndArgs {
+    /// `model` with NMS appended when `--end2end` was given.
+    pub fn apply(&self, model: pb::ModelProto) -> Result<pb::ModelProto> {
+        let Some(flavour) = &self.end2end else {
+            return Ok(model);
+        };
+        let opts = EndToEnd {
+            flavour: NmsFlavour::parse(flavour)?,
+            max_detections: self.max_det,
+            iou_threshold: self.iou,
+            score_threshold: self.conf,
+        };
+        Ok(append_nms(model, &opts)?)
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -111,6 +150,7 @@ pub fn run(a: Args) -> Result<()> {
     let Some(output) = &a.output else {
         bail!("give the output file with -o FILE.onnx");
     };
+    let model = a.end2end.apply(model)?;
     onnx::write_model(&model, output)?;
     if let Some(path) = &a.save_weights {
         save_safetensors(path, &params)?;
@@ -136,5 +176,11 @@ pub fn run(a: Args) -> Result<()> {
             ""
         }
     );
+    if let Some(flavour) = model.metadata(END2END_KEY) {
+        println!(
+            "end-to-end ({flavour}): NMS inside, at most {} detections per image, IoU {}, score {}",
+            a.end2end.max_det, a.end2end.iou, a.end2end.conf
+        );
+    }
     Ok(())
 }

@@ -152,7 +152,48 @@ enum Command {
         weights: PathBuf,
         #[arg(short, long)]
         output: PathBuf,
+        /// Append NMS to the graph: onnx (standard operators: onnxruntime, Kestrel's CPU
+        /// backend), efficient-nms-trt (TensorRT 10's plugin, detectors only) or trt-inms
+        /// (TensorRT 11's INMS layer); outputs num_dets, det_boxes, det_scores, det_classes (and
+        /// det_masks for segmentation models).
+        #[arg(long, value_name = "FLAVOUR")]
+        end2end: Option<String>,
+        /// End-to-end: detections kept per image (K).
+        #[arg(long, default_value_t = 100)]
+        max_det: usize,
+        /// End-to-end: NMS IoU threshold.
+        #[arg(long, default_value_t = 0.45)]
+        iou: f32,
+        /// End-to-end: score threshold.
+        #[arg(long, default_value_t = 0.25)]
+        conf: f32,
     },
+}
+
+/// `model` with NMS appended when an end-to-end flavour is given (`--end2end`).
+fn with_end2end(
+    model: kestrel_exporter::pb::ModelProto,
+    flavour: Option<&str>,
+    max_detections: usize,
+    iou_threshold: f32,
+    score_threshold: f32,
+) -> Result<kestrel_exporter::pb::ModelProto> {
+    use kestrel_exporter::end2end::{EndToEnd, NmsFlavour, append_nms};
+    let Some(flavour) = flavour else {
+        return Ok(model);
+    };
+    let opts = EndToEnd {
+        flavour: NmsFlavour::parse(flavour)?,
+        max_detections,
+        iou_threshold,
+        score_threshold,
+    };
+    let model = append_nms(model, &opts)?;
+    println!(
+        "end-to-end ({flavour}): NMS inside, at most {max_detections} detections per image, IoU \
+         {iou_threshold}, score {score_threshold}"
+    );
+    Ok(model)
 }
 
 pub(crate) fn parse_device(s: &str) -> Result<Device> {
@@ -573,7 +614,14 @@ fn main() -> Result<()> {
             println!("wrote {} ({} tensors)", output.display(), tensors.len());
         }
         Command::Qat { command } => qat::run(command)?,
-        Command::Export { weights, output } if weights.extension().is_some_and(|e| e == "onnx") => {
+        Command::Export {
+            weights,
+            output,
+            end2end,
+            max_det,
+            iou,
+            conf,
+        } if weights.extension().is_some_and(|e| e == "onnx") => {
             let model = kestrel_exporter::read_model(&weights)?;
             let network = kestrel_trainer::quant::OnnxNetwork::new(&model, Device::Cpu)
                 .with_context(|| weights.display().to_string())?;
@@ -585,6 +633,7 @@ fn main() -> Result<()> {
                     weights.display()
                 );
             }
+            let model = with_end2end(model, end2end.as_deref(), max_det, iou, conf)?;
             write_model(&model, &output)?;
             let s = kestrel_exporter::summarize(&model);
             println!(
@@ -597,7 +646,14 @@ fn main() -> Result<()> {
                     .unwrap_or("quantized")
             );
         }
-        Command::Export { weights, output } => {
+        Command::Export {
+            weights,
+            output,
+            end2end,
+            max_det,
+            iou,
+            conf,
+        } => {
             let (cfg, tensors) = fused(&weights)?;
             let tmp = output.with_extension("fused.safetensors");
             save_safetensors(&tmp, &tensors)?;
@@ -607,6 +663,7 @@ fn main() -> Result<()> {
                 options.class_names = names;
             }
             let onnx = export(&cfg, &mut source, &options)?;
+            let onnx = with_end2end(onnx, end2end.as_deref(), max_det, iou, conf)?;
             write_model(&onnx, &output)?;
             let _ = std::fs::remove_file(&tmp);
             println!(

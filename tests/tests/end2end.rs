@@ -1,0 +1,389 @@
+//! End-to-end models (`kestrel export --end2end`): NMS and masks inside the graph. Every flavour
+//! passes the ONNX checker; the standard-operator flavour runs in onnxruntime and in the CPU
+//! backend with the detections of the plain model plus Kestrel's CPU NMS; the TensorRT flavours
+//! are checked node by node (TensorRT cannot run here).
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use kestrel_exporter::end2end::{END2END_OUTPUTS, EndToEnd, NmsFlavour, append_nms};
+use kestrel_exporter::onnx::{self, pb};
+use kestrel_runtime::Detector;
+use kestrel_runtime::engine::{BatchProfile, BuildOptions, build_engine};
+use kestrel_runtime::nms::NmsConfig;
+use kestrel_tests::{run_python, scratch_dir, workspace_root};
+
+fn bundled(name: &str) -> PathBuf {
+    workspace_root().join("models").join(name)
+}
+
+fn end_to_end(plain: &Path, flavour: NmsFlavour, out: &Path) -> pb::ModelProto {
+    let model = onnx::read_model(plain).unwrap();
+    let opts = EndToEnd {
+        flavour,
+        ..Default::default()
+    };
+    let e2e = append_nms(model, &opts).unwrap();
+    onnx::write_model(&e2e, out).unwrap();
+    e2e
+}
+
+/// What the plain model + Kestrel's CPU NMS gives with the graph's settings: every class above
+/// the score threshold is a candidate (ONNX's NonMaxSuppression works per class), IoU 0.45, 100
+/// detections.
+fn graph_settings() -> NmsConfig {
+    NmsConfig {
+        conf_threshold: 0.25,
+        iou_threshold: 0.45,
+        max_detections: 100,
+        max_candidates: 1_000_000,
+        multi_label: true,
+        agnostic: false,
+        classes: None,
+    }
+}
+
+fn scenes(n: usize) -> Vec<image::RgbImage> {
+    (0..n)
+        .map(|i| {
+            kestrel_runtime::synth::render_scene(
+                kestrel_runtime::synth::image_seed(77, i),
+                320,
+                320,
+            )
+            .0
+        })
+        .collect()
+}
+
+fn detector(path: &Path) -> Detector {
+    let options = BuildOptions {
+        profile: BatchProfile {
+            min: 1,
+            opt: 2,
+            max: 2,
+        },
+        ..Default::default()
+    };
+    Detector::new(build_engine(path, &options).unwrap())
+}
+
+#[test]
+fn every_flavour_passes_the_onnx_checker_and_has_the_documented_outputs() {
+    let dir = scratch_dir("e2e-checker");
+    let mut paths = Vec::new();
+    for (model, seg) in [
+        ("gelan-t-shapes.onnx", false),
+        ("gelan-t-seg-shapes.onnx", true),
+    ] {
+        for flavour in [
+            NmsFlavour::Onnx,
+            NmsFlavour::EfficientNmsTrt,
+            NmsFlavour::TensorRtInms,
+        ] {
+            let out = dir.join(format!(
+                "{}-{}.onnx",
+                model.trim_end_matches(".onnx"),
+                flavour.label()
+            ));
+            if seg && flavour == NmsFlavour::EfficientNmsTrt {
+                let e = append_nms(
+                    onnx::read_model(&bundled(model)).unwrap(),
+                    &EndToEnd {
+                        flavour,
+                        ..Default::default()
+                    },
+                )
+                .unwrap_err()
+                .to_string();
+                assert!(
+                    e.contains("no detection indices") && e.contains("--end2end onnx"),
+                    "{e}"
+                );
+                continue;
+            }
+            let e2e = end_to_end(&bundled(model), flavour, &out);
+            let graph = e2e.graph();
+            let names: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+            let want = if seg {
+                &END2END_OUTPUTS[..]
+            } else {
+                &END2END_OUTPUTS[..4]
+            };
+            assert_eq!(names, want, "{flavour:?}");
+            let types: Vec<i32> = graph
+                .output
+                .iter()
+                .map(|o| o.tensor_shape().unwrap().0)
+                .collect();
+            assert_eq!(
+                types[..4],
+                [
+                    pb::data_type::INT32,
+                    pb::data_type::FLOAT,
+                    pb::data_type::FLOAT,
+                    pb::data_type::INT32
+                ]
+            );
+            assert_eq!(e2e.metadata("end2end"), Some(flavour.label()));
+            assert_eq!(e2e.metadata("end2end_max_detections"), Some("100"));
+            let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+            match flavour {
+                NmsFlavour::EfficientNmsTrt => {
+                    let nms: Vec<&pb::NodeProto> = graph
+                        .node
+                        .iter()
+                        .filter(|n| n.op_type == "EfficientNMS_TRT")
+                        .collect();
+                    assert_eq!(nms.len(), 1);
+                    let n = nms[0];
+                    assert_eq!(n.domain, "TRT");
+                    assert_eq!(n.output, END2END_OUTPUTS[..4].to_vec());
+                    assert_eq!(n.attr_int("max_output_boxes", 0), 100);
+                    assert_eq!(n.attr_int("box_coding", -1), 0);
+                    assert_eq!(n.attr_int("background_class", 0), -1);
+                    assert_eq!(n.attr_int("score_activation", -1), 0);
+                    assert_eq!(n.attr_string("plugin_version").as_deref(), Some("1"));
+                    let f = |k: &str| n.attr(k).map(|a| a.f).unwrap();
+                    assert_eq!((f("iou_threshold"), f("score_threshold")), (0.45, 0.25));
+                    assert!(e2e.opset_import.iter().any(|o| o.domain == "TRT"));
+                    assert!(!ops.contains(&"NonMaxSuppression"));
+                }
+                NmsFlavour::TensorRtInms | NmsFlavour::Onnx => {
+                    assert_eq!(ops.iter().filter(|o| **o == "NonMaxSuppression").count(), 1);
+                    let nms = graph
+                        .node
+                        .iter()
+                        .find(|n| n.op_type == "NonMaxSuppression")
+                        .unwrap();
+                    // Thresholds and K are initializers (TensorRT's INMS needs them constant).
+                    let inits: Vec<&str> =
+                        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+                    for input in &nms.input[2..5] {
+                        assert!(
+                            inits.contains(&input.as_str()),
+                            "{input} is not an initializer"
+                        );
+                    }
+                    assert!(ops.contains(&"TopK") && !ops.contains(&"EfficientNMS_TRT"));
+                    let casts_to_i32 = graph.node.iter().filter(|n| {
+                        n.op_type == "Cast"
+                            && n.attr_int("to", 0) == i64::from(pb::data_type::INT32)
+                            && n.input.first() == nms.output.first()
+                    });
+                    assert_eq!(
+                        casts_to_i32.count(),
+                        usize::from(flavour == NmsFlavour::TensorRtInms)
+                    );
+                }
+            }
+            paths.push(out.to_string_lossy().into_owned());
+        }
+    }
+    let args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let report = run_python("check_onnx.py", &args);
+    assert_eq!(
+        report.lines().filter(|l| l.starts_with("ok ")).count(),
+        5,
+        "{report}"
+    );
+    // A model that is end-to-end already is refused.
+    let again = onnx::read_model(Path::new(&paths[0])).unwrap();
+    let e = append_nms(again, &EndToEnd::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already end-to-end"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn close_detections(
+    a: &[kestrel_runtime::Detection],
+    b: &[kestrel_runtime::Detection],
+    what: &str,
+) {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "{what}: {} vs {} detections",
+        a.len(),
+        b.len()
+    );
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.class_id, y.class_id, "{what}: {x:?} vs {y:?}");
+        assert!((x.score - y.score).abs() < 1e-4, "{what}: {x:?} vs {y:?}");
+        assert!(x.bbox.iou(&y.bbox) > 0.999, "{what}: {x:?} vs {y:?}");
+    }
+}
+
+#[test]
+fn the_onnx_flavour_gives_the_plain_models_detections_on_the_cpu_backend_and_in_onnxruntime() {
+    let dir = scratch_dir("e2e-run");
+    let images = scenes(4);
+    for (model, seg) in [
+        ("gelan-t-shapes.onnx", false),
+        ("gelan-t-seg-shapes.onnx", true),
+    ] {
+        let plain_path = bundled(model);
+        let e2e_path = dir.join(model);
+        end_to_end(&plain_path, NmsFlavour::Onnx, &e2e_path);
+        let (mut plain, mut e2e) = (detector(&plain_path), detector(&e2e_path));
+        let cfg = graph_settings();
+        let mut total = 0;
+        for pair in images.chunks(2) {
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            if seg {
+                let (mut want_m, mut got_m) = (Vec::new(), Vec::new());
+                plain
+                    .detect_masks(pair, &cfg, &mut want, &mut want_m)
+                    .unwrap();
+                e2e.detect_masks(pair, &cfg, &mut got, &mut got_m).unwrap();
+                for (wm, gm) in want_m.iter().zip(&got_m) {
+                    for (a, b) in wm.iter().zip(gm) {
+                        // The same maps (computed inside the graph), sampled and cropped alike.
+                        let iou = a.iou(b).unwrap();
+                        assert!(iou >= 0.99, "{model}: mask IoU {iou}");
+                    }
+                }
+            } else {
+                plain.detect(pair, &cfg, &mut want).unwrap();
+                e2e.detect(pair, &cfg, &mut got).unwrap();
+            }
+            for (w, g) in want.iter().zip(&got) {
+                close_detections(w, g, model);
+                total += w.len();
+            }
+        }
+        println!("{model}: {total} detections on 4 scenes, identical end to end");
+        assert!(
+            total > 10,
+            "{model}: the scenes should have objects ({total})"
+        );
+
+        // onnxruntime on the same letterboxed input (the scenes are the model's size).
+        let input: Vec<f32> = images[..2]
+            .iter()
+            .flat_map(|img| {
+                let mut planes = vec![0f32; 3 * 320 * 320];
+                for (i, p) in img.pixels().enumerate() {
+                    for c in 0..3 {
+                        planes[c * 320 * 320 + i] = f32::from(p[c]) / 255.0;
+                    }
+                }
+                planes
+            })
+            .collect();
+        let in_path = dir.join("input.f32");
+        let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&in_path, bytes).unwrap();
+        let report = run_python(
+            "ort_end2end.py",
+            &[
+                e2e_path.to_str().unwrap(),
+                in_path.to_str().unwrap(),
+                "2,3,320,320",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+        let mut want = Vec::new();
+        plain.detect(&images[..2], &cfg, &mut want).unwrap();
+        let nums: Vec<i64> = v["num_dets"]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        assert_eq!(v["det_boxes"]["shape"], serde_json::json!([2, 100, 4]));
+        if seg {
+            assert_eq!(v["det_masks"]["shape"], serde_json::json!([2, 100, 80, 80]));
+        }
+        let f = |k: &str| -> Vec<f64> {
+            v[k]["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (boxes, scores, classes) = (f("det_boxes"), f("det_scores"), f("det_classes"));
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(
+                nums[i] as usize,
+                w.len(),
+                "{model}: onnxruntime num_dets of image {i}"
+            );
+            for (j, d) in w.iter().enumerate() {
+                let row = i * 100 + j;
+                assert_eq!(classes[row] as usize, d.class_id, "{model} row {row}");
+                assert!(
+                    (scores[row] - f64::from(d.score)).abs() < 1e-4,
+                    "{model} row {row}"
+                );
+                let b = [d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2];
+                // The graph's boxes are in input pixels, unclipped; the detector clips to the image.
+                for c in 0..4 {
+                    let theirs = boxes[row * 4 + c].clamp(0.0, 320.0);
+                    assert!(
+                        (theirs - f64::from(b[c])).abs() < 1e-2,
+                        "{model} row {row}: {theirs} vs {}",
+                        b[c]
+                    );
+                }
+            }
+            // Padding rows: zero scores, class -1.
+            for j in w.len()..100 {
+                assert_eq!((scores[i * 100 + j], classes[i * 100 + j]), (0.0, -1.0));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn end_to_end_models_refuse_what_they_cannot_do() {
+    let dir = scratch_dir("e2e-refuse");
+    let path = dir.join("trt10.onnx");
+    end_to_end(
+        &bundled("gelan-t-shapes.onnx"),
+        NmsFlavour::EfficientNmsTrt,
+        &path,
+    );
+    let e = build_engine(&path, &BuildOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("EfficientNMS_TRT") && e.contains("--end2end onnx"),
+        "{e}"
+    );
+    let onnx_path = dir.join("e2e.onnx");
+    end_to_end(
+        &bundled("gelan-t-shapes.onnx"),
+        NmsFlavour::Onnx,
+        &onnx_path,
+    );
+    let cuda = BuildOptions {
+        backend: kestrel_runtime::engine::Backend::Cuda,
+        ..Default::default()
+    };
+    let e = build_engine(&onnx_path, &cuda).err().unwrap().to_string();
+    assert!(
+        e.contains("cpu backend") && e.contains("without --end2end"),
+        "{e}"
+    );
+    // The raw run is refused with the reason; masks of a detector too.
+    let mut engine = build_engine(&onnx_path, &BuildOptions::default()).unwrap();
+    let e = engine
+        .run(&vec![0.5; 3 * 320 * 320], 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("end-to-end"), "{e}");
+    let mut d = Detector::new(engine);
+    let (mut out, mut masks) = (Vec::new(), Vec::new());
+    let e = d
+        .detect_masks(&scenes(1), &NmsConfig::display(), &mut out, &mut masks)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no det_masks"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
