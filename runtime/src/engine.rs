@@ -27,16 +27,34 @@ pub enum Backend {
     Cpu,
     /// Kestrel's own GPU engine (cuDNN + NVRTC kernels, CUDA graphs); needs an NVIDIA GPU.
     Cuda,
+    /// TensorRT 11 (cargo feature `tensorrt`; needs libnvinfer at run time).
+    Tensorrt,
+}
+
+/// The error for the `tensorrt` backend in a build without the `tensorrt` feature.
+#[cfg(not(feature = "tensorrt"))]
+pub fn tensorrt_not_compiled() -> Error {
+    Error::InvalidArgument(
+        "backend 'tensorrt' is not compiled into this build; rebuild with `--features tensorrt` \
+         (e.g. `cargo build --release -p kestrel-service --features tensorrt`), or use --backend \
+         cuda or cpu"
+            .into(),
+    )
 }
 
 impl Backend {
     /// Backends compiled into this build.
-    pub const AVAILABLE: [Backend; 2] = [Backend::Cpu, Backend::Cuda];
+    #[cfg(not(feature = "tensorrt"))]
+    pub const AVAILABLE: &[Backend] = &[Backend::Cpu, Backend::Cuda];
+    /// Backends compiled into this build.
+    #[cfg(feature = "tensorrt")]
+    pub const AVAILABLE: &[Backend] = &[Backend::Cpu, Backend::Cuda, Backend::Tensorrt];
 
     pub fn name(self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
             Backend::Cuda => "cuda",
+            Backend::Tensorrt => "tensorrt",
         }
     }
 }
@@ -53,12 +71,12 @@ impl FromStr for Backend {
         match s {
             "cpu" => Ok(Backend::Cpu),
             "cuda" => Ok(Backend::Cuda),
-            "tensorrt" => Err(Error::InvalidArgument(
-                "backend 'tensorrt' is not part of this build yet; available backends: cpu, cuda"
-                    .into(),
-            )),
+            #[cfg(feature = "tensorrt")]
+            "tensorrt" => Ok(Backend::Tensorrt),
+            #[cfg(not(feature = "tensorrt"))]
+            "tensorrt" => Err(tensorrt_not_compiled()),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown backend '{s}'; available backends: cpu, cuda"
+                "unknown backend '{s}'; available backends: cpu, cuda, tensorrt"
             ))),
         }
     }
@@ -317,6 +335,12 @@ pub trait Engine: Send {
 
     /// The accelerator the engine runs on (GPU name), if any.
     fn device_name(&self) -> Option<String> {
+        None
+    }
+
+    /// The backend's serialized engine, stored in engine files beside the ONNX (a TensorRT
+    /// plan); `None` for backends that rebuild from the ONNX.
+    fn serialized_plan(&self) -> Option<&[u8]> {
         None
     }
 
@@ -700,14 +724,14 @@ pub fn build_engine_from_bytes(
     build_replaying(bytes, path, options, None)
 }
 
-/// [`build_engine_from_bytes`], replaying the layer choices an engine file recorded (`recorded`,
-/// its header's `layer_choices`) instead of timing them again: the same plans, so the same
-/// results as when the file was built, and a faster load.
+/// [`build_engine_from_bytes`], replaying what an engine file made in this environment recorded
+/// (`recorded`: its header's `layer_choices`, its serialized plan) instead of timing them again:
+/// the same plans, so the same results as when the file was built, and a faster load.
 fn build_replaying(
     bytes: &[u8],
     path: &Path,
     options: &BuildOptions,
-    recorded: Option<&serde_json::Value>,
+    recorded: Option<&EngineFile>,
 ) -> Result<Box<dyn Engine>> {
     let model = decode_model(bytes, path).map_err(|e| Error::Model {
         path: path.to_path_buf(),
@@ -717,8 +741,21 @@ fn build_replaying(
     match options.backend {
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
         Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(
-            &model, info, path, recorded,
+            &model,
+            info,
+            path,
+            recorded.map(|f| &f.header.layer_choices),
         )?)),
+        #[cfg(feature = "tensorrt")]
+        Backend::Tensorrt => Ok(Box::new(crate::tensorrt::TensorrtEngine::new(
+            &model,
+            bytes,
+            info,
+            path,
+            recorded.map(|f| f.plan.as_slice()),
+        )?)),
+        #[cfg(not(feature = "tensorrt"))]
+        Backend::Tensorrt => Err(tensorrt_not_compiled()),
     }
 }
 
@@ -737,6 +774,10 @@ pub fn build_environment(backend: Backend) -> Result<BuildEnvironment> {
             compute_capability: None,
         }),
         Backend::Cuda => crate::cuda::build_environment(),
+        #[cfg(feature = "tensorrt")]
+        Backend::Tensorrt => crate::tensorrt::build_environment(),
+        #[cfg(not(feature = "tensorrt"))]
+        Backend::Tensorrt => Err(tensorrt_not_compiled()),
     }
 }
 
@@ -786,7 +827,7 @@ pub fn open_engine(
         let env = build_environment(options.backend)?;
         // Choices are replayed only where they were made: same libraries, same kind of GPU.
         let (source, recorded) = match file.header.mismatch(&env) {
-            None => (EngineSource::EngineFile, Some(&file.header.layer_choices)),
+            None => (EngineSource::EngineFile, Some(&file)),
             Some(reason) => (EngineSource::RebuiltFromEngineFile { reason }, None),
         };
         return Ok((
@@ -804,8 +845,7 @@ pub fn open_engine(
     let wanted = EngineHeader::new(&bytes, options, &env);
     match cache.lookup(&wanted, &env) {
         Ok(file) => {
-            let engine =
-                build_replaying(&file.onnx, path, options, Some(&file.header.layer_choices))?;
+            let engine = build_replaying(&file.onnx, path, options, Some(&file))?;
             Ok((engine, EngineSource::Cache(CacheOutcome::Hit)))
         }
         Err(reason) => {
@@ -815,6 +855,7 @@ pub fn open_engine(
             EngineFile {
                 header: header.clone(),
                 onnx: bytes,
+                plan: engine.serialized_plan().unwrap_or_default().to_vec(),
             }
             .write(&cache.path_for(&header))?;
             Ok((engine, EngineSource::Cache(CacheOutcome::Built { reason })))
@@ -842,6 +883,7 @@ pub fn build_engine_file(
     EngineFile {
         header: header.clone(),
         onnx: bytes,
+        plan: engine.serialized_plan().unwrap_or_default().to_vec(),
     }
     .write(output)?;
     Ok(header)
@@ -878,8 +920,18 @@ mod tests {
     fn backend_names() {
         assert_eq!("cpu".parse::<Backend>().unwrap(), Backend::Cpu);
         assert_eq!("cuda".parse::<Backend>().unwrap(), Backend::Cuda);
-        let e = "tensorrt".parse::<Backend>().unwrap_err().to_string();
-        assert!(e.contains("not part of this build"), "{e}");
+        #[cfg(not(feature = "tensorrt"))]
+        {
+            let e = "tensorrt".parse::<Backend>().unwrap_err().to_string();
+            assert!(e.contains("rebuild with `--features tensorrt`"), "{e}");
+            assert!(!Backend::AVAILABLE.contains(&Backend::Tensorrt));
+        }
+        #[cfg(feature = "tensorrt")]
+        {
+            assert_eq!("tensorrt".parse::<Backend>().unwrap(), Backend::Tensorrt);
+            assert!(Backend::AVAILABLE.contains(&Backend::Tensorrt));
+        }
+        assert_eq!(Backend::Tensorrt.name(), "tensorrt");
         assert!("tpu".parse::<Backend>().is_err());
     }
 }

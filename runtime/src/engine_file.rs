@@ -2,11 +2,14 @@
 //!
 //! Layout (little-endian): magic `KESTREL\x01` (8 bytes) · format version (u32) · header length
 //! (u64) · header (JSON, [`EngineHeader`]) · payload length (u64) · payload (the source ONNX) ·
-//! SHA-256 of everything before it (32 bytes). Files are written to a unique temporary name in the
+//! plan length (u64) · plan (a backend's serialized engine, e.g. a TensorRT plan; empty for
+//! backends that rebuild from the ONNX; absent in version 1 files) · SHA-256 of everything before
+//! it (32 bytes). Files are written to a unique temporary name in the
 //! target folder and renamed, so readers never see a partial file and two processes writing the
 //! same key leave one valid file.
 //!
-//! A backend's engine is rebuilt from the embedded ONNX with the choices the header records;
+//! A backend's engine is rebuilt from the embedded ONNX with the choices the header records (or,
+//! for TensorRT, deserialized from the plan);
 //! the header pins everything those choices depend on (backend and library versions, GPU and compute
 //! capability, precision, batch profile), and a mismatch is reported as the reason to rebuild.
 
@@ -21,17 +24,18 @@ use crate::error::{Error, Result};
 
 /// First bytes of every engine file.
 pub const MAGIC: &[u8; 8] = b"KESTREL\x01";
-/// Container format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Container format this build writes (it also reads version 1, which has no plan section).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What an engine was built for and from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineHeader {
     pub format_version: u32,
     pub kestrel_version: String,
-    /// `cpu` or `cuda`.
+    /// `cpu`, `cuda` or `tensorrt`.
     pub backend: String,
-    /// Library versions the engine depends on (tract; cuDNN, CUDA driver).
+    /// Library versions the engine depends on (tract; cuDNN, CUDA driver; TensorRT and its
+    /// plan-changing builder options).
     pub backend_versions: BTreeMap<String, String>,
     /// The device: the GPU's name, or `cpu`.
     pub device: String,
@@ -142,6 +146,9 @@ pub struct EngineFile {
     pub header: EngineHeader,
     /// The source ONNX model.
     pub onnx: Vec<u8>,
+    /// The backend's serialized engine (a TensorRT plan), valid where the header's environment
+    /// matches; empty for backends that rebuild from the ONNX.
+    pub plan: Vec<u8>,
 }
 
 /// Whether `bytes` start like an engine file.
@@ -153,13 +160,17 @@ impl EngineFile {
     /// Serialise with the trailing checksum.
     pub fn encode(&self) -> Vec<u8> {
         let header = serde_json::to_vec(&self.header).unwrap_or_default();
-        let mut out = Vec::with_capacity(8 + 4 + 8 + header.len() + 8 + self.onnx.len() + 32);
+        let mut out = Vec::with_capacity(
+            8 + 4 + 8 + header.len() + 8 + self.onnx.len() + 8 + self.plan.len() + 32,
+        );
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&(header.len() as u64).to_le_bytes());
         out.extend_from_slice(&header);
         out.extend_from_slice(&(self.onnx.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.onnx);
+        out.extend_from_slice(&(self.plan.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.plan);
         let sum = Sha256::digest(&out);
         out.extend_from_slice(&sum);
         out
@@ -179,9 +190,9 @@ impl EngineFile {
         }
         let (body, sum) = bytes.split_at(bytes.len() - 32);
         let version = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != 1 {
             return Err(bad(&format!(
-                "format version {version}, this Kestrel reads version {FORMAT_VERSION}: rebuild it with `kestrel build`"
+                "format version {version}, this Kestrel reads versions 1 and {FORMAT_VERSION}: rebuild it with `kestrel build`"
             )));
         }
         let read_u64 = |at: usize| -> Option<usize> {
@@ -197,10 +208,23 @@ impl EngineFile {
             return Err(bad("truncated: rebuild it with `kestrel build`"));
         };
         let payload_len = read_u64(header_end).ok_or_else(|| bad("truncated payload length"))?;
-        if header_end + 8 + payload_len != body.len() {
-            return Err(bad(
+        let sections = || {
+            bad(
                 "truncated or padded: its length does not match its sections; rebuild it with `kestrel build`",
-            ));
+            )
+        };
+        let onnx_end = (header_end + 8)
+            .checked_add(payload_len)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(sections)?;
+        let plan_start = if version == 1 { onnx_end } else { onnx_end + 8 };
+        let plan_len = if version == 1 {
+            0
+        } else {
+            read_u64(onnx_end).ok_or_else(sections)?
+        };
+        if plan_start.checked_add(plan_len) != Some(body.len()) {
+            return Err(sections());
         }
         if Sha256::digest(body).as_slice() != sum {
             return Err(bad(
@@ -209,13 +233,14 @@ impl EngineFile {
         }
         let header: EngineHeader = serde_json::from_slice(&body[20..header_end])
             .map_err(|e| bad(&format!("unreadable header ({e})")))?;
-        let onnx = body[header_end + 8..].to_vec();
+        let onnx = body[header_end + 8..onnx_end].to_vec();
+        let plan = body[plan_start..].to_vec();
         if sha256_hex(&onnx) != header.onnx_sha256 {
             return Err(bad(
                 "the embedded model does not match its recorded SHA-256",
             ));
         }
-        Ok(Self { header, onnx })
+        Ok(Self { header, onnx, plan })
     }
 
     /// Read and verify a file.
@@ -331,6 +356,7 @@ mod tests {
         EngineFile {
             header: EngineHeader::new(&onnx, &options, &env()),
             onnx,
+            plan: b"a backend's plan".to_vec(),
         }
     }
 
@@ -341,6 +367,34 @@ mod tests {
         assert_eq!(
             EngineFile::decode(&bytes, Path::new("x.engine")).unwrap(),
             f
+        );
+    }
+
+    #[test]
+    fn empty_plans_round_trip_and_version_1_files_still_read() {
+        let mut f = file();
+        f.plan.clear();
+        let bytes = f.encode();
+        assert_eq!(
+            EngineFile::decode(&bytes, Path::new("x.engine")).unwrap(),
+            f
+        );
+        // Version 1: no plan section.
+        let body_end = bytes.len() - 32 - 8;
+        let mut v1 = bytes[..body_end].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let sum = Sha256::digest(&v1);
+        v1.extend_from_slice(&sum);
+        assert_eq!(EngineFile::decode(&v1, Path::new("x.engine")).unwrap(), f);
+        // Version 3 is refused with the fix.
+        let mut v3 = bytes.clone();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let e = EngineFile::decode(&v3, Path::new("x.engine"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("format version 3") && e.contains("kestrel build"),
+            "{e}"
         );
     }
 

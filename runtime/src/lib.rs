@@ -24,6 +24,8 @@ pub mod synth;
 
 mod cpu;
 pub mod cuda;
+#[cfg(feature = "tensorrt")]
+pub mod tensorrt;
 
 pub use detection::{BoxXyxy, Detection, GroundTruth};
 pub use detector::Detector;

@@ -12,7 +12,7 @@
 #![allow(unsafe_code)]
 
 mod conv;
-mod device;
+pub(crate) mod device;
 mod fused;
 pub mod masks;
 pub mod plan;
