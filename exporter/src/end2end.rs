@@ -99,18 +99,25 @@ pub const END2END_OUTPUTS: [&str; 5] = [
 
 /// Appends nodes and initializers to a graph without shape inference (the tail's shapes are
 /// data-dependent: NMS decides how many boxes there are).
-struct Tail<'a> {
-    graph: &'a mut pb::GraphProto,
-    counter: usize,
+pub(crate) struct Tail<'a> {
+    pub(crate) graph: &'a mut pb::GraphProto,
+    pub(crate) counter: usize,
 }
 
-impl Tail<'_> {
-    fn name(&mut self, base: &str) -> String {
+impl<'a> Tail<'a> {
+    pub(crate) fn new(graph: &'a mut pb::GraphProto, prefix_counter: usize) -> Self {
+        Self {
+            graph,
+            counter: prefix_counter,
+        }
+    }
+
+    pub(crate) fn name(&mut self, base: &str) -> String {
         self.counter += 1;
         format!("end2end.{base}.{}", self.counter)
     }
 
-    fn node(
+    pub(crate) fn node(
         &mut self,
         op: &str,
         base: &str,
@@ -131,12 +138,17 @@ impl Tail<'_> {
         outs
     }
 
-    fn op(&mut self, op: &str, inputs: &[&str], attributes: Vec<pb::AttributeProto>) -> String {
+    pub(crate) fn op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<pb::AttributeProto>,
+    ) -> String {
         let base = op.to_lowercase();
         self.node(op, &base, inputs, attributes, 1).remove(0)
     }
 
-    fn ints(&mut self, base: &str, values: &[i64]) -> String {
+    pub(crate) fn ints(&mut self, base: &str, values: &[i64]) -> String {
         let name = self.name(base);
         self.graph.initializer.push(pb::TensorProto::from_i64(
             &name,
@@ -146,7 +158,7 @@ impl Tail<'_> {
         name
     }
 
-    fn floats(&mut self, base: &str, dims: &[i64], values: &[f32]) -> String {
+    pub(crate) fn floats(&mut self, base: &str, dims: &[i64], values: &[f32]) -> String {
         let name = self.name(base);
         self.graph
             .initializer
@@ -155,14 +167,14 @@ impl Tail<'_> {
     }
 
     /// `x[..., start:end]` on `axis`.
-    fn slice(&mut self, x: &str, axis: i64, start: i64, end: i64) -> String {
+    pub(crate) fn slice(&mut self, x: &str, axis: i64, start: i64, end: i64) -> String {
         let s = self.ints("start", &[start]);
         let e = self.ints("end", &[end]);
         let a = self.ints("axis", &[axis]);
         self.op("Slice", &[x, &s, &e, &a], vec![])
     }
 
-    fn cast(&mut self, x: &str, to: i32) -> String {
+    pub(crate) fn cast(&mut self, x: &str, to: i32) -> String {
         self.op(
             "Cast",
             &[x],
@@ -170,17 +182,17 @@ impl Tail<'_> {
         )
     }
 
-    fn unsqueeze(&mut self, x: &str, axis: i64) -> String {
+    pub(crate) fn unsqueeze(&mut self, x: &str, axis: i64) -> String {
         let a = self.ints("axes", &[axis]);
         self.op("Unsqueeze", &[x, &a], vec![])
     }
 
-    fn squeeze(&mut self, x: &str, axis: i64) -> String {
+    pub(crate) fn squeeze(&mut self, x: &str, axis: i64) -> String {
         let a = self.ints("axes", &[axis]);
         self.op("Squeeze", &[x, &a], vec![])
     }
 
-    fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+    pub(crate) fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
         self.op(
             "Transpose",
             &[x],
@@ -188,12 +200,12 @@ impl Tail<'_> {
         )
     }
 
-    fn concat(&mut self, xs: &[&str], axis: i64) -> String {
+    pub(crate) fn concat(&mut self, xs: &[&str], axis: i64) -> String {
         self.op("Concat", xs, vec![pb::AttributeProto::int("axis", axis)])
     }
 
     /// Rename `value` (the output of the last node) to `name`; returns `name`.
-    fn rename_last(&mut self, value: &str, name: &str) -> String {
+    pub(crate) fn rename_last(&mut self, value: &str, name: &str) -> String {
         if let Some(n) = self.graph.node.last_mut() {
             for o in n.output.iter_mut().filter(|o| *o == value) {
                 *o = name.to_string();
@@ -204,7 +216,7 @@ impl Tail<'_> {
 }
 
 /// The shape of graph output `name`.
-fn output_dims(graph: &pb::GraphProto, name: &str) -> Option<Vec<Dim>> {
+pub(crate) fn output_dims(graph: &pb::GraphProto, name: &str) -> Option<Vec<Dim>> {
     graph
         .output
         .iter()

@@ -3,6 +3,7 @@
 //! inspection (parameters, FLOPs, operators), and post-training quantization to Q/DQ models.
 
 pub mod builder;
+pub mod deepstream;
 pub mod end2end;
 pub mod error;
 pub mod export;

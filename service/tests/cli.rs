@@ -1032,4 +1032,44 @@ fn end2end_export_runs_through_infer_and_val() {
         p(&data.join("images/val/000000.png")),
     ]);
     assert_user_error(&refused, &["EfficientNMS_TRT", "--end2end onnx"]);
+    // The DeepStream layout: the model, labels.txt and the nvinfer config side by side.
+    let ds_dir = dir.join("deepstream");
+    std::fs::create_dir_all(&ds_dir).unwrap();
+    let ds = ds_dir.join("gelan-t-ds.onnx");
+    let out = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t",
+        "--classes",
+        "3",
+        "--imgsz",
+        "64",
+        "--dynamic",
+        "--deepstream",
+        "--deepstream-precision",
+        "int8",
+        "-o",
+        p(&ds),
+    ]);
+    assert_success(&out);
+    let labels = std::fs::read_to_string(ds_dir.join("labels.txt")).unwrap();
+    assert_eq!(labels, "class0\nclass1\nclass2\n");
+    let config = std::fs::read_to_string(ds_dir.join("config_infer_primary_kestrel.txt")).unwrap();
+    assert!(
+        config.contains("onnx-file=gelan-t-ds.onnx") && config.contains("network-mode=1"),
+        "{config}"
+    );
+    let both = kestrel(&[
+        "export",
+        "--model",
+        "gelan-t",
+        "--imgsz",
+        "64",
+        "--deepstream",
+        "--end2end",
+        "onnx",
+        "-o",
+        p(&ds_dir.join("x.onnx")),
+    ]);
+    assert_user_error(&both, &["--deepstream", "--end2end"]);
 }

@@ -1,7 +1,8 @@
-//! End-to-end models (`kestrel export --end2end`): NMS and masks inside the graph. Every flavour
-//! passes the ONNX checker; the standard-operator flavour runs in onnxruntime and in the CPU
-//! backend with the detections of the plain model plus Kestrel's CPU NMS; the TensorRT flavours
-//! are checked node by node (TensorRT cannot run here).
+//! Export variants. End-to-end models (`kestrel export --end2end`): NMS and masks inside the
+//! graph. Every flavour passes the ONNX checker; the standard-operator flavour runs in
+//! onnxruntime and in the CPU backend with the detections of the plain model plus Kestrel's CPU
+//! NMS; the TensorRT flavours are checked node by node (TensorRT cannot run here). The DeepStream
+//! layout (`--deepstream`) decodes to the plain model's detections.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -385,5 +386,107 @@ fn end_to_end_models_refuse_what_they_cannot_do() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no det_masks"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The scenes as the model's input (they are its size: the letterbox is the identity).
+fn as_input(images: &[image::RgbImage]) -> Vec<f32> {
+    images
+        .iter()
+        .flat_map(|img| {
+            let plane = (img.width() * img.height()) as usize;
+            let mut planes = vec![0f32; 3 * plane];
+            for (i, p) in img.pixels().enumerate() {
+                for c in 0..3 {
+                    planes[c * plane + i] = f32::from(p[c]) / 255.0;
+                }
+            }
+            planes
+        })
+        .collect()
+}
+
+#[test]
+fn the_deepstream_layout_decodes_to_the_plain_models_detections() {
+    use kestrel_exporter::deepstream::{DEEPSTREAM_OUTPUT, append_deepstream_output};
+    use kestrel_runtime::BoxXyxy;
+    use kestrel_runtime::nms::{Candidate, nms};
+    let dir = scratch_dir("deepstream");
+    let plain_path = bundled("gelan-t-shapes.onnx");
+    let ds = append_deepstream_output(onnx::read_model(&plain_path).unwrap()).unwrap();
+    let ds_path = dir.join("ds.onnx");
+    onnx::write_model(&ds, &ds_path).unwrap();
+    let report = run_python("check_onnx.py", &[ds_path.to_str().unwrap()]);
+    assert!(report.starts_with("ok "), "{report}");
+    let outputs: Vec<&str> = ds.graph().output.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(outputs, [DEEPSTREAM_OUTPUT]);
+    // A segmentation model is refused with the alternatives.
+    let e =
+        append_deepstream_output(onnx::read_model(&bundled("gelan-t-seg-shapes.onnx")).unwrap())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("detectors") && e.contains("--end2end onnx"),
+        "{e}"
+    );
+
+    let images = scenes(3);
+    let input = as_input(&images);
+    let (in_path, out_path) = (dir.join("input.f32"), dir.join("ds.f32"));
+    let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&in_path, bytes).unwrap();
+    let report = run_python(
+        "ort_run.py",
+        &[
+            ds_path.to_str().unwrap(),
+            in_path.to_str().unwrap(),
+            "3,3,320,320",
+            DEEPSTREAM_OUTPUT,
+            out_path.to_str().unwrap(),
+        ],
+    );
+    let anchors = 2100;
+    assert!(report.contains(&format!("[3, {anchors}, 6]")), "{report}");
+    let raw: Vec<f32> = std::fs::read(&out_path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let cfg = NmsConfig::display();
+    let mut plain = detector(&plain_path);
+    let (mut cands, mut kept) = (Vec::new(), Vec::new());
+    let mut total = 0;
+    for (i, img) in images.iter().enumerate() {
+        // What DeepStream-Yolo's parser does: one candidate per anchor above the threshold.
+        cands.clear();
+        for a in 0..anchors {
+            let r = &raw[(i * anchors + a) * 6..(i * anchors + a + 1) * 6];
+            if r[4] > cfg.conf_threshold {
+                cands.push(Candidate {
+                    bbox: BoxXyxy::new(r[0], r[1], r[2], r[3]),
+                    score: r[4],
+                    class_id: r[5] as usize,
+                    anchor: a,
+                });
+            }
+        }
+        nms(&mut cands, &cfg, &mut kept);
+        let mut want = Vec::new();
+        plain
+            .detect(std::slice::from_ref(img), &cfg, &mut want)
+            .unwrap();
+        assert_eq!(kept.len(), want[0].len(), "image {i}");
+        for (k, w) in kept.iter().zip(&want[0]) {
+            assert_eq!(k.class_id, w.class_id);
+            assert!((k.score - w.score).abs() < 1e-4, "{k:?} vs {w:?}");
+            assert!(
+                k.bbox.clip(320.0, 320.0).iou(&w.bbox) > 0.999,
+                "{k:?} vs {w:?}"
+            );
+        }
+        total += kept.len();
+    }
+    println!("DeepStream layout: {total} detections on 3 scenes, as the plain model's");
+    assert!(total > 5, "{total}");
     let _ = std::fs::remove_dir_all(dir);
 }

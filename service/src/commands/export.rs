@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use kestrel_exporter::deepstream::{NvinferConfig, append_deepstream_output, nvinfer_config};
 use kestrel_exporter::end2end::{END2END_KEY, EndToEnd, NmsFlavour, append_nms};
 use kestrel_exporter::weights::save_safetensors;
 use kestrel_exporter::{
@@ -111,13 +112,21 @@ pub struct End2EndArgs {
     /// det_masks for segmentation models).
     #[arg(long, value_name = "FLAVOUR")]
     pub end2end: Option<String>,
-    /// End-to-end: detections kept per image (K).
+    /// DeepStream layout: one output [batch, anchors, 6] (x1, y1, x2, y2, score, class) for the
+    /// DeepStream-Yolo parser, plus labels.txt and config_infer_primary_kestrel.txt next to the
+    /// model (detectors only).
+    #[arg(long)]
+    pub deepstream: bool,
+    /// DeepStream: the precision of the engine nvinfer builds (fp32, fp16 or int8).
+    #[arg(long, default_value = "fp16")]
+    pub deepstream_precision: String,
+    /// End-to-end and DeepStream: detections kept per image (K; DeepStream's topk).
     #[arg(long, default_value_t = 100)]
     pub max_det: usize,
-    /// End-to-end: NMS IoU threshold.
+    /// End-to-end and DeepStream: NMS IoU threshold.
     #[arg(long, default_value_t = 0.45)]
     pub iou: f32,
-    /// End-to-end: score threshold.
+    /// End-to-end and DeepStream: score threshold.
     #[arg(long, default_value_t = 0.25)]
     pub conf: f32,
 }
@@ -125,6 +134,12 @@ pub struct End2EndArgs {
 impl End2EndArgs {
     /// `model` with NMS appended when `--end2end` was given.
     pub fn apply(&self, model: pb::ModelProto) -> Result<pb::ModelProto> {
+        if self.deepstream {
+            if self.end2end.is_some() {
+                bail!("--deepstream and --end2end are two layouts of the output; give one of them");
+            }
+            return Ok(append_deepstream_output(model)?);
+        }
         let Some(flavour) = &self.end2end else {
             return Ok(model);
         };
@@ -136,6 +151,47 @@ impl End2EndArgs {
         };
         Ok(append_nms(model, &opts)?)
     }
+}
+
+/// `labels.txt` and `config_infer_primary_kestrel.txt` beside the DeepStream-layout `output`.
+fn write_deepstream_files(
+    a: &Args,
+    model: &pb::ModelProto,
+    output: &std::path::Path,
+) -> Result<()> {
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let names: Vec<String> = model
+        .metadata("names")
+        .and_then(|n| serde_json::from_str(n).ok())
+        .unwrap_or_default();
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, names.join("\n") + "\n")
+        .with_context(|| format!("writing {}", labels.display()))?;
+    let onnx_file = output
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model.onnx".into());
+    let config = nvinfer_config(&NvinferConfig {
+        onnx_file,
+        labels_file: "labels.txt".into(),
+        num_classes: names.len(),
+        batch_size: a.spec.batch,
+        precision: a.end2end.deepstream_precision.clone(),
+        iou_threshold: a.end2end.iou,
+        score_threshold: a.end2end.conf,
+        top_k: a.end2end.max_det,
+    })?;
+    let path = dir.join("config_infer_primary_kestrel.txt");
+    std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "DeepStream layout: {} and {} written beside the model",
+        labels.display(),
+        path.display()
+    );
+    Ok(())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -151,6 +207,9 @@ pub fn run(a: Args) -> Result<()> {
         bail!("give the output file with -o FILE.onnx");
     };
     let model = a.end2end.apply(model)?;
+    if a.end2end.deepstream {
+        write_deepstream_files(&a, &model, output)?;
+    }
     onnx::write_model(&model, output)?;
     if let Some(path) = &a.save_weights {
         save_safetensors(path, &params)?;
