@@ -30,6 +30,10 @@ if [ "$rustc_minor" -lt 92 ]; then
   echo "setup: rustc $(rustc --version) is too old; Kestrel needs 1.92 or newer (rustup update)." >&2
   exit 1
 fi
+# The TensorRT 11 headers the `tensorrt` feature compiles its shim against: the source of the
+# trtx-sys crate, put into the cargo registry by cargo itself (nothing is built; see
+# runtime/tensorrt-headers/Cargo.toml). Quick and quiet when already there.
+cargo fetch --locked --quiet --manifest-path runtime/tensorrt-headers/Cargo.toml
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating the Python venv in .venv"

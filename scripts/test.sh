@@ -12,3 +12,8 @@ export KESTREL_REQUIRE_NVRTC=1
 # gst-inspect-1.0 tests, which `cargo test` alone does not.
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
+# The TensorRT backend (feature `tensorrt`; no TensorRT here): its shim compiles against the
+# TensorRT 11 headers, its unit tests (everything that needs no libnvinfer, and every entry point
+# failing with the missing library named), the CLI built with it, and its doctor/error tests.
+cargo test -p kestrel-runtime --features tensorrt --lib --locked -- tensorrt engine
+cargo test -p kestrel-service --features tensorrt --test cli --locked -- doctor tensorrt

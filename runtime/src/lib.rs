@@ -19,6 +19,7 @@ pub mod labels;
 pub mod letterbox;
 pub mod masks;
 pub mod nms;
+pub mod probe;
 pub mod segments;
 pub mod synth;
 

@@ -38,6 +38,9 @@ enum Command {
     Build(commands::build::Args),
     /// Generate the synthetic shapes dataset (images, YOLO labels, COCO json).
     Synth(commands::synth::Args),
+    /// Which backends can run on this machine (driver, CUDA libraries, cuDNN, NVRTC, TensorRT,
+    /// GPUs), why not, and the fix.
+    Doctor(commands::doctor::Args),
     /// Serve models over HTTP: KServe v2 (Triton clients), an image endpoint, dynamic batching,
     /// Prometheus metrics at /metrics.
     Serve(serve::Args),
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Build(a) => commands::build::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Doctor(a) => commands::doctor::run(a),
         Command::Serve(a) => serve::run(a),
         #[cfg(feature = "gstreamer")]
         Command::Pipeline(a) => commands::pipeline::run(a),

@@ -78,7 +78,7 @@ pub struct EngineArgs {
     /// The model: an ONNX file (from `kestrel export`).
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    /// Backend to run on (this build: cpu).
+    /// Backend to run on: cpu, cuda or tensorrt (builds with `--features tensorrt`).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     /// Precision: fp32 (cpu, cuda) or fp16 (cuda).

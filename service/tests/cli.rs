@@ -1073,3 +1073,90 @@ fn end2end_export_runs_through_infer_and_val() {
     ]);
     assert_user_error(&both, &["--deepstream", "--end2end"]);
 }
+
+#[test]
+fn doctor_reports_each_backend_with_reasons() {
+    // This machine (CI) has no GPU and no TensorRT: cpu available, cuda and tensorrt not, each
+    // with the reason and the fix; exit 0 either way (it is a report, not a check).
+    let out = kestrel(&["doctor", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor --json");
+    let backends = report["backends"].as_array().expect("backends");
+    let get = |name: &str| {
+        backends
+            .iter()
+            .find(|b| b["backend"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+    };
+    assert_eq!(get("cpu")["available"], true);
+    let cuda = get("cuda");
+    assert_eq!(cuda["available"], false, "{cuda}");
+    assert!(
+        cuda["reasons"].to_string().contains("libcuda.so.1"),
+        "{cuda}"
+    );
+    assert_eq!(cuda["checks"]["NVIDIA driver"]["found"], false);
+    let trt = get("tensorrt");
+    assert_eq!(trt["available"], false, "{trt}");
+    assert!(
+        trt["verified"].as_str().unwrap_or("").contains("NEVER run"),
+        "{trt}"
+    );
+    let reasons = trt["reasons"].to_string();
+    if report["tensorrt_compiled"] == true {
+        assert_eq!(trt["checks"]["libnvinfer"]["found"], false, "{trt}");
+        let problem = trt["checks"]["libnvinfer"]["problem"].to_string();
+        assert!(
+            problem.contains("libnvinfer.so.11") && problem.contains("LD_LIBRARY_PATH"),
+            "{trt}"
+        );
+    } else {
+        assert!(reasons.contains("--features tensorrt"), "{trt}");
+    }
+    // The text form says the same.
+    let out = kestrel(&["doctor"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cpu       available"), "{text}");
+    assert!(text.contains("cuda      unavailable"), "{text}");
+    assert!(text.contains("tensorrt  unavailable"), "{text}");
+}
+
+#[test]
+fn tensorrt_backend_errors_name_the_fix() {
+    let dir = scratch("tensorrt");
+    let model = dir.join("t.onnx");
+    export_small(&model, false);
+    let img = dir.join("x.png");
+    image::RgbImage::new(8, 8).save(&img).unwrap();
+    // Without the feature: rebuild with it. With it, on this machine: libnvinfer is missing.
+    let want: &[&str] = if cfg!(feature = "tensorrt") {
+        &["tensorrt backend", "libnvinfer.so.11", "LD_LIBRARY_PATH"]
+    } else {
+        &["tensorrt", "--features tensorrt"]
+    };
+    let out = kestrel(&["infer", "-m", p(&model), p(&img), "--backend", "tensorrt"]);
+    assert_user_error(&out, want);
+    let out = kestrel(&["bench", "-m", p(&model), "--backend", "tensorrt"]);
+    assert_user_error(&out, want);
+    let engine = dir.join("t.engine");
+    let out = kestrel(&[
+        "build",
+        "--onnx",
+        p(&model),
+        "--backend",
+        "tensorrt",
+        "--precision",
+        "fp32",
+        "--batch",
+        "1:1:1",
+        "-o",
+        p(&engine),
+    ]);
+    assert_user_error(&out, want);
+    assert!(!engine.exists());
+}

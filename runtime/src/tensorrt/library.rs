@@ -17,9 +17,8 @@ pub const LIBNVONNXPARSER_ENV: &str = "KESTREL_LIBNVONNXPARSER";
 pub const TENSORRT_MAJOR: u32 = 11;
 
 /// How to get TensorRT, appended to every "not found" message.
-pub const INSTALL_HINT: &str = "install TensorRT 11 (NVIDIA's tar, deb or pip packages, e.g. \
-     `pip install tensorrt-cu13-libs`) and add the folder holding its libraries to \
-     LD_LIBRARY_PATH (or set KESTREL_LIBNVINFER / KESTREL_LIBNVONNXPARSER to their paths); or use \
+pub const INSTALL_HINT: &str = "install TensorRT 11 (NVIDIA's tar, deb or pip packages) and add \
+     the folder holding its libraries to LD_LIBRARY_PATH (or set KESTREL_LIBNVINFER / KESTREL_LIBNVONNXPARSER to their paths); or use \
      --backend cuda";
 
 /// A TensorRT version (`getInferLibVersion`: major * 10000 + minor * 100 + patch).
@@ -86,7 +85,9 @@ fn name_of(env: &str, default: &str) -> String {
 fn open(name: &str) -> std::result::Result<libloading::Library, String> {
     // SAFETY: opening a shared library runs its initialisers; TensorRT's are plain C++ statics.
     unsafe { libloading::Library::new(name) }.map_err(|e| {
-        format!("{name} (TensorRT {TENSORRT_MAJOR}) cannot be loaded ({e}); {INSTALL_HINT}")
+        // The loader's own words ("cannot open shared object file ..."), not just "dlopen failed".
+        let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        format!("{name} (TensorRT {TENSORRT_MAJOR}) cannot be loaded ({detail}); {INSTALL_HINT}")
     })
 }
 

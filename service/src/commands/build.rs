@@ -12,7 +12,7 @@ pub struct Args {
     /// The ONNX model.
     #[arg(long)]
     onnx: PathBuf,
-    /// Backend: cpu or cuda.
+    /// Backend: cpu, cuda or tensorrt (builds with `--features tensorrt`).
     #[arg(long, default_value = "cuda")]
     backend: String,
     /// Precision: fp32 or fp16 (cuda).

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod doctor;
 pub mod export;
 pub mod infer;
 pub mod inspect;
