@@ -7,6 +7,7 @@ pub mod deepstream;
 pub mod end2end;
 pub mod error;
 pub mod export;
+pub mod graph_view;
 pub mod inspect;
 pub mod onnx;
 pub mod quantize;
