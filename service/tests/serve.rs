@@ -847,3 +847,125 @@ fn the_image_endpoint_returns_masks_of_a_segmentation_model() {
         "{r}"
     );
 }
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file)
+}
+
+/// `--config deploy/kestrel.toml` (the example the container, the unit and the Kubernetes base
+/// use): its settings reach the model, flags override it (--repository, --listen,
+/// --max-queue-size, --control-token-file), its JSON log lines parse, and the token from the file
+/// guards the control endpoints.
+#[test]
+fn the_example_config_serves_and_flags_override_it() {
+    let dir = std::env::temp_dir().join(format!("kestrel-config-repo-{}", std::process::id()));
+    let version = dir.join("models/shapes/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::copy(model(), version.join("model.onnx")).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["serve", "--config"])
+        .arg(deploy("kestrel.toml"))
+        .args(["--listen", "127.0.0.1:0", "--max-queue-size", "5"])
+        .arg("--repository")
+        .arg(dir.join("models"))
+        .arg("--control-token-file")
+        .arg(&token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut server = Server {
+        child,
+        addr: line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string(),
+    };
+    let a = server.addr.clone();
+    let (s, c) = get(&a, "/v2/models/shapes/config");
+    assert_eq!(s, 200);
+    // From the file (the built-in default is 8).
+    assert_eq!(c["max_batch_size"], 4);
+    assert_eq!(c["dynamic_batching"]["max_queue_delay_microseconds"], 2000);
+    // The flag over the file's 64.
+    assert_eq!(
+        c["dynamic_batching"]["default_queue_policy"]["max_queue_size"],
+        5
+    );
+    assert_eq!(http(&a, "POST", "/v2/repository/index", &[], b"").0, 401);
+    let auth = [("Authorization", "Bearer t0ken")];
+    assert_eq!(http(&a, "POST", "/v2/repository/index", &auth, b"").0, 200);
+    assert!(server.terminate().success());
+    let mut err = String::new();
+    server
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+        .collect();
+    let msgs: Vec<&str> = lines.iter().filter_map(|l| l["msg"].as_str()).collect();
+    assert!(msgs.contains(&"loaded model shapes"), "{err}");
+    assert!(msgs.contains(&"stopped"), "{err}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["ts"].is_f64())
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Mistakes in a config file end `kestrel serve` at once with one line naming the problem and
+/// the fix: an unknown key (with its line), an address that is not one, a token file missing.
+#[test]
+fn config_mistakes_are_named() {
+    let dir = std::env::temp_dir().join(format!("kestrel-config-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "max_batch_size = 4\nmax_batch = 4\n",
+            &["unknown field `max_batch`", "line 2", "deploy/kestrel.toml"][..],
+        ),
+        (
+            "listen = \"8000\"\n",
+            &["listen = \"8000\" is not an address", "IP:PORT"][..],
+        ),
+        (
+            "repository = \".\"\ncontrol_token_file = \"no-such-token\"\n",
+            &["no-such-token: cannot read it", "create it"][..],
+        ),
+        (
+            "log_format = \"xml\"\n",
+            &["unknown variant `xml`", "log_format"][..],
+        ),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let f = dir.join(format!("c{i}.toml"));
+        std::fs::write(&f, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+            .args(["serve", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        for n in *needles {
+            assert!(err.contains(n), "{text}: {n:?} not in {err}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

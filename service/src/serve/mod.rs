@@ -3,6 +3,7 @@
 //! Prometheus metrics, limits, and a graceful shutdown on SIGTERM / Ctrl-C.
 
 mod batcher;
+mod config;
 mod kserve;
 mod metrics;
 mod repository;
@@ -24,8 +25,14 @@ use tokio::sync::Semaphore;
 
 use repository::{ModelConfig, Repository};
 
+/// Flags without a value given fall back to the `--config` file, then to the default shown.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// A TOML file of these settings (keys: the flags' names with `_` for `-`, `models` for
+    /// --model, `control_token_file`, `log_format`; see deploy/kestrel.toml). Flags given on the
+    /// command line override the file.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
     /// Model repository: one folder per model with numbered version folders (`1/model.onnx`)
     /// and an optional `config.json`.
     #[arg(long)]
@@ -34,46 +41,55 @@ pub struct Args {
     /// (repeatable; with or without --repository).
     #[arg(long, short = 'm')]
     model: Vec<PathBuf>,
-    /// Address to listen on (port 0: any free port; the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
-    /// Defaults for models without a config.json: backend (cpu, cuda).
-    #[arg(long, default_value = "cpu")]
-    backend: String,
-    /// Precision: fp32, fp16, int8 or best.
-    #[arg(long, default_value = "fp32")]
-    precision: String,
-    /// Images per engine run, at most.
-    #[arg(long, default_value_t = 8)]
-    max_batch_size: usize,
-    /// Microseconds the first request of a batch waits for more (0: batching off).
-    #[arg(long, default_value_t = 2000)]
-    max_queue_delay_us: u64,
-    /// Requests waiting per model, at most; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 64)]
-    max_queue_size: usize,
+    /// Address to listen on (port 0: any free port; the address is printed) [default:
+    /// 127.0.0.1:8000].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Defaults for models without a config.json: backend (cpu, cuda) [default: cpu].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Precision: fp32, fp16, int8 or best [default: fp32].
+    #[arg(long)]
+    precision: Option<String>,
+    /// Images per engine run, at most [default: 8].
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Microseconds the first request of a batch waits for more (0: batching off) [default:
+    /// 2000].
+    #[arg(long)]
+    max_queue_delay_us: Option<u64>,
+    /// Requests waiting per model, at most; more get 503 with Retry-After [default: 64].
+    #[arg(long)]
+    max_queue_size: Option<usize>,
     /// Batch sizes that run as soon as they are reached, without waiting out the delay
     /// (comma-separated; max-batch-size always is one).
     #[arg(long, value_delimiter = ',')]
     preferred_batch_sizes: Vec<usize>,
-    /// Engines per model, each running its own batches (1–16).
-    #[arg(long, default_value_t = 1)]
-    instance_count: usize,
-    /// Largest request body, bytes (more: 413).
-    #[arg(long, default_value_t = 64 << 20)]
-    max_body_bytes: usize,
-    /// Largest image, pixels (width × height, read from the header before decoding).
-    #[arg(long, default_value_t = 50_000_000)]
-    max_image_pixels: u64,
-    /// Seconds a request may take before it gets 504.
-    #[arg(long, default_value_t = 30.0)]
-    request_timeout_s: f64,
-    /// Requests served at once, at most (more: 503).
-    #[arg(long, default_value_t = 256)]
-    max_concurrency: usize,
+    /// Engines per model, each running its own batches (1–16) [default: 1].
+    #[arg(long)]
+    instance_count: Option<usize>,
+    /// Largest request body, bytes (more: 413) [default: 67108864].
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+    /// Largest image, pixels (width × height, read from the header before decoding) [default:
+    /// 50000000].
+    #[arg(long)]
+    max_image_pixels: Option<u64>,
+    /// Seconds a request may take before it gets 504 [default: 30].
+    #[arg(long)]
+    request_timeout_s: Option<f64>,
+    /// Requests served at once, at most (more: 503) [default: 256].
+    #[arg(long)]
+    max_concurrency: Option<usize>,
     /// Bearer token the repository (control) endpoints require ($KESTREL_CONTROL_TOKEN).
     #[arg(long)]
     control_token: Option<String>,
+    /// A file holding that token (one line; read at start, so the token stays out of `ps`).
+    #[arg(long, value_name = "FILE")]
+    control_token_file: Option<PathBuf>,
+    /// The service's own log lines on stderr: text, or one JSON object per line [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<config::LogFormat>,
 }
 
 /// What every handler shares.
@@ -129,16 +145,26 @@ impl From<repository::RepoError> for ApiError {
     }
 }
 
-pub fn run(a: Args) -> Result<()> {
-    if a.repository.is_none() && a.model.is_empty() {
-        bail!("nothing to serve: give --repository DIR and/or --model FILE");
+pub fn run(args: Args) -> Result<()> {
+    let file = match &args.config {
+        Some(p) => config::FileConfig::load(p)?,
+        None => config::FileConfig::default(),
+    };
+    let token_env = std::env::var("KESTREL_CONTROL_TOKEN").ok();
+    let a = config::Settings::merge(&args, file, token_env)?;
+    let _ = LOG_FORMAT.set(a.log_format);
+    if a.repository.is_none() && a.models.is_empty() {
+        bail!(
+            "nothing to serve: give --repository DIR and/or --model FILE (or `repository` / \
+             `models` in the --config file)"
+        );
     }
     if let Some(dir) = &a.repository
         && !dir.is_dir()
     {
         bail!("--repository {}: not a folder", dir.display());
     }
-    for f in &a.model {
+    for f in &a.models {
         crate::util::check_model_file(f)?;
         let stem = f.file_stem().map(|s| s.to_string_lossy().to_string());
         if !stem.as_deref().is_some_and(repository::valid_name) {
@@ -160,12 +186,15 @@ pub fn run(a: Args) -> Result<()> {
         ..ModelConfig::default()
     };
     let metrics = metrics::install()?;
-    let repo = Repository::new(a.repository.clone(), &a.model, defaults);
+    let repo = Repository::new(a.repository.clone(), &a.models, defaults);
     for name in repo.names() {
         match repo.load(&name) {
-            Ok(()) => eprintln!("loaded model {name}"),
+            Ok(()) => log("info", &format!("loaded model {name}")),
             // The service still starts; the index says why, and a load can retry.
-            Err(e) => eprintln!("warning: model {name} not loaded: {}", e.message),
+            Err(e) => log(
+                "warning",
+                &format!("model {name} not loaded: {}", e.message),
+            ),
         }
     }
     let state = Arc::new(AppState {
@@ -173,11 +202,7 @@ pub fn run(a: Args) -> Result<()> {
         metrics,
         max_image_pixels: a.max_image_pixels,
         request_timeout: Duration::from_secs_f64(a.request_timeout_s.max(0.001)),
-        control_token: a
-            .control_token
-            .clone()
-            .or_else(|| std::env::var("KESTREL_CONTROL_TOKEN").ok())
-            .filter(|t| !t.is_empty()),
+        control_token: a.control_token.clone(),
         concurrency: Semaphore::new(a.max_concurrency.max(1)),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -185,6 +210,27 @@ pub fn run(a: Args) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(serve(state, a.listen, a.max_body_bytes))
+}
+
+static LOG_FORMAT: std::sync::OnceLock<config::LogFormat> = std::sync::OnceLock::new();
+
+/// One of the service's own log lines on stderr, as text (`warning: …`) or as a JSON object
+/// (`{"ts": seconds since the epoch, "level", "msg"}`), per `--log-format`.
+fn log(level: &str, msg: &str) {
+    match LOG_FORMAT.get().copied().unwrap_or_default() {
+        config::LogFormat::Text if level == "info" => eprintln!("{msg}"),
+        config::LogFormat::Text => eprintln!("{level}: {msg}"),
+        config::LogFormat::Json => {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            eprintln!(
+                "{}",
+                serde_json::json!({ "ts": ts, "level": level, "msg": msg })
+            );
+        }
+    }
 }
 
 async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Result<()> {
@@ -230,7 +276,7 @@ async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Res
     tokio::task::spawn_blocking(move || s.repo.unload_all())
         .await
         .context("stopping the models")?;
-    eprintln!("stopped");
+    log("info", "stopped");
     Ok(())
 }
 
@@ -254,7 +300,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-    eprintln!("shutting down: draining requests in flight");
+    log("info", "shutting down: draining requests in flight");
 }
 
 fn router(state: Arc<AppState>, max_body: usize) -> Router {
