@@ -345,3 +345,73 @@ pub fn graph_svg(model: &pb::ModelProto, title: &str) -> String {
     svg.push_str("</svg>\n");
     svg
 }
+
+/// One engine layer's share of a profiled run, for [`profile_svg`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedLayer {
+    /// What the layer does (`conv int8 (cuDNN fused)`, `pool`, …).
+    pub kind: String,
+    /// The tensor it writes, with its shape.
+    pub name: String,
+    /// Device time, milliseconds.
+    pub ms: f64,
+}
+
+/// The class of a timed layer: INT8 where its kind says so, floating point for the other
+/// convolutions, `other` for the rest (copies, pools, quantization, …).
+fn timed_class(kind: &str) -> (&'static str, &'static str) {
+    if kind.contains("int8") {
+        ("int8", INT8_FILL)
+    } else if kind.contains("conv") {
+        ("float", FLOAT_FILL)
+    } else {
+        ("other", "#93a1a1")
+    }
+}
+
+/// An SVG of an engine's layers in execution order, one bar each, its length the layer's time:
+/// where the time goes, and which precision spends it.
+pub fn profile_svg(layers: &[TimedLayer], title: &str) -> String {
+    let total: f64 = layers.iter().map(|l| l.ms).sum();
+    let longest = layers.iter().map(|l| l.ms).fold(0.0, f64::max).max(1e-9);
+    let (row_h, left, top, bar_w) = (12.0, 10.0, 56.0, 600.0);
+    let (w, h) = (left + bar_w + 320.0, top + layers.len() as f64 * row_h + 20.0);
+    let mut svg = String::new();
+    let share = |class: &str| -> f64 {
+        layers
+            .iter()
+            .filter(|l| timed_class(&l.kind).0 == class)
+            .map(|l| l.ms)
+            .sum()
+    };
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" viewBox="0 0 {w:.0} {h:.0}" font-family="sans-serif" font-size="10">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="18" font-size="14">{t}</text>
+<text x="10" y="38" font-size="11">{total:.3} ms in {n} layers: <tspan fill="{INT8_FILL}">INT8 {i:.3} ms</tspan>, <tspan fill="{FLOAT_FILL}">float convolutions {f:.3} ms</tspan>, other {o:.3} ms</text>
+"#,
+        t = escape(title),
+        n = layers.len(),
+        i = share("int8"),
+        f = share("float"),
+        o = share("other"),
+    );
+    for (k, l) in layers.iter().enumerate() {
+        let y = top + k as f64 * row_h;
+        let (class, fill) = timed_class(&l.kind);
+        let bw = (bar_w * l.ms / longest).max(1.0);
+        let _ = writeln!(
+            svg,
+            r#"<rect class="layer {class}" x="{left:.1}" y="{y:.1}" width="{bw:.1}" height="{hh:.1}" fill="{fill}"><title>{name}: {kind}, {ms:.4} ms</title></rect><text x="{tx:.1}" y="{ty:.1}">{ms:.3} ms {kind}</text>"#,
+            hh = row_h - 2.0,
+            name = escape(&l.name),
+            kind = escape(&l.kind),
+            ms = l.ms,
+            tx = left + bw + 4.0,
+            ty = y + row_h - 3.0,
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

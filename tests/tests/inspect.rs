@@ -123,3 +123,32 @@ fn the_qdq_report_counts_int8_convolutions_and_finds_broken_scale_sharing() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_profile_picture_has_one_bar_per_layer_by_precision() {
+    use kestrel_exporter::graph_view::{TimedLayer, profile_svg};
+    let layers: Vec<TimedLayer> = [
+        ("conv int8 (cuDNN fused)", 0.084),
+        ("conv fp16 (cuDNN fused)", 0.090),
+        ("pool", 0.011),
+        ("concat/split copy", 0.004),
+        ("conv int8", 0.047),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (kind, ms))| TimedLayer {
+        kind: kind.to_string(),
+        name: format!("model.{i}.out [8, 64, 80, 80] <&>"),
+        ms: *ms,
+    })
+    .collect();
+    let dir = scratch_dir("profile-svg");
+    let path = dir.join("p.svg");
+    std::fs::write(&path, profile_svg(&layers, "gelan-c int8 b8")).unwrap();
+    let out = run_python("svg_summary.py", &[path.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["rects"]["layer int8"], 2, "{v}");
+    assert_eq!(v["rects"]["layer float"], 1, "{v}");
+    assert_eq!(v["rects"]["layer other"], 2, "{v}");
+    let _ = std::fs::remove_dir_all(dir);
+}

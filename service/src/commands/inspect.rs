@@ -1,17 +1,20 @@
-//! `kestrel inspect`: what a model file is, which of its convolutions are quantized, where its
-//! Q/DQ scales break the sharing rules, and a picture of it coloured by precision.
+//! `kestrel inspect`: what a model or engine file is, which of its convolutions are quantized,
+//! where its Q/DQ scales break the sharing rules, and a picture of it coloured by precision; for
+//! an engine on a GPU, where its time goes layer by layer (`--profile`).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use kestrel_exporter::graph_view::{graph_svg, qdq_report};
+use kestrel_exporter::graph_view::{TimedLayer, graph_svg, profile_svg, qdq_report};
 use kestrel_exporter::{onnx, summarize};
+use kestrel_runtime::engine::{BuildOptions, open_engine};
+use kestrel_runtime::engine_file::{EngineFile, is_engine_file};
 
 use crate::util::check_model_file;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The ONNX file.
+    /// The ONNX file, or an engine file from `kestrel build`.
     model: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -20,24 +23,100 @@ pub struct Args {
     /// operators whose inputs and output do not share one scale (requantizations in an engine).
     #[arg(long)]
     qdq: bool,
-    /// Draw the convolutions layer by layer, coloured by precision, to this SVG file.
+    /// Draw the convolutions layer by layer, coloured by precision, to this SVG file; with
+    /// --profile, the engine's layers sized by their time.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Engine files on a GPU backend: time every layer of a batch (eager launches) and compare
+    /// the sum with the engine's measured latency.
+    #[arg(long)]
+    profile: bool,
+    /// The batch --profile times.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+/// An engine file's header, as `--json` prints it.
+fn header_json(file: &EngineFile) -> serde_json::Value {
+    let h = &file.header;
+    serde_json::json!({
+        "format_version": h.format_version,
+        "kestrel_version": h.kestrel_version,
+        "backend": h.backend,
+        "backend_versions": h.backend_versions,
+        "device": h.device,
+        "compute_capability": h.compute_capability,
+        "precision": h.precision,
+        "profile": h.profile,
+        "onnx_sha256": h.onnx_sha256,
+        "plan_bytes": file.plan.len(),
+        "layer_choices": h.layer_choices,
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
     check_model_file(&a.model)?;
-    let model = onnx::read_model(&a.model)?;
+    let bytes =
+        std::fs::read(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let engine_file = if is_engine_file(&bytes) {
+        Some(EngineFile::decode(&bytes, &a.model)?)
+    } else {
+        None
+    };
+    if a.profile && engine_file.is_none() {
+        anyhow::bail!(
+            "--profile times an engine: build one first with `kestrel build --onnx {} --backend \
+             cuda -o model.engine`",
+            a.model.display()
+        );
+    }
+    let model = match &engine_file {
+        Some(f) => onnx::decode_model(&f.onnx, &a.model)?,
+        None => onnx::decode_model(&bytes, &a.model)?,
+    };
     let summary = summarize(&model);
+    let profile = if a.profile { Some(profile(&a)?) } else { None };
     let report = a.qdq.then(|| qdq_report(&model));
     if a.json {
         let mut v = serde_json::to_value(&summary)?;
         if let Some(r) = &report {
             v["quantization"] = serde_json::to_value(r)?;
         }
+        if let Some(f) = &engine_file {
+            v["engine"] = header_json(f);
+        }
+        if let Some((layers, measured)) = &profile {
+            v["profile"] = serde_json::json!({
+                "batch": a.batch,
+                "layers": layers.iter().map(|l| serde_json::json!({
+                    "kind": l.kind, "layer": l.name, "ms": l.ms})).collect::<Vec<_>>(),
+                "sum_ms": layers.iter().map(|l| l.ms).sum::<f64>(),
+                "measured_ms": measured,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("model:       {}", a.model.display());
+        if let Some(f) = &engine_file {
+            let h = &f.header;
+            println!(
+                "engine:      {} backend, {} on {}{}, batch {}:{}:{}, built by kestrel {}",
+                h.backend,
+                h.precision,
+                h.device,
+                h.compute_capability
+                    .map(|(a, b)| format!(" (compute capability {a}.{b})"))
+                    .unwrap_or_default(),
+                h.profile[0],
+                h.profile[1],
+                h.profile[2],
+                h.kestrel_version
+            );
+            for (lib, version) in &h.backend_versions {
+                println!("             {lib} {version}");
+            }
+            println!("             source ONNX sha256 {}", h.onnx_sha256);
+        }
         print!("{summary}");
         if let Some(r) = &report {
             println!(
@@ -74,17 +153,75 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
+    if let (Some((layers, measured)), false) = (&profile, a.json) {
+        let sum: f64 = layers.iter().map(|l| l.ms).sum();
+        println!(
+            "batch {}: {} layers, {sum:.3} ms in all (eager launches)",
+            a.batch,
+            layers.len()
+        );
+        for l in layers {
+            println!("    {:>8.4} ms  {:<32} {}", l.ms, l.kind, l.name);
+        }
+        if let Some(m) = measured {
+            println!(
+                "measured latency {m:.3} ms (CUDA graph, median): the layers sum to {:.1} % of it",
+                100.0 * sum / m
+            );
+        }
+    }
     if let Some(path) = &a.svg {
         let title = format!(
             "{} ({})",
             a.model.display(),
             model.metadata("model").unwrap_or("model")
         );
-        std::fs::write(path, graph_svg(&model, &title))
-            .with_context(|| format!("writing {}", path.display()))?;
+        let svg = match &profile {
+            Some((layers, _)) => profile_svg(layers, &title),
+            None => graph_svg(&model, &title),
+        };
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         if !a.json {
             println!("wrote {}", path.display());
         }
     }
     Ok(())
+}
+
+/// The engine's layers timed on its device, and its measured latency (median of 20 graph
+/// replays, milliseconds).
+fn profile(a: &Args) -> Result<(Vec<TimedLayer>, Option<f64>)> {
+    // Engine files carry their own options; these are ignored for them.
+    let (mut engine, _) = open_engine(&a.model, &BuildOptions::default(), None)?;
+    let info = engine.info();
+    if a.batch == 0 || !info.profile.contains(a.batch) {
+        anyhow::bail!(
+            "--batch {}: the engine takes batches in {} (min:opt:max)",
+            a.batch,
+            info.profile
+        );
+    }
+    let backend = info.backend;
+    let Some(layers) = engine.profile_layers(a.batch)? else {
+        anyhow::bail!(
+            "the {backend} backend has no per-layer device timing; --profile needs an engine \
+             built for --backend cuda"
+        );
+    };
+    let measured = engine
+        .time_compute(a.batch, 20)?
+        .filter(|t| !t.is_empty())
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        });
+    let layers = layers
+        .into_iter()
+        .map(|l| TimedLayer {
+            kind: l.kind,
+            name: l.layer,
+            ms: l.ms,
+        })
+        .collect();
+    Ok((layers, measured))
 }
