@@ -307,20 +307,8 @@ impl MaskDecoder {
         Self::default()
     }
 
-    /// Masks of one image's detections at the source resolution of `letterbox`, one bitmap per
-    /// box in `out` (reused). `prototypes` is the image's `[32, height, width]` prototype maps;
-    /// `coefficients` holds 32 values per box; boxes are in source pixels.
-    pub fn decode(
-        &mut self,
-        prototypes: &[f32],
-        shape: PrototypeShape,
-        letterbox: &LetterboxParams,
-        boxes: &[BoxXyxy],
-        coefficients: &[f32],
-        out: &mut Vec<Bitmap>,
-    ) -> Result<()> {
-        check_mask_inputs(prototypes.len(), shape, boxes.len(), coefficients.len())?;
-        let l = letterbox;
+    /// The sampling taps of both axes for `letterbox` and prototype maps of `shape`.
+    fn set_taps(&mut self, l: &LetterboxParams, shape: PrototypeShape) {
         mask_axis_taps(
             l.src_w,
             l.new_w,
@@ -337,6 +325,23 @@ impl MaskDecoder {
             shape.height as u32,
             &mut self.ys,
         );
+    }
+
+    /// Masks of one image's detections at the source resolution of `letterbox`, one bitmap per
+    /// box in `out` (reused). `prototypes` is the image's `[32, height, width]` prototype maps;
+    /// `coefficients` holds 32 values per box; boxes are in source pixels.
+    pub fn decode(
+        &mut self,
+        prototypes: &[f32],
+        shape: PrototypeShape,
+        letterbox: &LetterboxParams,
+        boxes: &[BoxXyxy],
+        coefficients: &[f32],
+        out: &mut Vec<Bitmap>,
+    ) -> Result<()> {
+        check_mask_inputs(prototypes.len(), shape, boxes.len(), coefficients.len())?;
+        let l = letterbox;
+        self.set_taps(l, shape);
         let (w, h) = (l.src_w as usize, l.src_h as usize);
         let plane = shape.width * shape.height;
         self.cells.resize(plane, 0.0);
@@ -381,22 +386,7 @@ impl MaskDecoder {
             )));
         }
         let l = letterbox;
-        mask_axis_taps(
-            l.src_w,
-            l.new_w,
-            l.left,
-            l.dst_w,
-            shape.width as u32,
-            &mut self.xs,
-        );
-        mask_axis_taps(
-            l.src_h,
-            l.new_h,
-            l.top,
-            l.dst_h,
-            shape.height as u32,
-            &mut self.ys,
-        );
+        self.set_taps(l, shape);
         let (w, h) = (l.src_w as usize, l.src_h as usize);
         out.resize_with(boxes.len(), Bitmap::default);
         for ((b, cells), mask) in boxes

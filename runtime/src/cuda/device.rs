@@ -469,3 +469,13 @@ pub fn launch_grid(
     unsafe { drv::launch_kernel(f, grid, (block, 1, 1), shared_bytes, stream, &mut params) }
         .map_err(|e| cuda_error("launching a kernel", e))
 }
+
+/// An instantiated CUDA graph (one batch bucket's captured launches), destroyed on drop.
+pub(crate) struct GraphExec(pub(crate) dsys::CUgraphExec);
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        // SAFETY: instantiated once, destroyed once.
+        let _ = unsafe { drv::graph::exec_destroy(self.0) };
+    }
+}

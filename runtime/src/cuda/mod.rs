@@ -35,8 +35,8 @@ use crate::masks::Bitmap;
 use crate::nms::NmsConfig;
 use conv::{ConvPlan, ConvShape, Dnn};
 use device::{
-    Arg, DeviceBuffer, Event, Kernels, PinnedBuffer, Stream, cuda_error, f32_to_f16_bits, launch,
-    launch_grid,
+    Arg, DeviceBuffer, Event, GraphExec, Kernels, PinnedBuffer, Stream, cuda_error,
+    f32_to_f16_bits, launch, launch_grid,
 };
 use fused::{FusedConvGraph, FusedConvPlan, FusedConvPointers, FusedConvSpec, Storage};
 use masks::{GpuMaskDecoder, MaskBatch, MaskCoefficients};
@@ -94,15 +94,6 @@ pub fn batch_buckets(min: usize, max: usize) -> Vec<usize> {
 /// The bucket a batch of `n` runs in: the smallest bucket that holds it.
 pub fn bucket_for(buckets: &[usize], n: usize) -> Option<usize> {
     buckets.iter().copied().find(|&b| b >= n)
-}
-
-struct GraphExec(dsys::CUgraphExec);
-
-impl Drop for GraphExec {
-    fn drop(&mut self) {
-        // SAFETY: instantiated once, destroyed once.
-        let _ = unsafe { drv::graph::exec_destroy(self.0) };
-    }
 }
 
 /// An engine on the GPU.

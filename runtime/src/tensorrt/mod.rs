@@ -31,7 +31,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use kestrel_exporter::onnx::pb;
 
-use crate::cuda::device::{DeviceBuffer, Event, PinnedBuffer, Stream};
+use crate::cuda::device::{DeviceBuffer, Event, GraphExec, PinnedBuffer, Stream};
 use crate::cuda::post::{GpuPostprocessor, HeadElement};
 use crate::cuda::{batch_buckets, bucket_for};
 use crate::detection::Detection;
@@ -327,15 +327,6 @@ struct Binding {
     /// Values per image.
     per_image: usize,
     half: bool,
-}
-
-struct GraphExec(dsys::CUgraphExec);
-
-impl Drop for GraphExec {
-    fn drop(&mut self) {
-        // SAFETY: instantiated once, destroyed once.
-        let _ = unsafe { drv::graph::exec_destroy(self.0) };
-    }
 }
 
 /// A TensorRT engine on GPU 0.
