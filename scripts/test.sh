@@ -17,3 +17,10 @@ cargo test --workspace --locked
 # failing with the missing library named), the CLI built with it, and its doctor/error tests.
 cargo test -p kestrel-runtime --features tensorrt --lib --locked -- tensorrt engine
 cargo test -p kestrel-service --features tensorrt --test cli --locked -- doctor tensorrt
+# Deployment files (deploy/): the Grafana dashboard's and the alert rules' metric names against
+# the service's, promtool check/test rules, the Kubernetes base validated against the API schemas,
+# the Dockerfile and the systemd unit; then the Dockerfile's own `cargo build` command (without
+# --release: the workspace's debug build already holds the dependencies).
+.venv/bin/python scripts/check-deploy.py
+read -ra docker_build < <(.venv/bin/python scripts/check-deploy.py --docker-build-debug)
+"${docker_build[@]}"

@@ -855,8 +855,8 @@ fn deploy(file: &str) -> PathBuf {
 }
 
 /// `--config deploy/kestrel.toml` (the example the container, the unit and the Kubernetes base
-/// use): its settings reach the model, flags override it (--repository, --listen,
-/// --max-queue-size, --control-token-file), its JSON log lines parse, and the token from the file
+/// use): its settings reach the model, flags override it (--repository, --listen, --backend,
+/// --precision, --max-queue-size, --control-token-file), its JSON log lines parse, and the token from the file
 /// guards the control endpoints.
 #[test]
 fn the_example_config_serves_and_flags_override_it() {
@@ -869,6 +869,8 @@ fn the_example_config_serves_and_flags_override_it() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
         .args(["serve", "--config"])
         .arg(deploy("kestrel.toml"))
+        // The file asks for the cuda backend at fp16; this machine has no GPU.
+        .args(["--backend", "cpu", "--precision", "fp32"])
         .args(["--listen", "127.0.0.1:0", "--max-queue-size", "5"])
         .arg("--repository")
         .arg(dir.join("models"))
@@ -893,6 +895,7 @@ fn the_example_config_serves_and_flags_override_it() {
     let a = server.addr.clone();
     let (s, c) = get(&a, "/v2/models/shapes/config");
     assert_eq!(s, 200);
+    assert_eq!(c["backend"], "cpu");
     // From the file (the built-in default is 8).
     assert_eq!(c["max_batch_size"], 4);
     assert_eq!(c["dynamic_batching"]["max_queue_delay_microseconds"], 2000);
