@@ -21,7 +21,8 @@ Checks:
   docker     deploy/Dockerfile: a Rust build stage at least the workspace's rust-version, its
              cargo build line equal to scripts/gpu-bundle.sh's, a CUDA runtime final stage whose
              CUDA major matches cudarc's feature, no build tools there, a non-root USER,
-             HEALTHCHECK on /v2/health/ready, EXPOSE = the config's port
+             HEALTHCHECK on /v2/health/ready, EXPOSE = the config's port, the ENTRYPOINT on the
+             copied config, a .dockerignore without target/.venv/.git
   systemd    systemd-analyze verify prints nothing for deploy/systemd/kestrel.service (with the
              binary path pointed at target/debug/kestrel); the hardening options are present;
              TimeoutStopSec covers request_timeout_s
@@ -303,6 +304,10 @@ def check_docker(config: dict) -> None:
     port = config["listen"].rsplit(":", 1)[1]
     if f"EXPOSE {port}" not in final:
         fail("docker", f"EXPOSE {port} (the config's port) is missing")
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for path in ("target", ".venv", ".git"):
+        if path not in ignore:
+            fail("docker", f"deploy/Dockerfile.dockerignore must leave {path} out of the context")
     entry = next((line for line in final if line.startswith("ENTRYPOINT")), "")
     copied = [line.split()[-1] for line in final if line.startswith("COPY deploy/kestrel.toml")]
     if not copied or copied[0] not in entry or "--config" not in entry:
