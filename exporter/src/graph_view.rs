@@ -375,7 +375,10 @@ pub fn profile_svg(layers: &[TimedLayer], title: &str) -> String {
     let total: f64 = layers.iter().map(|l| l.ms).sum();
     let longest = layers.iter().map(|l| l.ms).fold(0.0, f64::max).max(1e-9);
     let (row_h, left, top, bar_w) = (12.0, 10.0, 56.0, 600.0);
-    let (w, h) = (left + bar_w + 320.0, top + layers.len() as f64 * row_h + 20.0);
+    let (w, h) = (
+        left + bar_w + 320.0,
+        top + layers.len() as f64 * row_h + 20.0,
+    );
     let mut svg = String::new();
     let share = |class: &str| -> f64 {
         layers

@@ -33,14 +33,23 @@ fn the_nvinfer_config_parses_as_a_glib_key_file() {
     assert_eq!(int("property", "maintain-aspect-ratio"), 1);
     assert_eq!(int("property", "symmetric-padding"), 1);
     assert_eq!(string("property", "onnx-file"), "gelan-c-ds.onnx");
-    assert_eq!(string("property", "model-engine-file"), "gelan-c-ds_b4_gpu0_int8.engine");
+    assert_eq!(
+        string("property", "model-engine-file"),
+        "gelan-c-ds_b4_gpu0_int8.engine"
+    );
     assert_eq!(string("property", "labelfile-path"), "labels.txt");
     assert_eq!(string("property", "parse-bbox-func-name"), PARSER_FUNCTION);
     let scale = kf.double("property", "net-scale-factor").unwrap();
     // The float32 nearest 1/255, as DeepStream configs write it.
     assert!((scale - 1.0 / 255.0).abs() < 1e-8);
     assert!((kf.double("class-attrs-all", "nms-iou-threshold").unwrap() - 0.45).abs() < 1e-6);
-    assert!((kf.double("class-attrs-all", "pre-cluster-threshold").unwrap() - 0.25).abs() < 1e-6);
+    assert!(
+        (kf.double("class-attrs-all", "pre-cluster-threshold")
+            .unwrap()
+            - 0.25)
+            .abs()
+            < 1e-6
+    );
     assert_eq!(int("class-attrs-all", "topk"), 300);
     // Every key carries a comment saying what it does.
     for key in kf.keys("property").unwrap().iter() {
