@@ -206,7 +206,13 @@ impl Engine for CpuEngine {
     }
 
     fn run_end_to_end(&mut self, input: &[f32], batch: usize) -> Result<EndToEndOutputs<'_>> {
-        let Some(e2e) = self.info.end_to_end.clone() else {
+        // Scalars only: the info's flavour string would allocate on every batch.
+        let Some((k, masks)) = self
+            .info
+            .end_to_end
+            .as_ref()
+            .map(|e| (e.max_detections, e.masks))
+        else {
             return Err(Error::InvalidArgument(format!(
                 "{} is not an end-to-end model; export it with --end2end",
                 self.info.model_name
@@ -214,7 +220,6 @@ impl Engine for CpuEngine {
         };
         self.check_input(input, batch)?;
         let [h, w] = self.info.input_hw;
-        let k = e2e.max_detections;
         let b = &mut self.end_to_end;
         b.num_dets.clear();
         b.boxes.clear();
@@ -231,7 +236,7 @@ impl Engine for CpuEngine {
             output_values(&outputs, 1, "det_boxes", 4 * k, &mut b.boxes)?;
             output_values(&outputs, 2, "det_scores", k, &mut b.scores)?;
             output_values(&outputs, 3, "det_classes", k, &mut b.classes)?;
-            if let Some(m) = e2e.masks {
+            if let Some(m) = masks {
                 let cells = m.width * m.height;
                 output_values(&outputs, 4, "det_masks", k * cells, &mut b.masks)?;
             }
@@ -241,7 +246,7 @@ impl Engine for CpuEngine {
             boxes: &b.boxes,
             scores: &b.scores,
             classes: &b.classes,
-            masks: e2e.masks.map(|_| &b.masks[..]),
+            masks: masks.map(|_| &b.masks[..]),
         })
     }
 

@@ -527,23 +527,14 @@ pub fn describe_model(
             output.name
         )));
     }
-    let names: Option<Vec<String>> = model
-        .metadata("names")
-        .and_then(|n| serde_json::from_str(n).ok());
-    let num_classes = model
-        .metadata("num_classes")
-        .and_then(|n| n.parse().ok())
-        .or(names.as_ref().map(Vec::len))
-        .unwrap_or(channels as usize - 4);
+    let num_classes = metadata_classes(model).unwrap_or(channels as usize - 4);
     if num_classes + 4 > channels as usize {
         return Err(err(format!(
             "metadata says {num_classes} classes but output '{}' has only {channels} rows",
             output.name
         )));
     }
-    let class_names = names
-        .filter(|n| n.len() == num_classes)
-        .unwrap_or_else(|| (0..num_classes).map(|i| format!("class{i}")).collect());
+    let class_names = class_names(model, num_classes);
     let prototypes =
         prototype_output(graph, channels as usize, num_classes, [h, w]).map_err(err)?;
     let model_name = model
@@ -575,6 +566,29 @@ pub fn describe_model(
         },
         end_to_end: None,
     })
+}
+
+/// The class names of the model's `names` metadata (JSON list).
+fn metadata_names(model: &pb::ModelProto) -> Option<Vec<String>> {
+    model
+        .metadata("names")
+        .and_then(|n| serde_json::from_str(n).ok())
+}
+
+/// The class count of the model's metadata: `num_classes`, else the length of `names`.
+fn metadata_classes(model: &pb::ModelProto) -> Option<usize> {
+    model
+        .metadata("num_classes")
+        .and_then(|n| n.parse().ok())
+        .or(metadata_names(model).as_ref().map(Vec::len))
+}
+
+/// The metadata's `num_classes` names, or `class0`, `class1`, … where they are missing or do not
+/// fit.
+fn class_names(model: &pb::ModelProto, num_classes: usize) -> Vec<String> {
+    metadata_names(model)
+        .filter(|n| n.len() == num_classes)
+        .unwrap_or_else(|| (0..num_classes).map(|i| format!("class{i}")).collect())
 }
 
 /// [`describe_model`] for an end-to-end model (`kestrel export --end2end`): its outputs checked
@@ -637,17 +651,9 @@ fn describe_end_to_end(
         None
     };
     let meta_f32 = |key: &str| model.metadata(key).and_then(|v| v.parse::<f32>().ok());
-    let names: Option<Vec<String>> = model
-        .metadata("names")
-        .and_then(|n| serde_json::from_str(n).ok());
-    let num_classes = model
-        .metadata("num_classes")
-        .and_then(|n| n.parse().ok())
-        .or(names.as_ref().map(Vec::len))
-        .ok_or_else(|| err("no num_classes metadata".into()))?;
-    let class_names = names
-        .filter(|n| n.len() == num_classes)
-        .unwrap_or_else(|| (0..num_classes).map(|i| format!("class{i}")).collect());
+    let num_classes =
+        metadata_classes(model).ok_or_else(|| err("no num_classes metadata".into()))?;
+    let class_names = class_names(model, num_classes);
     Ok(EngineInfo {
         model_name: model
             .metadata("model")

@@ -70,3 +70,40 @@ pub fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
 }
+
+/// SplitMix64, so the test data does not depend on any RNG crate's version.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    pub fn range(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * self.f32()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn chance(&mut self, p: f32) -> bool {
+        self.f32() < p
+    }
+}
+
+/// The tight box of a mask's set pixels (`x2`, `y2` one past the last pixel).
+pub fn mask_box(m: &kestrel_runtime::Bitmap) -> kestrel_runtime::BoxXyxy {
+    let (mut x1, mut y1, mut x2, mut y2) = (usize::MAX, usize::MAX, 0, 0);
+    for (i, &v) in m.data.iter().enumerate() {
+        if v != 0 {
+            let (x, y) = (i % m.width, i / m.width);
+            (x1, y1, x2, y2) = (x1.min(x), y1.min(y), x2.max(x + 1), y2.max(y + 1));
+        }
+    }
+    kestrel_runtime::BoxXyxy::new(x1 as f32, y1 as f32, x2 as f32, y2 as f32)
+}

@@ -14,38 +14,13 @@ use kestrel_runtime::eval::Evaluator;
 use kestrel_runtime::masks::{Bitmap, Rle};
 use kestrel_runtime::synth::{SynthConfig, generate};
 use kestrel_runtime::{BoxXyxy, Detection, GroundTruth};
-use kestrel_tests::{run_python, scratch_dir};
+use kestrel_tests::{Rng, mask_box, run_python, scratch_dir};
 use serde_json::{Value, json};
 
 /// Non-contiguous COCO category ids, to exercise the id ↔ class mapping.
 const CATEGORY_IDS: [u64; 5] = [1, 3, 7, 8, 12];
 /// Category 12 only ever gets false positives: COCOeval must leave it out of the mean.
 const FP_ONLY_CLASS: usize = 4;
-
-/// SplitMix64, so the test data does not depend on any RNG crate's version.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn range(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * self.f32()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, p: f32) -> bool {
-        self.f32() < p
-    }
-}
 
 struct GtObject {
     bbox: BoxXyxy,
@@ -405,18 +380,6 @@ fn ellipse(w: usize, h: usize, cx: f32, cy: f32, rx: f32, ry: f32) -> Bitmap {
         height: h,
         data,
     }
-}
-
-/// The tight box of a mask's set pixels (`x2`, `y2` one past the last pixel).
-fn mask_box(m: &Bitmap) -> BoxXyxy {
-    let (mut x1, mut y1, mut x2, mut y2) = (usize::MAX, usize::MAX, 0, 0);
-    for (i, &v) in m.data.iter().enumerate() {
-        if v != 0 {
-            let (x, y) = (i % m.width, i / m.width);
-            (x1, y1, x2, y2) = (x1.min(x), y1.min(y), x2.max(x + 1), y2.max(y + 1));
-        }
-    }
-    BoxXyxy::new(x1 as f32, y1 as f32, x2 as f32, y2 as f32)
 }
 
 fn rle_json(r: &Rle) -> Value {

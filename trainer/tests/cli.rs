@@ -23,6 +23,19 @@ fn run(args: &[&str]) -> String {
     text
 }
 
+/// The CPU backend, FP32, one image per batch.
+fn cpu_batch_1() -> BuildOptions {
+    BuildOptions {
+        backend: Backend::Cpu,
+        precision: Precision::Fp32,
+        profile: BatchProfile {
+            min: 1,
+            opt: 1,
+            max: 1,
+        },
+    }
+}
+
 #[test]
 fn train_then_export_gives_a_model_the_runtime_runs() {
     let dir = std::env::temp_dir().join(format!("kestrel-train-cli-{}", std::process::id()));
@@ -98,15 +111,7 @@ fn train_then_export_gives_a_model_the_runtime_runs() {
         "-o",
         onnx.to_str().unwrap(),
     ]);
-    let options = BuildOptions {
-        backend: Backend::Cpu,
-        precision: Precision::Fp32,
-        profile: BatchProfile {
-            min: 1,
-            opt: 1,
-            max: 1,
-        },
-    };
+    let options = cpu_batch_1();
     // The class names recorded at training travel into the model's metadata.
     let model = kestrel_exporter::onnx::read_model(&onnx).unwrap();
     let names = model
@@ -206,15 +211,7 @@ fn a_segmentation_model_trains_on_masks_and_exports_both_outputs() {
         "-o",
         onnx.to_str().unwrap(),
     ]);
-    let options = BuildOptions {
-        backend: Backend::Cpu,
-        precision: Precision::Fp32,
-        profile: BatchProfile {
-            min: 1,
-            opt: 1,
-            max: 1,
-        },
-    };
+    let options = cpu_batch_1();
     let mut engine = build_engine(&onnx, &options).unwrap();
     let (out, prototypes) = engine
         .run_with_prototypes(&vec![0.5f32; 3 * 64 * 64], 1)
@@ -239,7 +236,10 @@ fn a_segmentation_model_trains_on_masks_and_exports_both_outputs() {
     assert!(log.contains("end-to-end (onnx)"), "{log}");
     let mut detector = kestrel_runtime::Detector::new(build_engine(&e2e, &options).unwrap());
     let info = detector.info().end_to_end.clone().unwrap();
-    assert_eq!((info.max_detections, info.masks.map(|m| m.width)), (100, Some(16)));
+    assert_eq!(
+        (info.max_detections, info.masks.map(|m| m.width)),
+        (100, Some(16))
+    );
     let (scene, _) = kestrel_runtime::synth::render_scene(3, 64, 64);
     let (mut dets, mut masks) = (Vec::new(), Vec::new());
     let nms = kestrel_runtime::nms::NmsConfig::evaluation();

@@ -281,6 +281,14 @@ impl Event {
             .map_err(|e| cuda_error("recording an event", e))
     }
 
+    /// Milliseconds of device time from this event to `end`, both recorded and complete.
+    pub fn elapsed_ms(&self, end: &Event) -> Result<f64> {
+        // SAFETY: live events; the caller synchronised the stream both were recorded on.
+        unsafe { drv::event::elapsed(self.0, end.0) }
+            .map(f64::from)
+            .map_err(|e| cuda_error("reading an event", e))
+    }
+
     /// Make `stream`'s later work wait for the last recorded point (none yet: no wait).
     pub fn wait_on(&self, stream: &Stream) -> Result<()> {
         // SAFETY: a live event and stream of the bound context.

@@ -980,10 +980,7 @@ impl CudaEngine {
         unsafe { drv::event::record(end.0, self.stream.0) }
             .map_err(|e| cuda_error("recording an event", e))?;
         self.stream.synchronize()?;
-        // SAFETY: both events recorded and complete.
-        let ms = unsafe { drv::event::elapsed(start.0, end.0) }
-            .map_err(|e| cuda_error("reading an event", e))?;
-        Ok(ms as f64)
+        start.elapsed_ms(&end)
     }
 
     fn ptr(&self, v: ValueId) -> Result<u64> {
@@ -2118,10 +2115,7 @@ impl Engine for CudaEngine {
         self.stream.synchronize()?;
         let mut ms = Vec::with_capacity(iterations);
         for pair in events.chunks(2) {
-            // SAFETY: both events were recorded and have completed (stream synchronised).
-            let t = unsafe { drv::event::elapsed(pair[0].0, pair[1].0) }
-                .map_err(|e| cuda_error("reading an event", e))?;
-            ms.push(t as f64);
+            ms.push(pair[0].elapsed_ms(&pair[1])?);
         }
         Ok(Some(ms))
     }

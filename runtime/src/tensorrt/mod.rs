@@ -775,12 +775,7 @@ impl Engine for TensorrtEngine {
         self.stream.synchronize()?;
         events
             .iter()
-            .map(|(a, b)| {
-                // SAFETY: both events were recorded and have completed (stream synchronised).
-                unsafe { drv::event::elapsed(a.0, b.0) }
-                    .map(f64::from)
-                    .map_err(|e| trt_error(format!("reading an event: {e:?}")))
-            })
+            .map(|(a, b)| a.elapsed_ms(b))
             .collect::<Result<Vec<f64>>>()
             .map(Some)
     }
