@@ -15,8 +15,10 @@ cargo test --workspace --locked
 # The TensorRT backend (feature `tensorrt`; no TensorRT here): its shim compiles against the
 # TensorRT 11 headers, its unit tests (everything that needs no libnvinfer, and every entry point
 # failing with the missing library named), the CLI built with it, and its doctor/error tests.
-cargo test -p kestrel-runtime --features tensorrt --lib --locked -- tensorrt engine
-cargo test -p kestrel-service --features tensorrt --test cli --locked -- doctor tensorrt
+# One invocation, so dependency features stay those of the workspace build above (only our own
+# crates recompile; see the feature-unification block in service/Cargo.toml).
+cargo test -p kestrel-runtime -p kestrel-service --features kestrel-service/tensorrt --lib \
+    --test cli --locked -- tensorrt engine doctor
 # Deployment files (deploy/): the Grafana dashboard's and the alert rules' metric names against
 # the service's, promtool check/test rules, the Kubernetes base validated against the API schemas,
 # the Dockerfile and the systemd unit; then the Dockerfile's own `cargo build` command (without
