@@ -342,12 +342,17 @@ impl Dataset {
     /// a COCO json overlap independently ([`MaskOverlap::Independent`]).
     pub fn from_coco_json(json: &Path, images_dir: &Path) -> Result<Dataset> {
         let text = std::fs::read_to_string(json).map_err(|e| Error::io(json, e))?;
+        Self::from_coco_json_text(&text, json, images_dir)
+    }
+
+    /// [`Dataset::from_coco_json`] on the json's text, already read; `json` names it in errors.
+    pub fn from_coco_json_text(text: &str, json: &Path, images_dir: &Path) -> Result<Dataset> {
         let err = |message: String| Error::Dataset {
             path: json.to_path_buf(),
             line: None,
             message,
         };
-        let coco: CocoFile = serde_json::from_str(&text).map_err(|e| Error::Dataset {
+        let coco: CocoFile = serde_json::from_str(text).map_err(|e| Error::Dataset {
             path: json.to_path_buf(),
             line: Some(e.line()),
             message: format!(
@@ -540,7 +545,10 @@ pub fn parse_yolo_labels_with_segments(
         }
         let (w, h) = (f64::from(width), f64::from(height));
         let (x1, y1, x2, y2) = if is_box {
-            let (cx, cy, bw, bh) = (coords[0], coords[1], coords[2], coords[3]);
+            // A width or height just below zero (within the tolerance) is a zero one: taken as
+            // it is, it would make a box whose corners are swapped (x1 > x2).
+            let (cx, cy) = (coords[0], coords[1]);
+            let (bw, bh) = (coords[2].max(0.0), coords[3].max(0.0));
             (cx - bw / 2.0, cy - bh / 2.0, cx + bw / 2.0, cy + bh / 2.0)
         } else {
             let xs = coords.iter().step_by(2);
@@ -632,6 +640,77 @@ pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
     reader.limits(limits);
     let img = reader.decode().map_err(|e| image_err(e.to_string()))?;
     Ok(img.into_rgb8())
+}
+
+/// Why [`decode_image_bytes`] refused an in-memory image. The messages are those the HTTP
+/// service returns to its clients: [`ImageBytesError::TooManyPixels`] is the one a client can fix
+/// by sending a smaller image (413); every other variant means the bytes are not a usable image
+/// (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageBytesError {
+    /// The bytes could not be read to guess their format.
+    #[error("reading the image: {0}")]
+    Read(String),
+    /// The bytes are not a PNG, JPEG or BMP file.
+    #[error("the body is not a PNG, JPEG or BMP image (send the file's bytes)")]
+    UnsupportedFormat,
+    /// The format is known but its header (the size) cannot be read.
+    #[error("the image header is unreadable: {0}")]
+    Header(String),
+    /// The header says `width` × `height` pixels, more than `max_pixels`.
+    #[error("a {width}×{height} image exceeds {max_pixels} pixels (--max-image-pixels)")]
+    TooManyPixels {
+        /// Width from the header, pixels.
+        width: u32,
+        /// Height from the header, pixels.
+        height: u32,
+        /// The limit, pixels (width × height).
+        max_pixels: u64,
+    },
+    /// The header was fine but the pixel data does not decode (truncated, corrupted, over the
+    /// decoder's allocation limit).
+    #[error("the image does not decode: {0}")]
+    Decode(String),
+}
+
+/// Decode a PNG, JPEG or BMP file held in memory (an HTTP request body) to 8-bit RGB, refusing an
+/// image of more than `max_pixels` (width × height) from its header alone, before any pixel is
+/// decoded: a small compressed body cannot make the caller allocate gigabytes. The decoder itself
+/// is also capped at 8 bytes a pixel of `max_pixels` (16-bit and RGBA intermediates).
+pub fn decode_image_bytes(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> std::result::Result<image::RgbImage, ImageBytesError> {
+    use image::ImageReader;
+    let reader = || {
+        ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageBytesError::Read(e.to_string()))
+    };
+    let format = reader()?.format();
+    if !matches!(
+        format,
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::Bmp)
+    ) {
+        return Err(ImageBytesError::UnsupportedFormat);
+    }
+    let (width, height) = reader()?
+        .into_dimensions()
+        .map_err(|e| ImageBytesError::Header(e.to_string()))?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(ImageBytesError::TooManyPixels {
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    let mut r = reader()?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8));
+    r.limits(limits);
+    Ok(r.decode()
+        .map_err(|e| ImageBytesError::Decode(e.to_string()))?
+        .to_rgb8())
 }
 
 fn is_image_file(p: &Path) -> bool {
@@ -1070,6 +1149,16 @@ mod tests {
         assert!(!g[1].iscrowd);
     }
 
+    /// Fuzzing (`fuzz/regressions/yolo_labels/negative-width-within-tolerance`): a width of
+    /// -0.0005 is inside the rounding tolerance, and made a box with x1 > x2.
+    #[test]
+    fn widths_just_below_zero_are_zero() {
+        let g =
+            parse_yolo_labels("0 0.5 0.5 -0.0005 0.2\n", Path::new("l.txt"), 64, 48, 1).unwrap();
+        assert_eq!(g[0].bbox, BoxXyxy::new(32.0, 19.2, 32.0, 28.8));
+        assert!(g[0].bbox.x1 <= g[0].bbox.x2 && g[0].area == 0.0);
+    }
+
     #[test]
     fn yolo_seg_lines_keep_their_polygons_in_pixels() {
         // A box line, then a triangle, then a square over the triangle's right part.
@@ -1429,6 +1518,45 @@ mod tests {
         std::fs::write(&p, png_header(20000, 20000)).unwrap();
         let s = load_rgb(&p).unwrap_err().to_string();
         assert!(s.contains("more than the"), "{s}");
+    }
+
+    #[test]
+    fn image_bytes_decode_with_a_pixel_limit() {
+        let img = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        for format in [
+            image::ImageFormat::Png,
+            image::ImageFormat::Jpeg,
+            image::ImageFormat::Bmp,
+        ] {
+            let mut bytes = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut bytes), format)
+                .unwrap();
+            let back = decode_image_bytes(&bytes, 20).unwrap();
+            assert_eq!(back.dimensions(), (5, 4), "{format:?}");
+            if format != image::ImageFormat::Jpeg {
+                assert_eq!(back, img, "{format:?}");
+            }
+            // One pixel over the limit: refused from the header.
+            assert_eq!(
+                decode_image_bytes(&bytes, 19),
+                Err(ImageBytesError::TooManyPixels {
+                    width: 5,
+                    height: 4,
+                    max_pixels: 19
+                })
+            );
+        }
+        let bomb = decode_image_bytes(&png_header(20000, 20000), MAX_IMAGE_PIXELS).unwrap_err();
+        assert_eq!(
+            bomb.to_string(),
+            "a 20000×20000 image exceeds 100000000 pixels (--max-image-pixels)"
+        );
+        assert_eq!(
+            decode_image_bytes(b"GIF89a....", 100),
+            Err(ImageBytesError::UnsupportedFormat)
+        );
+        let empty = decode_image_bytes(&png_header(3, 3), 100).unwrap_err();
+        assert!(matches!(empty, ImageBytesError::Decode(_)), "{empty}");
     }
 
     /// PNG signature, IHDR of an 8-bit RGB image, an empty IDAT and IEND: a valid header with no pixels.

@@ -15,6 +15,7 @@ pub mod error;
 pub mod eval;
 pub mod frame;
 pub mod half;
+pub mod kserve;
 pub mod labels;
 pub mod letterbox;
 pub mod masks;

@@ -11,7 +11,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kestrel_runtime::Detection;
+use kestrel_runtime::dataset::{ImageBytesError, decode_image_bytes};
 use kestrel_runtime::engine::EngineInfo;
+use kestrel_runtime::kserve::{BINARY_HEADER, ModelSignature, parse_infer_request};
 use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
 use kestrel_runtime::masks::{
     MASK_COEFFICIENTS, MaskDecoder, PrototypeShape, Rle, coefficients_at,
@@ -24,8 +26,6 @@ use super::repository::{LoadedModel, valid_name};
 use super::{ApiError, AppState, metrics as m};
 
 type ApiResult<T> = Result<T, ApiError>;
-
-const BINARY_HEADER: &str = "inference-header-content-length";
 
 fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -296,52 +296,6 @@ async fn run_batched(
     Ok(reply)
 }
 
-#[derive(Debug, Deserialize)]
-struct InferRequest {
-    id: Option<String>,
-    inputs: Vec<InferInput>,
-    #[serde(default)]
-    outputs: Vec<RequestedOutput>,
-    #[serde(default)]
-    parameters: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct InferInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: serde_json::Map<String, serde_json::Value>,
-    data: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: serde_json::Map<String, serde_json::Value>,
-}
-
-/// Append the numbers of a JSON tensor (flat or nested, row-major) to `out`.
-fn flatten(v: &serde_json::Value, out: &mut Vec<f32>) -> ApiResult<()> {
-    match v {
-        serde_json::Value::Array(items) => {
-            for i in items {
-                flatten(i, out)?;
-            }
-            Ok(())
-        }
-        serde_json::Value::Number(n) => {
-            out.push(n.as_f64().unwrap_or(f64::NAN) as f32);
-            Ok(())
-        }
-        other => Err(bad_request(format!(
-            "tensor data holds {other}, not a number"
-        ))),
-    }
-}
-
 pub async fn infer(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -384,142 +338,34 @@ async fn infer_request(
     body: &[u8],
 ) -> ApiResult<Response> {
     let model = lookup(state, name, version)?;
-    let (json_part, mut binary) = match headers.get(BINARY_HEADER) {
-        Some(v) => {
-            let n: usize = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| bad_request("Inference-Header-Content-Length is not a number"))?;
-            if n > body.len() {
-                return Err(bad_request(format!(
-                    "Inference-Header-Content-Length {n} exceeds the body ({} bytes)",
-                    body.len()
-                )));
-            }
-            (&body[..n], &body[n..])
-        }
-        None => (body, &body[..0]),
-    };
-    let request: InferRequest = serde_json::from_slice(json_part)
-        .map_err(|e| bad_request(format!("the inference request is not valid JSON: {e}")))?;
     let info = &model.info;
-    let [h, w] = info.input_hw;
-    let [input] = request.inputs.as_slice() else {
-        return Err(bad_request(format!(
-            "give exactly one input, {} (FP32 [batch, 3, {h}, {w}])",
-            info.input_name
-        )));
+    let output_names: Vec<&str> = output_shapes(info, None)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let signature = ModelSignature {
+        input_name: &info.input_name,
+        input_hw: info.input_hw,
+        max_batch_size: model.batcher.config().max_batch_size,
+        output_names: &output_names,
     };
-    if input.name != info.input_name {
-        return Err(bad_request(format!(
-            "no input {:?}: the model's input is {} (FP32 [batch, 3, {h}, {w}])",
-            input.name, info.input_name
-        )));
-    }
-    if input.datatype != "FP32" {
-        return Err(bad_request(format!(
-            "input {} is {}: the model takes FP32",
-            input.name, input.datatype
-        )));
-    }
-    let images = match input.shape.as_slice() {
-        [b, 3, ih, iw] if *b >= 1 && *ih == h as i64 && *iw == w as i64 => *b as usize,
-        other => {
-            return Err(bad_request(format!(
-                "input shape {other:?}: the model takes [batch, 3, {h}, {w}]"
-            )));
-        }
-    };
-    let max = model.batcher.config().max_batch_size;
-    if images > max {
-        return Err(bad_request(format!(
-            "a batch of {images} images exceeds max_batch_size {max}: send at most {max} per request"
-        )));
-    }
-    let (per_in, per_out) = model.batcher.per_image();
-    let want = images * per_in;
-    let mut values = Vec::with_capacity(want);
-    if let Some(size) = input
-        .parameters
-        .get("binary_data_size")
-        .and_then(serde_json::Value::as_u64)
-    {
-        let size = size as usize;
-        if size != want * 4 || size > binary.len() {
-            return Err(bad_request(format!(
-                "binary input {}: {size} bytes given, [{images}, 3, {h}, {w}] FP32 needs {}{}",
-                input.name,
-                want * 4,
-                if size > binary.len() {
-                    " (and the body is shorter)"
-                } else {
-                    ""
-                }
-            )));
-        }
-        values.extend(
-            binary[..size]
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
-        binary = &binary[size..];
-    } else if let Some(data) = &input.data {
-        flatten(data, &mut values)?;
-    } else {
-        return Err(bad_request(format!(
-            "input {} has neither data nor parameters.binary_data_size",
-            input.name
-        )));
-    }
-    let _ = binary;
-    if values.len() != want {
-        return Err(bad_request(format!(
-            "input {} holds {} values; shape {:?} needs {want}",
-            input.name,
-            values.len(),
-            input.shape
-        )));
-    }
+    let request = parse_infer_request(
+        body,
+        headers.get(BINARY_HEADER).map(HeaderValue::as_bytes),
+        &signature,
+    )
+    .map_err(|e| bad_request(e.to_string()))?;
+    let (images, timeout) = (request.images, request.timeout);
+    let (_, per_out) = model.batcher.per_image();
     let shapes = output_shapes(info, Some(images));
-    for o in &request.outputs {
-        if !shapes.iter().any(|(name, _)| *name == o.name) {
-            let names: Vec<&str> = shapes.iter().map(|(name, _)| *name).collect();
-            return Err(bad_request(format!(
-                "no output {:?}: the model's outputs are {}",
-                o.name,
-                names.join(", ")
-            )));
-        }
-    }
-    let binary_out = request.outputs.iter().any(|o| {
-        o.parameters
-            .get("binary_data")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false)
-    }) || request
-        .parameters
-        .get("binary_data_output")
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(false);
-
-    // Triton's request parameter: microseconds.
-    let timeout = match request.parameters.get("timeout") {
-        None => None,
-        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
-            bad_request(format!(
-                "parameters.timeout {v}: give microseconds as a whole number"
-            ))
-        })?)),
-    };
-    let reply = run_batched(state, &model, values, images, timeout).await?;
+    let reply = run_batched(state, &model, request.input, images, timeout).await?;
     debug_assert_eq!(reply.output.len(), images * per_out);
     // The requested outputs, in the model's order; all of them when none is named.
     let wanted: Vec<(&str, &Vec<i64>, &[f32])> = shapes
         .iter()
         .enumerate()
         .filter(|(_, (name, _))| {
-            request.outputs.is_empty() || request.outputs.iter().any(|o| o.name == *name)
+            request.outputs.is_empty() || request.outputs.iter().any(|o| o == name)
         })
         .map(|(k, (name, shape))| {
             let data = if k == 0 {
@@ -541,7 +387,7 @@ async fn infer_request(
     if let Some(id) = &request.id {
         out["id"] = serde_json::json!(id);
     }
-    if binary_out {
+    if request.binary_output {
         let mut bytes = Vec::new();
         for (k, (_, _, data)) in wanted.iter().enumerate() {
             out["outputs"][k]["parameters"] =
@@ -787,40 +633,16 @@ fn first_multipart_part<'a>(body: &'a [u8], boundary: &[u8]) -> Option<&'a [u8]>
     Some(&rest[content..content + end])
 }
 
-/// Decode a PNG or JPEG body; the size is read from the header first, so an image over
-/// `max_pixels` is refused before any pixel is decoded.
+/// Decode a PNG, JPEG or BMP body ([`decode_image_bytes`]: an image over `max_pixels` is refused
+/// from its header, before any pixel is decoded): too many pixels is a 413, anything else a 400.
 fn decode_image(body: &[u8], max_pixels: u64) -> ApiResult<image::RgbImage> {
-    use image::ImageReader;
-    let reader = || {
-        ImageReader::new(std::io::Cursor::new(body))
-            .with_guessed_format()
-            .map_err(|e| bad_request(format!("reading the image: {e}")))
-    };
-    let format = reader()?.format();
-    if !matches!(
-        format,
-        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::Bmp)
-    ) {
-        return Err(bad_request(
-            "the body is not a PNG, JPEG or BMP image (send the file's bytes)",
-        ));
-    }
-    let (w, h) = reader()?
-        .into_dimensions()
-        .map_err(|e| bad_request(format!("the image header is unreadable: {e}")))?;
-    if u64::from(w) * u64::from(h) > max_pixels {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("a {w}×{h} image exceeds {max_pixels} pixels (--max-image-pixels)"),
-        ));
-    }
-    let mut r = reader()?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(8));
-    r.limits(limits);
-    Ok(r.decode()
-        .map_err(|e| bad_request(format!("the image does not decode: {e}")))?
-        .to_rgb8())
+    decode_image_bytes(body, max_pixels).map_err(|e| {
+        let status = match e {
+            ImageBytesError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.to_string())
+    })
 }
 
 #[cfg(test)]
