@@ -67,6 +67,35 @@ fn run_options() -> RunOptions {
     }
 }
 
+/// Refuse a model whose graph output is no value of the graph (not an input, initializer or
+/// node output): tract 0.23.9's ONNX loader looks output names up unchecked and panics on such a
+/// model (found by fuzzing: `fuzz/regressions/onnx_model/output-names-no-value`).
+fn check_graph_outputs(bytes: &[u8], path: &Path) -> Result<()> {
+    let model = kestrel_exporter::onnx::decode_model(bytes, path).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let graph = model.graph();
+    let mut values: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    values.extend(graph.input.iter().map(|i| i.name.as_str()));
+    values.extend(graph.initializer.iter().map(|t| t.name.as_str()));
+    for node in &graph.node {
+        values.extend(node.input.iter().chain(&node.output).map(String::as_str));
+    }
+    // tract skips empty node input and output names, so an empty name is never a value.
+    let missing = |name: &str| name.is_empty() || !values.contains(name);
+    match graph.output.iter().find(|o| missing(&o.name)) {
+        Some(o) => Err(Error::Model {
+            path: path.to_path_buf(),
+            message: format!(
+                "graph output '{}' is not produced by any node, input or initializer",
+                o.name
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Parse ONNX `bytes` with tract and build the optimized, multi-threaded plan for one image
 /// `[1, 3, H, W]` (`input_hw` in pixels). `outputs`: ONNX tensor names to return instead of the
 /// graph outputs (calibration reads intermediate activations this way; naming them as outputs is
@@ -77,6 +106,7 @@ pub(crate) fn batch1_plan(
     input_hw: [usize; 2],
     outputs: Option<&[String]>,
 ) -> Result<Plan> {
+    check_graph_outputs(bytes, path)?;
     let mut model = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
         .map_err(|e| Error::Model {
@@ -258,5 +288,41 @@ impl Engine for CpuEngine {
         self.run(input, batch)?;
         let prototypes = self.info.prototypes.map(|_| &self.prototypes[..]);
         Ok((&self.output, prototypes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kestrel_exporter::builder::GraphBuilder;
+    use kestrel_exporter::onnx::encode_model;
+    use kestrel_exporter::shapes::Dim;
+
+    /// Fuzzing (`fuzz/regressions/onnx_model/output-names-no-value`): a graph output that no node
+    /// produces made tract panic while loading; it is refused with its name instead.
+    #[test]
+    fn outputs_that_are_no_value_are_refused() {
+        let mut b = GraphBuilder::new();
+        let x = b.input(
+            "images",
+            vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(4), Dim::Fixed(4)],
+        );
+        let shape = b.const_i64("shape", &[1, 6, 8]);
+        let y = b
+            .node1("Reshape", "head", &[&x, &shape], vec![])
+            .expect("reshape");
+        b.rename_last_output(&y, "output0");
+        b.output("output0", kestrel_exporter::pb::data_type::FLOAT, "");
+        let mut model = b.finish_model("tiny");
+        let path = Path::new("tiny.onnx");
+        assert!(batch1_plan(&encode_model(&model), path, [4, 4], None).is_ok());
+        if let Some(g) = model.graph.as_mut() {
+            g.output[0].name = "nowhere".into();
+        }
+        let e = batch1_plan(&encode_model(&model), path, [4, 4], None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("tiny.onnx") && e.contains("'nowhere'"), "{e}");
     }
 }

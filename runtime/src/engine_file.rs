@@ -203,7 +203,8 @@ impl EngineFile {
         let header_len = read_u64(12).ok_or_else(|| bad("truncated header"))?;
         let header_end = 20usize
             .checked_add(header_len)
-            .filter(|&e| e + 8 <= body.len());
+            // Checked: a header length near u64::MAX would overflow `e + 8`.
+            .filter(|&e| e.checked_add(8).is_some_and(|end| end <= body.len()));
         let Some(header_end) = header_end else {
             return Err(bad("truncated: rebuild it with `kestrel build`"));
         };
@@ -423,6 +424,18 @@ mod tests {
                 "{len}: {e}"
             );
         }
+    }
+
+    /// Fuzzing (`fuzz/regressions/engine_file/header-length-overflow`): a header length of
+    /// 2^64 - 22 overflowed the end-of-header arithmetic (a panic) instead of reading as truncated.
+    #[test]
+    fn huge_header_lengths_are_truncation() {
+        let mut bytes = file().encode();
+        bytes[12..20].copy_from_slice(&(u64::MAX - 21).to_le_bytes());
+        let e = EngineFile::decode(&bytes, Path::new("x.engine"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 
     #[test]
