@@ -300,10 +300,18 @@ fn a_missing_model_fails_the_state_change_with_the_reason() {
             ],
             "not a class index",
         ),
+        // A GPU for the cpu backend: the engine says it runs on the CPU.
+        (
+            vec![
+                ("model", model().display().to_string()),
+                ("gpu-id", "1".into()),
+            ],
+            "cpu backend runs on the CPU",
+        ),
     ] {
         let mut b = gst::ElementFactory::make("kestrelinfer");
         for (k, v) in &props {
-            b = b.property(k, v);
+            b = b.property_from_str(k, v);
         }
         let element = b.build().unwrap();
         let pipeline = gst::Pipeline::new();
@@ -337,6 +345,7 @@ fn properties_round_trip() {
         .property("unique-id", 7u32)
         .property("classes", "1,2")
         .property("stats-interval", 250u32)
+        .property("gpu-id", 1u32)
         .property_from_str("backend", "cuda")
         .property_from_str("precision", "fp16")
         .build()
@@ -361,6 +370,7 @@ fn properties_round_trip() {
         Some("1,2")
     );
     assert_eq!(e.property::<u32>("stats-interval"), 250);
+    assert_eq!(e.property::<u32>("gpu-id"), 1);
     let backend = e.property_value("backend");
     let (_, v) = gst::glib::EnumValue::from_value(&backend).unwrap();
     assert_eq!(v.nick(), "cuda");
@@ -463,6 +473,7 @@ fn gst_launch_runs_the_elements_on_odd_sized_i420_and_gst_inspect_lists_the_prop
         "model",
         "backend",
         "precision",
+        "gpu-id",
         "batch-size",
         "batch-timeout",
         "conf-threshold",

@@ -194,6 +194,9 @@ pub struct BuildOptions {
     pub backend: Backend,
     pub precision: Precision,
     pub profile: BatchProfile,
+    /// The GPU the engine runs on (CUDA device ordinal, 0 = the first) for the `cuda` and
+    /// `tensorrt` backends; the `cpu` backend takes 0 only.
+    pub device: usize,
 }
 
 impl Default for BuildOptions {
@@ -206,6 +209,7 @@ impl Default for BuildOptions {
                 opt: 1,
                 max: 32,
             },
+            device: 0,
         }
     }
 }
@@ -293,6 +297,10 @@ pub struct LayerTime {
     pub ms: f64,
     /// Arithmetic it performs (2 x multiply-adds for convolutions; 0 where not counted).
     pub ops: f64,
+    /// How it was timed: as a CUDA graph of its launches (`true`, the way the engine runs), or
+    /// by launching it from the host (`false`, where it could not be captured: that adds each
+    /// launch's latency to the layer).
+    pub in_graph: bool,
 }
 
 /// A built engine. `run` takes `batch` letterboxed images, NCHW float32 in [0, 1], and returns
@@ -745,12 +753,18 @@ fn build_replaying(
     })?;
     let info = describe_model(&model, path, options)?;
     match options.backend {
+        Backend::Cpu if options.device != 0 => Err(Error::InvalidArgument(format!(
+            "GPU {} was asked for, but the cpu backend runs on the CPU; use --backend cuda \
+             (or tensorrt) to place the engine on a GPU, or leave the GPU at 0",
+            options.device
+        ))),
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
         Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(
             &model,
             info,
             path,
             recorded.map(|f| &f.header.layer_choices),
+            options.device,
         )?)),
         #[cfg(feature = "tensorrt")]
         Backend::Tensorrt => Ok(Box::new(crate::tensorrt::TensorrtEngine::new(
@@ -759,6 +773,7 @@ fn build_replaying(
             info,
             path,
             recorded.map(|f| f.plan.as_slice()),
+            options.device,
         )?)),
         #[cfg(not(feature = "tensorrt"))]
         Backend::Tensorrt => Err(tensorrt_not_compiled()),
@@ -771,17 +786,18 @@ pub fn build_engine(path: &Path, options: &BuildOptions) -> Result<Box<dyn Engin
     open_engine(path, options, None).map(|(engine, _)| engine)
 }
 
-/// The environment engines are built in here, for `backend`: library versions and device.
-pub fn build_environment(backend: Backend) -> Result<BuildEnvironment> {
+/// The environment engines are built in here, for `backend` on GPU `device` (0 for the cpu
+/// backend): library versions and device.
+pub fn build_environment(backend: Backend, device: usize) -> Result<BuildEnvironment> {
     match backend {
         Backend::Cpu => Ok(BuildEnvironment {
             backend_versions: [("tract".to_string(), "0.23.9".to_string())].into(),
             device: "cpu".into(),
             compute_capability: None,
         }),
-        Backend::Cuda => crate::cuda::build_environment(),
+        Backend::Cuda => crate::cuda::build_environment(device),
         #[cfg(feature = "tensorrt")]
-        Backend::Tensorrt => crate::tensorrt::build_environment(),
+        Backend::Tensorrt => crate::tensorrt::build_environment(device),
         #[cfg(not(feature = "tensorrt"))]
         Backend::Tensorrt => Err(tensorrt_not_compiled()),
     }
@@ -800,7 +816,8 @@ pub enum EngineSource {
     Cache(CacheOutcome),
 }
 
-fn options_from_header(header: &EngineHeader, path: &Path) -> Result<BuildOptions> {
+/// The options an engine file was built with, placed on GPU `device`.
+fn options_from_header(header: &EngineHeader, path: &Path, device: usize) -> Result<BuildOptions> {
     let bad = |reason: String| Error::EngineFile {
         path: path.to_path_buf(),
         reason,
@@ -816,6 +833,7 @@ fn options_from_header(header: &EngineHeader, path: &Path) -> Result<BuildOption
             .parse()
             .map_err(|e: Error| bad(e.to_string()))?,
         profile: BatchProfile { min, opt, max },
+        device,
     })
 }
 
@@ -829,8 +847,9 @@ pub fn open_engine(
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if is_engine_file(&bytes) {
         let file = EngineFile::decode(&bytes, path)?;
-        let options = options_from_header(&file.header, path)?;
-        let env = build_environment(options.backend)?;
+        // The file decides how the engine is built; the caller, which GPU runs it.
+        let options = options_from_header(&file.header, path, options.device)?;
+        let env = build_environment(options.backend, options.device)?;
         // Choices are replayed only where they were made: same libraries, same kind of GPU.
         let (source, recorded) = match file.header.mismatch(&env) {
             None => (EngineSource::EngineFile, Some(&file)),
@@ -847,7 +866,7 @@ pub fn open_engine(
             EngineSource::Onnx,
         ));
     };
-    let env = build_environment(options.backend)?;
+    let env = build_environment(options.backend, options.device)?;
     let wanted = EngineHeader::new(&bytes, options, &env);
     match cache.lookup(&wanted, &env) {
         Ok(file) => {
@@ -882,7 +901,7 @@ pub fn build_engine_file(
             onnx_path.display()
         )));
     }
-    let env = build_environment(options.backend)?;
+    let env = build_environment(options.backend, options.device)?;
     let engine = build_engine_from_bytes(&bytes, onnx_path, options)?;
     let mut header = EngineHeader::new(&bytes, options, &env);
     header.layer_choices = engine.layer_choices();

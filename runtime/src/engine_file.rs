@@ -352,6 +352,7 @@ mod tests {
                 opt: 2,
                 max: 4,
             },
+            device: 0,
         };
         let onnx = b"pretend onnx bytes".to_vec();
         EngineFile {

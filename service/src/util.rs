@@ -84,6 +84,9 @@ pub struct EngineArgs {
     /// Precision: fp32 (cpu, cuda) or fp16 (cuda).
     #[arg(long, default_value = "fp32")]
     pub precision: String,
+    /// GPU to run on (CUDA device number, 0 = the first), for the cuda and tensorrt backends.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
     /// Build GPU engines from the ONNX every time instead of using the engine cache
     /// ($KESTREL_CACHE_DIR, default ~/.cache/kestrel/engines).
     #[arg(long)]
@@ -147,6 +150,7 @@ impl EngineArgs {
             backend,
             precision,
             profile,
+            device: self.gpu,
         })
     }
 }

@@ -711,6 +711,61 @@ fn several_instances_share_a_models_queue() {
     );
 }
 
+/// Instances counted per engine (the spread the multi-GPU placement relies on), and placements
+/// that cannot work named per model while the others load: a GPU for the cpu backend, instances
+/// that disagree with instance_count.
+#[test]
+fn instances_are_counted_per_engine_and_bad_placements_are_named() {
+    let dir = kestrel_tests::scratch_dir("serve-instances");
+    let ok = dir.join("ok");
+    std::fs::create_dir_all(ok.join("1")).unwrap();
+    std::fs::copy(model(), ok.join("1/model.onnx")).unwrap();
+    std::fs::write(
+        ok.join("config.json"),
+        r#"{"instances": [{"gpu": 0}, {"gpu": 0}], "max_batch_size": 1}"#,
+    )
+    .unwrap();
+    for (name, config) in [
+        ("on-gpu1", r#"{"instances": [{"gpu": 0}, {"gpu": 1}]}"#),
+        (
+            "disagree",
+            r#"{"instance_count": 3, "instances": [{"gpu": 0}]}"#,
+        ),
+    ] {
+        std::fs::create_dir_all(dir.join(name).join("1")).unwrap();
+        std::fs::copy(model(), dir.join(name).join("1/model.onnx")).unwrap();
+        std::fs::write(dir.join(name).join("config.json"), config).unwrap();
+    }
+    let server = Server::start(&["--repository", dir.to_str().unwrap()]);
+    let (_, png) = png_of(49, 320, 240);
+    for t in detect_concurrently(&server.addr, "ok", &png, 6) {
+        assert_eq!(t.join().unwrap().0, 200);
+    }
+    let (_, _, text) = http(&server.addr, "GET", "/metrics", &[], b"");
+    let text = String::from_utf8(text).unwrap();
+    let per_instance: f64 = (0..2)
+        .filter_map(|i| {
+            sample(
+                &text,
+                &format!(
+                    "kestrel_instance_batches_total{{model=\"ok\",instance=\"{i}\",gpu=\"0\"}} "
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(per_instance, 6.0, "{text}");
+    let (status, _, index) = http(&server.addr, "POST", "/v2/repository/index", &[], b"");
+    assert_eq!(status, 200);
+    let index = String::from_utf8(index).unwrap();
+    assert!(index.contains("cpu backend runs on the CPU"), "{index}");
+    assert!(
+        index.contains("instance_count 3 and 1 instances disagree"),
+        "{index}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A segmentation model answers `masks=rle` with a COCO RLE per detection, the same masks
 /// `kestrel infer` writes for the image.
 #[test]

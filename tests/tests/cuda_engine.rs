@@ -41,6 +41,7 @@ fn options(backend: Backend, precision: Precision) -> BuildOptions {
             opt: 8,
             max: 8,
         },
+        device: 0,
     }
 }
 
@@ -315,6 +316,7 @@ fn int8_convolution_matches_cpu() {
                 opt: 4,
                 max: 4,
             },
+            device: 0,
         };
         let mut cpu = build_engine(&path, &opts(Backend::Cpu, Precision::Fp32)).unwrap();
         let mut int8 = build_engine(&path, &opts(Backend::Cuda, Precision::Int8)).unwrap();
@@ -713,6 +715,7 @@ fn engine_files_replay_their_layer_choices() {
             opt: 2,
             max: 2,
         },
+        device: 0,
     };
     let engine_path = dir.join("gelan-t.engine");
     let started = std::time::Instant::now();
@@ -783,4 +786,57 @@ fn cuda_without_a_gpu_is_a_clear_error() {
         .to_string();
     assert!(err.contains(&reason), "{err}");
     assert!(err.starts_with("cuda backend: "), "{err}");
+}
+
+/// Multi-GPU placement: an engine built for GPU `g` allocates its memory there and gives the same
+/// output as the one on GPU 0 to FP16 rounding (each GPU times its own algorithm choices); a GPU
+/// that does not exist is named with the ones that do. On a one-GPU machine only the
+/// last part can run, and the test says so.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn engines_run_on_the_gpu_they_are_placed_on() {
+    let count = kestrel_runtime::cuda::device_count().expect("a CUDA GPU");
+    let dir = scratch_dir("cuda-gpus");
+    let path = dir.join("gelan-t.onnx");
+    export_to("gelan-t", &path);
+    let on = |device: usize| BuildOptions {
+        device,
+        ..options(Backend::Cuda, Precision::Fp16)
+    };
+    let missing = build_engine(&path, &on(count))
+        .err()
+        .expect("a GPU past the last one")
+        .to_string();
+    assert!(
+        missing.contains(&format!("GPU {count} was asked for"))
+            && missing.contains("this machine has"),
+        "{missing}"
+    );
+    if count < 2 {
+        println!("1 GPU: placement on a second GPU was not run (needs a 2-GPU machine)");
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    let mut first = build_engine(&path, &on(0)).expect("engine on GPU 0");
+    let per = first.info().input_len();
+    let mut rng = SplitMix64::new(5);
+    let input: Vec<f32> = (0..4 * per).map(|_| rng.next_f32()).collect();
+    let want = first.run(&input, 4).expect("GPU 0 run").to_vec();
+    for gpu in 1..count {
+        let (before, _) = kestrel_runtime::cuda::memory_info(gpu).expect("memory");
+        let mut engine = build_engine(&path, &on(gpu)).expect("engine on another GPU");
+        let got = engine.run(&input, 4).expect("run").to_vec();
+        let (after, _) = kestrel_runtime::cuda::memory_info(gpu).expect("memory");
+        let e = rel_l2(&got, &want);
+        println!(
+            "GPU {gpu}: rel L2 against GPU 0 {e:.2e}; its memory in use grew by {} MiB",
+            (after.saturating_sub(before)) >> 20
+        );
+        assert!(e < 1e-3, "GPU {gpu} output differs from GPU 0's by {e:.2e}");
+        assert!(
+            after > before + (16 << 20),
+            "the engine for GPU {gpu} did not allocate there ({before} → {after} bytes)"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -312,6 +312,7 @@ fn segmentation_engine_on_the_gpu_matches_the_cpu_backend() {
                 opt: 2,
                 max: 2,
             },
+            device: 0,
         };
         build_engine(&path, &options).expect("engine")
     };
@@ -432,6 +433,7 @@ fn the_segmentation_demo_model_gives_the_same_masks_on_the_gpu() {
                 opt: 2,
                 max: 2,
             },
+            device: 0,
         };
         build_engine(&path, &options).expect("engine")
     };

@@ -400,6 +400,7 @@ fn end_to_end_detector_on_the_demo_model_matches_the_cpu() {
             opt: 4,
             max: 4,
         },
+        device: 0,
     };
     // One engine for both post-processing paths, so they see the same output.
     let mut gpu = Detector::new(

@@ -395,6 +395,7 @@ fn pipelined_frames_on_the_cpu_path_come_back_in_order() {
             opt: 2,
             max: 2,
         },
+        device: 0,
     };
     let mut detector = Detector::new(build_engine(&model, &options).expect("cpu engine"));
     let scenes: Vec<Owned> = (0..3)
@@ -450,6 +451,7 @@ fn detector_on_raw_frames_runs_on_the_gpu_and_matches_its_cpu_path() {
             opt: 4,
             max: 4,
         },
+        device: 0,
     };
     // One engine for both paths, so the engine's output is the same.
     let mut detector = Detector::new(build_engine(&model, &options).expect("cuda engine"));
@@ -599,6 +601,7 @@ fn frames_to_detections_on_the_gpu_against_engine_only_gelan_c_640_batch_8() {
             opt: 8,
             max: 8,
         },
+        device: 0,
     };
     let mut engine = build_engine(&path, &options).expect("engine");
     let per = engine.info().input_len();

@@ -33,6 +33,7 @@ fn cpu_batch_1() -> BuildOptions {
             opt: 1,
             max: 1,
         },
+        device: 0,
     }
 }
 

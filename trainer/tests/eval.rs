@@ -50,6 +50,7 @@ fn trainer_evaluation_matches_the_runtime_on_the_exported_model() {
             opt: 1,
             max: 1,
         },
+        device: 0,
     };
     let mut detector = Detector::new(build_engine(&path, &options).unwrap());
     let mut evaluator = Evaluator::new(6);

@@ -81,6 +81,7 @@ fn training_form_matches_exported_fused_form(name: &str) {
             opt: batch as usize,
             max: batch as usize,
         },
+        device: 0,
     };
     let mut engine = build_engine(&path, &options).unwrap();
     let input = Vec::<f32>::try_from(images.flatten(0, -1)).unwrap();

@@ -71,6 +71,8 @@ struct Settings {
     model: Option<String>,
     backend: BackendChoice,
     precision: PrecisionChoice,
+    /// The GPU of the cuda and tensorrt backends (CUDA device number).
+    gpu_id: u32,
     batch_size: u32,
     batch_timeout_us: u32,
     conf_threshold: f32,
@@ -89,6 +91,7 @@ impl Default for Settings {
             model: None,
             backend: BackendChoice::Cpu,
             precision: PrecisionChoice::Fp32,
+            gpu_id: 0,
             batch_size: DEFAULT_BATCH,
             batch_timeout_us: 0,
             conf_threshold: DEFAULT_CONF,
@@ -254,6 +257,7 @@ impl KestrelInfer {
                 opt: batch,
                 max: batch,
             },
+            device: s.gpu_id as usize,
         };
         let (engine, _) =
             open_engine(&path, &options, None).map_err(|e| format!("model {model}: {e}"))?;
@@ -792,6 +796,14 @@ impl ObjectImpl for KestrelInfer {
                     .blurb("Engine precision")
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("gpu-id")
+                    .nick("GPU")
+                    .blurb("GPU the engine runs on (CUDA device number) with the cuda and tensorrt backends, as nvinfer's gpu-id")
+                    .minimum(0)
+                    .maximum(1023)
+                    .default_value(0)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt::builder("batch-size")
                     .nick("Batch size")
                     .blurb("Frames run as one batch (a partial batch runs at EOS and caps changes)")
@@ -876,6 +888,7 @@ impl ObjectImpl for KestrelInfer {
             "model" => s.model = value.get().unwrap_or_default(),
             "backend" => s.backend = value.get().unwrap_or(BackendChoice::Cpu),
             "precision" => s.precision = value.get().unwrap_or(PrecisionChoice::Fp32),
+            "gpu-id" => s.gpu_id = value.get().unwrap_or(0),
             "batch-size" => s.batch_size = value.get().unwrap_or(DEFAULT_BATCH),
             "batch-timeout" => s.batch_timeout_us = value.get().unwrap_or(0),
             "conf-threshold" => s.conf_threshold = value.get().unwrap_or(DEFAULT_CONF),
@@ -896,6 +909,7 @@ impl ObjectImpl for KestrelInfer {
             "model" => s.model.to_value(),
             "backend" => s.backend.to_value(),
             "precision" => s.precision.to_value(),
+            "gpu-id" => s.gpu_id.to_value(),
             "batch-size" => s.batch_size.to_value(),
             "batch-timeout" => s.batch_timeout_us.to_value(),
             "conf-threshold" => s.conf_threshold.to_value(),

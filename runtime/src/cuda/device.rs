@@ -319,12 +319,41 @@ impl Drop for Event {
 // SAFETY: events may be used from any thread bound to their context.
 unsafe impl Send for Event {}
 
-/// The context: the device's primary context, bound to the calling thread before each use.
-pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+/// GPUs the driver sees (what `CUDA_VISIBLE_DEVICES` leaves visible).
+pub fn device_count() -> Result<usize> {
     if let Some(reason) = unavailable_reason() {
         return Err(Error::Backend {
             backend: "cuda",
             message: reason,
+        });
+    }
+    drv::device::get_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| cuda_error("counting the GPUs", e))
+}
+
+/// Why GPU `ordinal` cannot be used on a machine with `count` GPUs, if it cannot.
+pub fn missing_gpu(ordinal: usize, count: usize) -> Option<String> {
+    (ordinal >= count).then(|| match count {
+        0 => format!("GPU {ordinal} was asked for, but the driver sees no GPU; use --backend cpu"),
+        1 => format!(
+            "GPU {ordinal} was asked for, but this machine has 1 GPU (GPU 0); give GPU 0 \
+             (--gpu, the element's gpu-id, a model's instances)"
+        ),
+        n => format!(
+            "GPU {ordinal} was asked for, but this machine has {n} GPUs (0 to {}); give one of \
+             those (--gpu, the element's gpu-id, a model's instances)",
+            n - 1
+        ),
+    })
+}
+
+/// The context: the device's primary context, bound to the calling thread before each use.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if let Some(message) = missing_gpu(ordinal, device_count()?) {
+        return Err(Error::Backend {
+            backend: "cuda",
+            message,
         });
     }
     CudaContext::new(ordinal).map_err(|e| cuda_error(&format!("opening GPU {ordinal}"), e))
@@ -485,5 +514,31 @@ impl Drop for GraphExec {
     fn drop(&mut self) {
         // SAFETY: instantiated once, destroyed once.
         let _ = unsafe { drv::graph::exec_destroy(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_gpu;
+
+    #[test]
+    fn a_missing_gpu_is_named_with_the_ones_that_exist() {
+        assert_eq!(missing_gpu(0, 1), None);
+        assert_eq!(missing_gpu(1, 2), None);
+        let one = missing_gpu(1, 1).unwrap_or_default();
+        assert!(
+            one.contains("GPU 1") && one.contains("1 GPU (GPU 0)"),
+            "{one}"
+        );
+        let two = missing_gpu(3, 2).unwrap_or_default();
+        assert!(
+            two.contains("GPU 3") && two.contains("2 GPUs (0 to 1)"),
+            "{two}"
+        );
+        let none = missing_gpu(0, 0).unwrap_or_default();
+        assert!(
+            none.contains("no GPU") && none.contains("--backend cpu"),
+            "{none}"
+        );
     }
 }

@@ -44,11 +44,12 @@ use plan::{EnginePlan, Int8Conv, Layout, Step, ValueId};
 use post::GpuPostprocessor;
 use pre::GpuLetterboxer;
 
-pub use device::{KERNEL_SOURCE, compile_kernels, unavailable_reason};
+pub use device::{KERNEL_SOURCE, compile_kernels, device_count, unavailable_reason};
 
-/// The build environment of GPU 0: its name and compute capability, cuDNN and driver versions.
-pub fn build_environment() -> Result<crate::engine_file::BuildEnvironment> {
-    let ctx = device::context(0)?;
+/// The build environment of GPU `ordinal`: its name and compute capability, cuDNN and driver
+/// versions.
+pub fn build_environment(ordinal: usize) -> Result<crate::engine_file::BuildEnvironment> {
+    let ctx = device::context(ordinal)?;
     let device = ctx.name().map_err(|e| cuda_error("GPU name", e))?;
     let cc = ctx
         .compute_capability()
@@ -70,9 +71,10 @@ pub fn build_environment() -> Result<crate::engine_file::BuildEnvironment> {
     })
 }
 
-/// GPU 0's memory as the driver reports it: (bytes in use by every process, bytes in total).
-pub fn memory_info() -> Result<(u64, u64)> {
-    let ctx = device::context(0)?;
+/// GPU `ordinal`'s memory as the driver reports it: (bytes in use by every process, bytes in
+/// total).
+pub fn memory_info(ordinal: usize) -> Result<(u64, u64)> {
+    let ctx = device::context(ordinal)?;
     ctx.bind_to_thread()
         .map_err(|e| cuda_error("binding the context", e))?;
     let (free, total) =
@@ -304,18 +306,20 @@ fn recorded_fused_choices(
 }
 
 impl CudaEngine {
-    /// Build an engine for `model` on GPU 0; `recorded`: the layer choices of the engine file it
-    /// comes from (made by the same libraries on the same kind of GPU), replayed instead of timed.
+    /// Build an engine for `model` on GPU `ordinal`; `recorded`: the layer choices of the engine
+    /// file it comes from (made by the same libraries on the same kind of GPU), replayed instead
+    /// of timed.
     pub fn new(
         model: &pb::ModelProto,
         info: EngineInfo,
         _path: &Path,
         recorded: Option<&serde_json::Value>,
+        ordinal: usize,
     ) -> Result<Self> {
         // fp32 is the debugging mode; int8 and best keep every non-INT8 layer in fp16.
         let half = info.precision != Precision::Fp32;
         let int8 = matches!(info.precision, Precision::Int8 | Precision::Best);
-        let ctx = device::context(0)?;
+        let ctx = device::context(ordinal)?;
         ctx.bind_to_thread()
             .map_err(|e| cuda_error("binding the context", e))?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
@@ -1466,9 +1470,19 @@ impl CudaEngine {
     /// gaps are amortised as in a graph replay.
     pub fn profile_steps(&self, b: usize) -> Result<Vec<LayerTime>> {
         const PROFILE_REPEATS: usize = 20;
+        let (start, end) = (Event::new()?, Event::new()?);
         let mut out = Vec::with_capacity(self.plan.steps.len());
         for (i, step) in self.plan.steps.iter().enumerate() {
-            let ms = self.event_ms(PROFILE_REPEATS, || self.enqueue_step(i, b))?;
+            // From a graph, as the engine runs; launched one by one only where the step cannot
+            // be captured (the layer then carries its launch latency too).
+            let (ms, in_graph) = match self.graph_step_ms(i, b, PROFILE_REPEATS, (&start, &end)) {
+                Ok(ms) => (ms, true),
+                Err(_) => (
+                    self.event_ms(PROFILE_REPEATS, || self.enqueue_step(i, b))?
+                        / PROFILE_REPEATS as f64,
+                    false,
+                ),
+            };
             let kind = match step {
                 _ if self.skipped.contains(&i) => "concat (written in place)",
                 _ if self.fused.contains_key(&(i, b)) => match step {
@@ -1505,11 +1519,45 @@ impl CudaEngine {
             out.push(LayerTime {
                 kind: kind.to_string(),
                 layer: format!("{} {:?}", self.plan.values[y].name, self.shape(y, b)),
-                ms: ms / PROFILE_REPEATS as f64,
+                ms,
                 ops,
+                in_graph,
             });
         }
         Ok(out)
+    }
+
+    /// Milliseconds of step `i` of bucket `b` as a CUDA graph runs it: a graph of `repeats`
+    /// back-to-back launches of that step alone, replayed once to load it and once between the
+    /// two `events`. Launched from the host one by one instead, a small layer would be timed at
+    /// the host's launch rate (gelan-c's layers then sum to about 1.25x the graph's latency at
+    /// batch 1).
+    fn graph_step_ms(
+        &self,
+        i: usize,
+        b: usize,
+        repeats: usize,
+        (start, end): (&Event, &Event),
+    ) -> Result<f64> {
+        if self.skipped.contains(&i) {
+            return Ok(0.0);
+        }
+        let exec = self.capture_launches(|| {
+            for _ in 0..repeats {
+                self.enqueue_step(i, b)?;
+            }
+            Ok(())
+        })?;
+        // SAFETY: a graph of this engine, on its stream (the first launch uploads it).
+        unsafe { drv::graph::launch(exec.0, self.stream.0) }
+            .map_err(|e| cuda_error("launching the CUDA graph", e))?;
+        start.record(&self.stream)?;
+        // SAFETY: as above.
+        unsafe { drv::graph::launch(exec.0, self.stream.0) }
+            .map_err(|e| cuda_error("launching the CUDA graph", e))?;
+        end.record(&self.stream)?;
+        self.stream.synchronize()?;
+        Ok(start.elapsed_ms(&end)? / repeats as f64)
     }
 
     /// The bucket a timing run of `batch` images uses, with the context bound to this thread.
@@ -1530,6 +1578,11 @@ impl CudaEngine {
 
     /// Capture the bucket's launches as a CUDA graph.
     fn capture(&self, b: usize) -> Result<GraphExec> {
+        self.capture_launches(|| self.enqueue(b))
+    }
+
+    /// Capture what `enqueue` launches on the engine's stream as a CUDA graph.
+    fn capture_launches(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<GraphExec> {
         let s = self.stream.0;
         // SAFETY: a live stream not already capturing; the captured work only touches engine memory.
         unsafe {
@@ -1539,7 +1592,7 @@ impl CudaEngine {
             )
         }
         .map_err(|e| cuda_error("starting graph capture", e))?;
-        let enqueued = self.enqueue(b);
+        let enqueued = enqueue();
         // SAFETY: ends the capture begun above, whatever happened in between.
         let graph = unsafe { drv::stream::end_capture(s) };
         enqueued?;
@@ -1690,7 +1743,7 @@ impl CudaEngine {
             let anchors = self.info.anchors;
             let channels = self.info.output_len() / anchors.max(1);
             self.post = Some(GpuPostprocessor::new(
-                0,
+                self.ctx.ordinal(),
                 self.info.profile.max,
                 self.info.num_classes,
                 channels,
@@ -1705,7 +1758,7 @@ impl CudaEngine {
     /// The GPU letterboxer, set up on first use.
     fn letterboxer(&mut self) -> Result<&mut GpuLetterboxer> {
         if self.letterboxer.is_none() {
-            self.letterboxer = Some(GpuLetterboxer::new(0)?);
+            self.letterboxer = Some(GpuLetterboxer::new(self.ctx.ordinal())?);
         }
         self.letterboxer
             .as_mut()
@@ -1913,7 +1966,7 @@ impl Engine for CudaEngine {
             }
         }
         if self.masks.is_none() {
-            self.masks = Some(GpuMaskDecoder::new(0)?);
+            self.masks = Some(GpuMaskDecoder::new(self.ctx.ordinal())?);
         }
         let decoder = self
             .masks

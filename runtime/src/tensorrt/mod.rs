@@ -92,10 +92,11 @@ pub fn library_report() -> LibraryReport {
     }
 }
 
-/// The GPU: the driver loaded and initialised, GPU 0's context, name and compute capability.
+/// The GPU: the driver loaded and initialised, GPU `ordinal`'s context, name and compute
+/// capability.
 /// TensorRT needs neither cuDNN nor NVRTC, so unlike the `cuda` backend this checks the driver
 /// only.
-fn gpu() -> Result<(Arc<CudaContext>, String, (i32, i32))> {
+fn gpu(ordinal: usize) -> Result<(Arc<CudaContext>, String, (i32, i32))> {
     // SAFETY: only tries to open the driver library.
     if !unsafe { dsys::is_culib_present() } {
         return Err(trt_error(
@@ -112,9 +113,14 @@ fn gpu() -> Result<(Arc<CudaContext>, String, (i32, i32))> {
             ));
         }
         Err(e) => return Err(trt_error(format!("cannot count GPUs ({e:?})"))),
-        Ok(_) => {}
+        Ok(n) => {
+            if let Some(m) = crate::cuda::device::missing_gpu(ordinal, n.max(0) as usize) {
+                return Err(trt_error(m));
+            }
+        }
     }
-    let ctx = CudaContext::new(0).map_err(|e| trt_error(format!("opening GPU 0: {e:?}")))?;
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| trt_error(format!("opening GPU {ordinal}: {e:?}")))?;
     let name = ctx
         .name()
         .map_err(|e| trt_error(format!("reading the GPU's name: {e:?}")))?;
@@ -129,7 +135,7 @@ pub fn unavailable_reason() -> Option<String> {
     if let Err(e) = Library::get() {
         return Some(e);
     }
-    gpu().err().map(|e| e.to_string())
+    gpu(0).err().map(|e| e.to_string())
 }
 
 fn library() -> Result<&'static Library> {
@@ -160,11 +166,11 @@ pub fn environment_for(
     }
 }
 
-/// The build environment here: libnvinfer's version, the options, GPU 0.
-pub fn build_environment() -> Result<BuildEnvironment> {
+/// The build environment here: libnvinfer's version, the options, GPU `ordinal`.
+pub fn build_environment(ordinal: usize) -> Result<BuildEnvironment> {
     let lib = library()?;
     let options = options()?;
-    let (_, name, cc) = gpu()?;
+    let (_, name, cc) = gpu(ordinal)?;
     Ok(environment_for(lib.version, &options, name, cc))
 }
 
@@ -243,12 +249,14 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| trt_error(format!("tensor name {s:?} contains a NUL byte")))
 }
 
-/// Build a serialized plan for `model` (`onnx` its bytes) as `info` describes it.
+/// Build a serialized plan for `model` (`onnx` its bytes) as `info` describes it, on GPU
+/// `ordinal`.
 pub fn build_plan(
     model: &pb::ModelProto,
     onnx: &[u8],
     info: &EngineInfo,
     path: &Path,
+    ordinal: usize,
 ) -> Result<Vec<u8>> {
     let lib = library()?;
     let create_parser = lib.parser().map_err(trt_error)?;
@@ -257,7 +265,7 @@ pub fn build_plan(
         message: m,
     })?;
     let options = options()?;
-    let (ctx, device, _) = gpu()?;
+    let (ctx, device, _) = gpu(ordinal)?;
     ctx.bind_to_thread()
         .map_err(|e| trt_error(format!("binding the GPU context: {e:?}")))?;
     let cache_path = options.timing_cache.clone().unwrap_or_else(|| {
@@ -372,18 +380,19 @@ impl TensorrtEngine {
         info: EngineInfo,
         path: &Path,
         recorded_plan: Option<&[u8]>,
+        ordinal: usize,
     ) -> Result<Self> {
         let plan = match recorded_plan.filter(|p| !p.is_empty()) {
             Some(p) => p.to_vec(),
-            None => build_plan(model, onnx, &info, path)?,
+            None => build_plan(model, onnx, &info, path, ordinal)?,
         };
-        Self::from_plan(plan, info, path)
+        Self::from_plan(plan, info, path, ordinal)
     }
 
-    fn from_plan(plan: Vec<u8>, info: EngineInfo, path: &Path) -> Result<Self> {
+    fn from_plan(plan: Vec<u8>, info: EngineInfo, path: &Path, ordinal: usize) -> Result<Self> {
         let lib = library()?;
         let options = options()?;
-        let (ctx, device, _) = gpu()?;
+        let (ctx, device, _) = gpu(ordinal)?;
         ctx.bind_to_thread()
             .map_err(|e| trt_error(format!("binding the GPU context: {e:?}")))?;
         let logger = Logger::new()?;
@@ -811,7 +820,7 @@ impl Engine for TensorrtEngine {
             // The post-processor's kernels need NVRTC (and its context check cuDNN): where they
             // are missing, say "no device post-processing" and the detector decodes on the CPU.
             match GpuPostprocessor::new(
-                0,
+                self.ctx.ordinal(),
                 self.info.profile.max,
                 self.info.num_classes,
                 self.info.output_channels,
@@ -866,6 +875,7 @@ mod tests {
                 opt: 8,
                 max: 32,
             },
+            device: 0,
         };
         let header = crate::engine_file::EngineHeader::new(b"onnx", &options, &a);
         assert_eq!(header.backend, "tensorrt");
@@ -922,7 +932,7 @@ mod tests {
             );
         };
         check(unavailable_reason().expect("unavailable without libnvinfer"));
-        check(build_environment().unwrap_err().to_string());
+        check(build_environment(0).unwrap_err().to_string());
         let report = library_report();
         check(report.nvinfer.clone().unwrap_err());
         assert_eq!(report.headers, "11.4.0");
@@ -933,15 +943,16 @@ mod tests {
             backend: crate::engine::Backend::Tensorrt,
             precision: crate::engine::Precision::Fp32,
             profile: crate::engine::BatchProfile::fixed(1),
+            device: 0,
         };
         let info = crate::engine::describe_model(&model, Path::new("m.onnx"), &options).unwrap();
         check(
-            build_plan(&model, &onnx, &info, Path::new("m.onnx"))
+            build_plan(&model, &onnx, &info, Path::new("m.onnx"), 0)
                 .unwrap_err()
                 .to_string(),
         );
         check(
-            TensorrtEngine::new(&model, &onnx, info, Path::new("m.onnx"), Some(b"plan"))
+            TensorrtEngine::new(&model, &onnx, info, Path::new("m.onnx"), Some(b"plan"), 0)
                 .err()
                 .expect("no engine without libnvinfer")
                 .to_string(),

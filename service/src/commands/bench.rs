@@ -283,7 +283,12 @@ pub fn run(a: Args) -> Result<()> {
                     }
                 }
                 by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
-                println!("batch {batch:>3}: layer profile (eager launches, {total:.3} ms in all):");
+                let timing = if layers.iter().all(|l| l.in_graph) {
+                    "each layer timed as a CUDA graph of its launches"
+                } else {
+                    "some layers by eager launches"
+                };
+                println!("batch {batch:>3}: layer profile ({timing}, {total:.3} ms in all):");
                 for (kind, ms, n) in by_kind {
                     println!(
                         "    {kind:<36} {n:>4} x  {ms:>8.3} ms  {:>5.1} %",

@@ -21,6 +21,9 @@ pub struct Args {
     /// Batch profile MIN:OPT:MAX (or N for 1:N:N).
     #[arg(long, default_value = "1:8:32")]
     batch: String,
+    /// GPU to build on (CUDA device number, 0 = the first): its kind is recorded in the file.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
     /// Output engine file.
     #[arg(long, short = 'o')]
     output: PathBuf,
@@ -33,6 +36,7 @@ pub fn run(a: Args) -> Result<()> {
         backend: a.backend.parse()?,
         precision: a.precision.parse()?,
         profile,
+        device: a.gpu,
     };
     let header = build_engine_file(&a.onnx, &options, &a.output)?;
     println!(

@@ -27,7 +27,7 @@ pub struct Args {
     /// --profile, the engine's layers sized by their time.
     #[arg(long)]
     svg: Option<PathBuf>,
-    /// Engine files on a GPU backend: time every layer of a batch (eager launches) and compare
+    /// Engine files on a GPU backend: time every layer of a batch (inside a CUDA graph replay) and compare
     /// the sum with the engine's measured latency.
     #[arg(long)]
     profile: bool,
@@ -85,8 +85,9 @@ pub fn run(a: Args) -> Result<()> {
         if let Some(f) = &engine_file {
             v["engine"] = header_json(f);
         }
-        if let Some((layers, measured)) = &profile {
+        if let Some((layers, measured, in_graph)) = &profile {
             v["profile"] = serde_json::json!({
+                "timing": timing_mode(*in_graph),
                 "batch": a.batch,
                 "layers": layers.iter().map(|l| serde_json::json!({
                     "kind": l.kind, "layer": l.name, "ms": l.ms})).collect::<Vec<_>>(),
@@ -153,12 +154,13 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
-    if let (Some((layers, measured)), false) = (&profile, a.json) {
+    if let (Some((layers, measured, in_graph)), false) = (&profile, a.json) {
         let sum: f64 = layers.iter().map(|l| l.ms).sum();
         println!(
-            "batch {}: {} layers, {sum:.3} ms in all (eager launches)",
+            "batch {}: {} layers, {sum:.3} ms in all ({})",
             a.batch,
-            layers.len()
+            layers.len(),
+            timing_mode(*in_graph)
         );
         for l in layers {
             println!("    {:>8.4} ms  {:<32} {}", l.ms, l.kind, l.name);
@@ -177,7 +179,7 @@ pub fn run(a: Args) -> Result<()> {
             model.metadata("model").unwrap_or("model")
         );
         let svg = match &profile {
-            Some((layers, _)) => profile_svg(layers, &title),
+            Some((layers, _, _)) => profile_svg(layers, &title),
             None => graph_svg(&model, &title),
         };
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
@@ -190,7 +192,7 @@ pub fn run(a: Args) -> Result<()> {
 
 /// The engine's layers timed on its device, and its measured latency (median of 20 graph
 /// replays, milliseconds).
-fn profile(a: &Args) -> Result<(Vec<TimedLayer>, Option<f64>)> {
+fn profile(a: &Args) -> Result<(Vec<TimedLayer>, Option<f64>, bool)> {
     // Engine files carry their own options; these are ignored for them.
     let (mut engine, _) = open_engine(&a.model, &BuildOptions::default(), None)?;
     let info = engine.info();
@@ -215,6 +217,7 @@ fn profile(a: &Args) -> Result<(Vec<TimedLayer>, Option<f64>)> {
             t.sort_by(f64::total_cmp);
             t[t.len() / 2]
         });
+    let in_graph = layers.iter().all(|l| l.in_graph);
     let layers = layers
         .into_iter()
         .map(|l| TimedLayer {
@@ -223,5 +226,15 @@ fn profile(a: &Args) -> Result<(Vec<TimedLayer>, Option<f64>)> {
             ms: l.ms,
         })
         .collect();
-    Ok((layers, measured))
+    Ok((layers, measured, in_graph))
+}
+
+/// How the layers were timed, for the report.
+fn timing_mode(in_graph: bool) -> &'static str {
+    if in_graph {
+        "each layer timed as a CUDA graph of its launches"
+    } else {
+        "some layers could not be captured in a graph and were timed by eager launches, which \
+         add their launch latency"
+    }
 }

@@ -60,7 +60,15 @@ pub struct BatcherConfig {
     pub preferred_batch_sizes: Vec<usize>,
 }
 
+/// One engine instance of a model and the GPU it runs on (0 for the cpu backend).
+pub struct Instance {
+    pub engine: Box<dyn Engine>,
+    pub gpu: usize,
+}
+
 pub struct Batcher {
+    /// The GPU of each instance, in instance order.
+    gpus: Vec<usize>,
     sender: Mutex<Option<SyncSender<Job>>>,
     queued: Arc<AtomicUsize>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -72,28 +80,38 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Start one batching thread per engine of `engines` (instances of one model, at least one),
-    /// labelled `model` in the metrics.
-    pub fn start(engines: Vec<Box<dyn Engine>>, config: BatcherConfig, model: String) -> Self {
-        let (per_image_in, per_image_out) = engines
-            .first()
-            .map_or((0, 0), |e| (e.info().input_len(), e.info().output_len()));
+    /// Start one batching thread per engine instance of `instances` (of one model, at least
+    /// one), labelled `model` in the metrics. Every thread takes the next batch from the one
+    /// queue as soon as its engine is free, so batches spread over the instances (and their
+    /// GPUs) by how fast each finishes.
+    pub fn start(instances: Vec<Instance>, config: BatcherConfig, model: String) -> Self {
+        let (per_image_in, per_image_out) = instances.first().map_or((0, 0), |i| {
+            (i.engine.info().input_len(), i.engine.info().output_len())
+        });
+        let gpus = instances.iter().map(|i| i.gpu).collect();
         let (sender, receiver) = sync_channel(config.max_queue_size.max(1));
         let receiver = Arc::new(Mutex::new(receiver));
         let queued = Arc::new(AtomicUsize::new(0));
-        let workers = engines
+        let workers = instances
             .into_iter()
             .enumerate()
-            .filter_map(|(i, engine)| {
+            .filter_map(|(i, instance)| {
                 let (receiver, queued) = (Arc::clone(&receiver), Arc::clone(&queued));
                 let (config, model) = (config.clone(), model.clone());
+                let batches = metrics::counter!(
+                    m::INSTANCE_BATCHES,
+                    "model" => model.clone(),
+                    "instance" => i.to_string(),
+                    "gpu" => instance.gpu.to_string()
+                );
                 std::thread::Builder::new()
                     .name(format!("batcher-{model}-{i}"))
-                    .spawn(move || run(engine, &receiver, config, queued, model))
+                    .spawn(move || run(instance.engine, &receiver, config, queued, model, batches))
                     .ok()
             })
             .collect();
         Self {
+            gpus,
             sender: Mutex::new(Some(sender)),
             queued,
             workers: Mutex::new(workers),
@@ -102,6 +120,11 @@ impl Batcher {
             config,
             depth: metrics::gauge!(m::QUEUE_DEPTH, "model" => model),
         }
+    }
+
+    /// The GPU of each engine instance, in instance order.
+    pub fn gpus(&self) -> &[usize] {
+        &self.gpus
     }
 
     /// Values of one image's input and output.
@@ -179,6 +202,7 @@ fn run(
     config: BatcherConfig,
     queued: Arc<AtomicUsize>,
     model: String,
+    batches: metrics::Counter,
 ) {
     let (per_in, per_out) = (engine.info().input_len(), engine.info().output_len());
     let per_protos = engine.info().prototypes.map_or(0, |p| p.len());
@@ -241,6 +265,7 @@ fn run(
         let inference_s = started.elapsed().as_secs_f64();
         batch_size.record(images as f64);
         inference.record(inference_s);
+        batches.increment(1);
         let mut row = 0;
         for j in jobs.drain(..) {
             let reply = match &result {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use super::repository::InstanceConfig;
+
 /// How the service writes its own log lines on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -35,6 +37,8 @@ pub struct FileConfig {
     pub max_queue_size: Option<usize>,
     pub preferred_batch_sizes: Option<Vec<usize>>,
     pub instance_count: Option<usize>,
+    /// The list form of `--gpus`: `[{gpu = 0}, {gpu = 1}]`.
+    pub instances: Option<Vec<InstanceConfig>>,
     pub max_body_bytes: Option<usize>,
     pub max_image_pixels: Option<u64>,
     pub request_timeout_s: Option<f64>,
@@ -105,6 +109,8 @@ pub struct Settings {
     pub max_queue_size: usize,
     pub preferred_batch_sizes: Vec<usize>,
     pub instance_count: usize,
+    /// Where each engine of a model runs (empty: `instance_count` engines on GPU 0).
+    pub instances: Vec<InstanceConfig>,
     pub max_body_bytes: usize,
     pub max_image_pixels: u64,
     pub request_timeout_s: f64,
@@ -158,6 +164,11 @@ impl Settings {
                 a.preferred_batch_sizes.clone()
             },
             instance_count: a.instance_count.or(f.instance_count).unwrap_or(1),
+            instances: if a.gpus.is_empty() {
+                f.instances.unwrap_or_default()
+            } else {
+                a.gpus.iter().map(|&gpu| InstanceConfig { gpu }).collect()
+            },
             max_body_bytes: a.max_body_bytes.or(f.max_body_bytes).unwrap_or(64 << 20),
             max_image_pixels: a
                 .max_image_pixels
@@ -179,6 +190,14 @@ impl Settings {
         }
         if self.max_queue_size == 0 {
             bail!("max_queue_size is 0: give 1 or more (--max-queue-size or the config file)");
+        }
+        let placement = super::repository::ModelConfig {
+            instance_count: self.instance_count,
+            instances: self.instances.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = placement.placements() {
+            bail!("{e} (--instance-count, --gpus or the config file's instances)");
         }
         if self.max_concurrency == 0 {
             bail!("max_concurrency is 0: give 1 or more (--max-concurrency or the config file)");
@@ -233,6 +252,19 @@ mod tests {
         assert!(e.contains("xml"), "{e}");
         let c = FileConfig::parse("log_format = \"json\"").unwrap();
         assert_eq!(c.log_format, Some(LogFormat::Json));
+    }
+
+    #[test]
+    fn instances_place_engines_on_gpus() {
+        let c = FileConfig::parse("instances = [{gpu = 0}, {gpu = 1}]").unwrap();
+        assert_eq!(
+            c.instances,
+            Some(vec![InstanceConfig { gpu: 0 }, InstanceConfig { gpu: 1 }])
+        );
+        let e = FileConfig::parse("instances = [{gpu = 0, memory = 3}]").unwrap_err();
+        assert!(e.contains("memory"), "{e}");
+        let e = FileConfig::parse("instances = [{device = 1}]").unwrap_err();
+        assert!(e.contains("device") || e.contains("gpu"), "{e}");
     }
 
     #[test]

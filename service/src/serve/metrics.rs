@@ -25,10 +25,13 @@ pub const QUEUE_DEPTH: &str = "kestrel_queue_depth";
 pub const IN_FLIGHT: &str = "kestrel_in_flight_requests";
 /// Engines loaded, by `source` (onnx, engine_file, cache_hit, cache_built, rebuilt).
 pub const ENGINE_LOADS: &str = "kestrel_engine_loads_total";
-/// GPU 0's memory in use (every process), bytes; only while a GPU model is loaded.
+/// Memory in use (every process) of each GPU a loaded model runs on, by `gpu`, bytes.
 pub const GPU_MEMORY_USED: &str = "kestrel_gpu_memory_used_bytes";
-/// GPU 0's memory in total, bytes.
+/// Memory in total of each GPU a loaded model runs on, by `gpu`, bytes.
 pub const GPU_MEMORY_TOTAL: &str = "kestrel_gpu_memory_total_bytes";
+/// Batches run by each engine instance, by `model`, `instance` and `gpu` (how the batcher
+/// spread the work).
+pub const INSTANCE_BATCHES: &str = "kestrel_instance_batches_total";
 
 const SECONDS_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -71,5 +74,10 @@ pub fn install() -> Result<PrometheusHandle> {
         "GPU memory in use (all processes)"
     );
     metrics::describe_gauge!(GPU_MEMORY_TOTAL, Unit::Bytes, "GPU memory in total");
+    metrics::describe_counter!(
+        INSTANCE_BATCHES,
+        Unit::Count,
+        "Batches run by each engine instance, by GPU"
+    );
     Ok(handle)
 }

@@ -68,6 +68,10 @@ pub struct Args {
     /// Engines per model, each running its own batches (1–16) [default: 1].
     #[arg(long)]
     instance_count: Option<usize>,
+    /// One engine per listed GPU, e.g. `0,1` (a GPU may repeat: `0,0,1`); replaces
+    /// --instance-count. The config file's form is `instances = [{gpu = 0}, {gpu = 1}]`.
+    #[arg(long, value_delimiter = ',')]
+    gpus: Vec<usize>,
     /// Largest request body, bytes (more: 413) [default: 67108864].
     #[arg(long)]
     max_body_bytes: Option<usize>,
@@ -183,6 +187,7 @@ pub fn run(args: Args) -> Result<()> {
         max_queue_size: a.max_queue_size,
         preferred_batch_sizes: a.preferred_batch_sizes.clone(),
         instance_count: a.instance_count,
+        instances: a.instances.clone(),
         ..ModelConfig::default()
     };
     let metrics = metrics::install()?;
@@ -248,18 +253,23 @@ async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Res
                 // GPU memory while a GPU model is loaded (asking would open a CUDA context,
                 // hundreds of MB, on a machine serving from the CPU).
                 let s = Arc::clone(&state);
-                let gpu = tokio::task::spawn_blocking(move || {
+                let gpus = tokio::task::spawn_blocking(move || {
                     s.repo
-                        .uses_gpu()
-                        .then(kestrel_runtime::cuda::memory_info)
-                        .and_then(Result::ok)
+                        .gpus_in_use()
+                        .into_iter()
+                        .filter_map(|g| {
+                            kestrel_runtime::cuda::memory_info(g)
+                                .ok()
+                                .map(|m| (g.to_string(), m))
+                        })
+                        .collect::<Vec<_>>()
                 })
                 .await
-                .ok()
-                .flatten();
-                if let Some((used, total)) = gpu {
-                    ::metrics::gauge!(metrics::GPU_MEMORY_USED).set(used as f64);
-                    ::metrics::gauge!(metrics::GPU_MEMORY_TOTAL).set(total as f64);
+                .unwrap_or_default();
+                for (gpu, (used, total)) in gpus {
+                    ::metrics::gauge!(metrics::GPU_MEMORY_USED, "gpu" => gpu.clone())
+                        .set(used as f64);
+                    ::metrics::gauge!(metrics::GPU_MEMORY_TOTAL, "gpu" => gpu).set(total as f64);
                 }
                 state.metrics.run_upkeep();
                 tokio::time::sleep(Duration::from_secs(5)).await;

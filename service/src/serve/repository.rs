@@ -22,7 +22,7 @@ use kestrel_runtime::engine::{
 use kestrel_runtime::engine_file::{CacheOutcome, EngineCache};
 use serde::{Deserialize, Serialize};
 
-use super::batcher::{Batcher, BatcherConfig};
+use super::batcher::{Batcher, BatcherConfig, Instance};
 use super::metrics as m;
 
 /// A model's settings (`config.json` in its folder; command-line defaults otherwise).
@@ -41,8 +41,11 @@ pub struct ModelConfig {
     pub max_queue_size: usize,
     /// Batch sizes that run as soon as they are reached, without waiting out the delay.
     pub preferred_batch_sizes: Vec<usize>,
-    /// Engines of the model run at once (each with its own batches), 1–16.
+    /// Engines of the model run at once (each with its own batches), 1–16, on GPU 0.
     pub instance_count: usize,
+    /// Where each engine instance runs, e.g. `[{"gpu": 0}, {"gpu": 1}]`: one instance per entry
+    /// (a GPU may repeat). Replaces `instance_count` (which must then be 1 or the same count).
+    pub instances: Vec<InstanceConfig>,
     /// Image endpoint defaults (a request's query parameters override them).
     pub conf_threshold: f32,
     pub iou_threshold: f32,
@@ -61,11 +64,50 @@ impl Default for ModelConfig {
             max_queue_size: 64,
             preferred_batch_sizes: Vec::new(),
             instance_count: 1,
+            instances: Vec::new(),
             conf_threshold: 0.25,
             iou_threshold: 0.45,
             max_detections: 300,
             labels: None,
         }
+    }
+}
+
+/// One engine instance of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// The GPU it runs on (CUDA device number, 0 = the first; the cpu backend takes 0 only).
+    pub gpu: usize,
+}
+
+impl ModelConfig {
+    /// The GPU of each engine instance, in instance order; or why the config is wrong.
+    pub fn placements(&self) -> Result<Vec<usize>, String> {
+        if self.instances.is_empty() {
+            if !(1..=16).contains(&self.instance_count) {
+                return Err(format!(
+                    "instance_count {}: give 1 to 16",
+                    self.instance_count
+                ));
+            }
+            return Ok(vec![0; self.instance_count]);
+        }
+        if self.instances.len() > 16 {
+            return Err(format!(
+                "instances lists {} engines: give 1 to 16",
+                self.instances.len()
+            ));
+        }
+        if self.instance_count != 1 && self.instance_count != self.instances.len() {
+            return Err(format!(
+                "instance_count {} and {} instances disagree: give either, e.g. only \
+                 \"instances\": [{{\"gpu\": 0}}, {{\"gpu\": 1}}]",
+                self.instance_count,
+                self.instances.len()
+            ));
+        }
+        Ok(self.instances.iter().map(|i| i.gpu).collect())
     }
 }
 
@@ -250,11 +292,18 @@ impl Repository {
         out
     }
 
-    /// True when a loaded model runs on a GPU backend.
-    pub fn uses_gpu(&self) -> bool {
-        self.read()
+    /// The GPUs loaded models run on, in order (empty when every model runs on the CPU).
+    pub fn gpus_in_use(&self) -> Vec<usize> {
+        let mut gpus: Vec<usize> = self
+            .read()
             .values()
-            .any(|e| e.versions.values().any(|m| m.info.backend != Backend::Cpu))
+            .flat_map(|e| e.versions.values())
+            .filter(|m| m.info.backend != Backend::Cpu)
+            .flat_map(|m| m.batcher.gpus().to_vec())
+            .collect();
+        gpus.sort_unstable();
+        gpus.dedup();
+        gpus
     }
 
     /// True when every model that should be served is loaded.
@@ -398,12 +447,7 @@ fn load_one(
             config.max_batch_size
         ));
     }
-    if !(1..=16).contains(&config.instance_count) {
-        return Err(format!(
-            "instance_count {}: give 1 to 16",
-            config.instance_count
-        ));
-    }
+    let placements = config.placements()?;
     if let Some(p) = config
         .preferred_batch_sizes
         .iter()
@@ -414,7 +458,7 @@ fn load_one(
             config.max_batch_size
         ));
     }
-    let options = BuildOptions {
+    let mut options = BuildOptions {
         backend,
         precision,
         profile: BatchProfile {
@@ -422,12 +466,20 @@ fn load_one(
             opt: config.max_batch_size,
             max: config.max_batch_size,
         },
+        device: 0,
     };
     let cache = (backend != Backend::Cpu).then(EngineCache::default_location);
-    let mut engines = Vec::with_capacity(config.instance_count);
-    for _ in 0..config.instance_count {
-        let (mut engine, source) = open_engine(file, &options, cache.as_ref())
-            .map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut engines = Vec::with_capacity(placements.len());
+    for (instance, &gpu) in placements.iter().enumerate() {
+        options.device = gpu;
+        let (mut engine, source) = open_engine(file, &options, cache.as_ref()).map_err(|e| {
+            let at = if placements.len() > 1 {
+                format!(" (instance {instance}, GPU {gpu})")
+            } else {
+                String::new()
+            };
+            format!("{}{at}: {e}", file.display())
+        })?;
         let source = match source {
             EngineSource::Onnx => "onnx",
             EngineSource::EngineFile => "engine_file",
@@ -450,9 +502,9 @@ fn load_one(
         engine
             .run(&zeros, 1)
             .map_err(|e| format!("{}: warm-up run failed: {e}", file.display()))?;
-        engines.push(engine);
+        engines.push(Instance { engine, gpu });
     }
-    let Some(info) = engines.first().map(|e| e.info().clone()) else {
+    let Some(info) = engines.first().map(|i| i.engine.info().clone()) else {
         return Err("instance_count 0".into());
     };
     let class_names = match (&config.labels, folder) {
@@ -492,4 +544,51 @@ fn load_one(
         batcher,
         metrics: ModelMetrics::new(name),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Result<ModelConfig, String> {
+        serde_json::from_str::<ModelConfig>(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn instances_place_one_engine_per_entry() {
+        let c = config(r#"{"instances": [{"gpu": 0}, {"gpu": 1}, {"gpu": 1}]}"#).unwrap();
+        assert_eq!(c.placements().unwrap(), vec![0, 1, 1]);
+        // Without instances: instance_count engines on GPU 0.
+        let c = config(r#"{"instance_count": 3}"#).unwrap();
+        assert_eq!(c.placements().unwrap(), vec![0, 0, 0]);
+        // Both, agreeing.
+        let c = config(r#"{"instance_count": 2, "instances": [{"gpu": 0}, {"gpu": 1}]}"#);
+        assert_eq!(c.unwrap().placements().unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn wrong_placements_are_named() {
+        let c = config(r#"{"instance_count": 3, "instances": [{"gpu": 0}, {"gpu": 1}]}"#);
+        let e = c.unwrap().placements().unwrap_err();
+        assert!(
+            e.contains("instance_count 3") && e.contains("2 instances"),
+            "{e}"
+        );
+        let many = vec![r#"{"gpu": 0}"#; 17].join(",");
+        let e = config(&format!(r#"{{"instances": [{many}]}}"#))
+            .unwrap()
+            .placements()
+            .unwrap_err();
+        assert!(e.contains("17") && e.contains("1 to 16"), "{e}");
+        let e = config(r#"{"instances": [{"gpu": -1}]}"#).unwrap_err();
+        assert!(e.contains("-1"), "{e}");
+        let e = config(r#"{"instances": [{"gpu": 0, "memory": 2}]}"#).unwrap_err();
+        assert!(e.contains("memory"), "{e}");
+        let e = config(r#"{"instance_count": 0}"#)
+            .unwrap()
+            .placements()
+            .unwrap_err();
+        assert!(e.contains("instance_count 0"), "{e}");
+    }
 }
