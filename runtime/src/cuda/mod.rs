@@ -1465,9 +1465,9 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Device time of each step for a batch of `b`, in milliseconds: each step is enqueued
-    /// `PROFILE_REPEATS` times back to back between two events (steps are idempotent), so launch
-    /// gaps are amortised as in a graph replay.
+    /// Device time of each step for a batch of `b`, in milliseconds: each step runs
+    /// `PROFILE_REPEATS` times back to back (steps are idempotent) as one CUDA graph between two
+    /// events, so the host's launch rate does not count, as in the engine's own graph replay.
     pub fn profile_steps(&self, b: usize) -> Result<Vec<LayerTime>> {
         const PROFILE_REPEATS: usize = 20;
         let (start, end) = (Event::new()?, Event::new()?);
