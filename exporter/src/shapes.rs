@@ -473,8 +473,17 @@ fn reshape(node: &pb::NodeProto, x: &[Dim], target: &[i64]) -> Result<Vec<Dim>> 
         .collect();
     in_syms.sort();
     out_syms.sort();
-    let in_fixed: i64 = x.iter().filter_map(Dim::fixed).product();
-    let out_fixed: i64 = out.iter().flatten().filter_map(Dim::fixed).product();
+    // Checked: the dimensions come from the file, and their product can overflow an i64.
+    let product = |dims: Vec<i64>| dims.into_iter().try_fold(1i64, i64::checked_mul);
+    let (Some(in_fixed), Some(out_fixed)) = (
+        product(x.iter().filter_map(Dim::fixed).collect()),
+        product(out.iter().flatten().filter_map(Dim::fixed).collect()),
+    ) else {
+        return Err(Error::Graph(format!(
+            "Reshape '{}' has more elements than a 64-bit count holds",
+            node.name
+        )));
+    };
     if in_syms != out_syms {
         return Err(Error::Graph(format!(
             "Reshape '{}' moves a symbolic dimension; only batch-preserving reshapes are supported",
@@ -482,7 +491,7 @@ fn reshape(node: &pb::NodeProto, x: &[Dim], target: &[i64]) -> Result<Vec<Dim>> 
         )));
     }
     if unknown == 1 {
-        if out_fixed == 0 || in_fixed % out_fixed != 0 {
+        if out_fixed <= 0 || in_fixed < 0 || in_fixed % out_fixed != 0 {
             return Err(Error::Graph(format!(
                 "Reshape '{}' cannot infer -1",
                 node.name
@@ -508,6 +517,27 @@ fn reshape(node: &pb::NodeProto, x: &[Dim], target: &[i64]) -> Result<Vec<Dim>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzing (`fuzz/regressions/onnx_model/reshape-element-count-overflow`): a Reshape whose
+    /// dimensions multiply past i64::MAX overflowed (a panic) instead of being refused.
+    #[test]
+    fn reshapes_of_overflowing_sizes_are_refused() {
+        let node = pb::NodeProto {
+            name: "r".into(),
+            ..Default::default()
+        };
+        let x = [Dim::Fixed(1 << 40), Dim::Fixed(1 << 40)];
+        let e = reshape(&node, &x, &[-1]).unwrap_err().to_string();
+        assert!(e.contains("64-bit"), "{e}");
+        let e = reshape(&node, &[Dim::Fixed(-4)], &[-1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot infer"), "{e}");
+        assert_eq!(
+            reshape(&node, &[Dim::Fixed(4), Dim::Fixed(6)], &[-1, 3]).unwrap(),
+            vec![Dim::Fixed(8), Dim::Fixed(3)]
+        );
+    }
 
     #[test]
     fn window_sizes_match_pytorch() {

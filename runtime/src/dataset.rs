@@ -638,7 +638,7 @@ pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
     limits.max_image_height = Some(h);
     limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| image_err(e.to_string()))?;
+    let img = decode_catching_panics(reader).map_err(image_err)?;
     Ok(img.into_rgb8())
 }
 
@@ -708,9 +708,22 @@ pub fn decode_image_bytes(
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8));
     r.limits(limits);
-    Ok(r.decode()
-        .map_err(|e| ImageBytesError::Decode(e.to_string()))?
+    Ok(decode_catching_panics(r)
+        .map_err(ImageBytesError::Decode)?
         .to_rgb8())
+}
+
+/// Decode with `reader`, a panic of the decoder included in the errors: zune-jpeg 0.5.15
+/// (image's JPEG decoder) panics on some corrupt files (an `unwrap` in its AVX2 IDCT, found by
+/// fuzzing: `fuzz/regressions/image_decode/zune-jpeg-idct-unwrap`), and a corrupt file must be an
+/// error for the request or the image that sent it, not a crash of its caller.
+fn decode_catching_panics<R: std::io::BufRead + std::io::Seek>(
+    reader: image::ImageReader<R>,
+) -> std::result::Result<image::DynamicImage, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())) {
+        Ok(decoded) => decoded.map_err(|e| e.to_string()),
+        Err(_) => Err("the decoder failed on this file (it is corrupt)".into()),
+    }
 }
 
 fn is_image_file(p: &Path) -> bool {
@@ -1557,6 +1570,18 @@ mod tests {
         );
         let empty = decode_image_bytes(&png_header(3, 3), 100).unwrap_err();
         assert!(matches!(empty, ImageBytesError::Decode(_)), "{empty}");
+    }
+
+    /// Fuzzing: a corrupt JPEG on which zune-jpeg 0.5.15 panics is a decode error.
+    #[test]
+    fn decoder_panics_are_decode_errors() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/regressions/image_decode/zune-jpeg-idct-unwrap");
+        let bytes = std::fs::read(&path).unwrap();
+        // The panic is on the AVX2 path; elsewhere the file may decode or fail plainly.
+        if let Err(e) = decode_image_bytes(&bytes, 512 * 512) {
+            assert!(matches!(e, ImageBytesError::Decode(_)), "{e}");
+        }
     }
 
     /// PNG signature, IHDR of an 8-bit RGB image, an empty IDAT and IEND: a valid header with no pixels.
