@@ -538,6 +538,11 @@ pub fn append_nms(mut model: pb::ModelProto, opts: &EndToEnd) -> Result<pb::Mode
             let in_x = t.op("And", &[&right_of, &left_of], vec![]);
             let in_y = t.op("And", &[&below, &above], vec![]);
             let inside = t.op("And", &[&in_x, &in_y], vec![]);
+            // Padding rows have zero boxes, whose margin covers the corner cells: keep only the
+            // detections' rows, so masks past num_dets are zero as documented.
+            let valid_rows = t.unsqueeze(&valid, 2);
+            let valid_rows = t.unsqueeze(&valid_rows, 3);
+            let inside = t.op("And", &[&inside, &valid_rows], vec![]);
             let masks = t.op("Where", &[&inside, &probs, &zero_f], vec![]);
             let _ = t.rename_last(&masks, END2END_OUTPUTS[4]);
         }
@@ -617,4 +622,126 @@ pub fn append_nms(mut model: pb::ModelProto, opts: &EndToEnd) -> Result<pb::Mode
         opts.score_threshold
     ));
     Ok(model)
+}
+
+/// Metadata keys [`append_nms`] adds.
+const END2END_METADATA: [&str; 4] = [
+    END2END_KEY,
+    "end2end_max_detections",
+    "end2end_iou_threshold",
+    "end2end_score_threshold",
+];
+
+/// The plain model inside an end-to-end one (the inverse of [`append_nms`]): the nodes that
+/// `output0` (and a segmentation model's `output1`) depend on, those values as the graph outputs
+/// again (shapes inferred), and the end-to-end metadata removed. Backends that run decode and NMS
+/// themselves (the cuda backend) run this part and apply the recorded thresholds and K.
+pub fn plain_part(model: &pb::ModelProto) -> Result<pb::ModelProto> {
+    if model.metadata(END2END_KEY).is_none() {
+        return Err(Error::InvalidConfig(
+            "the model is not end-to-end (no NMS inside); it is already the plain model".into(),
+        ));
+    }
+    let mut model = model.clone();
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::InvalidConfig("the model has no graph".into()))?;
+    let produced: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
+    let heads: Vec<&str> = [crate::OUTPUT_NAME, crate::export::PROTOTYPES_NAME]
+        .into_iter()
+        .filter(|name| produced.contains(name))
+        .collect();
+    if !heads.contains(&crate::OUTPUT_NAME) {
+        return Err(Error::InvalidConfig(
+            "the end-to-end model has no output0 inside; export it again with Kestrel".into(),
+        ));
+    }
+    // Walk back from the heads: a node is kept when one of its outputs is needed.
+    let mut needed: std::collections::HashSet<String> =
+        heads.iter().map(|s| s.to_string()).collect();
+    let mut keep = vec![false; graph.node.len()];
+    for (k, node) in graph.node.iter().enumerate().rev() {
+        if node.output.iter().any(|o| needed.contains(o)) {
+            keep[k] = true;
+            needed.extend(node.input.iter().filter(|i| !i.is_empty()).cloned());
+        }
+    }
+    let heads: Vec<String> = heads.into_iter().map(str::to_string).collect();
+    let mut k = 0;
+    graph.node.retain(|_| {
+        k += 1;
+        keep[k - 1]
+    });
+    graph.initializer.retain(|t| needed.contains(&t.name));
+    graph.value_info.retain(|v| needed.contains(&v.name));
+    let shapes = crate::shapes::infer_graph(graph)?;
+    graph.output.clear();
+    for name in &heads {
+        let dims = shapes.get(name).ok_or_else(|| {
+            Error::Graph(format!("no shape inferred for '{name}' of the plain part"))
+        })?;
+        graph
+            .output
+            .push(pb::ValueInfoProto::tensor(name, pb::data_type::FLOAT, dims));
+    }
+    model
+        .metadata_props
+        .retain(|p| !END2END_METADATA.contains(&p.key.as_str()));
+    model.opset_import.retain(|o| o.domain != "TRT");
+    if let Some(at) = model.doc_string.find(" End-to-end (") {
+        model.doc_string.truncate(at);
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ExportOptions, ModelConfig, WeightSource, export};
+
+    fn dims(v: &pb::ValueInfoProto) -> (String, Vec<Dim>) {
+        let (_, d) = v.tensor_shape().expect("tensor shape");
+        (v.name.clone(), d)
+    }
+
+    /// `plain_part(append_nms(m))` is `m` again: the same nodes, initializers, outputs (names
+    /// and shapes) and metadata, for detectors and segmentation models and every flavour that
+    /// keeps the plain graph inside.
+    #[test]
+    fn the_plain_part_of_an_end_to_end_model_is_the_plain_model() {
+        for name in ["gelan-t", "gelan-t-seg"] {
+            let cfg = ModelConfig::new(name, 3, 64).expect("config");
+            let plain = export(
+                &cfg,
+                &mut WeightSource::Random { seed: 3 },
+                &ExportOptions::dynamic(3),
+            )
+            .expect("export");
+            for flavour in [NmsFlavour::Onnx, NmsFlavour::TensorRtInms] {
+                let opts = EndToEnd {
+                    flavour,
+                    ..Default::default()
+                };
+                let e2e = append_nms(plain.clone(), &opts).expect("append");
+                let back = plain_part(&e2e).expect("plain part");
+                let (g, h) = (plain.graph(), back.graph());
+                assert_eq!(g.node, h.node, "{name} {flavour:?}: nodes");
+                assert_eq!(g.initializer, h.initializer, "{name} {flavour:?}");
+                assert_eq!(
+                    g.output.iter().map(dims).collect::<Vec<_>>(),
+                    h.output.iter().map(dims).collect::<Vec<_>>(),
+                    "{name} {flavour:?}: outputs"
+                );
+                assert_eq!(plain.metadata_props, back.metadata_props);
+                assert_eq!(plain.doc_string, back.doc_string);
+            }
+            let e = plain_part(&plain).expect_err("plain").to_string();
+            assert!(e.contains("not end-to-end"), "{e}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
+use crate::end_to_end::EndToEndBuffers;
 use crate::engine::{EndToEndOutputs, Engine, EngineInfo, Precision};
 use crate::error::{Error, Result};
 
@@ -28,15 +29,6 @@ pub struct CpuEngine {
     prototypes: Vec<f32>,
     /// End-to-end models' outputs of the last run.
     end_to_end: EndToEndBuffers,
-}
-
-#[derive(Debug, Default)]
-struct EndToEndBuffers {
-    num_dets: Vec<i32>,
-    boxes: Vec<f32>,
-    scores: Vec<f32>,
-    classes: Vec<i32>,
-    masks: Vec<f32>,
 }
 
 pub(crate) fn backend_error(e: impl std::fmt::Display) -> Error {
@@ -251,11 +243,7 @@ impl Engine for CpuEngine {
         self.check_input(input, batch)?;
         let [h, w] = self.info.input_hw;
         let b = &mut self.end_to_end;
-        b.num_dets.clear();
-        b.boxes.clear();
-        b.scores.clear();
-        b.classes.clear();
-        b.masks.clear();
+        b.clear();
         for image in input.chunks_exact(self.info.input_len()) {
             let tensor = Tensor::from_shape(&[1, 3, h, w], image).map_err(backend_error)?;
             let outputs = self
@@ -271,13 +259,7 @@ impl Engine for CpuEngine {
                 output_values(&outputs, 4, "det_masks", k * cells, &mut b.masks)?;
             }
         }
-        Ok(EndToEndOutputs {
-            num_dets: &b.num_dets,
-            boxes: &b.boxes,
-            scores: &b.scores,
-            classes: &b.classes,
-            masks: masks.map(|_| &b.masks[..]),
-        })
+        Ok(b.outputs(masks.is_some()))
     }
 
     fn run_with_prototypes(

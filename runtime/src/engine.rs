@@ -614,20 +614,19 @@ fn describe_end_to_end(
         path: path.to_path_buf(),
         message,
     };
-    if options.backend != Backend::Cpu {
-        return Err(err(format!(
-            "an end-to-end model (NMS inside, flavour {flavour}) runs on the cpu backend; for \
-             --backend {} export without --end2end: the engine runs decode and NMS on the GPU \
-             itself, with thresholds per call",
-            options.backend
-        )));
-    }
     if flavour == "efficient-nms-trt" {
         return Err(err(
             "this end-to-end model uses TensorRT 10's EfficientNMS_TRT plugin, which only \
              TensorRT runs; export with --end2end onnx for Kestrel's backends and onnxruntime"
                 .into(),
         ));
+    }
+    if options.backend == Backend::Tensorrt {
+        return Err(err(format!(
+            "an end-to-end model (NMS inside, flavour {flavour}) runs on the cpu and cuda \
+             backends; for --backend tensorrt export without --end2end: the engine runs decode \
+             and NMS on the GPU itself, with thresholds per call"
+        )));
     }
     let graph = model.graph();
     let names: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
@@ -759,6 +758,26 @@ fn build_replaying(
             options.device
         ))),
         Backend::Cpu => Ok(Box::new(crate::cpu::CpuEngine::new(bytes, info, path)?)),
+        // An end-to-end model: the GPU runs its plain part, then Kestrel's decode and NMS with
+        // the graph's settings (crate::end_to_end).
+        Backend::Cuda if info.end_to_end.is_some() => {
+            let plain =
+                kestrel_exporter::end2end::plain_part(&model).map_err(|e| Error::Model {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+            let plain_info = describe_model(&plain, path, options)?;
+            Ok(Box::new(
+                crate::cuda::CudaEngine::new(
+                    &plain,
+                    plain_info,
+                    path,
+                    recorded.map(|f| &f.header.layer_choices),
+                    options.device,
+                )?
+                .with_end_to_end(info)?,
+            ))
+        }
         Backend::Cuda => Ok(Box::new(crate::cuda::CudaEngine::new(
             &model,
             info,
@@ -877,12 +896,19 @@ pub fn open_engine(
             let engine = build_engine_from_bytes(&bytes, path, options)?;
             let mut header = wanted;
             header.layer_choices = engine.layer_choices();
-            EngineFile {
+            let stored = EngineFile {
                 header: header.clone(),
                 onnx: bytes,
                 plan: engine.serialized_plan().unwrap_or_default().to_vec(),
             }
-            .write(&cache.path_for(&header))?;
+            .write(&cache.path_for(&header));
+            // The cache only saves build time: an engine that cannot be stored (disk full,
+            // file-size limit, read-only cache folder) is still used, and the outcome says why it
+            // was not stored. The write is atomic, so no partial file is left in the cache.
+            let reason = match stored {
+                Ok(()) => reason,
+                Err(e) => format!("{reason}; not stored in the cache: {e}"),
+            };
             Ok((engine, EngineSource::Cache(CacheOutcome::Built { reason })))
         }
     }

@@ -362,13 +362,13 @@ fn end_to_end_models_refuse_what_they_cannot_do() {
         NmsFlavour::Onnx,
         &onnx_path,
     );
-    let cuda = BuildOptions {
-        backend: kestrel_runtime::engine::Backend::Cuda,
+    let trt = BuildOptions {
+        backend: kestrel_runtime::engine::Backend::Tensorrt,
         ..Default::default()
     };
-    let e = build_engine(&onnx_path, &cuda).err().unwrap().to_string();
+    let e = build_engine(&onnx_path, &trt).err().unwrap().to_string();
     assert!(
-        e.contains("cpu backend") && e.contains("without --end2end"),
+        e.contains("cpu and cuda backends") && e.contains("without --end2end"),
         "{e}"
     );
     // The raw run is refused with the reason; masks of a detector too.
@@ -488,5 +488,216 @@ fn the_deepstream_layout_decodes_to_the_plain_models_detections() {
     }
     println!("DeepStream layout: {total} detections on 3 scenes, as the plain model's");
     assert!(total > 5, "{total}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// End-to-end outputs of a batch, owned.
+#[derive(Debug)]
+struct Rows {
+    num_dets: Vec<i32>,
+    boxes: Vec<f32>,
+    scores: Vec<f32>,
+    classes: Vec<i32>,
+    masks: Option<Vec<f32>>,
+}
+
+impl Rows {
+    fn of(o: kestrel_runtime::engine::EndToEndOutputs<'_>) -> Self {
+        Self {
+            num_dets: o.num_dets.to_vec(),
+            boxes: o.boxes.to_vec(),
+            scores: o.scores.to_vec(),
+            classes: o.classes.to_vec(),
+            masks: o.masks.map(<[f32]>::to_vec),
+        }
+    }
+
+    /// The same detections: counts and classes equal, boxes within `box_px` input pixels,
+    /// scores within `score`, mask probabilities within `mask`. Returns the detection count.
+    fn assert_close(&self, want: &Self, box_px: f32, score: f32, mask: f32, what: &str) -> usize {
+        let max_diff = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len(), "{what}: lengths");
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert_eq!(self.num_dets, want.num_dets, "{what}: num_dets");
+        assert_eq!(self.classes, want.classes, "{what}: det_classes");
+        let (db, ds) = (
+            max_diff(&self.boxes, &want.boxes),
+            max_diff(&self.scores, &want.scores),
+        );
+        assert!(db < box_px, "{what}: det_boxes differ by {db} px");
+        assert!(ds < score, "{what}: det_scores differ by {ds}");
+        match (&self.masks, &want.masks) {
+            (Some(a), Some(b)) => {
+                let dm = max_diff(a, b);
+                assert!(dm < mask, "{what}: det_masks differ by {dm}");
+                println!("{what}: boxes {db:.1e} px, scores {ds:.1e}, masks {dm:.1e} apart");
+            }
+            (None, None) => println!("{what}: boxes {db:.1e} px, scores {ds:.1e} apart"),
+            _ => panic!("{what}: det_masks on one side only"),
+        }
+        self.num_dets.iter().map(|&n| n as usize).sum()
+    }
+}
+
+/// What an engine running an end-to-end model's plain part returns for it: Kestrel's CPU NMS
+/// with the graph's settings on `head` (and `prototypes`), assembled as the graph's tail does.
+fn assembled(
+    info: &kestrel_runtime::engine::EngineInfo,
+    e2e: &kestrel_runtime::engine::EndToEndInfo,
+    head: &[f32],
+    prototypes: Option<&[f32]>,
+    batch: usize,
+) -> Rows {
+    use kestrel_runtime::end_to_end::{EndToEndBuffers, ImageHead, graph_nms};
+    use kestrel_runtime::nms::{decode_candidates, nms};
+    let cfg = graph_nms(e2e);
+    let len = info.output_len();
+    let mut buffers = EndToEndBuffers::new();
+    let (mut candidates, mut kept) = (Vec::new(), Vec::new());
+    for i in 0..batch {
+        let image = &head[i * len..(i + 1) * len];
+        decode_candidates(image, info.num_classes, info.anchors, &cfg, &mut candidates).unwrap();
+        nms(&mut candidates, &cfg, &mut kept);
+        let dets: Vec<kestrel_runtime::Detection> = kept
+            .iter()
+            .map(|c| kestrel_runtime::Detection {
+                bbox: c.bbox,
+                score: c.score,
+                class_id: c.class_id,
+                anchor: c.anchor,
+            })
+            .collect();
+        let image_head = info.prototypes.zip(prototypes).map(|(shape, p)| ImageHead {
+            head: image,
+            channels: info.output_channels,
+            anchors: info.anchors,
+            prototypes: &p[i * shape.len()..(i + 1) * shape.len()],
+            shape,
+            input_hw: info.input_hw,
+        });
+        buffers
+            .push_image(e2e.max_detections, &dets, image_head.as_ref())
+            .unwrap();
+    }
+    Rows::of(buffers.outputs(prototypes.is_some()))
+}
+
+/// The cuda backend runs an end-to-end model as its plain part plus Kestrel's NMS and a host
+/// assembly of the outputs (`kestrel_runtime::end_to_end`). That assembly, computed here on the
+/// CPU from the plain part's outputs, equals the graph's own outputs (tract running the tail).
+#[test]
+fn kestrels_nms_on_the_plain_part_gives_the_graphs_outputs() {
+    use kestrel_exporter::end2end::plain_part;
+    let dir = scratch_dir("e2e-assembled");
+    let images = scenes(4);
+    for model in ["gelan-t-shapes.onnx", "gelan-t-seg-shapes.onnx"] {
+        let e2e_path = dir.join(model);
+        let e2e_model = end_to_end(&bundled(model), NmsFlavour::Onnx, &e2e_path);
+        let plain_path = dir.join(format!("plain-{model}"));
+        onnx::write_model(&plain_part(&e2e_model).unwrap(), &plain_path).unwrap();
+        let options = BuildOptions {
+            profile: BatchProfile {
+                min: 1,
+                opt: 2,
+                max: 2,
+            },
+            ..Default::default()
+        };
+        let mut graph = build_engine(&e2e_path, &options).unwrap();
+        let e2e = graph.info().end_to_end.clone().unwrap();
+        let mut plain = build_engine(&plain_path, &options).unwrap();
+        let info = plain.info().clone();
+        let mut n = 0;
+        for pair in images.chunks(2) {
+            let input = as_input(pair);
+            let want = Rows::of(graph.run_end_to_end(&input, 2).unwrap());
+            let (head, prototypes) = plain.run_with_prototypes(&input, 2).unwrap();
+            let got = assembled(&info, &e2e, head, prototypes, 2);
+            n += got.assert_close(&want, 1e-3, 1e-5, 1e-4, model);
+        }
+        assert!(n > 10, "{model}: the scenes should have objects ({n})");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The standard-operator flavour on the cuda backend: the same outputs as the plain part's head
+/// (from a cuda engine of the plain model) through Kestrel's CPU NMS, and the same detections as
+/// the cpu backend running the graph.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_onnx_flavour_runs_on_the_cuda_backend() {
+    use kestrel_exporter::end2end::plain_part;
+    use kestrel_runtime::engine::{Backend, Precision};
+    let dir = scratch_dir("e2e-cuda");
+    let images = scenes(4);
+    let profile = BatchProfile {
+        min: 1,
+        opt: 2,
+        max: 2,
+    };
+    let cuda = BuildOptions {
+        backend: Backend::Cuda,
+        precision: Precision::Fp32,
+        profile,
+        ..Default::default()
+    };
+    for (model, seg) in [
+        ("gelan-t-shapes.onnx", false),
+        ("gelan-t-seg-shapes.onnx", true),
+    ] {
+        let e2e_path = dir.join(model);
+        let e2e_model = end_to_end(&bundled(model), NmsFlavour::Onnx, &e2e_path);
+        let plain_path = dir.join(format!("plain-{model}"));
+        onnx::write_model(&plain_part(&e2e_model).unwrap(), &plain_path).unwrap();
+        let mut engine = build_engine(&e2e_path, &cuda).unwrap();
+        let e2e = engine.info().end_to_end.clone().unwrap();
+        assert_eq!(e2e.masks.is_some(), seg);
+        // The raw head is not what an end-to-end model returns.
+        let input = as_input(&images[..2]);
+        let e = engine.run(&input, 2).err().unwrap().to_string();
+        assert!(e.contains("end-to-end"), "{e}");
+        let got = Rows::of(engine.run_end_to_end(&input, 2).unwrap());
+        let mut plain = build_engine(&plain_path, &cuda).unwrap();
+        let info = plain.info().clone();
+        let (head, prototypes) = plain.run_with_prototypes(&input, 2).unwrap();
+        let want = assembled(&info, &e2e, head, prototypes, 2);
+        let n = got.assert_close(&want, 1e-3, 1e-6, 1e-5, &format!("{model} cuda"));
+        assert!(n > 5, "{model}: the scenes should have objects ({n})");
+
+        // Through the detector (with device post-processing asked for, which end-to-end
+        // models do not take): the cpu backend's detections of the graph.
+        let mut on_gpu = Detector::new(engine);
+        on_gpu.set_device_postprocessing(true);
+        let mut on_cpu = detector(&e2e_path);
+        let cfg = NmsConfig::display();
+        for pair in images.chunks(2) {
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            if seg {
+                let (mut want_m, mut got_m) = (Vec::new(), Vec::new());
+                on_cpu
+                    .detect_masks(pair, &cfg, &mut want, &mut want_m)
+                    .unwrap();
+                on_gpu
+                    .detect_masks(pair, &cfg, &mut got, &mut got_m)
+                    .unwrap();
+                for (wm, gm) in want_m.iter().zip(&got_m) {
+                    for (a, b) in wm.iter().zip(gm) {
+                        let iou = a.iou(b).unwrap();
+                        assert!(iou >= 0.99, "{model}: mask IoU {iou}");
+                    }
+                }
+            } else {
+                on_cpu.detect(pair, &cfg, &mut want).unwrap();
+                on_gpu.detect(pair, &cfg, &mut got).unwrap();
+            }
+            for (w, g) in want.iter().zip(&got) {
+                close_detections(w, g, &format!("{model}: cuda vs cpu"));
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -27,7 +27,8 @@ use cudarc::driver::{CudaContext, result as drv, sys as dsys};
 use kestrel_exporter::onnx::pb;
 
 use crate::detection::Detection;
-use crate::engine::{Engine, EngineInfo, LayerTime, Precision, StageTimes};
+use crate::end_to_end::{EndToEndBuffers, ImageHead};
+use crate::engine::{EndToEndOutputs, Engine, EngineInfo, LayerTime, Precision, StageTimes};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
 use crate::letterbox::{InputTensor, LetterboxParams};
@@ -158,6 +159,19 @@ pub struct CudaEngine {
     /// How the fused convolutions were chosen: "timed", or "replayed" from an engine file (with
     /// the layers that had to be timed again, if any).
     fused_selection: String,
+    /// End-to-end models: what the caller sees and the graph's NMS (this engine runs the plain
+    /// part).
+    end_to_end: Option<EndToEndState>,
+}
+
+/// The end-to-end side of an engine running an end-to-end model's plain part.
+struct EndToEndState {
+    /// The end-to-end model's info ([`EngineInfo::end_to_end`] set), returned by `info()`.
+    info: EngineInfo,
+    /// The graph's NMS settings.
+    nms: NmsConfig,
+    kept: Vec<Vec<Detection>>,
+    buffers: EndToEndBuffers,
 }
 
 // SAFETY: every handle inside is used only through `&mut self`, after binding the context to the
@@ -454,6 +468,7 @@ impl CudaEngine {
             int8_stages,
             recorded_fused: recorded.and_then(|r| recorded_fused_choices(r, &buckets)),
             fused_selection: "timed".into(),
+            end_to_end: None,
         };
         engine.prepare_buckets()?;
         engine.choose_fused_convolutions()?;
@@ -471,6 +486,86 @@ impl CudaEngine {
             }
         }
         Ok(engine)
+    }
+
+    /// This engine (built on an end-to-end model's plain part) as the end-to-end model `info`
+    /// describes: `run_end_to_end` returns its outputs, decode and NMS on this GPU with the
+    /// graph's thresholds and K, masks assembled on the host ([`crate::end_to_end`]).
+    pub fn with_end_to_end(mut self, info: EngineInfo) -> Result<Self> {
+        let e = info.end_to_end.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!("{} is not an end-to-end model", info.model_name))
+        })?;
+        if e.masks.is_some() != self.info.prototypes.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: det_masks and the plain part's prototypes disagree",
+                info.model_name
+            )));
+        }
+        let nms = crate::end_to_end::graph_nms(e);
+        nms.validate().map_err(|err| Error::Model {
+            path: info.model_name.clone().into(),
+            message: format!("its end-to-end settings: {err}"),
+        })?;
+        self.end_to_end = Some(EndToEndState {
+            info,
+            nms,
+            kept: Vec::new(),
+            buffers: EndToEndBuffers::new(),
+        });
+        Ok(self)
+    }
+
+    /// End-to-end models return detections, not `output0` (as the cpu backend says).
+    fn refuse_end_to_end(&self) -> Result<()> {
+        match &self.end_to_end {
+            Some(e) => Err(Error::InvalidArgument(format!(
+                "{} is an end-to-end model (NMS inside): it returns detections, not output0; \
+                 run it through the detector (kestrel infer/val) or Engine::run_end_to_end",
+                e.info.model_name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// One batch of an end-to-end model into `e.buffers`.
+    fn end_to_end_batch(
+        &mut self,
+        e: &mut EndToEndState,
+        input: &[f32],
+        batch: usize,
+    ) -> Result<()> {
+        // Segmentation models need the coefficients and prototypes on the host for the masks.
+        let output_ptr = if self.info.prototypes.is_some() {
+            self.run_downloading(input, batch, true)?;
+            self.ptr(self.plan.output)?
+        } else {
+            let ptr = self.launch_batch(Some(input), batch)?;
+            // The post-processor runs on its own stream: the engine's output must be complete.
+            self.stream.synchronize()?;
+            ptr
+        };
+        let input_hw = self.info.input_hw;
+        self.post()?
+            .run_device_input_boxes(output_ptr, batch, input_hw, &e.nms, &mut e.kept)?;
+        e.buffers.clear();
+        let (len, channels, anchors) = (
+            self.info.output_len(),
+            self.info.output_channels,
+            self.info.anchors,
+        );
+        for (i, kept) in e.kept.iter().enumerate().take(batch) {
+            let head = self.info.prototypes.map(|shape| ImageHead {
+                head: &self.output[i * len..(i + 1) * len],
+                channels,
+                anchors,
+                prototypes: &self.prototypes[i * shape.len()..(i + 1) * shape.len()],
+                shape,
+                input_hw,
+            });
+            e.buffers
+                .push_image(e.nms.max_detections, kept, head.as_ref())?;
+        }
+        Ok(())
     }
 
     fn shape(&self, v: ValueId, b: usize) -> Vec<usize> {
@@ -1922,12 +2017,26 @@ impl FramePipeline {
 
 impl Engine for CudaEngine {
     fn info(&self) -> &EngineInfo {
-        &self.info
+        self.end_to_end.as_ref().map_or(&self.info, |e| &e.info)
     }
 
     fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+        self.refuse_end_to_end()?;
         self.run_downloading(input, batch, false)?;
         Ok(&self.output)
+    }
+
+    fn run_end_to_end(&mut self, input: &[f32], batch: usize) -> Result<EndToEndOutputs<'_>> {
+        let Some(mut e) = self.end_to_end.take() else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not an end-to-end model; export it with --end2end",
+                self.info.model_name
+            )));
+        };
+        let result = self.end_to_end_batch(&mut e, input, batch);
+        let e = self.end_to_end.insert(e);
+        result?;
+        Ok(e.buffers.outputs(self.info.prototypes.is_some()))
     }
 
     fn run_with_prototypes(
@@ -1935,6 +2044,7 @@ impl Engine for CudaEngine {
         input: &[f32],
         batch: usize,
     ) -> Result<(&[f32], Option<&[f32]>)> {
+        self.refuse_end_to_end()?;
         let protos = self.run_downloading(input, batch, true)?;
         Ok((&self.output, protos.then_some(&self.prototypes[..])))
     }
@@ -1948,7 +2058,9 @@ impl Engine for CudaEngine {
         out: &mut Vec<Vec<Detection>>,
         masks: &mut Vec<Vec<Bitmap>>,
     ) -> Result<bool> {
-        let (Some(value), Some(shape)) = (self.plan.prototypes, self.info.prototypes) else {
+        let (Some(value), Some(shape), None) =
+            (self.plan.prototypes, self.info.prototypes, &self.end_to_end)
+        else {
             return Ok(false);
         };
         let output_ptr = self.launch_batch(Some(input), batch)?;
@@ -2008,6 +2120,10 @@ impl Engine for CudaEngine {
         cfg: &NmsConfig,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<bool> {
+        // End-to-end models go through run_end_to_end, with the graph's settings.
+        if self.end_to_end.is_some() {
+            return Ok(false);
+        }
         let output_ptr = self.launch_batch(Some(input), batch)?;
         // The post-processor runs on its own stream: the engine's output must be complete.
         self.stream.synchronize()?;
@@ -2022,6 +2138,9 @@ impl Engine for CudaEngine {
         placements: &mut Vec<LetterboxParams>,
         out: &mut Vec<Vec<Detection>>,
     ) -> Result<bool> {
+        if self.end_to_end.is_some() {
+            return Ok(false);
+        }
         if self
             .pipeline
             .as_ref()
@@ -2059,6 +2178,9 @@ impl Engine for CudaEngine {
     }
 
     fn start_frames(&mut self, frames: &[Frame], cfg: &NmsConfig) -> Result<bool> {
+        if self.end_to_end.is_some() {
+            return Ok(false);
+        }
         let mut p = match self.pipeline.take() {
             Some(p) => p,
             None => {

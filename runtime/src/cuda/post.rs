@@ -113,6 +113,8 @@ pub struct GpuPostprocessor {
     letterbox_host: Vec<f32>,
     counts_host: Vec<u32>,
     host: KeptHost,
+    /// Input-pixel placements for [`GpuPostprocessor::run_device_input_boxes`].
+    identity: Vec<LetterboxParams>,
     /// Last, so it is released after every buffer, the stream and the module are freed in it.
     ctx: Arc<CudaContext>,
 }
@@ -173,6 +175,7 @@ impl GpuPostprocessor {
             letterbox_host: vec![0.0; max_batch * 6],
             counts_host: vec![0; max_batch],
             host: KeptHost::default(),
+            identity: Vec::new(),
             stream: Stream::new()?,
             ctx,
             _kernels: kernels,
@@ -260,6 +263,44 @@ impl GpuPostprocessor {
         letterboxes: &[LetterboxParams],
         cfg: &NmsConfig,
         out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        self.decode_and_nms(output, element, batch, letterboxes, cfg, out, false)
+    }
+
+    /// [`GpuPostprocessor::run_device`] with the kept boxes as the head gives them, in input
+    /// pixels and not clipped: what an end-to-end graph's NMS returns
+    /// ([`crate::end_to_end`]).
+    pub fn run_device_input_boxes(
+        &mut self,
+        output: dsys::CUdeviceptr,
+        batch: usize,
+        input_hw: [usize; 2],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+    ) -> Result<()> {
+        // Placements are uploaded (the kernel maps every kept box) but their boxes not read.
+        self.identity.clear();
+        self.identity
+            .resize(batch, crate::end_to_end::input_placement(input_hw));
+        let identity = std::mem::take(&mut self.identity);
+        let result =
+            self.decode_and_nms(output, HeadElement::F32, batch, &identity, cfg, out, true);
+        self.identity = identity;
+        result
+    }
+
+    /// Decode + NMS; `input_boxes`: return the kept boxes in input pixels, unclipped, instead of
+    /// mapped to source pixels and clipped.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_and_nms(
+        &mut self,
+        output: dsys::CUdeviceptr,
+        element: HeadElement,
+        batch: usize,
+        letterboxes: &[LetterboxParams],
+        cfg: &NmsConfig,
+        out: &mut Vec<Vec<Detection>>,
+        input_boxes: bool,
     ) -> Result<()> {
         let half = Arg::I32(i32::from(element == HeadElement::F16));
         self.check_batch(batch)?;
@@ -407,7 +448,12 @@ impl GpuPostprocessor {
         // SAFETY: each device array holds at least max_batch * slots entries (count: max_batch);
         // the host vectors were sized above and are not touched until the stream is synchronised.
         unsafe {
-            drv::memcpy_dtoh_async(&mut h.boxes[..], kept.boxes.ptr, s)
+            let boxes = if input_boxes {
+                kept.input_boxes.ptr
+            } else {
+                kept.boxes.ptr
+            };
+            drv::memcpy_dtoh_async(&mut h.boxes[..], boxes, s)
                 .and_then(|_| drv::memcpy_dtoh_async(&mut h.scores[..], kept.scores.ptr, s))
                 .and_then(|_| drv::memcpy_dtoh_async(&mut h.classes[..], kept.classes.ptr, s))
                 .and_then(|_| drv::memcpy_dtoh_async(&mut h.anchors[..], kept.anchors.ptr, s))
