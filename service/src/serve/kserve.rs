@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use kestrel_runtime::Detection;
 use kestrel_runtime::dataset::{ImageBytesError, decode_image_bytes};
 use kestrel_runtime::engine::EngineInfo;
-use kestrel_runtime::kserve::{BINARY_HEADER, ModelSignature, parse_infer_request};
+use kestrel_runtime::kserve::{BINARY_HEADER, ModelSignature, RequestError, parse_infer_request};
 use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
 use kestrel_runtime::masks::{
     MASK_COEFFICIENTS, MaskDecoder, PrototypeShape, Rle, coefficients_at,
@@ -36,7 +36,9 @@ fn body_of(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|e| {
         let status = e.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body exceeds --max-body-bytes".to_string()
+            "the request body exceeds max_body_bytes: send a smaller body, or raise \
+             --max-body-bytes / max_body_bytes in the --config file"
+                .to_string()
         } else {
             format!("reading the request body: {}", e.body_text())
         };
@@ -255,7 +257,9 @@ async fn run_batched(
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
-                    "model {} has {} requests waiting (max_queue_size): retry shortly",
+                    "model {} has {} requests waiting (max_queue_size): retry shortly, or raise \
+                     max_queue_size (the model's config.json, --max-queue-size or the --config \
+                     file)",
                     model.name,
                     model.batcher.config().max_queue_size
                 ),
@@ -273,7 +277,8 @@ async fn run_batched(
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
-                    "no result within {:.3} s (the request's timeout, or --request-timeout-s)",
+                    "no result within {:.3} s (the request's own timeout, or request_timeout_s: \
+                     raise --request-timeout-s / request_timeout_s in the --config file)",
                     timeout.as_secs_f64()
                 ),
             ));
@@ -354,7 +359,13 @@ async fn infer_request(
         headers.get(BINARY_HEADER).map(HeaderValue::as_bytes),
         &signature,
     )
-    .map_err(|e| bad_request(e.to_string()))?;
+    .map_err(|e| match e {
+        RequestError::BatchTooLarge { .. } => bad_request(format!(
+            "{e} (or raise max_batch_size: the model's config.json, --max-batch-size or the \
+             --config file)"
+        )),
+        e => bad_request(e.to_string()),
+    })?;
     let (images, timeout) = (request.images, request.timeout);
     let (_, per_out) = model.batcher.per_image();
     let shapes = output_shapes(info, Some(images));
@@ -636,12 +647,15 @@ fn first_multipart_part<'a>(body: &'a [u8], boundary: &[u8]) -> Option<&'a [u8]>
 /// Decode a PNG, JPEG or BMP body ([`decode_image_bytes`]: an image over `max_pixels` is refused
 /// from its header, before any pixel is decoded): too many pixels is a 413, anything else a 400.
 fn decode_image(body: &[u8], max_pixels: u64) -> ApiResult<image::RgbImage> {
-    decode_image_bytes(body, max_pixels).map_err(|e| {
-        let status = match e {
-            ImageBytesError::TooManyPixels { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, e.to_string())
+    decode_image_bytes(body, max_pixels).map_err(|e| match e {
+        ImageBytesError::TooManyPixels { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{e}: send a smaller image, or raise max_image_pixels (--max-image-pixels or \
+                     the --config file)"
+            ),
+        ),
+        _ => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
     })
 }
 

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -85,7 +86,8 @@ pub struct Args {
     /// Requests served at once, at most (more: 503) [default: 256].
     #[arg(long)]
     max_concurrency: Option<usize>,
-    /// Bearer token the repository (control) endpoints require ($KESTREL_CONTROL_TOKEN).
+    /// Bearer token the repository (control) endpoints require ($KESTREL_CONTROL_TOKEN). Without
+    /// a token those endpoints answer requests from this host (loopback) only.
     #[arg(long)]
     control_token: Option<String>,
     /// A file holding that token (one line; read at start, so the token stays out of `ps`).
@@ -101,8 +103,10 @@ pub struct AppState {
     repo: Repository,
     metrics: PrometheusHandle,
     max_image_pixels: u64,
+    max_body_bytes: usize,
     request_timeout: Duration,
     control_token: Option<String>,
+    max_concurrency: usize,
     concurrency: Semaphore,
 }
 
@@ -206,6 +210,8 @@ pub fn run(args: Args) -> Result<()> {
         repo,
         metrics,
         max_image_pixels: a.max_image_pixels,
+        max_body_bytes: a.max_body_bytes,
+        max_concurrency: a.max_concurrency.max(1),
         request_timeout: Duration::from_secs_f64(a.request_timeout_s.max(0.001)),
         control_token: a.control_token.clone(),
         concurrency: Semaphore::new(a.max_concurrency.max(1)),
@@ -276,10 +282,22 @@ async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Res
             }
         })
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
+    if state.control_token.is_none() && !listen.ip().is_loopback() {
+        log(
+            "warning",
+            "no control token: the repository endpoints (load, unload, index) answer requests \
+             from this host only; set control_token_file (or --control-token-file) to use them \
+             from elsewhere",
+        );
+    }
+    // The peer's address reaches the handlers: the control endpoints check it.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving")?;
     upkeep.abort();
     // In-flight requests have completed; stop the batchers.
     let s = Arc::clone(&state);
@@ -363,7 +381,9 @@ async fn prometheus(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// At most `--max-concurrency` requests at once (more: 503 right away); the in-flight gauge.
+/// At most `--max-concurrency` requests at once (more: 503 right away); the in-flight gauge. The
+/// body is read here, within `--request-timeout-s` and `--max-body-bytes`, so that a slow or
+/// oversized upload cannot hold a slot: 408 and 413 name the limit and how to raise it.
 async fn limit_concurrency(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -372,37 +392,173 @@ async fn limit_concurrency(
     let Ok(_permit) = state.concurrency.try_acquire() else {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests at once: retry shortly",
+            format!(
+                "too many requests at once (max_concurrency {}): retry shortly, or raise \
+                 --max-concurrency / max_concurrency in the --config file",
+                state.max_concurrency
+            ),
         );
         e.retry_after = Some(1);
         return e.into_response();
     };
     let gauge = ::metrics::gauge!(metrics::IN_FLIGHT);
     gauge.increment(1.0);
-    let response = next.run(request).await;
+    let response = match read_body(&state, request).await {
+        Ok(request) => next.run(request).await,
+        Err(e) => e.into_response(),
+    };
     gauge.decrement(1.0);
     response
 }
 
-/// The repository endpoints need `Authorization: Bearer <token>` when a token is set.
+/// The request with its body read into memory: at most `max_body_bytes` (413), within
+/// `request_timeout` (408).
+async fn read_body(state: &AppState, request: Request) -> Result<Request, ApiError> {
+    use futures_util::StreamExt;
+    let max = state.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body exceeds max_body_bytes ({max} bytes): send a smaller body, or \
+                 raise --max-body-bytes / max_body_bytes in the --config file"
+            ),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let (parts, body) = request.into_parts();
+    let timeout = state.request_timeout;
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut bytes = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body: {e}"),
+                )
+            })?;
+            if bytes.len() + chunk.len() > max {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    let bytes = tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within request_timeout_s ({:.3} s): send it \
+                 faster, or raise --request-timeout-s / request_timeout_s in the --config file",
+                timeout.as_secs_f64()
+            ),
+        )
+    })??;
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// Whether a request may use the repository (control) endpoints: with a token set, it must
+/// carry `Authorization: Bearer <token>` (401 otherwise); without one, it must come from this
+/// host (403 otherwise), so that a service listening on 0.0.0.0 is not open to load and unload.
+fn control_access(
+    token: Option<&str>,
+    peer: Option<SocketAddr>,
+    authorization: Option<&str>,
+) -> Result<(), ApiError> {
+    match token {
+        Some(token) => {
+            let given = authorization.and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
+            if given.is_some_and(|g| same_secret(g.trim().as_bytes(), token.as_bytes())) {
+                Ok(())
+            } else {
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "the repository endpoints need `Authorization: Bearer <token>`, the token of \
+                     control_token_file / --control-token-file / --control-token / \
+                     $KESTREL_CONTROL_TOKEN",
+                ))
+            }
+        }
+        None if peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the repository endpoints answer requests from this host only while no control token \
+             is set: set control_token_file in the --config file (or --control-token-file, \
+             $KESTREL_CONTROL_TOKEN) and send `Authorization: Bearer <token>`",
+        )),
+    }
+}
+
+/// Compare a given token with the secret in time that depends on their lengths only.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    given.len() == secret.len()
+        && given
+            .iter()
+            .zip(secret)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The repository endpoints: see [`control_access`].
 async fn require_token(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = &state.control_token {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the repository endpoints need `Authorization: Bearer <token>` (--control-token)",
-            )
-            .into_response();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match control_access(state.control_token.as_deref(), peer, authorization) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_endpoints_need_the_token_or_this_host() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        // No token: this host only.
+        assert!(control_access(None, Some(local), None).is_ok());
+        assert!(control_access(None, Some(mapped), None).is_ok());
+        let e = control_access(None, Some(remote), None).unwrap_err();
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert!(e.message.contains("control_token_file"), "{}", e.message);
+        assert!(control_access(None, None, None).is_err());
+        // A token: from anywhere, with the token; never without it, not even from this host.
+        let t = Some("s3cret");
+        assert!(control_access(t, Some(remote), Some("Bearer s3cret")).is_ok());
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+        ] {
+            let e = control_access(t, Some(local), wrong).unwrap_err();
+            assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+            assert!(!e.message.contains("s3cret"), "{}", e.message);
         }
     }
-    next.run(request).await
 }

@@ -20,96 +20,11 @@ use kestrel_runtime::engine::{
     Backend, BatchProfile, BuildOptions, EngineInfo, EngineSource, Precision, open_engine,
 };
 use kestrel_runtime::engine_file::{CacheOutcome, EngineCache};
-use serde::{Deserialize, Serialize};
 
 use super::batcher::{Batcher, BatcherConfig, Instance};
 use super::metrics as m;
 
-/// A model's settings (`config.json` in its folder; command-line defaults otherwise).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelConfig {
-    /// cpu or cuda.
-    pub backend: String,
-    /// fp32, fp16, int8 or best.
-    pub precision: String,
-    /// Images per engine run, at most.
-    pub max_batch_size: usize,
-    /// Microseconds the first request of a batch waits for more (0: no waiting).
-    pub max_queue_delay_us: u64,
-    /// Requests waiting, at most (more: 503 with Retry-After).
-    pub max_queue_size: usize,
-    /// Batch sizes that run as soon as they are reached, without waiting out the delay.
-    pub preferred_batch_sizes: Vec<usize>,
-    /// Engines of the model run at once (each with its own batches), 1–16, on GPU 0.
-    pub instance_count: usize,
-    /// Where each engine instance runs, e.g. `[{"gpu": 0}, {"gpu": 1}]`: one instance per entry
-    /// (a GPU may repeat). Replaces `instance_count` (which must then be 1 or the same count).
-    pub instances: Vec<InstanceConfig>,
-    /// Image endpoint defaults (a request's query parameters override them).
-    pub conf_threshold: f32,
-    pub iou_threshold: f32,
-    pub max_detections: usize,
-    /// Class names, one per line (relative to the model's folder); default: the model's own.
-    pub labels: Option<String>,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        Self {
-            backend: "cpu".into(),
-            precision: "fp32".into(),
-            max_batch_size: 8,
-            max_queue_delay_us: 2000,
-            max_queue_size: 64,
-            preferred_batch_sizes: Vec::new(),
-            instance_count: 1,
-            instances: Vec::new(),
-            conf_threshold: 0.25,
-            iou_threshold: 0.45,
-            max_detections: 300,
-            labels: None,
-        }
-    }
-}
-
-/// One engine instance of a model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceConfig {
-    /// The GPU it runs on (CUDA device number, 0 = the first; the cpu backend takes 0 only).
-    pub gpu: usize,
-}
-
-impl ModelConfig {
-    /// The GPU of each engine instance, in instance order; or why the config is wrong.
-    pub fn placements(&self) -> Result<Vec<usize>, String> {
-        if self.instances.is_empty() {
-            if !(1..=16).contains(&self.instance_count) {
-                return Err(format!(
-                    "instance_count {}: give 1 to 16",
-                    self.instance_count
-                ));
-            }
-            return Ok(vec![0; self.instance_count]);
-        }
-        if self.instances.len() > 16 {
-            return Err(format!(
-                "instances lists {} engines: give 1 to 16",
-                self.instances.len()
-            ));
-        }
-        if self.instance_count != 1 && self.instance_count != self.instances.len() {
-            return Err(format!(
-                "instance_count {} and {} instances disagree: give either, e.g. only \
-                 \"instances\": [{{\"gpu\": 0}}, {{\"gpu\": 1}}]",
-                self.instance_count,
-                self.instances.len()
-            ));
-        }
-        Ok(self.instances.iter().map(|i| i.gpu).collect())
-    }
-}
+pub use kestrel_runtime::model_config::{InstanceConfig, ModelConfig};
 
 /// One version of a model, ready to serve.
 pub struct LoadedModel {
@@ -330,7 +245,7 @@ impl Repository {
                 }
             },
         };
-        let loaded = load_versions(name, &origin, &self.defaults);
+        let loaded = load_versions(name, &origin, &self.defaults, self.root.as_deref());
         let mut entries = self.write();
         let entry = entries.entry(name.to_string()).or_insert(Entry {
             origin,
@@ -379,17 +294,47 @@ impl Repository {
     }
 }
 
+/// `path` with its symlinks resolved, refused when that lies outside the repository folder
+/// `root`: a model folder, config, model file or labels file of the repository may be a symlink,
+/// but only to something inside the repository.
+fn within_repository(root: Option<&Path>, path: &Path) -> Result<PathBuf, String> {
+    let real = path
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(root) = root {
+        let top = root
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", root.display()))?;
+        if !real.starts_with(&top) {
+            return Err(format!(
+                "{} leads outside the model repository {} (a symlink to {}): copy or move what \
+                 it points to into the repository",
+                path.display(),
+                top.display(),
+                real.display()
+            ));
+        }
+    }
+    Ok(real)
+}
+
 /// Load every version folder (or the one file) of a model.
 fn load_versions(
     name: &str,
     origin: &Origin,
     defaults: &ModelConfig,
+    root: Option<&Path>,
 ) -> Result<BTreeMap<u64, Arc<LoadedModel>>, String> {
     let (config, files, folder) = match origin {
         Origin::File(f) => (defaults.clone(), vec![(1u64, f.clone())], None),
         Origin::Folder(dir) => {
-            let config = match std::fs::read_to_string(dir.join("config.json")) {
-                Ok(text) => serde_json::from_str::<ModelConfig>(&text)
+            within_repository(root, dir)?;
+            let config_file = dir.join("config.json");
+            if config_file.exists() {
+                within_repository(root, &config_file)?;
+            }
+            let config = match std::fs::read_to_string(&config_file) {
+                Ok(text) => ModelConfig::from_json(&text)
                     .map_err(|e| format!("{}/config.json: {e}", dir.display()))?,
                 Err(_) => defaults.clone(),
             };
@@ -406,7 +351,10 @@ fn load_versions(
                     .map(|f| e.path().join(f))
                     .find(|p| p.is_file());
                 match file {
-                    Some(f) => files.push((v, f)),
+                    Some(f) => {
+                        within_repository(root, &f)?;
+                        files.push((v, f));
+                    }
                     None => {
                         return Err(format!(
                             "{}: no model.onnx or model.engine",
@@ -420,6 +368,9 @@ fn load_versions(
                     "{}: no version folder (1/model.onnx, …)",
                     dir.display()
                 ));
+            }
+            if let Some(labels) = &config.labels {
+                within_repository(root, &dir.join(labels))?;
             }
             (config, files, Some(dir.clone()))
         }
@@ -544,51 +495,4 @@ fn load_one(
         batcher,
         metrics: ModelMetrics::new(name),
     })
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn config(json: &str) -> Result<ModelConfig, String> {
-        serde_json::from_str::<ModelConfig>(json).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn instances_place_one_engine_per_entry() {
-        let c = config(r#"{"instances": [{"gpu": 0}, {"gpu": 1}, {"gpu": 1}]}"#).unwrap();
-        assert_eq!(c.placements().unwrap(), vec![0, 1, 1]);
-        // Without instances: instance_count engines on GPU 0.
-        let c = config(r#"{"instance_count": 3}"#).unwrap();
-        assert_eq!(c.placements().unwrap(), vec![0, 0, 0]);
-        // Both, agreeing.
-        let c = config(r#"{"instance_count": 2, "instances": [{"gpu": 0}, {"gpu": 1}]}"#);
-        assert_eq!(c.unwrap().placements().unwrap(), vec![0, 1]);
-    }
-
-    #[test]
-    fn wrong_placements_are_named() {
-        let c = config(r#"{"instance_count": 3, "instances": [{"gpu": 0}, {"gpu": 1}]}"#);
-        let e = c.unwrap().placements().unwrap_err();
-        assert!(
-            e.contains("instance_count 3") && e.contains("2 instances"),
-            "{e}"
-        );
-        let many = vec![r#"{"gpu": 0}"#; 17].join(",");
-        let e = config(&format!(r#"{{"instances": [{many}]}}"#))
-            .unwrap()
-            .placements()
-            .unwrap_err();
-        assert!(e.contains("17") && e.contains("1 to 16"), "{e}");
-        let e = config(r#"{"instances": [{"gpu": -1}]}"#).unwrap_err();
-        assert!(e.contains("-1"), "{e}");
-        let e = config(r#"{"instances": [{"gpu": 0, "memory": 2}]}"#).unwrap_err();
-        assert!(e.contains("memory"), "{e}");
-        let e = config(r#"{"instance_count": 0}"#)
-            .unwrap()
-            .placements()
-            .unwrap_err();
-        assert!(e.contains("instance_count 0"), "{e}");
-    }
 }
