@@ -259,7 +259,13 @@ impl EngineFile {
 /// Write `bytes` to `path` atomically (the exporter's unique temporary file + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     kestrel_exporter::onnx::write_atomic(path, bytes).map_err(|e| match e {
-        kestrel_exporter::Error::Io { path, cause } => Error::io(path, cause),
+        // A failed write is named by the file asked for, not by the hidden temporary file it
+        // happened in (already removed): that is the name the user knows. A folder that cannot
+        // be created keeps its own name.
+        kestrel_exporter::Error::Io { path: at, cause } if Some(at.as_path()) == path.parent() => {
+            Error::io(at, cause)
+        }
+        kestrel_exporter::Error::Io { cause, .. } => Error::io(path, cause),
         other => Error::EngineFile {
             path: path.to_path_buf(),
             reason: other.to_string(),

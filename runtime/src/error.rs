@@ -68,6 +68,41 @@ fn describe_io(e: &std::io::Error) -> String {
         std::io::ErrorKind::PermissionDenied => {
             "permission denied; check the file's permissions".into()
         }
+        // A full disk or a file-size limit while writing (an engine file, the engine cache):
+        // say which, and what to do, rather than the bare "os error 28".
+        std::io::ErrorKind::StorageFull => {
+            "no space left on the device; free some space or write to another disk, then retry"
+                .into()
+        }
+        std::io::ErrorKind::QuotaExceeded => {
+            "disk quota exceeded; free some space or raise the quota, then retry".into()
+        }
+        std::io::ErrorKind::FileTooLarge => "file too large for the file system or for this \
+             process's file-size limit (`ulimit -f`, systemd LimitFSIZE=); raise the limit or \
+             write to another disk, then retry"
+            .into(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ENOSPC, EDQUOT and EFBIG (what a write gets on a full disk, over quota, past
+    /// `ulimit -f`) read as the problem and its fix.
+    #[test]
+    fn full_disks_and_size_limits_are_named() {
+        for (errno, needle) in [
+            (28, "no space left on the device"),
+            (122, "disk quota exceeded"),
+            (27, "ulimit -f"),
+        ] {
+            let e = Error::io("x.engine", std::io::Error::from_raw_os_error(errno)).to_string();
+            assert!(
+                e.starts_with("x.engine: ") && e.contains(needle) && e.contains("retry"),
+                "{errno}: {e}"
+            );
+        }
     }
 }

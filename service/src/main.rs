@@ -51,6 +51,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ignore_sigxfsz();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -83,3 +84,20 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A write past a file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) then fails with EFBIG,
+/// which the atomic writers report ("file too large … raise the limit") and clean up after,
+/// instead of SIGXFSZ killing the process mid-write with a core dump and leaving the temporary
+/// file behind (PostgreSQL ignores it for the same reason).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn ignore_sigxfsz() {
+    // SAFETY: only sets one signal's disposition to SIG_IGN, first thing in main, before any
+    // other thread exists or any handler is installed.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn ignore_sigxfsz() {}

@@ -256,6 +256,14 @@ fn run(
             .fetch_sub(jobs.len(), Ordering::Relaxed)
             .saturating_sub(jobs.len());
         depth.set(left as f64);
+        // A request whose client has gone (its timeout passed while it waited, or the
+        // connection closed) is not run: under overload, computing answers nobody waits for
+        // would delay the live requests behind them. The others of the batch run as formed.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let images: usize = jobs.iter().map(|j| j.images).sum();
         input.clear();
         for j in &jobs {
             input.extend_from_slice(&j.input);
