@@ -1,7 +1,7 @@
 # Developer entry points that are not plain cargo commands.
 
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= onnx_model engine_file image_decode kserve_request yolo_labels coco_json
+FUZZ_TARGETS ?= onnx_model engine_file image_decode kserve_request yolo_labels coco_json repository_config
 
 .PHONY: fuzz fuzz-corpus fuzz-table
 

@@ -18,7 +18,7 @@ seconds=${1:?usage: fuzz.sh SECONDS [TARGET...]}
 shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(onnx_model engine_file image_decode kserve_request yolo_labels coco_json)
+    targets=(onnx_model engine_file image_decode kserve_request yolo_labels coco_json repository_config)
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "cargo-fuzz is missing: nice -n 19 cargo install cargo-fuzz --locked" >&2

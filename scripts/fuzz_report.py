@@ -37,6 +37,9 @@ COVERS = {
     "paint-order instance masks",
     "coco_json": "`Dataset::from_coco_json_text` (images, annotations, categories, polygon and "
     "RLE segmentations, instance masks) and `Rle::from_coco_string` (compressed RLE counts)",
+    "repository_config": "`ModelConfig::from_json`: a model folder's `config.json` of the serve "
+    "repository (fields, ranges, engine placements, the labels path kept inside the folder) "
+    "and its re-encoding",
 }
 
 

@@ -17,6 +17,7 @@ use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision};
 use kestrel_runtime::engine_file::{BuildEnvironment, EngineFile, sha256_hex};
 use kestrel_runtime::kserve::{InferRequest, ModelSignature, TensorEncoding, parse_infer_request};
 use kestrel_runtime::masks::Rle;
+use kestrel_runtime::model_config::{MAX_BATCH_SIZE, MAX_INSTANCES, ModelConfig};
 
 /// Largest graph (nodes) the ONNX target runs the graph passes on: the micro GELAN seeds have
 /// 650–1200 nodes.
@@ -236,6 +237,56 @@ pub fn kserve_request(data: &[u8]) {
         zero(&mut b);
         assert!(same(&a, &b), "JSON round trip");
     }
+}
+
+/// A model folder's `config.json` of `kestrel serve`'s repository ([`ModelConfig::from_json`]):
+/// a config that parses holds only values the service can run (1–16 engine placements, batch
+/// sizes in range, thresholds in [0, 1]), names a labels file inside its model's folder, and
+/// encodes back to JSON that parses to the same config.
+pub fn repository_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let config = match ModelConfig::from_json(text) {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(!e.to_string().is_empty(), "an error without a message");
+            return;
+        }
+    };
+    let placements = config
+        .placements()
+        .unwrap_or_else(|e| panic!("a config that parses has placements: {e}"));
+    assert!((1..=MAX_INSTANCES).contains(&placements.len()));
+    assert!((1..=MAX_BATCH_SIZE).contains(&config.max_batch_size));
+    assert!(
+        config
+            .preferred_batch_sizes
+            .iter()
+            .all(|&p| (1..=config.max_batch_size).contains(&p))
+    );
+    assert!(config.max_queue_size >= 1 && config.max_detections >= 1);
+    for t in [config.conf_threshold, config.iou_threshold] {
+        assert!((0.0..=1.0).contains(&t), "threshold {t}");
+    }
+    if let Some(labels) = &config.labels {
+        let folder = Path::new("/repository/model");
+        let joined = folder.join(labels);
+        assert!(
+            joined.starts_with(folder),
+            "labels {labels:?} leave the folder"
+        );
+        assert!(
+            joined
+                .components()
+                .all(|c| !matches!(c, std::path::Component::ParentDir)),
+            "labels {labels:?} hold '..'"
+        );
+    }
+    let json = serde_json::to_string(&config).expect("a config encodes");
+    let back = ModelConfig::from_json(&json)
+        .unwrap_or_else(|e| panic!("the re-encoded config {json} does not parse: {e}"));
+    assert_eq!(back, config, "JSON round trip");
 }
 
 /// A YOLO label file: bytes 0–1 and 2–3 are the image width and height (little-endian, pixels),

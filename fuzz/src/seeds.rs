@@ -41,6 +41,7 @@ pub fn all() -> Result<Vec<Seed>, String> {
     out.extend(images()?);
     out.extend(kserve_requests());
     out.extend(labels()?);
+    out.extend(repository_configs()?);
     Ok(out)
 }
 
@@ -363,6 +364,46 @@ fn kserve_requests() -> Vec<Seed> {
             wire(&full, TensorEncoding::Binary),
         ),
     ]
+}
+
+/// Model folders' `config.json` files: the defaults as the runtime writes them, the forms the
+/// docs show (GPU placement, preferred batch sizes, a labels file, detection defaults), and
+/// refused ones (a labels path out of the folder, disagreeing placements).
+fn repository_configs() -> Result<Vec<Seed>, String> {
+    use kestrel_runtime::model_config::{InstanceConfig, ModelConfig};
+    let full = ModelConfig {
+        backend: "cuda".into(),
+        precision: "int8".into(),
+        max_batch_size: 16,
+        max_queue_delay_us: 500,
+        max_queue_size: 128,
+        preferred_batch_sizes: vec![4, 8],
+        instance_count: 2,
+        instances: vec![InstanceConfig { gpu: 0 }, InstanceConfig { gpu: 1 }],
+        conf_threshold: 0.4,
+        iou_threshold: 0.6,
+        max_detections: 100,
+        labels: Some("meta/labels.txt".into()),
+    };
+    let pretty = |c: &ModelConfig| serde_json::to_vec_pretty(c).map_err(err);
+    let seed = |name: &str, bytes: Vec<u8>| ("repository_config", format!("{name}.json"), bytes);
+    Ok(vec![
+        seed("defaults", pretty(&ModelConfig::default())?),
+        seed("full", pretty(&full)?),
+        seed("empty", b"{}".to_vec()),
+        seed(
+            "cpu_batching",
+            br#"{"backend": "cpu", "max_batch_size": 4, "max_queue_delay_us": 0}"#.to_vec(),
+        ),
+        seed(
+            "labels_outside",
+            br#"{"labels": "../other/labels.txt", "instance_count": 3}"#.to_vec(),
+        ),
+        seed(
+            "placements_disagree",
+            br#"{"instance_count": 3, "instances": [{"gpu": 0}, {"gpu": 1}]}"#.to_vec(),
+        ),
+    ])
 }
 
 /// YOLO labels and COCO json of a small `kestrel synth` dataset, and COCO RLE strings of its

@@ -65,6 +65,11 @@ fn coco_json_inputs() {
     assert!(replay("coco_json", checks::coco_json) >= 4);
 }
 
+#[test]
+fn repository_config_inputs() {
+    assert!(replay("repository_config", checks::repository_config) >= 6);
+}
+
 /// `bash scripts/fuzz-corpus.sh`: write the seed corpora to `$KESTREL_FUZZ_SEEDS_OUT`.
 #[test]
 #[ignore = "writes fuzz/seeds; run by scripts/fuzz-corpus.sh"]
