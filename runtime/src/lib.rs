@@ -22,6 +22,7 @@ pub mod letterbox;
 pub mod masks;
 pub mod model_config;
 pub mod nms;
+pub mod plot;
 pub mod probe;
 pub mod segments;
 pub mod synth;

@@ -1,5 +1,5 @@
-//! Training pictures as PNGs, so a run can be judged at a glance: the loss terms and the mAP per
-//! epoch, and the precision-recall curves of the final model.
+//! Line charts as PNGs, so a run can be judged at a glance: the trainer's loss terms and mAP per
+//! epoch and its precision-recall curves, and the soak runs' memory over time.
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ use imageproc::drawing::{draw_line_segment_mut, draw_text_mut};
 
 use crate::error::{Error, Result};
 
-/// One named series of values per epoch.
+/// One named series of values, one per step of the x axis (epoch, sample).
 pub struct Series<'a> {
     pub name: &'a str,
     pub values: &'a [f64],
@@ -49,6 +49,11 @@ pub fn curves_zoomed(path: &Path, title: &str, series: &[Series]) -> Result<()> 
 /// (pycocotools' 101 points), drawn on fixed [0, 1] axes with the legend as a column.
 pub fn pr_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     chart(path, title, series, "recall 0 → 1", Some((0.0, 1.0)), true)
+}
+
+/// [`curves`] with the x axis named `x_label` (its unit and extent, e.g. "1800 s").
+pub fn curves_labelled(path: &Path, title: &str, series: &[Series], x_label: &str) -> Result<()> {
+    chart(path, title, series, x_label, None, false)
 }
 
 /// Line chart of `series` against their index; `range` fixes the y axis (else it spans the data
@@ -107,7 +112,7 @@ fn chart(
         }
     }
     if let Some(font) =
-        kestrel_runtime::labels::label_font_bytes().and_then(|b| FontVec::try_from_vec(b).ok())
+        crate::labels::label_font_bytes().and_then(|b| FontVec::try_from_vec(b).ok())
     {
         let scale = PxScale::from(16.0);
         let black = Rgb([0, 0, 0]);
@@ -169,8 +174,10 @@ fn chart(
             draw_text_mut(&mut img, black, lx + 30, ly, scale, &font, s.name);
         }
     }
-    img.save(path)
-        .map_err(|e| Error::Data(format!("writing {}: {e}", path.display())))
+    img.save(path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: format!("writing the chart: {e}"),
+    })
 }
 
 #[cfg(test)]

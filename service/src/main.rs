@@ -44,6 +44,9 @@ enum Command {
     /// Serve models over HTTP: KServe v2 (Triton clients), an image endpoint, dynamic batching,
     /// Prometheus metrics at /metrics.
     Serve(serve::Args),
+    /// Soak runs: the service, an engine or the GStreamer element under long load, memory
+    /// sampled, failing on growth after warm-up or on unexpected errors (soak.json, soak.png).
+    Soak(commands::soak::Args),
     /// Run a GStreamer pipeline through kestrelinfer and kestreloverlay: numbered frames or a
     /// test pattern in, annotated frames and detections.jsonl out.
     #[cfg(feature = "gstreamer")]
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => commands::synth::run(a),
         Command::Doctor(a) => commands::doctor::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Soak(a) => commands::soak::run(a),
         #[cfg(feature = "gstreamer")]
         Command::Pipeline(a) => commands::pipeline::run(a),
     };

@@ -9,7 +9,8 @@ pub mod import;
 pub mod loss;
 pub mod model;
 pub mod optim;
-pub mod plot;
+/// The charts moved to the runtime (the soak runs draw them too).
+pub use kestrel_runtime::plot;
 pub mod quant;
 pub mod train;
 

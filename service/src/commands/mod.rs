@@ -9,5 +9,6 @@ pub mod inspect;
 #[cfg(feature = "gstreamer")]
 pub mod pipeline;
 pub mod quantize;
+pub mod soak;
 pub mod synth;
 pub mod val;
