@@ -90,6 +90,40 @@ fn inspect_reports_quantization_draws_it_and_reads_engine_files() {
     assert!(int8 > 0);
     assert_eq!(v["rects"]["conv int8"], int8, "{v}");
 
+    // The cuda engine's layers, without a GPU: one row per step, in text and JSON.
+    let text = ok(&kestrel(&[
+        "inspect",
+        p(&q),
+        "--layers",
+        "--layers-precision",
+        "int8",
+        "--batch",
+        "2",
+    ]));
+    assert!(
+        text.contains("cuda engine layers (int8, batch buckets 1, 2)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("conv int8") && text.contains("(Conv)"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&kestrel(&[
+        "inspect",
+        p(&q),
+        "--layers",
+        "--layers-precision",
+        "int8",
+        "--json",
+    ])))
+    .unwrap();
+    let rows = json["layers"]["rows"].as_array().unwrap();
+    // Each convolution the quantizer made INT8 runs on int8 tensor cores, or in fp16 after a
+    // fake quantization where the engine keeps it float (at 64 px, the small deep layers).
+    let count = |kind: &str| rows.iter().filter(|r| r["kind"] == kind).count() as u64;
+    assert!(count("conv int8") > 0);
+    assert_eq!(count("conv int8") + count("fake quantize"), int8);
+
     // An engine file: its header, and the ONNX inside it.
     let engine = dir.join("m.engine");
     ok(&kestrel(&[
@@ -113,6 +147,12 @@ fn inspect_reports_quantization_draws_it_and_reads_engine_files() {
     let text = ok(&kestrel(&["inspect", p(&engine)]));
     assert!(text.contains("engine:      cpu backend"), "{text}");
     // --profile needs device timing (a cuda engine) and an engine, each said in one line.
+    let out = kestrel(&["inspect", p(&engine), "--layers"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("lists cuda engines"),
+        "{err}"
+    );
     for (target, want) in [(&engine, "--backend cuda"), (&model, "kestrel build")] {
         let out = kestrel(&["inspect", p(target), "--profile"]);
         let err = String::from_utf8_lossy(&out.stderr);

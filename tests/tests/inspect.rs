@@ -152,3 +152,90 @@ fn the_profile_picture_has_one_bar_per_layer_by_precision() {
     assert_eq!(v["rects"]["layer other"], 2, "{v}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `kestrel inspect --layers`: the cuda engine's steps of a Q/DQ gelan-t, listed without a GPU.
+/// Every INT8 convolution reads int8 and carries its Conv, its activation's Q/DQ and its SiLU;
+/// the quantizations and layout changes the engine inserts name no ONNX node; recorded choices
+/// land on the steps they were made for.
+#[test]
+fn engine_layers_name_their_onnx_nodes_precisions_and_algorithms() {
+    use kestrel_runtime::cuda::layers::engine_layers;
+    use kestrel_runtime::engine::Precision;
+    let (float_model, q) = quantized_gelan_t(&QuantizePolicy::default());
+    let want_int8 = quantized_convs(&float_model, &QuantizePolicy::default()).len();
+    let rows = engine_layers(&q, Precision::Int8, &[1, 4], &serde_json::Value::Null).unwrap();
+    let int8: Vec<_> = rows.iter().filter(|r| r.kind == "conv int8").collect();
+    // The rest of the quantized convolutions run in fp16 after a fake quantization (the engine
+    // keeps some small deep layers float at 64 px).
+    let fake = rows.iter().filter(|r| r.kind == "fake quantize").count();
+    assert!(!int8.is_empty());
+    assert_eq!(int8.len() + fake, want_int8);
+    for r in &int8 {
+        assert_eq!(r.precision_in, "int8", "{r:?}");
+        // int8 where the next layer reads it quantized (the quantization fused in), else fp16.
+        assert!(matches!(r.precision_out, "int8" | "fp16"), "{r:?}");
+        for op in ["(Conv)", "(DequantizeLinear)", "(QuantizeLinear)"] {
+            assert!(r.sources.iter().any(|s| s.ends_with(op)), "{op}: {r:?}");
+        }
+        // Shapes per bucket: the batch leads.
+        assert_eq!(r.shapes[&1][0], 1);
+        assert_eq!(r.shapes[&4][0], 4);
+        assert_eq!(r.shapes[&1][1..], r.shapes[&4][1..]);
+    }
+    // The SiLU of a hidden convolution is fused into it.
+    assert!(
+        int8.iter()
+            .any(|r| r.sources.iter().any(|s| s.ends_with("(Sigmoid)"))),
+        "{int8:?}"
+    );
+    let inserted: Vec<_> = rows.iter().filter(|r| r.sources.is_empty()).collect();
+    assert!(inserted.iter().any(|r| r.kind == "quantize"));
+    assert!(inserted.iter().any(|r| r.kind == "input to NHWC"));
+    assert!(
+        inserted
+            .iter()
+            .all(|r| { matches!(r.kind, "quantize" | "input to NHWC" | "NHWC to row-major") })
+    );
+    // Every ONNX Conv is carried out by exactly one step.
+    let convs = q
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv")
+        .count();
+    let carried: usize = rows
+        .iter()
+        .map(|r| r.sources.iter().filter(|s| s.ends_with("(Conv)")).count())
+        .sum();
+    assert_eq!(carried, convs);
+
+    // Recorded choices (as a cuda engine file holds them) map onto the convolutions in order.
+    let float_convs: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.kind.starts_with("conv") && r.kind != "conv int8")
+        .map(|r| r.index)
+        .collect();
+    let fused_step = int8[1].index;
+    let choices = serde_json::json!({
+        "conv_algorithms": {"1": (0..float_convs.len()).collect::<Vec<_>>()},
+        "int8_tiles": {"1": vec!["64x64"; int8.len()]},
+        "fused_convolutions": {"1": {fused_step.to_string(): "CUDNN_HEUR_MODE_A #3"}},
+    });
+    let rows = engine_layers(&q, Precision::Int8, &[1], &choices).unwrap();
+    if let Some(&last) = float_convs.last() {
+        assert_eq!(
+            rows[last].algorithms[&1],
+            format!("cuDNN algorithm {}", float_convs.len() - 1)
+        );
+    }
+    assert_eq!(rows[int8[0].index].algorithms[&1], "int8 tile 64x64");
+    assert_eq!(
+        rows[fused_step].algorithms[&1],
+        "cuDNN fused graph: CUDNN_HEUR_MODE_A #3"
+    );
+    assert!(
+        rows.iter()
+            .filter(|r| r.kind == "pool")
+            .all(|r| r.algorithms.is_empty())
+    );
+}

@@ -14,6 +14,7 @@
 mod conv;
 pub(crate) mod device;
 mod fused;
+pub mod layers;
 pub mod masks;
 pub mod plan;
 pub mod post;
@@ -1584,23 +1585,7 @@ impl CudaEngine {
                     Step::Conv { int8: Some(_), .. } => "conv int8 (cuDNN fused)",
                     _ => "conv fp16 (cuDNN fused)",
                 },
-                Step::InputToNhwc { .. } => "input to NHWC",
-                Step::Conv { int8: Some(_), .. } => "conv int8",
-                Step::Conv {
-                    layout: Layout::Nhwc,
-                    ..
-                } => "conv + epilogue",
-                Step::Conv { .. } => "conv row-major",
-                Step::Quantize { .. } => "quantize",
-                Step::FakeQuant { .. } => "fake quantize",
-                Step::Pool { .. } => "pool",
-                Step::ResizeNearest { .. } => "resize",
-                Step::CopyAxis { .. } => "concat/split copy",
-                Step::Unary { .. } => "unary",
-                Step::Binary { .. } => "binary",
-                Step::Softmax { .. } => "softmax",
-                Step::Transpose { .. } => "transpose",
-                Step::ToRowMajor { .. } => "NHWC to row-major",
+                _ => step.kind(),
             };
             let y = step.output();
             let ops = match step {

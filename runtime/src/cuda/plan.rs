@@ -248,6 +248,29 @@ impl Step {
     }
 
     /// The value the step writes.
+    /// What the step does, as engine listings and profiles name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::InputToNhwc { .. } => "input to NHWC",
+            Step::Conv { int8: Some(_), .. } => "conv int8",
+            Step::Conv {
+                layout: Layout::Nhwc,
+                ..
+            } => "conv + epilogue",
+            Step::Conv { .. } => "conv row-major",
+            Step::Quantize { .. } => "quantize",
+            Step::FakeQuant { .. } => "fake quantize",
+            Step::Pool { .. } => "pool",
+            Step::ResizeNearest { .. } => "resize",
+            Step::CopyAxis { .. } => "concat/split copy",
+            Step::Unary { .. } => "unary",
+            Step::Binary { .. } => "binary",
+            Step::Softmax { .. } => "softmax",
+            Step::Transpose { .. } => "transpose",
+            Step::ToRowMajor { .. } => "NHWC to row-major",
+        }
+    }
+
     pub fn output(&self) -> ValueId {
         match self {
             Step::InputToNhwc { y, .. }

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use kestrel_exporter::graph_view::{TimedLayer, graph_svg, profile_svg, qdq_report};
 use kestrel_exporter::{onnx, summarize};
-use kestrel_runtime::engine::{BuildOptions, open_engine};
+use kestrel_runtime::cuda::layers::{LayerRow, engine_layers};
+use kestrel_runtime::engine::{BuildOptions, Precision, open_engine};
 use kestrel_runtime::engine_file::{EngineFile, is_engine_file};
 
 use crate::util::check_model_file;
@@ -34,6 +35,59 @@ pub struct Args {
     /// The batch --profile times.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// List the layers of a cuda engine (no GPU needed): each step's fused ONNX nodes, precision
+    /// in and out, output shape per batch bucket, and for engine files the algorithm it ran with
+    /// per bucket. For an ONNX file, the engine `kestrel build --backend cuda --precision P
+    /// --batch 1:N:N` would make, with --layers-precision and --batch as N.
+    #[arg(long)]
+    layers: bool,
+    /// The precision --layers assumes for an ONNX file: fp32, fp16, int8 or best.
+    #[arg(long, default_value = "best")]
+    layers_precision: String,
+}
+
+/// The rows `--layers` lists: for an engine file its own options and recorded choices.
+fn layer_rows(
+    a: &Args,
+    model: &onnx::pb::ModelProto,
+    engine_file: Option<&EngineFile>,
+) -> Result<(Vec<LayerRow>, Precision, Vec<usize>)> {
+    let (precision, buckets, choices) = match engine_file {
+        Some(f) => {
+            let h = &f.header;
+            if h.backend != "cuda" {
+                anyhow::bail!(
+                    "--layers lists cuda engines; this is a {} engine ({})",
+                    h.backend,
+                    if h.backend == "cpu" {
+                        "tract runs the ONNX graph as it is: see the summary"
+                    } else {
+                        "a TensorRT plan's layers need TensorRT's engine inspector, which does not \
+                         run here"
+                    }
+                );
+            }
+            let precision: Precision = h.precision.parse()?;
+            let buckets = kestrel_runtime::cuda::batch_buckets(h.profile[0], h.profile[2]);
+            (precision, buckets, h.layer_choices.clone())
+        }
+        None => {
+            let precision: Precision = a.layers_precision.parse()?;
+            if a.batch == 0 {
+                anyhow::bail!("--batch must be at least 1");
+            }
+            let buckets = kestrel_runtime::cuda::batch_buckets(1, a.batch);
+            (precision, buckets, serde_json::Value::Null)
+        }
+    };
+    let rows = engine_layers(model, precision, &buckets, &choices).with_context(|| {
+        format!(
+            "lowering {} for the cuda backend (the model must be one `kestrel build --backend \
+             cuda` takes)",
+            a.model.display()
+        )
+    })?;
+    Ok((rows, precision, buckets))
 }
 
 /// An engine file's header, as `--json` prints it.
@@ -77,6 +131,11 @@ pub fn run(a: Args) -> Result<()> {
     let summary = summarize(&model);
     let profile = if a.profile { Some(profile(&a)?) } else { None };
     let report = a.qdq.then(|| qdq_report(&model));
+    let layers = if a.layers {
+        Some(layer_rows(&a, &model, engine_file.as_ref())?)
+    } else {
+        None
+    };
     if a.json {
         let mut v = serde_json::to_value(&summary)?;
         if let Some(r) = &report {
@@ -84,6 +143,13 @@ pub fn run(a: Args) -> Result<()> {
         }
         if let Some(f) = &engine_file {
             v["engine"] = header_json(f);
+        }
+        if let Some((rows, precision, buckets)) = &layers {
+            v["layers"] = serde_json::json!({
+                "precision": precision.to_string(),
+                "buckets": buckets,
+                "rows": rows,
+            });
         }
         if let Some((layers, measured, in_graph)) = &profile {
             v["profile"] = serde_json::json!({
@@ -153,6 +219,9 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
+    }
+    if let (Some((rows, precision, buckets)), false) = (&layers, a.json) {
+        print_layers(rows, *precision, buckets);
     }
     if let (Some((layers, measured, in_graph)), false) = (&profile, a.json) {
         let sum: f64 = layers.iter().map(|l| l.ms).sum();
@@ -236,5 +305,52 @@ fn timing_mode(in_graph: bool) -> &'static str {
     } else {
         "some layers could not be captured in a graph and were timed by eager launches, which \
          add their launch latency"
+    }
+}
+
+/// One line per engine step: index, kind, precision in → out, output and its shape at the
+/// largest bucket, fused ONNX nodes, and the algorithm per bucket where recorded.
+fn print_layers(rows: &[LayerRow], precision: Precision, buckets: &[usize]) {
+    let largest = buckets.last().copied().unwrap_or(1);
+    println!(
+        "cuda engine layers ({precision}, batch buckets {}): {} steps, {} fused from several \
+         ONNX nodes, {} inserted by the engine (no ONNX node)",
+        buckets
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        rows.len(),
+        rows.iter().filter(|r| r.sources.len() > 1).count(),
+        rows.iter().filter(|r| r.sources.is_empty()).count()
+    );
+    for r in rows {
+        let shape = r.shapes.get(&largest).cloned().unwrap_or_default();
+        let sources = if r.sources.is_empty() {
+            "(inserted by the engine)".to_string()
+        } else {
+            r.sources.join(", ")
+        };
+        let algorithms = r
+            .algorithms
+            .iter()
+            .map(|(b, a)| format!("b{b}: {a}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        println!(
+            "  {:>4}  {:<18} {:>4} -> {:<4}  {} {:?}  <- {}{}",
+            r.index,
+            r.kind,
+            r.precision_in,
+            r.precision_out,
+            r.output,
+            shape,
+            sources,
+            if algorithms.is_empty() {
+                String::new()
+            } else {
+                format!("  [{algorithms}]")
+            }
+        );
     }
 }
