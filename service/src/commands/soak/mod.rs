@@ -88,7 +88,7 @@ impl Common {
                 self.seconds
             );
         }
-        if !(self.max_growth_mb >= 0.0) {
+        if self.max_growth_mb.is_nan() || self.max_growth_mb < 0.0 {
             bail!("--max-growth-mb must be 0 or more");
         }
         std::fs::create_dir_all(&self.out)

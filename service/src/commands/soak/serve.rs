@@ -70,7 +70,7 @@ const CHURNED: &str = "churned";
 pub fn run(a: Args) -> Result<()> {
     a.common.check()?;
     crate::util::check_model_file(&a.model)?;
-    if a.clients == 0 || !(a.churn_s > 0.0) {
+    if a.clients == 0 || a.churn_s.is_nan() || a.churn_s <= 0.0 {
         bail!("--clients must be at least 1 and --churn-s above 0");
     }
     let repository = a.common.out.join("repository");
