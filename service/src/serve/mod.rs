@@ -153,28 +153,37 @@ impl From<repository::RepoError> for ApiError {
     }
 }
 
-/// glibc gives each thread that allocates its own malloc arena (up to 8 per core), and memory
-/// freed in one arena is not reused by another; under a server's mix of request threads and model
-/// loads, resident memory then climbs for minutes. Measured with `kestrel soak serve` (a model
-/// reloaded every 5 s, 2-core build machine): +74 MB in the 30 s after warm-up with glibc's
-/// default, +23 MB in 75 s with 2 arenas, a flat 110-142 MB band with one arena at the same
-/// request rate. So one arena, unless `MALLOC_ARENA_MAX` in the environment says otherwise.
+/// glibc's allocator, tuned for a long-running server, where an environment variable does not
+/// already set it:
+/// - one arena (`MALLOC_ARENA_MAX`): glibc gives each thread that allocates its own arena (up to
+///   8 per core), and memory freed in one is not reused by another;
+/// - a fixed mmap threshold of 128 KiB (`MALLOC_MMAP_THRESHOLD_`): glibc raises the threshold
+///   each time a large block is freed, so after a model reload the next model's buffers come
+///   from the heap, which then fragments and never shrinks.
+///
+/// Measured with `kestrel soak serve` (a model unloaded and reloaded every 5 s, 2-core build
+/// machine): glibc's defaults +74 MB in the 30 s after warm-up; one arena +40 MB over 30 minutes,
+/// in steps; one arena and the fixed threshold +6.7 MB over 5 minutes at 20-30 MB lower
+/// resident memory (docs/RELIABILITY.md has the 30-minute run).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn one_malloc_arena() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only tunes the allocator; called before the server starts its threads.
-        unsafe {
+fn tune_malloc() {
+    // SAFETY: mallopt only tunes the allocator; called before the server starts its threads.
+    unsafe {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
             libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn one_malloc_arena() {}
+fn tune_malloc() {}
 
 pub fn run(args: Args) -> Result<()> {
-    one_malloc_arena();
+    tune_malloc();
     let file = match &args.config {
         Some(p) => config::FileConfig::load(p)?,
         None => config::FileConfig::default(),

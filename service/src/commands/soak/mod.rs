@@ -340,10 +340,9 @@ fn plot<C: Serialize>(path: &Path, r: &Report<C>) -> Result<()> {
             colour: [133, 153, 0],
         });
     }
-    let every = r.samples.get(1).map_or(1.0, |s| s.t_s);
     curves_labelled(
         path,
-        &format!("soak {}: memory, a sample every {every:.0} s", r.target),
+        &format!("soak {}: memory", r.target),
         &series,
         &format!("{:.0} s", r.seconds),
     )?;

@@ -211,6 +211,8 @@ pub fn run(a: Args) -> Result<()> {
     let elapsed = start.elapsed();
     let samples = sampler.finish()?;
     let exit = server.terminate();
+    // The repository holds copies of the model: scratch, not part of the record.
+    let _ = std::fs::remove_dir_all(&repository);
     let mut failures = std::mem::take(&mut *failures.lock().unwrap_or_else(|p| p.into_inner()));
     match exit {
         Ok(status) if status.success() => {}
