@@ -5,126 +5,19 @@
 //! reaches the logs or a response. Over real HTTP on loopback, the bundled demo model on the CPU.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{Server, http, json, model, response};
 use kestrel_runtime::synth::{image_seed, render_scene};
 
-fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/gelan-t-shapes.onnx")
-}
-
 const DETECT: &str = "/v1/models/gelan-t-shapes/detect";
-
-/// A running `kestrel serve`, stopped (SIGTERM) when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    /// `kestrel serve --listen LISTEN ARGS`, its stderr to `stderr`.
-    fn start_on(listen: &str, args: &[&str], stderr: Stdio) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
-            .args(["serve", "--listen", listen])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Self { child, addr }
-    }
-
-    fn model_server(extra: &[&str]) -> Self {
-        let m = model();
-        let mut args = vec!["--model", m.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        Self::start_on("127.0.0.1:0", &args, Stdio::inherit())
-    }
-
-    fn terminate(&mut self) {
-        // The shell's own `kill` (procps may be missing on a minimal machine).
-        let _ = Command::new("sh")
-            .args(["-c", &format!("kill -TERM {}", self.child.id())])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.terminate();
-        }
-    }
-}
-
-/// Read one HTTP/1.1 response to its end: (status, headers lower-cased, body).
-fn response(mut s: TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP response: {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, raw[split + 4..].to_vec())
-}
-
-/// One HTTP/1.1 request with a Content-Length: (status, headers lower-cased, body).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    // The server may answer (413) before reading a large body.
-    let _ = s.write_all(body);
-    response(s)
-}
-
-fn json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)))
-}
 
 /// The `{"error"}` of a response that must have `status`, checked to name every one of `needles`.
 fn expect_error(r: &(u16, Vec<(String, String)>, Vec<u8>), status: u16, needles: &[&str]) {

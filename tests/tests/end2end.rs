@@ -57,16 +57,20 @@ fn scenes(n: usize) -> Vec<image::RgbImage> {
         .collect()
 }
 
-fn detector(path: &Path) -> Detector {
-    let options = BuildOptions {
+/// CPU engines for batches of 1 or 2 images.
+fn options() -> BuildOptions {
+    BuildOptions {
         profile: BatchProfile {
             min: 1,
             opt: 2,
             max: 2,
         },
         ..Default::default()
-    };
-    Detector::new(build_engine(path, &options).unwrap())
+    }
+}
+
+fn detector(path: &Path) -> Detector {
+    Detector::new(build_engine(path, &options()).unwrap())
 }
 
 #[test]
@@ -216,6 +220,41 @@ fn close_detections(
     }
 }
 
+/// `want` and `got` find the same detections (see [`close_detections`]) on `images` in pairs,
+/// and with `seg` masks overlapping by IoU ≥ 0.99. Returns the number of detections.
+fn same_detections(
+    want: &mut Detector,
+    got: &mut Detector,
+    images: &[image::RgbImage],
+    cfg: &NmsConfig,
+    seg: bool,
+    what: &str,
+) -> usize {
+    let mut total = 0;
+    for pair in images.chunks(2) {
+        let (mut w, mut g) = (Vec::new(), Vec::new());
+        if seg {
+            let (mut wm, mut gm) = (Vec::new(), Vec::new());
+            want.detect_masks(pair, cfg, &mut w, &mut wm).unwrap();
+            got.detect_masks(pair, cfg, &mut g, &mut gm).unwrap();
+            for (image_w, image_g) in wm.iter().zip(&gm) {
+                for (a, b) in image_w.iter().zip(image_g) {
+                    let iou = a.iou(b).unwrap();
+                    assert!(iou >= 0.99, "{what}: mask IoU {iou}");
+                }
+            }
+        } else {
+            want.detect(pair, cfg, &mut w).unwrap();
+            got.detect(pair, cfg, &mut g).unwrap();
+        }
+        for (a, b) in w.iter().zip(&g) {
+            close_detections(a, b, what);
+            total += a.len();
+        }
+    }
+    total
+}
+
 #[test]
 fn the_onnx_flavour_gives_the_plain_models_detections_on_the_cpu_backend_and_in_onnxruntime() {
     let dir = scratch_dir("e2e-run");
@@ -229,31 +268,8 @@ fn the_onnx_flavour_gives_the_plain_models_detections_on_the_cpu_backend_and_in_
         end_to_end(&plain_path, NmsFlavour::Onnx, &e2e_path);
         let (mut plain, mut e2e) = (detector(&plain_path), detector(&e2e_path));
         let cfg = graph_settings();
-        let mut total = 0;
-        for pair in images.chunks(2) {
-            let (mut want, mut got) = (Vec::new(), Vec::new());
-            if seg {
-                let (mut want_m, mut got_m) = (Vec::new(), Vec::new());
-                plain
-                    .detect_masks(pair, &cfg, &mut want, &mut want_m)
-                    .unwrap();
-                e2e.detect_masks(pair, &cfg, &mut got, &mut got_m).unwrap();
-                for (wm, gm) in want_m.iter().zip(&got_m) {
-                    for (a, b) in wm.iter().zip(gm) {
-                        // The same maps (computed inside the graph), sampled and cropped alike.
-                        let iou = a.iou(b).unwrap();
-                        assert!(iou >= 0.99, "{model}: mask IoU {iou}");
-                    }
-                }
-            } else {
-                plain.detect(pair, &cfg, &mut want).unwrap();
-                e2e.detect(pair, &cfg, &mut got).unwrap();
-            }
-            for (w, g) in want.iter().zip(&got) {
-                close_detections(w, g, model);
-                total += w.len();
-            }
-        }
+        // The same maps (computed inside the graph), sampled and cropped alike.
+        let total = same_detections(&mut plain, &mut e2e, &images, &cfg, seg, model);
         println!("{model}: {total} detections on 4 scenes, identical end to end");
         assert!(
             total > 10,
@@ -599,14 +615,7 @@ fn kestrels_nms_on_the_plain_part_gives_the_graphs_outputs() {
         let e2e_model = end_to_end(&bundled(model), NmsFlavour::Onnx, &e2e_path);
         let plain_path = dir.join(format!("plain-{model}"));
         onnx::write_model(&plain_part(&e2e_model).unwrap(), &plain_path).unwrap();
-        let options = BuildOptions {
-            profile: BatchProfile {
-                min: 1,
-                opt: 2,
-                max: 2,
-            },
-            ..Default::default()
-        };
+        let options = options();
         let mut graph = build_engine(&e2e_path, &options).unwrap();
         let e2e = graph.info().end_to_end.clone().unwrap();
         let mut plain = build_engine(&plain_path, &options).unwrap();
@@ -634,16 +643,10 @@ fn the_onnx_flavour_runs_on_the_cuda_backend() {
     use kestrel_runtime::engine::{Backend, Precision};
     let dir = scratch_dir("e2e-cuda");
     let images = scenes(4);
-    let profile = BatchProfile {
-        min: 1,
-        opt: 2,
-        max: 2,
-    };
     let cuda = BuildOptions {
         backend: Backend::Cuda,
         precision: Precision::Fp32,
-        profile,
-        ..Default::default()
+        ..options()
     };
     for (model, seg) in [
         ("gelan-t-shapes.onnx", false),
@@ -673,31 +676,15 @@ fn the_onnx_flavour_runs_on_the_cuda_backend() {
         let mut on_gpu = Detector::new(engine);
         on_gpu.set_device_postprocessing(true);
         let mut on_cpu = detector(&e2e_path);
-        let cfg = NmsConfig::display();
-        for pair in images.chunks(2) {
-            let (mut want, mut got) = (Vec::new(), Vec::new());
-            if seg {
-                let (mut want_m, mut got_m) = (Vec::new(), Vec::new());
-                on_cpu
-                    .detect_masks(pair, &cfg, &mut want, &mut want_m)
-                    .unwrap();
-                on_gpu
-                    .detect_masks(pair, &cfg, &mut got, &mut got_m)
-                    .unwrap();
-                for (wm, gm) in want_m.iter().zip(&got_m) {
-                    for (a, b) in wm.iter().zip(gm) {
-                        let iou = a.iou(b).unwrap();
-                        assert!(iou >= 0.99, "{model}: mask IoU {iou}");
-                    }
-                }
-            } else {
-                on_cpu.detect(pair, &cfg, &mut want).unwrap();
-                on_gpu.detect(pair, &cfg, &mut got).unwrap();
-            }
-            for (w, g) in want.iter().zip(&got) {
-                close_detections(w, g, &format!("{model}: cuda vs cpu"));
-            }
-        }
+        let what = format!("{model}: cuda vs cpu");
+        same_detections(
+            &mut on_cpu,
+            &mut on_gpu,
+            &images,
+            &NmsConfig::display(),
+            seg,
+            &what,
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }

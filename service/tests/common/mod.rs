@@ -1,5 +1,5 @@
-//! Helpers shared by the `kestrel serve` tests (serve.rs, faults.rs): a server on loopback, a
-//! raw HTTP/1.1 client, test images and the CPU reference engine.
+//! Helpers shared by the `kestrel serve` tests (serve.rs, faults.rs, security.rs): a server on
+//! loopback, a raw HTTP/1.1 client, test images and the CPU reference engine.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,8 +29,13 @@ impl Server {
 
     /// [`Server::start`] with the server's stderr (its log lines) sent to `stderr`.
     pub fn start_with_stderr(args: &[&str], stderr: Stdio) -> Self {
+        Self::start_on("127.0.0.1:0", args, stderr)
+    }
+
+    /// `kestrel serve --listen LISTEN ARGS`, its stderr to `stderr`.
+    pub fn start_on(listen: &str, args: &[&str], stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kestrel"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -81,7 +86,6 @@ pub fn http(
     body: &[u8],
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -93,6 +97,12 @@ pub fn http(
     s.write_all(req.as_bytes()).unwrap();
     // The server may answer (413) before reading a large body.
     let _ = s.write_all(body);
+    response(s)
+}
+
+/// Read one HTTP/1.1 response to its end: (status, headers lower-cased, body, de-chunked).
+pub fn response(mut s: TcpStream) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let split = raw
