@@ -19,6 +19,12 @@ use crate::error::{Error, Result};
 pub(crate) type Plan = Arc<TypedRunnableModel>;
 
 /// An engine on tract.
+///
+/// Run it on the thread that will drop it, or on threads that end: tract keeps per-run scratch
+/// (matrix-multiply output stores, about 165 kB for gelan-t) in the thread-local storage of each
+/// thread that runs the engine, and frees it only on the thread that drops the engine. A
+/// long-lived thread that runs an engine later dropped elsewhere keeps that scratch until it
+/// exits (`kestrel serve` warms models up on a thread of its own for this reason).
 pub struct CpuEngine {
     info: EngineInfo,
     /// The batch-1 plan (kept alive for its state) and its reusable state.

@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -134,6 +134,71 @@ fn slow_bodies_time_out_and_concurrency_is_bounded() {
     );
     // The slot is free again.
     assert_eq!(http(&a, "GET", "/v2/health/live", &[], b"").0, 200);
+}
+
+/// Connections are bounded in number (`max_connections`) and in how long they may take to send
+/// their headers (`header_read_timeout_s`): a client that sends its headers a byte at a time
+/// (slowloris) or sends nothing is cut off after the timeout, and a connection over the limit
+/// waits for a free slot instead of starving the others.
+#[test]
+fn connections_and_header_reads_are_bounded() {
+    let server = Server::model_server(&["--max-connections", "2", "--header-read-timeout-s", "1"]);
+    let a = server.addr.clone();
+    let started = Instant::now();
+    // Slot 1: headers one byte every 100 ms, never finished in time.
+    let slowloris = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&a).unwrap();
+            let request = format!("GET /v2/health/live HTTP/1.1\r\nHost: {a}\r\nX-Pad: ");
+            let mut sent = 0usize;
+            for byte in request.bytes().chain(std::iter::repeat(b'x')) {
+                if s.write_all(&[byte]).is_err() || started.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (started.elapsed(), sent)
+        })
+    };
+    // Slot 2: connects and sends nothing.
+    let mut idle = TcpStream::connect(&a).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A third connection waits until one of them is closed, then is served.
+    let third = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let r = http(&a, "GET", "/v2/health/live", &[], b"");
+            (r.0, started.elapsed())
+        })
+    };
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let closed = matches!(idle.read(&mut buf), Ok(0) | Err(_));
+    let idle_closed_after = started.elapsed();
+    assert!(closed, "the idle connection was answered: {:?}", &buf[..16]);
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&idle_closed_after),
+        "idle connection closed after {idle_closed_after:?}"
+    );
+    let (slow_cut_after, sent) = slowloris.join().unwrap();
+    assert!(
+        slow_cut_after < Duration::from_secs(6) && sent < 60,
+        "the slow client was cut after {slow_cut_after:?} ({sent} bytes)"
+    );
+    let (status, served_after) = third.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        served_after >= Duration::from_millis(900),
+        "the third connection was served at {served_after:?}, before a slot was free"
+    );
+    // The service still answers, and reports its open connections.
+    let r = http(&a, "GET", "/metrics", &[], b"");
+    assert_eq!(r.0, 200);
+    let text = String::from_utf8_lossy(&r.2);
+    assert!(text.contains("kestrel_open_connections"), "{text}");
 }
 
 /// A request not answered within `request_timeout_s` is a 504 naming it; requests over a full

@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub max_image_pixels: Option<u64>,
     pub request_timeout_s: Option<f64>,
     pub max_concurrency: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub header_read_timeout_s: Option<f64>,
     pub control_token_file: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
 }
@@ -115,6 +117,8 @@ pub struct Settings {
     pub max_image_pixels: u64,
     pub request_timeout_s: f64,
     pub max_concurrency: usize,
+    pub max_connections: usize,
+    pub header_read_timeout_s: f64,
     pub control_token: Option<String>,
     pub log_format: LogFormat,
 }
@@ -176,6 +180,11 @@ impl Settings {
                 .unwrap_or(50_000_000),
             request_timeout_s: a.request_timeout_s.or(f.request_timeout_s).unwrap_or(30.0),
             max_concurrency: a.max_concurrency.or(f.max_concurrency).unwrap_or(256),
+            max_connections: a.max_connections.or(f.max_connections).unwrap_or(1024),
+            header_read_timeout_s: a
+                .header_read_timeout_s
+                .or(f.header_read_timeout_s)
+                .unwrap_or(10.0),
             control_token,
             log_format: a.log_format.or(f.log_format).unwrap_or_default(),
         };
@@ -201,6 +210,16 @@ impl Settings {
         }
         if self.max_concurrency == 0 {
             bail!("max_concurrency is 0: give 1 or more (--max-concurrency or the config file)");
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections is 0: give 1 or more (--max-connections or the config file)");
+        }
+        if !(self.header_read_timeout_s.is_finite() && self.header_read_timeout_s > 0.0) {
+            bail!(
+                "header_read_timeout_s is {}: give a positive number of seconds \
+                 (--header-read-timeout-s or the config file)",
+                self.header_read_timeout_s
+            );
         }
         if !(self.request_timeout_s.is_finite() && self.request_timeout_s > 0.0) {
             bail!(

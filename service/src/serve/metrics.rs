@@ -23,6 +23,8 @@ pub const BATCH_SIZE: &str = "kestrel_batch_size";
 pub const QUEUE_DEPTH: &str = "kestrel_queue_depth";
 /// Requests being served.
 pub const IN_FLIGHT: &str = "kestrel_in_flight_requests";
+/// TCP connections open (at most `max_connections`).
+pub const OPEN_CONNECTIONS: &str = "kestrel_open_connections";
 /// Engines loaded, by `source` (onnx, engine_file, cache_hit, cache_built, rebuilt).
 pub const ENGINE_LOADS: &str = "kestrel_engine_loads_total";
 /// Memory in use (every process) of each GPU a loaded model runs on, by `gpu`, bytes.
@@ -67,6 +69,11 @@ pub fn install() -> Result<PrometheusHandle> {
     metrics::describe_histogram!(BATCH_SIZE, Unit::Count, "Images per engine run");
     metrics::describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the batcher");
     metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Requests being served");
+    metrics::describe_gauge!(
+        OPEN_CONNECTIONS,
+        Unit::Count,
+        "TCP connections open (at most max_connections)"
+    );
     metrics::describe_counter!(ENGINE_LOADS, Unit::Count, "Engines loaded, by source");
     metrics::describe_gauge!(
         GPU_MEMORY_USED,

@@ -4,6 +4,7 @@
 
 mod batcher;
 mod config;
+mod connections;
 mod kserve;
 mod metrics;
 mod repository;
@@ -86,6 +87,14 @@ pub struct Args {
     /// Requests served at once, at most (more: 503) [default: 256].
     #[arg(long)]
     max_concurrency: Option<usize>,
+    /// TCP connections open at once, at most; more wait in the listen backlog until one closes
+    /// [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers, and an idle keep-alive connection
+    /// stays open; then the connection is closed [default: 10].
+    #[arg(long)]
+    header_read_timeout_s: Option<f64>,
     /// Bearer token the repository (control) endpoints require ($KESTREL_CONTROL_TOKEN). Without
     /// a token those endpoints answer requests from this host (loopback) only.
     #[arg(long)]
@@ -250,7 +259,11 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(state, a.listen, a.max_body_bytes))
+    let limits = connections::ConnectionLimits {
+        max_connections: a.max_connections,
+        header_read_timeout: Duration::from_secs_f64(a.header_read_timeout_s),
+    };
+    runtime.block_on(serve(state, a.listen, a.max_body_bytes, limits))
 }
 
 static LOG_FORMAT: std::sync::OnceLock<config::LogFormat> = std::sync::OnceLock::new();
@@ -274,7 +287,12 @@ fn log(level: &str, msg: &str) {
     }
 }
 
-async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Result<()> {
+async fn serve(
+    state: Arc<AppState>,
+    listen: SocketAddr,
+    max_body: usize,
+    limits: connections::ConnectionLimits,
+) -> Result<()> {
     let app = router(Arc::clone(&state), max_body);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -320,14 +338,7 @@ async fn serve(state: Arc<AppState>, listen: SocketAddr, max_body: usize) -> Res
              from elsewhere",
         );
     }
-    // The peer's address reaches the handlers: the control endpoints check it.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving")?;
+    connections::serve(listener, app, limits, shutdown_signal()).await;
     upkeep.abort();
     // In-flight requests have completed; stop the batchers.
     let s = Arc::clone(&state);

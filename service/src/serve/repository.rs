@@ -449,10 +449,17 @@ fn load_one(
             ));
         }
         // Warm-up before the model reports ready: the first run pays for lazy initialisation.
+        // It runs on a thread of its own, which ends with it: tract keeps each run's scratch in
+        // the running thread's thread-local storage and frees it on the thread that drops the
+        // engine (the batcher's). Run here, on a long-lived blocking-pool thread, every load
+        // left about 165 kB behind for good (`kestrel soak serve`, docs/RELIABILITY.md).
         let zeros = vec![0f32; info.input_len()];
-        engine
-            .run(&zeros, 1)
-            .map_err(|e| format!("{}: warm-up run failed: {e}", file.display()))?;
+        let warm_up = std::thread::scope(|s| {
+            s.spawn(|| engine.run(&zeros, 1).map(|_| ()).map_err(|e| e.to_string()))
+                .join()
+                .unwrap_or_else(|_| Err("the engine panicked".into()))
+        });
+        warm_up.map_err(|e| format!("{}: warm-up run failed: {e}", file.display()))?;
         engines.push(Instance { engine, gpu });
     }
     let Some(info) = engines.first().map(|i| i.engine.info().clone()) else {
