@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ../shared/tools/gpu-bundle -- -p kestrel-tests --test cuda_engine --test cuda_pre --test cuda_post \
+  --test end2end \
   --test cuda_masks
 # Without GStreamer: the GPU machine has none (no `kestrel pipeline` there).
 cargo build --release --locked -p kestrel-service --no-default-features

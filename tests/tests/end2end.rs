@@ -201,9 +201,11 @@ fn every_flavour_passes_the_onnx_checker_and_has_the_documented_outputs() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The same detections: count, classes, boxes (IoU > 0.999) and scores within `score_tol`.
 fn close_detections(
     a: &[kestrel_runtime::Detection],
     b: &[kestrel_runtime::Detection],
+    score_tol: f32,
     what: &str,
 ) {
     assert_eq!(
@@ -215,12 +217,16 @@ fn close_detections(
     );
     for (x, y) in a.iter().zip(b) {
         assert_eq!(x.class_id, y.class_id, "{what}: {x:?} vs {y:?}");
-        assert!((x.score - y.score).abs() < 1e-4, "{what}: {x:?} vs {y:?}");
+        assert!(
+            (x.score - y.score).abs() < score_tol,
+            "{what}: {x:?} vs {y:?}"
+        );
         assert!(x.bbox.iou(&y.bbox) > 0.999, "{what}: {x:?} vs {y:?}");
     }
 }
 
-/// `want` and `got` find the same detections (see [`close_detections`]) on `images` in pairs,
+/// `want` and `got` find the same detections (see [`close_detections`], scores within
+/// `score_tol`) on `images` in pairs,
 /// and with `seg` masks overlapping by IoU ≥ 0.99. Returns the number of detections.
 fn same_detections(
     want: &mut Detector,
@@ -228,6 +234,7 @@ fn same_detections(
     images: &[image::RgbImage],
     cfg: &NmsConfig,
     seg: bool,
+    score_tol: f32,
     what: &str,
 ) -> usize {
     let mut total = 0;
@@ -248,7 +255,7 @@ fn same_detections(
             got.detect(pair, cfg, &mut g).unwrap();
         }
         for (a, b) in w.iter().zip(&g) {
-            close_detections(a, b, what);
+            close_detections(a, b, score_tol, what);
             total += a.len();
         }
     }
@@ -269,7 +276,7 @@ fn the_onnx_flavour_gives_the_plain_models_detections_on_the_cpu_backend_and_in_
         let (mut plain, mut e2e) = (detector(&plain_path), detector(&e2e_path));
         let cfg = graph_settings();
         // The same maps (computed inside the graph), sampled and cropped alike.
-        let total = same_detections(&mut plain, &mut e2e, &images, &cfg, seg, model);
+        let total = same_detections(&mut plain, &mut e2e, &images, &cfg, seg, 1e-4, model);
         println!("{model}: {total} detections on 4 scenes, identical end to end");
         assert!(
             total > 10,
@@ -660,16 +667,24 @@ fn the_onnx_flavour_runs_on_the_cuda_backend() {
         let e2e = engine.info().end_to_end.clone().unwrap();
         assert_eq!(e2e.masks.is_some(), seg);
         // The raw head is not what an end-to-end model returns.
-        let input = as_input(&images[..2]);
-        let e = engine.run(&input, 2).err().unwrap().to_string();
+        let e = engine
+            .run(&as_input(&images[..2]), 2)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("end-to-end"), "{e}");
-        let got = Rows::of(engine.run_end_to_end(&input, 2).unwrap());
         let mut plain = build_engine(&plain_path, &cuda).unwrap();
         let info = plain.info().clone();
-        let (head, prototypes) = plain.run_with_prototypes(&input, 2).unwrap();
-        let want = assembled(&info, &e2e, head, prototypes, 2);
-        let n = got.assert_close(&want, 1e-3, 1e-6, 1e-5, &format!("{model} cuda"));
-        assert!(n > 5, "{model}: the scenes should have objects ({n})");
+        let mut n = 0;
+        for pair in images.chunks(2) {
+            let input = as_input(pair);
+            let got = Rows::of(engine.run_end_to_end(&input, 2).unwrap());
+            let (head, prototypes) = plain.run_with_prototypes(&input, 2).unwrap();
+            let want = assembled(&info, &e2e, head, prototypes, 2);
+            n += got.assert_close(&want, 1e-3, 1e-6, 1e-5, &format!("{model} cuda"));
+        }
+        // As many as the CPU check above finds in the same 4 scenes.
+        assert!(n > 10, "{model}: the scenes should have objects ({n})");
 
         // Through the detector (with device post-processing asked for, which end-to-end
         // models do not take): the cpu backend's detections of the graph.
@@ -683,6 +698,9 @@ fn the_onnx_flavour_runs_on_the_cuda_backend() {
             &images,
             &NmsConfig::display(),
             seg,
+            // The fp32 cuda engine's bound against the cpu backend (cuda_engine.rs: scores
+            // within 1e-3 relative L2): cuDNN's convolutions sum in another order.
+            1e-3,
             &what,
         );
     }
