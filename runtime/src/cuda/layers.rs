@@ -66,7 +66,10 @@ pub fn engine_layers(
 ) -> Result<Vec<LayerRow>> {
     let int8 = matches!(precision, Precision::Int8 | Precision::Best);
     let half = precision != Precision::Fp32;
-    let plan = lower(model, int8)?;
+    let mut plan = lower(model, int8)?;
+    if half && super::stem_wanted((!choices.is_null()).then_some(choices)) {
+        plan.fuse_stem();
+    }
     let sources = fused_sources(model.graph(), &plan);
     let algorithms = recorded_algorithms(&plan, buckets, choices);
     Ok(plan

@@ -150,6 +150,9 @@ pub struct CudaEngine {
     device_name: String,
     /// Streaming multiprocessors: the INT8 convolution sizes its tiles to keep them all busy.
     sm_count: usize,
+    /// Whether the first convolution runs as one [`Step::StemConv`] (recorded in engine files,
+    /// whose step indices depend on it).
+    stem_fused: bool,
     /// `$KESTREL_INT8_TILE`, read once.
     forced_int8_tile: Option<(&'static str, usize, usize)>,
     /// INT8 pipeline depth the kernels were compiled with (sizes their shared memory).
@@ -179,7 +182,7 @@ struct EndToEndState {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 33] = [
+const KERNEL_NAMES: [&str; 35] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -209,6 +212,8 @@ const KERNEL_NAMES: [&str; 33] = [
     "quantize_v8_f16_i8",
     "fake_quant_f16",
     "fake_quant_f32",
+    "stem_conv_f16",
+    "stem_conv_i8",
     "conv_int8_m128_n128",
     "conv_int8_m128_n64",
     "conv_int8_m64_n128",
@@ -275,6 +280,41 @@ fn forced_int8_tile() -> Option<(&'static str, usize, usize)> {
     INT8_TILES.iter().find(|t| t.0 == name).copied()
 }
 
+/// `$KESTREL_STEM_CONV=1` runs the first convolution with Kestrel's one-pass stem kernel
+/// ([`plan::EnginePlan::fuse_stem`]) in FP16 and INT8 engines. Off by default until it has been
+/// checked and timed on a GPU; not cache-keyed (use `--no-cache`), like the other knobs.
+pub(crate) fn stem_conv_enabled() -> bool {
+    match STEM_CONV.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("KESTREL_STEM_CONV").is_ok_and(|v| v == "1"),
+    }
+}
+
+/// Whether to fuse the stem: as an engine file recorded it (its layer choices are per step, so
+/// replaying them needs the same steps; files from before the stem kernel have none), else
+/// [`stem_conv_enabled`].
+pub(crate) fn stem_wanted(recorded: Option<&serde_json::Value>) -> bool {
+    match recorded {
+        Some(r) => r.get("stem_conv").and_then(serde_json::Value::as_bool) == Some(true),
+        None => stem_conv_enabled(),
+    }
+}
+
+/// 0: `$KESTREL_STEM_CONV` decides; 1: on; 2: off.
+static STEM_CONV: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Override `$KESTREL_STEM_CONV` for the engines this process builds from now on (`None`: the
+/// variable decides again). For tests and benchmarks that compare the two stems.
+pub fn set_stem_conv(enabled: Option<bool>) {
+    let code = match enabled {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    STEM_CONV.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// INT8 convolution kernels and their tiles (pixels, channels), largest first.
 const INT8_TILES: [(&str, usize, usize); 4] = [
     ("conv_int8_m128_n128", 128, 128),
@@ -284,6 +324,24 @@ const INT8_TILES: [(&str, usize, usize); 4] = [
 ];
 
 /// OIHW (ONNX) filters to KRSC (channels-last filters).
+/// OIHW filter to [cin][kh][kw][k]: the layout of the `stem_conv_*` kernels, where the output
+/// channels a thread computes are adjacent.
+fn oihw_to_ihwo(values: &[f32], dims: &[usize]) -> Vec<f32> {
+    let [k, cin, r, sdim] = [dims[0], dims[1], dims[2], dims[3]];
+    let mut ihwo = vec![0.0; values.len()];
+    for ko in 0..k {
+        for ci in 0..cin {
+            for y in 0..r {
+                for x in 0..sdim {
+                    ihwo[((ci * r + y) * sdim + x) * k + ko] =
+                        values[((ko * cin + ci) * r + y) * sdim + x];
+                }
+            }
+        }
+    }
+    ihwo
+}
+
 fn oihw_to_krsc<T: Copy + Default>(values: &[T], dims: &[usize]) -> Vec<T> {
     let [k, cin, r, sdim] = [dims[0], dims[1], dims[2], dims[3]];
     let mut krsc = vec![T::default(); values.len()];
@@ -365,7 +423,8 @@ impl CudaEngine {
             }
             .map_err(|e| cuda_error(&format!("shared memory of {name} ({bytes} bytes)"), e))?;
         }
-        let plan = plan::lower(model, int8)?;
+        let mut plan = plan::lower(model, int8)?;
+        let stem_fused = half && stem_wanted(recorded) && plan.fuse_stem();
         if info.precision == Precision::Int8 && plan.int8_convolutions() == 0 {
             return Err(Error::InvalidArgument(
                 "precision int8 needs a Q/DQ model (QuantizeLinear/DequantizeLinear around the \
@@ -380,10 +439,23 @@ impl CudaEngine {
         let buckets = batch_buckets(info.profile.min, info.profile.max);
         let max_b = info.profile.max;
 
-        // Memory: one buffer per stored value, sized for the largest bucket.
+        // Memory: one buffer per stored value that a step reads or writes, sized for the largest
+        // bucket (a fused pass such as the stem's leaves its former intermediates unused).
+        let used: std::collections::HashSet<ValueId> = plan
+            .steps
+            .iter()
+            .flat_map(|s| s.inputs().into_iter().chain([s.output()]))
+            .chain([plan.input, plan.output])
+            .chain(plan.prototypes)
+            .map(|v| plan.storage_of(v))
+            .collect();
         let mut buffers = Vec::with_capacity(plan.values.len());
         for (i, v) in plan.values.iter().enumerate() {
-            if v.alias_of.is_some() || v.constant.is_some() || plan.storage_of(i) != i {
+            if v.alias_of.is_some()
+                || v.constant.is_some()
+                || plan.storage_of(i) != i
+                || (stem_fused && !used.contains(&i))
+            {
                 buffers.push(None);
                 continue;
             }
@@ -408,6 +480,14 @@ impl CudaEngine {
                 );
                 let scales: Vec<f32> = qw.scales.iter().map(|s| s * q.input_scale).collect();
                 int8_scales.insert(i, DeviceBuffer::from_slice(&scales)?);
+                continue;
+            }
+            if let Step::StemConv { weight, .. } = s {
+                let c = &plan.constants[*weight];
+                weights.insert(
+                    i,
+                    DeviceBuffer::from_slice(&oihw_to_ihwo(&c.values, &c.dims))?,
+                );
                 continue;
             }
             if let Step::Conv {
@@ -465,6 +545,7 @@ impl CudaEngine {
             output: Vec::new(),
             device_name,
             sm_count,
+            stem_fused,
             forced_int8_tile: forced_int8_tile(),
             int8_stages,
             recorded_fused: recorded.and_then(|r| recorded_fused_choices(r, &buckets)),
@@ -1220,6 +1301,60 @@ impl CudaEngine {
                         i32s(0),
                         Arg::F32(q.output_scale.unwrap_or(0.0)),
                         Arg::I32(groups as i32),
+                    ],
+                )?;
+            }
+            Step::StemConv {
+                x,
+                y,
+                bias,
+                geometry: g,
+                act,
+                input_scale,
+                output_scale,
+                ..
+            } => {
+                let (dx, dy) = (self.shape(*x, b), self.shape(*y, b));
+                let w = self
+                    .weights
+                    .get(&i)
+                    .ok_or_else(|| cuda_error("executor", "missing stem filter"))?;
+                let name = if output_scale.is_some() {
+                    "stem_conv_i8"
+                } else {
+                    "stem_conv_f16"
+                };
+                let total = prod(&dy) / 8;
+                // A capped grid: each block stages the filter in shared memory once.
+                let blocks = total.div_ceil(256).min(self.sm_count * 8).max(1);
+                let i32s = |v: usize| Arg::I32(v as i32);
+                launch_grid(
+                    self.f(name)?,
+                    s,
+                    (blocks as u32, 1, 1),
+                    256,
+                    0,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(w.ptr),
+                        Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
+                        Arg::Ptr(self.ptr(*y)?),
+                        i32s(dx[0]),
+                        i32s(dx[1]),
+                        i32s(dx[2]),
+                        i32s(dx[3]),
+                        i32s(dy[1]),
+                        i32s(dy[2]),
+                        i32s(dy[3]),
+                        i32s(g.kernel[0]),
+                        i32s(g.kernel[1]),
+                        i32s(g.stride[0]),
+                        i32s(g.stride[1]),
+                        i32s(g.pads[0]),
+                        i32s(g.pads[1]),
+                        Arg::I32(*act as i32),
+                        Arg::F32(input_scale.unwrap_or(0.0)),
+                        Arg::F32(output_scale.unwrap_or(0.0)),
                     ],
                 )?;
             }
@@ -2243,6 +2378,7 @@ impl Engine for CudaEngine {
             "fused_convolutions": fused,
             "fused_selection": self.fused_selection,
             "concat_copies_written_in_place": self.skipped.len(),
+            "stem_conv": self.stem_fused,
         })
     }
 
@@ -2358,6 +2494,41 @@ mod tests {
     }
 
     /// Kernel sources compile with NVRTC where the library is present (CI installs it in the venv).
+    #[test]
+    fn engine_files_decide_the_stem_for_themselves() {
+        // A file's steps are what its choices index: a recorded stem is replayed, files without
+        // the record (made before the stem kernel) keep the unfused stem whatever is asked now.
+        set_stem_conv(Some(true));
+        assert!(stem_wanted(None));
+        assert!(!stem_wanted(Some(
+            &serde_json::json!({"conv_algorithms": {}})
+        )));
+        assert!(!stem_wanted(Some(&serde_json::json!({"stem_conv": false}))));
+        set_stem_conv(Some(false));
+        assert!(!stem_wanted(None));
+        assert!(stem_wanted(Some(&serde_json::json!({"stem_conv": true}))));
+        set_stem_conv(None);
+    }
+
+    #[test]
+    fn stem_filters_put_output_channels_last() {
+        // k = 2, cin = 3, 1 x 2 filter: OIHW value = 100 k + 10 c + x.
+        let dims = [2, 3, 1, 2];
+        let oihw: Vec<f32> = (0..2)
+            .flat_map(|k| {
+                (0..3).flat_map(move |c| (0..2).map(move |x| (100 * k + 10 * c + x) as f32))
+            })
+            .collect();
+        let ihwo = oihw_to_ihwo(&oihw, &dims);
+        for c in 0..3 {
+            for x in 0..2 {
+                for k in 0..2 {
+                    assert_eq!(ihwo[(c * 2 + x) * 2 + k], (100 * k + 10 * c + x) as f32);
+                }
+            }
+        }
+    }
+
     #[test]
     fn kernels_compile_with_nvrtc_when_present() {
         // SAFETY: only probes for the library.

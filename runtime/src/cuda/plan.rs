@@ -144,6 +144,22 @@ pub enum Step {
         /// `weight` still names the dequantized filter.
         int8: Option<Int8Conv>,
     },
+    /// The first convolution, over the engine input, in one pass (`stem_conv_*` in kernels.cu):
+    /// `x` is the engine input (row-major NCHW float32) with few channels, fake-quantized on load
+    /// with `input_scale`; float32 accumulation, bias and activation; `y` is NHWC fp16, or int8
+    /// quantized with `output_scale`. Replaces [`Step::InputToNhwc`], the input's
+    /// [`Step::FakeQuant`], a [`Step::Conv`] and its output's [`Step::Quantize`]
+    /// ([`EnginePlan::fuse_stem`]).
+    StemConv {
+        x: ValueId,
+        y: ValueId,
+        weight: usize,
+        bias: Option<usize>,
+        geometry: ConvGeometry,
+        act: Act,
+        input_scale: Option<f32>,
+        output_scale: Option<f32>,
+    },
     /// fp16 NHWC to int8 NHWC: ONNX QuantizeLinear with a zero point of 0.
     Quantize {
         x: ValueId,
@@ -215,6 +231,7 @@ impl Step {
     pub fn inputs(&self) -> Vec<ValueId> {
         match self {
             Step::InputToNhwc { x, .. }
+            | Step::StemConv { x, .. }
             | Step::ResizeNearest { x, .. }
             | Step::Unary { x, .. }
             | Step::Softmax { x, .. }
@@ -233,6 +250,7 @@ impl Step {
     pub fn inputs_mut(&mut self) -> Vec<&mut ValueId> {
         match self {
             Step::InputToNhwc { x, .. }
+            | Step::StemConv { x, .. }
             | Step::ResizeNearest { x, .. }
             | Step::Unary { x, .. }
             | Step::Softmax { x, .. }
@@ -252,6 +270,7 @@ impl Step {
     pub fn kind(&self) -> &'static str {
         match self {
             Step::InputToNhwc { .. } => "input to NHWC",
+            Step::StemConv { .. } => "stem conv",
             Step::Conv { int8: Some(_), .. } => "conv int8",
             Step::Conv {
                 layout: Layout::Nhwc,
@@ -274,6 +293,7 @@ impl Step {
     pub fn output(&self) -> ValueId {
         match self {
             Step::InputToNhwc { y, .. }
+            | Step::StemConv { y, .. }
             | Step::ResizeNearest { y, .. }
             | Step::Unary { y, .. }
             | Step::Softmax { y, .. }
@@ -326,6 +346,111 @@ impl EnginePlan {
             }
         }
         (convs, acts, residuals)
+    }
+
+    /// Largest stem filter (`cin * kh * kw * k` floats) the `stem_conv_*` kernels stage in shared
+    /// memory (`STEM_MAX_FILTER` in kernels.cu).
+    pub const STEM_MAX_FILTER: usize = 8192;
+
+    /// Fold the first convolution and what surrounds it into one [`Step::StemConv`]: the engine
+    /// input's layout pass, its fake quantization (a Q/DQ model's input pair), an NHWC convolution
+    /// of at most 4 input channels (no residual, one group, output channels in whole groups of
+    /// 8, filter within [`Self::STEM_MAX_FILTER`]) and, where a quantization is the only reader
+    /// of its output, that quantization. Each intermediate must have no other reader. For FP16
+    /// and INT8 engines (the kernel stores fp16 or int8). Returns whether it applied.
+    pub fn fuse_stem(&mut self) -> bool {
+        let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            for v in s.inputs() {
+                readers.entry(self.storage_of(v)).or_default().push(i);
+            }
+        }
+        let aliased: std::collections::HashSet<ValueId> =
+            self.values.iter().filter_map(|v| v.alias_of).collect();
+        let private = |v: ValueId, reader: usize| {
+            readers.get(&v).is_some_and(|r| r == &[reader])
+                && v != self.output
+                && Some(v) != self.prototypes
+                && !aliased.contains(&v)
+                && self.values[v].alias_of.is_none()
+        };
+        let Some(ti) = self
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::InputToNhwc { x, .. } if *x == self.input))
+        else {
+            return false;
+        };
+        let Step::InputToNhwc { y: nhwc, .. } = self.steps[ti] else {
+            return false;
+        };
+        let Some(&[first]) = readers.get(&nhwc).map(Vec::as_slice) else {
+            return false;
+        };
+        let (fq, conv_in, input_scale) = match self.steps[first] {
+            Step::FakeQuant { x, y, scale } if x == nhwc => (Some(first), y, Some(scale)),
+            _ => (None, nhwc, None),
+        };
+        let ci = match fq {
+            Some(f) => match readers.get(&conv_in).map(Vec::as_slice) {
+                Some(&[c]) if private(nhwc, f) => c,
+                _ => return false,
+            },
+            None => first,
+        };
+        if !private(conv_in, ci) {
+            return false;
+        }
+        let Step::Conv {
+            x,
+            y,
+            weight,
+            bias,
+            geometry,
+            act,
+            residual: None,
+            layout: Layout::Nhwc,
+            int8: None,
+        } = self.steps[ci]
+        else {
+            return false;
+        };
+        let fits = match self.constants[weight].dims[..] {
+            [k, cin, kh, kw] => {
+                cin <= 4 && k % 8 == 0 && k * cin * kh * kw <= Self::STEM_MAX_FILTER
+            }
+            _ => false,
+        };
+        if x != conv_in || geometry.group != 1 || geometry.dilation != [1, 1] || !fits {
+            return false;
+        }
+        let quantize = readers.get(&y).and_then(|r| match r[..] {
+            [qi] if private(y, qi) => match self.steps[qi] {
+                Step::Quantize { x, y: q, scale } if x == y => Some((qi, q, scale)),
+                _ => None,
+            },
+            _ => None,
+        });
+        let (out, output_scale) = quantize.map_or((y, None), |(_, q, scale)| (q, Some(scale)));
+        self.steps[ci] = Step::StemConv {
+            x: self.input,
+            y: out,
+            weight,
+            bias,
+            geometry,
+            act,
+            input_scale,
+            output_scale,
+        };
+        let mut gone: Vec<usize> = [Some(ti), fq, quantize.map(|q| q.0)]
+            .into_iter()
+            .flatten()
+            .collect();
+        gone.sort_unstable();
+        for i in gone.into_iter().rev() {
+            self.steps.remove(i);
+        }
+        true
     }
 
     /// Move quantization towards the producers until nothing moves, so activations travel as
@@ -1522,6 +1647,87 @@ mod tests {
             .filter(|s| matches!(s, Step::FakeQuant { .. }))
             .count();
         assert_eq!(fake, 3);
+    }
+
+    /// The stem pass folds the input's layout pass, its Q/DQ pair, the 3-channel convolution and
+    /// the quantization of its output into one step; nothing reads the values it bypassed.
+    #[test]
+    fn the_stem_becomes_one_step() {
+        let kinds = |plan: &EnginePlan| -> Vec<&'static str> {
+            plan.steps.iter().map(Step::kind).collect()
+        };
+        // INT8: the stem stores int8 for the INT8 convolution after it.
+        let mut plan = lower(&qdq_chain(), true).unwrap();
+        assert!(plan.fuse_stem());
+        assert_eq!(
+            kinds(&plan),
+            [
+                "stem conv",
+                "conv int8",
+                "fake quantize",
+                "conv + epilogue",
+                "NHWC to row-major"
+            ]
+        );
+        let Step::StemConv {
+            x,
+            y,
+            weight,
+            act,
+            input_scale,
+            output_scale,
+            geometry,
+            ..
+        } = plan.steps[0].clone()
+        else {
+            panic!("{:?}", plan.steps[0])
+        };
+        assert_eq!(x, plan.input);
+        assert_eq!((input_scale, output_scale), (Some(0.02), Some(0.02)));
+        assert_eq!(plan.values[y].layout, Layout::NhwcInt8);
+        assert_eq!(act, Act::Silu);
+        assert_eq!(plan.constants[weight].dims, vec![16, 3, 3, 3]);
+        assert_eq!((geometry.stride, geometry.pads), ([1, 1], [1, 1, 1, 1]));
+        // The INT8 convolution reads what the stem writes.
+        assert_eq!(plan.steps[1].inputs(), vec![y]);
+        // Applied once: there is no input layout pass left.
+        assert!(!plan.fuse_stem());
+
+        // FP16 on the same Q/DQ model: the input still fake-quantized, the output fp16 for the
+        // fake quantization in front of the next (floating-point) convolution.
+        let mut plan = lower(&qdq_chain(), false).unwrap();
+        assert!(plan.fuse_stem());
+        let Step::StemConv {
+            y,
+            input_scale,
+            output_scale,
+            ..
+        } = plan.steps[0].clone()
+        else {
+            panic!("{:?}", plan.steps[0])
+        };
+        assert_eq!((input_scale, output_scale), (Some(0.02), None));
+        assert_eq!(plan.values[y].layout, Layout::Nhwc);
+        assert_eq!(kinds(&plan)[1], "fake quantize");
+
+        // A float model: gelan-t's stem (3 -> 16, stride 2), no quantization on either side.
+        let mut plan = plan_for("gelan-t");
+        let before = plan.steps.len();
+        assert!(plan.fuse_stem());
+        assert_eq!(plan.steps.len(), before - 1);
+        let Step::StemConv {
+            input_scale,
+            output_scale,
+            geometry,
+            ..
+        } = plan.steps[0].clone()
+        else {
+            panic!("{:?}", plan.steps[0])
+        };
+        assert_eq!((input_scale, output_scale), (None, None));
+        assert_eq!(geometry.stride, [2, 2]);
+        let readers: Vec<ValueId> = plan.steps.iter().flat_map(Step::inputs).collect();
+        assert_eq!(readers.iter().filter(|&&v| v == plan.input).count(), 1);
     }
 
     #[test]
