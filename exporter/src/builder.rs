@@ -162,7 +162,6 @@ impl GraphBuilder {
         self.shape(value)?.get(1)?.fixed().map(|c| c as usize)
     }
 
-    /// Finish: the graph proto.
     /// The graph as a model with Kestrel's IR version and opset (default domain), no metadata:
     /// what tests and tools that build small graphs need.
     pub fn finish_model(self, name: &str) -> pb::ModelProto {
@@ -177,6 +176,7 @@ impl GraphBuilder {
         }
     }
 
+    /// Finish: the graph proto.
     pub fn finish(self, name: &str, doc: &str) -> pb::GraphProto {
         pb::GraphProto {
             node: self.nodes,
@@ -188,4 +188,20 @@ impl GraphBuilder {
             value_info: Vec::new(),
         }
     }
+}
+
+/// The smallest detector: images `[1, 3, 4, 4]` reshaped to output0 `[1, 6, 8]` (4 box values and
+/// 2 class scores for each of 8 anchors), for tests and fuzz seeds that need a model any backend
+/// loads in milliseconds.
+pub fn tiny_detector() -> Result<pb::ModelProto> {
+    let mut b = GraphBuilder::new();
+    let x = b.input(
+        "images",
+        vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(4), Dim::Fixed(4)],
+    );
+    let shape = b.const_i64("shape", &[1, 6, 8]);
+    let y = b.node1("Reshape", "head", &[&x, &shape], vec![])?;
+    b.rename_last_output(&y, "output0");
+    b.output("output0", pb::data_type::FLOAT, "");
+    Ok(b.finish_model("tiny"))
 }

@@ -121,15 +121,7 @@ fn image_input(b: &mut GraphBuilder, side: i64) -> String {
 
 /// images `[1, 3, 4, 4]` reshaped to output0 `[1, 6, 8]` (2 classes, 8 anchors).
 fn tiny_reshape() -> Vec<u8> {
-    let mut b = GraphBuilder::new();
-    let x = image_input(&mut b, 4);
-    let shape = b.const_i64("shape", &[1, 6, 8]);
-    let y = b
-        .node1("Reshape", "head", &[&x, &shape], vec![])
-        .expect("reshape");
-    b.rename_last_output(&y, "output0");
-    b.output("output0", pb::data_type::FLOAT, "");
-    encode_model(&b.finish_model("tiny"))
+    encode_model(&kestrel_exporter::builder::tiny_detector().expect("tiny detector"))
 }
 
 /// Relu, Neg, Concat and Reshape to output0 `[1, 9, 16]`.

@@ -1006,20 +1006,7 @@ mod tests {
     }
 
     fn tiny_detector() -> Vec<u8> {
-        use kestrel_exporter::builder::GraphBuilder;
-        use kestrel_exporter::onnx::encode_model;
-        use kestrel_exporter::shapes::Dim;
-        let mut b = GraphBuilder::new();
-        let x = b.input(
-            "images",
-            vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(4), Dim::Fixed(4)],
-        );
-        let shape = b.const_i64("shape", &[1, 6, 8]);
-        let y = b
-            .node1("Reshape", "head", &[&x, &shape], vec![])
-            .expect("reshape");
-        b.rename_last_output(&y, "output0");
-        b.output("output0", pb::data_type::FLOAT, "");
-        encode_model(&b.finish_model("tiny"))
+        let model = kestrel_exporter::builder::tiny_detector().expect("tiny detector");
+        kestrel_exporter::onnx::encode_model(&model)
     }
 }

@@ -100,7 +100,11 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             let request = request.map(Body::new);
             let app = app.clone();
-            async move { Ok::<_, Infallible>(app.oneshot(request).await.unwrap_or_else(|e| match e {})) }
+            async move {
+                let response = app.oneshot(request).await;
+                // The router's error type is Infallible.
+                Ok::<_, Infallible>(response.unwrap_or_else(|e| match e {}))
+            }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
