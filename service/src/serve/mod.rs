@@ -233,6 +233,10 @@ pub fn run(args: Args) -> Result<()> {
         instances: a.instances.clone(),
         ..ModelConfig::default()
     };
+    // The rules a model's config.json follows hold for the command line's defaults too.
+    defaults
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e} (the command line or the --config file)"))?;
     let metrics = metrics::install()?;
     let repo = Repository::new(a.repository.clone(), &a.models, defaults);
     for name in repo.names() {

@@ -390,25 +390,12 @@ fn load_one(
     config: &ModelConfig,
     folder: Option<&Path>,
 ) -> Result<LoadedModel, String> {
+    // Checked where it was made (ModelConfig::from_json, or `kestrel serve` at start for the
+    // command line's defaults); again here, so a config that skipped both cannot load.
+    config.validate().map_err(|e| e.to_string())?;
     let backend: Backend = config.backend.parse().map_err(|e| format!("{e}"))?;
     let precision: Precision = config.precision.parse().map_err(|e| format!("{e}"))?;
-    if !(1..=1024).contains(&config.max_batch_size) {
-        return Err(format!(
-            "max_batch_size {}: give 1 to 1024",
-            config.max_batch_size
-        ));
-    }
     let placements = config.placements()?;
-    if let Some(p) = config
-        .preferred_batch_sizes
-        .iter()
-        .find(|&&p| p == 0 || p > config.max_batch_size)
-    {
-        return Err(format!(
-            "preferred_batch_sizes holds {p}: give sizes from 1 to max_batch_size ({})",
-            config.max_batch_size
-        ));
-    }
     let mut options = BuildOptions {
         backend,
         precision,
