@@ -325,7 +325,6 @@ const INT8_TILES: [(&str, usize, usize); 4] = [
     ("conv_int8_m64_n64", 64, 64),
 ];
 
-/// OIHW (ONNX) filters to KRSC (channels-last filters).
 /// OIHW filter to [cin][kh][kw][k]: the layout of the `stem_conv_*` kernels, where the output
 /// channels a thread computes are adjacent.
 fn oihw_to_ihwo(values: &[f32], dims: &[usize]) -> Vec<f32> {
@@ -344,6 +343,7 @@ fn oihw_to_ihwo(values: &[f32], dims: &[usize]) -> Vec<f32> {
     ihwo
 }
 
+/// OIHW (ONNX) filters to KRSC (channels-last filters).
 fn oihw_to_krsc<T: Copy + Default>(values: &[T], dims: &[usize]) -> Vec<T> {
     let [k, cin, r, sdim] = [dims[0], dims[1], dims[2], dims[3]];
     let mut krsc = vec![T::default(); values.len()];
@@ -2495,7 +2495,6 @@ mod tests {
         assert_eq!(m, vec![4, 2, 16, 4, 7, 448, 7, 112, 1]);
     }
 
-    /// Kernel sources compile with NVRTC where the library is present (CI installs it in the venv).
     #[test]
     fn engine_files_decide_the_stem_for_themselves() {
         // A file's steps are what its choices index: a recorded stem is replayed, files without
@@ -2531,6 +2530,7 @@ mod tests {
         }
     }
 
+    /// Kernel sources compile with NVRTC where the library is present (CI installs it in the venv).
     #[test]
     fn kernels_compile_with_nvrtc_when_present() {
         // SAFETY: only probes for the library.
