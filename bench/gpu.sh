@@ -9,14 +9,13 @@ OUT=${OUT:-out/gpu-bench}
 mkdir -p "$OUT"
 K=.gpu/bin/kestrel
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}
+source bench/models.sh
 for m in ${MODELS:-gelan-c}; do
-  $K export --model "$m" --imgsz 640 --dynamic -o "/tmp/$m.onnx"
+  gelan_models "$m"
   $K bench --model "/tmp/$m.onnx" --backend cuda --precision fp16 --batch "${BATCHES:-1,8}" \
     --warmup 1 --duration "${DURATION:-3}" --json "/tmp/kestrel-$m.json"
-  # INT8: post-training quantization (max calibration on synthetic scenes, CPU backend), then the
-  # Q/DQ model's INT8 engine on the same card in the same run.
-  [ -d /tmp/calib ] || $K synth -o /tmp/calib --images 16 --seed 5 > /dev/null
-  $K quantize --onnx "/tmp/$m.onnx" --calibrate /tmp/calib --images 16 -o "/tmp/$m.qdq.onnx"
+  # INT8: the Q/DQ model of bench/models.sh (post-training quantization, max calibration on
+  # synthetic scenes, CPU backend), its INT8 engine on the same card in the same run.
   $K bench --model "/tmp/$m.qdq.onnx" --backend cuda --precision int8 --batch "${BATCHES:-1,8}" \
     --warmup 1 --duration "${DURATION:-3}" --json "/tmp/kestrel-$m-int8.json"
   $PY bench/peers/torch_peer.py "/tmp/$m.onnx" --batch "${BATCHES:-1,8}" --json "/tmp/torch-$m.json" 2>&1 | grep -v Warning

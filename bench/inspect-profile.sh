@@ -12,10 +12,9 @@ source .gpu/env.sh
 OUT=${OUT:?set OUT}
 K=.gpu/bin/kestrel
 PY=${KESTREL_PYTHON:-/opt/torch/.venv/bin/python}
-[ -d /tmp/calib ] || $K synth -o /tmp/calib --images 16 --seed 5 > /dev/null
+source bench/models.sh
+gelan_models gelan-c
 m=/tmp/gelan-c
-$K export --model gelan-c --imgsz 640 --dynamic -o $m.onnx > /dev/null
-$K quantize --onnx $m.onnx --calibrate /tmp/calib --images 16 -o $m.qdq.onnx > /dev/null
 $K build --onnx $m.qdq.onnx --backend cuda --precision int8 --batch 1:8:8 -o $m.int8.engine \
   > "$OUT/build.txt" 2>&1
 for b in 1 8; do

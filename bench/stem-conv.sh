@@ -11,11 +11,9 @@ source .gpu/env.sh
 OUT=${OUT:?set OUT}
 K=.gpu/bin/kestrel
 PY=${KESTREL_PYTHON:-/opt/torch/.venv/bin/python}
+source bench/models.sh
+gelan_models gelan-c
 m=/tmp/gelan-c
-[ -d /tmp/calib ] || $K synth -o /tmp/calib --images 16 --seed 5 > /dev/null
-[ -f $m.onnx ] || $K export --model gelan-c --imgsz 640 --dynamic -o $m.onnx > /dev/null
-[ -f $m.qdq.onnx ] || $K quantize --onnx $m.onnx --calibrate /tmp/calib --images 16 \
-  -o $m.qdq.onnx > /dev/null
 for stem in 0 1; do
   for p in fp16 int8; do
     src=$m.onnx

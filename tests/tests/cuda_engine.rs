@@ -1,6 +1,6 @@
 //! The `cuda` backend against the CPU backend (GPU machine), and its behaviour without a GPU.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kestrel_exporter::builder::GraphBuilder;
 use kestrel_exporter::onnx::pb;
@@ -424,22 +424,28 @@ fn matched_detections(reference: &[f32], ours: &[f32], out_per: usize) -> (usize
 
 /// PTQ (max calibration on synthetic scenes, the CPU backend) of a random-weight gelan model, then
 /// the INT8 engine against onnxruntime running the same Q/DQ model, before and after NMS.
-fn int8_against_onnxruntime(name: &str) {
-    let dir = scratch_dir(&format!("cuda-int8-{name}"));
+/// `name` exported to `dir` (random weights) and its Q/DQ model, calibrated by max on 4
+/// synthetic scenes with the CPU backend: (float model, Q/DQ model).
+fn float_and_qdq(name: &str, dir: &Path) -> (PathBuf, PathBuf) {
     let float_path = dir.join(format!("{name}.onnx"));
     export_to(name, &float_path);
     let float = onnx::read_model(&float_path).unwrap();
     let points = quantize::quantization_points(&float);
     let bytes = std::fs::read(&float_path).unwrap();
     let mut calib = Calibrator::new(&bytes, &float_path, &points).unwrap();
-    let per = 3 * 640 * 640;
-    for image in scenes(100, 4).chunks(per) {
+    for image in scenes(100, 4).chunks(3 * 640 * 640) {
         calib.add_input(image).unwrap();
     }
     let qdq = quantize::quantize_model(&float, &calib.amax()).unwrap();
-    let path = dir.join(format!("{name}.qdq.onnx"));
-    onnx::write_model(&qdq, &path).unwrap();
+    let qdq_path = dir.join(format!("{name}.qdq.onnx"));
+    onnx::write_model(&qdq, &qdq_path).unwrap();
+    (float_path, qdq_path)
+}
 
+fn int8_against_onnxruntime(name: &str) {
+    let dir = scratch_dir(&format!("cuda-int8-{name}"));
+    let (_, path) = float_and_qdq(name, &dir);
+    let per = 3 * 640 * 640;
     let mut int8 = build_engine(&path, &options(Backend::Cuda, Precision::Int8)).unwrap();
     let batch = 8;
     let input = scenes(200, batch);
@@ -852,19 +858,8 @@ fn engines_run_on_the_gpu_they_are_placed_on() {
 fn the_stem_kernel_matches_the_unfused_stem() {
     let name = "gelan-s";
     let dir = scratch_dir("cuda-stem");
-    let float_path = dir.join(format!("{name}.onnx"));
-    export_to(name, &float_path);
-    let float = onnx::read_model(&float_path).unwrap();
-    let points = quantize::quantization_points(&float);
-    let bytes = std::fs::read(&float_path).unwrap();
-    let mut calib = Calibrator::new(&bytes, &float_path, &points).unwrap();
+    let (float_path, qdq_path) = float_and_qdq(name, &dir);
     let per = 3 * 640 * 640;
-    for image in scenes(100, 4).chunks(per) {
-        calib.add_input(image).unwrap();
-    }
-    let qdq = quantize::quantize_model(&float, &calib.amax()).unwrap();
-    let qdq_path = dir.join(format!("{name}.qdq.onnx"));
-    onnx::write_model(&qdq, &qdq_path).unwrap();
     let input = scenes(300, 8);
     for (path, precision, bound) in [
         (&float_path, Precision::Fp16, 2e-3),

@@ -325,39 +325,41 @@ const INT8_TILES: [(&str, usize, usize); 4] = [
     ("conv_int8_m64_n64", 64, 64),
 ];
 
-/// OIHW filter to [cin][kh][kw][k]: the layout of the `stem_conv_*` kernels, where the output
-/// channels a thread computes are adjacent.
-fn oihw_to_ihwo(values: &[f32], dims: &[usize]) -> Vec<f32> {
+/// An OIHW (ONNX) filter with every value moved to `to(o, i, y, x)`.
+fn reorder_oihw<T: Copy + Default>(
+    values: &[T],
+    dims: &[usize],
+    to: impl Fn(usize, usize, usize, usize) -> usize,
+) -> Vec<T> {
     let [k, cin, r, sdim] = [dims[0], dims[1], dims[2], dims[3]];
-    let mut ihwo = vec![0.0; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for ko in 0..k {
         for ci in 0..cin {
             for y in 0..r {
                 for x in 0..sdim {
-                    ihwo[((ci * r + y) * sdim + x) * k + ko] =
-                        values[((ko * cin + ci) * r + y) * sdim + x];
+                    out[to(ko, ci, y, x)] = values[((ko * cin + ci) * r + y) * sdim + x];
                 }
             }
         }
     }
-    ihwo
+    out
+}
+
+/// OIHW filter to [cin][kh][kw][k]: the layout of the `stem_conv_*` kernels, where the output
+/// channels a thread computes are adjacent.
+fn oihw_to_ihwo(values: &[f32], dims: &[usize]) -> Vec<f32> {
+    let [k, r, sdim] = [dims[0], dims[2], dims[3]];
+    reorder_oihw(values, dims, |ko, ci, y, x| {
+        ((ci * r + y) * sdim + x) * k + ko
+    })
 }
 
 /// OIHW (ONNX) filters to KRSC (channels-last filters).
 fn oihw_to_krsc<T: Copy + Default>(values: &[T], dims: &[usize]) -> Vec<T> {
-    let [k, cin, r, sdim] = [dims[0], dims[1], dims[2], dims[3]];
-    let mut krsc = vec![T::default(); values.len()];
-    for ko in 0..k {
-        for ci in 0..cin {
-            for y in 0..r {
-                for x in 0..sdim {
-                    krsc[((ko * r + y) * sdim + x) * cin + ci] =
-                        values[((ko * cin + ci) * r + y) * sdim + x];
-                }
-            }
-        }
-    }
-    krsc
+    let [cin, r, sdim] = [dims[1], dims[2], dims[3]];
+    reorder_oihw(values, dims, |ko, ci, y, x| {
+        ((ko * r + y) * sdim + x) * cin + ci
+    })
 }
 
 /// The fused-convolution choices of an engine file's `layer_choices` (see
