@@ -847,8 +847,8 @@ fn engines_run_on_the_gpu_they_are_placed_on() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The one-pass stem kernel (`KESTREL_STEM_CONV=1`, off by default until it has been timed)
-/// computes what the unfused stem does (layout pass, fake quantization, cuDNN
+/// The one-pass stem kernel (`KESTREL_STEM_CONV=1`; off by default: no faster, see
+/// `bench/stem-conv.sh`) computes what the unfused stem does (layout pass, fake quantization, cuDNN
 /// convolution, epilogue, quantization): gelan-s FP16 and a calibrated Q/DQ gelan-s INT8, on
 /// synthetic scenes at batches 1, 3 and 8, each engine with the stem kernel against the same
 /// engine without it. The kernel accumulates in float32 where cuDNN rounds the convolution to

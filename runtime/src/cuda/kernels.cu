@@ -210,12 +210,16 @@ __device__ void pool_v8_i(const vec16* in, vec16* out, int n, int h, int w, int 
         out[i] = r;
     }
 }
-// INT8 pooling with 8 channels per thread (8-byte loads); needs c % 8 == 0. The input and output
-// share one scale: max is exact, the average rounds to nearest even (as QuantizeLinear).
-template <typename I>
-__device__ void pool_v8_i8_i(const uint2* in, uint2* out, int n, int h, int w, int c, int oh, int ow,
-                             int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
-    int cv = c / 8;
+// INT8 pooling with V = 8 or 16 channels per thread (uint2 or uint4: 8- or 16-byte loads); needs
+// c % V == 0. The input and output share one scale: max is exact, the average rounds to nearest
+// even (as QuantizeLinear). 16-byte vectors halve the threads and the index arithmetic per byte:
+// with 8 (gelan-c, batch 8, H200) INT8 pools ran at about 0.9 TB/s, slower than the FP16 pools
+// moving twice the bytes.
+template <typename I, typename V>
+__device__ void pool_i8_i(const V* in, V* out, int n, int h, int w, int c, int oh, int ow,
+                          int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
+    const int K = (int)sizeof(V);
+    int cv = c / K;
     i64 total = (i64)n * oh * ow * cv;
     INDEX_LOOP(I, i, total) {
         int g = (int)(i % (I)cv);
@@ -224,9 +228,9 @@ __device__ void pool_v8_i8_i(const uint2* in, uint2* out, int n, int h, int w, i
         int oy = (int)((pix / (I)ow) % (I)oh);
         int b = (int)(pix / ((I)ow * oh));
         int y0 = oy * sh - ph, x0 = ox * sw - pw;
-        int acc[8];
-        #pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = kind == 0 ? -128 : 0;
+        int acc[sizeof(V)];
+#pragma unroll
+        for (int k = 0; k < K; ++k) acc[k] = kind == 0 ? -128 : 0;
         int count = 0;
         for (int dy = 0; dy < kh; ++dy) {
             int y = y0 + dy;
@@ -234,24 +238,30 @@ __device__ void pool_v8_i8_i(const uint2* in, uint2* out, int n, int h, int w, i
             for (int dx = 0; dx < kw; ++dx) {
                 int x = x0 + dx;
                 if (x < 0 || x >= w) continue;
-                uint2 v = in[(((I)b * h + y) * w + x) * cv + g];
+                V v = in[(((I)b * h + y) * w + x) * cv + g];
                 const signed char* q = (const signed char*)&v;
-                #pragma unroll
-                for (int k = 0; k < 8; ++k) acc[k] = kind == 0 ? max(acc[k], (int)q[k]) : acc[k] + q[k];
+#pragma unroll
+                for (int k = 0; k < K; ++k) acc[k] = kind == 0 ? max(acc[k], (int)q[k]) : acc[k] + q[k];
                 ++count;
             }
         }
         float div = kind == 1 ? (float)(count_include_pad ? kh * kw : (count > 0 ? count : 1)) : 1.0f;
-        uint2 r;
+        V r;
         signed char* qr = (signed char*)&r;
-        #pragma unroll
-        for (int k = 0; k < 8; ++k) qr[k] = (signed char)(kind == 0 ? acc[k] : __float2int_rn((float)acc[k] / div));
+#pragma unroll
+        for (int k = 0; k < K; ++k) qr[k] = (signed char)(kind == 0 ? acc[k] : __float2int_rn((float)acc[k] / div));
         out[i] = r;
     }
 }
-extern "C" __global__ void pool_v8_i8(const uint2* in, uint2* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
-    if (FITS_32((i64)n * h * w * c)) pool_v8_i8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
-    else pool_v8_i8_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+#define POOL_ARGS int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip
+#define POOL_PASS n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip
+extern "C" __global__ void pool_v8_i8(const uint2* in, uint2* out, POOL_ARGS) {
+    if (FITS_32((i64)n * h * w * c)) pool_i8_i<unsigned int>(in, out, POOL_PASS);
+    else pool_i8_i<i64>(in, out, POOL_PASS);
+}
+extern "C" __global__ void pool_v16_i8(const uint4* in, uint4* out, POOL_ARGS) {
+    if (FITS_32((i64)n * h * w * c)) pool_i8_i<unsigned int>(in, out, POOL_PASS);
+    else pool_i8_i<i64>(in, out, POOL_PASS);
 }
 extern "C" __global__ void pool_v8_f16(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
     if (FITS_32((i64)n * h * w * c)) pool_v8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
@@ -380,6 +390,25 @@ extern "C" __global__ void softmax_f32(const float* in, float* out, i64 outer, i
     }
 }
 
+// YOLO's DFL box decoding (Step::Dfl): x row-major [n, sides, bins, anchors] of raw logits; for
+// each (n, side, anchor) the softmax over the bins and its expectation under the projection w[bins]:
+// y[n, 0, side, anchor]. What Transpose, Softmax and the 1x1 convolution compute, in one pass.
+extern "C" __global__ void dfl_f32(const float* x, const float* w, float* y, i64 total, int bins, i64 anchors) {
+    GRID_LOOP(i, total) {
+        i64 a = i % anchors, row = i / anchors;
+        const float* p = x + row * bins * anchors + a;
+        float m = -3.402823466e38f;
+        for (int j = 0; j < bins; ++j) m = fmaxf(m, p[(i64)j * anchors]);
+        float s = 0.0f, e = 0.0f;
+        for (int j = 0; j < bins; ++j) {
+            float v = __expf(p[(i64)j * anchors] - m);
+            s += v;
+            e = fmaf(v, w[j], e);
+        }
+        y[i] = e / s;
+    }
+}
+
 // ---- quantization -------------------------------------------------------------------------------
 // ONNX QuantizeLinear with an int8 zero point of 0: q = clamp(round_half_even(x / scale), -128, 127).
 __device__ __forceinline__ int quantize(float x, float scale) {
@@ -430,72 +459,91 @@ __device__ void fake_quant(const T* in, T* out, i64 total, float scale) {
 extern "C" __global__ void fake_quant_f16(const half_t* in, half_t* out, i64 total, float scale) { fake_quant(in, out, total, scale); }
 extern "C" __global__ void fake_quant_f32(const float* in, float* out, i64 total, float scale) { fake_quant(in, out, total, scale); }
 
-// ---- the stem: a direct convolution for few input channels ---------------------------------------
+// ---- the stem: a direct convolution over the 3-channel input -----------------------------------
 // The first convolution reads the engine input (NCHW float32, 3 channels). Through cuDNN it takes
-// a layout pass, then a convolution far below the memory rate (gelan-c, batch 8, H200: 0.19 ms at
+// a layout pass, then a convolution far below the memory rate (gelan-c, batch 8, H200: 0.17 ms at
 // 15 TFLOP/s), and in INT8 engines a fake quantization before it and a quantization after it.
-// This kernel does all of that in one pass: the input fake-quantized on load (in_scale > 0, as
-// the Q/DQ pair in front of the layer says), float32 accumulation, bias, activation, and 8 output
-// channels per thread stored as fp16 NHWC, or as int8 NHWC quantized with out_scale (INT8_OUT).
-// Filter: float32 [cin][kh][kw][k], so the 8 channels of a thread are adjacent; it is staged in
-// shared memory once per block (the grid is capped, each block loops over the outputs).
+// This kernel does all of that in one pass over 3x3 filters of 3 input channels (YOLO's stem):
+// one thread per output pixel loads its 27 taps once (fake-quantized with in_scale > 0, as the
+// Q/DQ pair in front of the layer says) and keeps them in registers, then produces every output
+// channel, 8 at a time: float32 accumulation, bias, activation, stored as fp16 NHWC, or as int8
+// NHWC quantized with out_scale (INT8_OUT). The filter, float32 [27][k] (tap-major, so the 8
+// channels of a step are adjacent), and the bias are staged in shared memory once per block; the
+// grid is capped and each block loops over the pixels.
+// Measured (gelan-c, batch 8, H200, bench/stem-conv.sh): about as fast as the unfused stem (0.18
+// to 0.21 ms), so it is off by default. Two versions that were slower: 8 threads per pixel, each
+// reloading and re-quantizing the 27 taps; and the filter in constant memory with k fixed at
+// compile time (every filter operand a constant-bank operand, but 0.39 ms in FP16 and 0.59 ms in
+// INT8, most likely from the fully unrolled 27 x 64 FMAs overflowing the instruction cache). The
+// shared-memory loads (one 16-byte load per 4 FMAs) are the likely limit here: computing several
+// pixels per thread would share each load among them (not tried yet).
 #define STEM_MAX_FILTER 8192
+#define STEM_TAPS 27
 template <bool INT8_OUT>
-__device__ void stem_conv(const float* x, const float* filter, const float* bias, void* y, int n, int cin,
-                          int h, int w, int k, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw,
-                          int act, float in_scale, float out_scale) {
-    __shared__ float f[STEM_MAX_FILTER];
-    int taps = cin * kh * kw * k;
-    for (int t = threadIdx.x; t < taps && t < STEM_MAX_FILTER; t += blockDim.x) f[t] = filter[t];
+__device__ void stem_conv3x3(const float* x, const float* filter, const float* bias, void* y, int n,
+                             int h, int w, int k, int oh, int ow, int sh, int sw, int ph, int pw,
+                             int act, float in_scale, float out_scale) {
+    __shared__ __align__(16) float f[STEM_MAX_FILTER];
+    __shared__ __align__(16) float bs[STEM_MAX_FILTER / STEM_TAPS];
+    for (int t = threadIdx.x; t < STEM_TAPS * k && t < STEM_MAX_FILTER; t += blockDim.x) f[t] = filter[t];
+    for (int t = threadIdx.x; t < k && t < STEM_MAX_FILTER / STEM_TAPS; t += blockDim.x) bs[t] = bias ? bias[t] : 0.0f;
     __syncthreads();
-    int groups = k / 8;
-    // Output (pixel, group of 8 channels), the group fastest: NHWC offset = i * 8.
-    GRID_LOOP(i, (i64)n * oh * ow * groups) {
-        int g = (int)(i % groups);
-        i64 p = i / groups;
-        int ox = (int)(p % ow);
-        int oy = (int)((p / ow) % oh);
-        i64 b = p / ((i64)ow * oh);
-        float acc[8];
+    unsigned pixels = (unsigned)n * oh * ow;
+    for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += blockDim.x * gridDim.x) {
+        unsigned ox = p % ow, q = p / ow;
+        unsigned oy = q % oh, b = q / oh;
+        float v[STEM_TAPS];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = bias ? bias[g * 8 + j] : 0.0f;
-        for (int c = 0; c < cin; ++c) {
-            const float* plane = x + (b * cin + c) * h * w;
-            for (int r = 0; r < kh; ++r) {
-                int iy = oy * sh - ph + r;
-                if (iy < 0 || iy >= h) continue;
-                for (int s = 0; s < kw; ++s) {
-                    int ix = ox * sw - pw + s;
-                    if (ix < 0 || ix >= w) continue;
-                    float v = plane[(i64)iy * w + ix];
-                    if (in_scale > 0.0f) v = (float)quantize(v, in_scale) * in_scale;
-                    const float* fp = f + ((c * kh + r) * kw + s) * k + g * 8;
+        for (int c = 0; c < 3; ++c) {
+            const float* plane = x + ((i64)b * 3 + c) * h * w;
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[j] = fmaf(v, fp[j], acc[j]);
+            for (int r = 0; r < 3; ++r) {
+                int iy = (int)oy * sh - ph + r;
+#pragma unroll
+                for (int s = 0; s < 3; ++s) {
+                    int ix = (int)ox * sw - pw + s;
+                    float val = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? plane[(i64)iy * w + ix] : 0.0f;
+                    if (in_scale > 0.0f) val = (float)quantize(val, in_scale) * in_scale;
+                    v[(c * 3 + r) * 3 + s] = val;
                 }
             }
         }
-        if (INT8_OUT) {
-            unsigned long long packed = 0;
+        i64 base = (i64)p * k;
+        for (int g = 0; g < k; g += 8) {
+            float acc[8];
+            float4 b0 = *(const float4*)&bs[g], b1 = *(const float4*)&bs[g + 4];
+            acc[0] = b0.x; acc[1] = b0.y; acc[2] = b0.z; acc[3] = b0.w;
+            acc[4] = b1.x; acc[5] = b1.y; acc[6] = b1.z; acc[7] = b1.w;
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                packed |= (unsigned long long)(quantize(activate(acc[j], act), out_scale) & 0xff) << (8 * j);
-            ((unsigned long long*)y)[i] = packed;
-        } else {
-            unsigned words[4] = {0, 0, 0, 0};
+            for (int t = 0; t < STEM_TAPS; ++t) {
+                float4 w0 = *(const float4*)&f[t * k + g], w1 = *(const float4*)&f[t * k + g + 4];
+                acc[0] = fmaf(v[t], w0.x, acc[0]); acc[1] = fmaf(v[t], w0.y, acc[1]);
+                acc[2] = fmaf(v[t], w0.z, acc[2]); acc[3] = fmaf(v[t], w0.w, acc[3]);
+                acc[4] = fmaf(v[t], w1.x, acc[4]); acc[5] = fmaf(v[t], w1.y, acc[5]);
+                acc[6] = fmaf(v[t], w1.z, acc[6]); acc[7] = fmaf(v[t], w1.w, acc[7]);
+            }
+            if (INT8_OUT) {
+                unsigned long long packed = 0;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) words[j >> 1] |= (unsigned)f2h(activate(acc[j], act)) << ((j & 1) * 16);
-            vec16 v;
-            v.a = words[0]; v.b = words[1]; v.c = words[2]; v.d = words[3];
-            ((vec16*)y)[i] = v;
+                for (int j = 0; j < 8; ++j)
+                    packed |= (unsigned long long)(quantize(activate(acc[j], act), out_scale) & 0xff) << (8 * j);
+                ((unsigned long long*)y)[(base + g) / 8] = packed;
+            } else {
+                unsigned words[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int j = 0; j < 8; ++j) words[j >> 1] |= (unsigned)f2h(activate(acc[j], act)) << ((j & 1) * 16);
+                vec16 o;
+                o.a = words[0]; o.b = words[1]; o.c = words[2]; o.d = words[3];
+                ((vec16*)y)[(base + g) / 8] = o;
+            }
         }
     }
 }
-#define STEM_ARGS const float* x, const float* filter, const float* bias, void* y, int n, int cin, int h, int w, int k, \
-    int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int act, float in_scale, float out_scale
-#define STEM_PASS x, filter, bias, y, n, cin, h, w, k, oh, ow, kh, kw, sh, sw, ph, pw, act, in_scale, out_scale
-extern "C" __global__ void stem_conv_f16(STEM_ARGS) { stem_conv<false>(STEM_PASS); }
-extern "C" __global__ void stem_conv_i8(STEM_ARGS) { stem_conv<true>(STEM_PASS); }
+#define STEM_ARGS const float* x, const float* filter, const float* bias, void* y, int n, int h, int w, int k, \
+    int oh, int ow, int sh, int sw, int ph, int pw, int act, float in_scale, float out_scale
+#define STEM_PASS x, filter, bias, y, n, h, w, k, oh, ow, sh, sw, ph, pw, act, in_scale, out_scale
+extern "C" __global__ void stem_conv_f16(STEM_ARGS) { stem_conv3x3<false>(STEM_PASS); }
+extern "C" __global__ void stem_conv_i8(STEM_ARGS) { stem_conv3x3<true>(STEM_PASS); }
 
 // ---- INT8 convolution ---------------------------------------------------------------------------
 // Implicit GEMM on tensor cores. GEMM rows are output pixels (n, oh, ow), columns output channels,

@@ -110,7 +110,14 @@ fn fused_sources(graph: &pb::GraphProto, plan: &EnginePlan) -> Vec<Vec<String>> 
         .enumerate()
         .flat_map(|(k, n)| n.output.iter().map(move |o| (o.as_str(), k)))
         .collect();
-    let held: HashSet<&str> = plan.values.iter().map(|v| onnx_name(&v.name)).collect();
+    // Values some step reads or writes (fused passes leave their former intermediates unused).
+    let held: HashSet<&str> = plan
+        .steps
+        .iter()
+        .flat_map(|s| s.inputs().into_iter().chain([s.output()]))
+        .chain([plan.input])
+        .map(|v| onnx_name(&plan.values[v].name))
+        .collect();
     let constants: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     plan.steps
         .iter()

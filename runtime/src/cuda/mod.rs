@@ -182,7 +182,7 @@ struct EndToEndState {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 35] = [
+const KERNEL_NAMES: [&str; 37] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -199,6 +199,8 @@ const KERNEL_NAMES: [&str; 35] = [
     "bias_act_v8_f16",
     "pool_v8_f16",
     "pool_v8_i8",
+    "pool_v16_i8",
+    "dfl_f32",
     "resize_nearest_v16",
     "copy_axis_f32",
     "copy_axis_i8",
@@ -282,8 +284,9 @@ fn forced_int8_tile() -> Option<(&'static str, usize, usize)> {
 
 /// `$KESTREL_STEM_CONV=1` runs the first convolution with Kestrel's one-pass stem kernel
 /// ([`plan::EnginePlan::fuse_stem`]) in FP16 and INT8 engines. Checked on an H200 against the
-/// unfused stem (gelan-s: scores within 4e-5 relative L2 in FP16, 1.8e-4 in INT8); off by
-/// default until it has been timed (`bench/stem-conv.sh`). Not cache-keyed (use `--no-cache`),
+/// unfused stem by `the_stem_kernel_matches_the_unfused_stem`. Off by default: timed by
+/// `bench/stem-conv.sh` (gelan-c, H200) it is about as fast as the unfused stem (batch 8: +0.6 %
+/// images/s in FP16, +1.1 % in INT8; batch 1 INT8: -3 %). Not cache-keyed (use `--no-cache`),
 /// like the other knobs.
 pub(crate) fn stem_conv_enabled() -> bool {
     match STEM_CONV.load(std::sync::atomic::Ordering::Relaxed) {
@@ -444,7 +447,7 @@ impl CudaEngine {
         let max_b = info.profile.max;
 
         // Memory: one buffer per stored value that a step reads or writes, sized for the largest
-        // bucket (a fused pass such as the stem's leaves its former intermediates unused).
+        // bucket (fused passes, the stem's and the DFL's, leave their former intermediates unused).
         let used: std::collections::HashSet<ValueId> = plan
             .steps
             .iter()
@@ -458,7 +461,7 @@ impl CudaEngine {
             if v.alias_of.is_some()
                 || v.constant.is_some()
                 || plan.storage_of(i) != i
-                || (stem_fused && !used.contains(&i))
+                || !used.contains(&i)
             {
                 buffers.push(None);
                 continue;
@@ -1328,9 +1331,16 @@ impl CudaEngine {
                 } else {
                     "stem_conv_f16"
                 };
-                let total = prod(&dy) / 8;
-                // A capped grid: each block stages the filter in shared memory once.
-                let blocks = total.div_ceil(256).min(self.sm_count * 8).max(1);
+                // One thread per output pixel (32-bit indices in the kernel); a capped grid, so
+                // each block stages the filter in shared memory once.
+                let pixels = dy[0] * dy[2] * dy[3];
+                if u32::try_from(pixels).is_err() {
+                    return Err(cuda_error(
+                        "executor",
+                        format!("stem over {pixels} output pixels, more than 32-bit indices hold"),
+                    ));
+                }
+                let blocks = pixels.div_ceil(256).min(self.sm_count * 4).max(1);
                 let i32s = |v: usize| Arg::I32(v as i32);
                 launch_grid(
                     self.f(name)?,
@@ -1344,14 +1354,11 @@ impl CudaEngine {
                         Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
                         Arg::Ptr(self.ptr(*y)?),
                         i32s(dx[0]),
-                        i32s(dx[1]),
                         i32s(dx[2]),
                         i32s(dx[3]),
                         i32s(dy[1]),
                         i32s(dy[2]),
                         i32s(dy[3]),
-                        i32s(g.kernel[0]),
-                        i32s(g.kernel[1]),
                         i32s(g.stride[0]),
                         i32s(g.stride[1]),
                         i32s(g.pads[0]),
@@ -1498,7 +1505,11 @@ impl CudaEngine {
                             format!("int8 pooling over {} channels, not a multiple of 8", dx[1]),
                         ));
                     }
-                    (self.f("pool_v8_i8")?, prod(&dy) / 8)
+                    if dx[1].is_multiple_of(16) {
+                        (self.f("pool_v16_i8")?, prod(&dy) / 16)
+                    } else {
+                        (self.f("pool_v8_i8")?, prod(&dy) / 8)
+                    }
                 } else if v8 {
                     (self.f("pool_v8_f16")?, prod(&dy) / 8)
                 } else {
@@ -1535,8 +1546,20 @@ impl CudaEngine {
             Step::ResizeNearest { x, y } => {
                 let dx = self.shape(*x, b);
                 let dy = self.shape(*y, b);
-                // Whole 16-byte channel vectors move as vectors.
-                let per_vec = if self.half { 8 } else { 4 };
+                // Whole 16-byte channel vectors move as vectors (int8 ones are planned only
+                // with whole vectors: 16 channels).
+                let int8 = self.plan.values[*x].layout == Layout::NhwcInt8;
+                let per_vec = match (int8, self.half) {
+                    (true, _) => 16,
+                    (false, true) => 8,
+                    (false, false) => 4,
+                };
+                if int8 && !dx[1].is_multiple_of(per_vec) {
+                    return Err(cuda_error(
+                        "executor",
+                        format!("int8 resize over {} channels, not a multiple of 16", dx[1]),
+                    ));
+                }
                 let (f, unit) = if dx[1].is_multiple_of(per_vec) {
                     (self.f("resize_nearest_v16")?, per_vec)
                 } else {
@@ -1659,6 +1682,23 @@ impl CudaEngine {
                         launch(f, s, n, &args)?;
                     }
                 }
+            }
+            Step::Dfl { x, y, weight, bins } => {
+                let d = self.shape(*x, b);
+                let (rows, anchors) = (d[0] * d[1], d[3]);
+                launch(
+                    self.f("dfl_f32")?,
+                    s,
+                    rows * anchors,
+                    &[
+                        Arg::Ptr(self.ptr(*x)?),
+                        Arg::Ptr(self.constants[*weight].ptr),
+                        Arg::Ptr(self.ptr(*y)?),
+                        Arg::I64((rows * anchors) as i64),
+                        Arg::I32(*bins as i32),
+                        Arg::I64(anchors as i64),
+                    ],
+                )?;
             }
             Step::Softmax { x, y, axis } => {
                 let d = self.shape(*x, b);

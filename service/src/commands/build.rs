@@ -15,7 +15,7 @@ pub struct Args {
     /// Backend: cpu, cuda or tensorrt (builds with `--features tensorrt`).
     #[arg(long, default_value = "cuda")]
     backend: String,
-    /// Precision: fp32 or fp16 (cuda).
+    /// Precision: fp32, fp16, int8 (a Q/DQ model) or best (cuda).
     #[arg(long, default_value = "fp16")]
     precision: String,
     /// Batch profile MIN:OPT:MAX (or N for 1:N:N).
