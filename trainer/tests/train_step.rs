@@ -11,8 +11,16 @@ use tch::{Device, Kind, Tensor, nn};
 
 const STEPS: usize = 30;
 
+/// libtorch's random generator is global: two tests seeding it and drawing their weights at
+/// once (the test harness runs them on parallel threads) interleave their draws, so each run
+/// starts from other weights. One test at a time keeps each run the same.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_few_optimiser_steps_on_a_fixed_batch_lower_the_loss() {
+    let _rng = TORCH_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     tch::manual_seed(0);
     let imgsz = 64usize;
     let cfg = ModelConfig::new("gelan-t", 2, imgsz).unwrap();
@@ -68,6 +76,9 @@ fn a_few_optimiser_steps_on_a_fixed_batch_lower_the_loss() {
 
 #[test]
 fn a_few_optimiser_steps_of_the_segmentation_loss_lower_it() {
+    let _rng = TORCH_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     tch::manual_seed(0);
     let imgsz = 64usize;
     let cfg = ModelConfig::new("gelan-t-seg", 2, imgsz).unwrap();

@@ -362,6 +362,27 @@ impl EnginePlan {
         (convs, acts, residuals)
     }
 
+    /// The steps reading each stored value (aliases resolved to the value holding the memory).
+    fn readers(&self) -> HashMap<ValueId, Vec<usize>> {
+        let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            for v in s.inputs() {
+                readers.entry(self.storage_of(v)).or_default().push(i);
+            }
+        }
+        readers
+    }
+
+    /// Whether `v` is only an intermediate between steps, which a fusion that bypasses its
+    /// reader may leave unwritten: not an engine output, not an alias of another value and not
+    /// aliased by one (a Reshape of it would read it under another name).
+    fn is_intermediate(&self, v: ValueId) -> bool {
+        v != self.output
+            && Some(v) != self.prototypes
+            && self.values[v].alias_of.is_none()
+            && !self.values.iter().any(|w| w.alias_of == Some(v))
+    }
+
     /// Largest stem filter (`27 * k` floats) the `stem_conv_*` kernels stage in shared memory
     /// (`STEM_MAX_FILTER` in kernels.cu).
     pub const STEM_MAX_FILTER: usize = 8192;
@@ -370,23 +391,13 @@ impl EnginePlan {
     /// input's layout pass, its fake quantization (a Q/DQ model's input pair), a 3x3 NHWC
     /// convolution of 3 input channels, YOLO's stem (no residual, one group, no dilation, output
     /// channels in whole groups of 8, filter within [`Self::STEM_MAX_FILTER`]) and, where a
-    /// quantization is the only reader of its output, that quantization. Each intermediate must have no other reader. For FP16
-    /// and INT8 engines (the kernel stores fp16 or int8). Returns whether it applied.
+    /// quantization is the only reader of its output, that quantization. Each intermediate must
+    /// have no other reader. For FP16 and INT8 engines (the kernel stores fp16 or int8). Returns
+    /// whether it applied.
     pub fn fuse_stem(&mut self) -> bool {
-        let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
-        for (i, s) in self.steps.iter().enumerate() {
-            for v in s.inputs() {
-                readers.entry(self.storage_of(v)).or_default().push(i);
-            }
-        }
-        let aliased: std::collections::HashSet<ValueId> =
-            self.values.iter().filter_map(|v| v.alias_of).collect();
+        let readers = self.readers();
         let private = |v: ValueId, reader: usize| {
-            readers.get(&v).is_some_and(|r| r == &[reader])
-                && v != self.output
-                && Some(v) != self.prototypes
-                && !aliased.contains(&v)
-                && self.values[v].alias_of.is_none()
+            readers.get(&v).is_some_and(|r| r == &[reader]) && self.is_intermediate(v)
         };
         let Some(ti) = self
             .steps
@@ -472,21 +483,10 @@ impl EnginePlan {
     /// tail's small tensors several times (gelan-c, batch 8, H200: 0.07 ms); the fused step reads
     /// each logit once. Returns whether it applied (call until false: models may have several).
     pub fn fuse_dfl(&mut self) -> bool {
-        let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
-        for (i, s) in self.steps.iter().enumerate() {
-            for v in s.inputs() {
-                readers.entry(self.storage_of(v)).or_default().push(i);
-            }
-        }
-        let aliased: std::collections::HashSet<ValueId> =
-            self.values.iter().filter_map(|v| v.alias_of).collect();
+        let readers = self.readers();
         let only_reader = |v: ValueId| -> Option<usize> {
-            let private = v != self.output
-                && Some(v) != self.prototypes
-                && !aliased.contains(&v)
-                && self.values[v].alias_of.is_none();
             match readers.get(&v).map(Vec::as_slice) {
-                Some(&[r]) if private => Some(r),
+                Some(&[r]) if self.is_intermediate(v) => Some(r),
                 _ => None,
             }
         };
