@@ -145,9 +145,9 @@ pub enum Step {
         int8: Option<Int8Conv>,
     },
     /// The first convolution, over the engine input, in one pass (`stem_conv_*` in kernels.cu):
-    /// `x` is the engine input (row-major NCHW float32, 3 channels, 3x3 filter), fake-quantized on load
-    /// with `input_scale`; float32 accumulation, bias and activation; `y` is NHWC fp16, or int8
-    /// quantized with `output_scale`. Replaces [`Step::InputToNhwc`], the input's
+    /// `x` is the engine input (row-major NCHW float32, 3 channels, 3x3 filter), fake-quantized
+    /// on load with `input_scale`; float32 accumulation, bias and activation; `y` is NHWC fp16,
+    /// or int8 quantized with `output_scale`. Replaces [`Step::InputToNhwc`], the input's
     /// [`Step::FakeQuant`], a [`Step::Conv`] and its output's [`Step::Quantize`]
     /// ([`EnginePlan::fuse_stem`]).
     StemConv {
