@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (after `bash scripts/gpu-bundle.sh`; carry .gpux, `tar xJf .gpux/bundle.tar.xz`):
-# the one-pass stem kernel (KESTREL_STEM_CONV=1, off by default) against the unfused stem, gelan-c
+# the one-pass stem kernel (the default; KESTREL_STEM_CONV=0 turns it off) against the unfused stem, gelan-c
 # at 640 in FP16 and INT8 (Q/DQ from `kestrel quantize`, max calibration on synthetic scenes),
 # batches 1 and 8, GPU compute without transfers, same card, same run, with layer profiles.
 # Writes $OUT/stem-conv.json (images/s of each engine and the ratios) and the bench outputs.

@@ -119,10 +119,15 @@ fn inspect_reports_quantization_draws_it_and_reads_engine_files() {
     .unwrap();
     let rows = json["layers"]["rows"].as_array().unwrap();
     // Each convolution the quantizer made INT8 runs on int8 tensor cores, or in fp16 after a
-    // fake quantization where the engine keeps it float (at 64 px, the small deep layers).
+    // fake quantization where the engine keeps it float (at 64 px, the small deep layers), or,
+    // the first one (3 input channels), as the stem kernel with the input's Q/DQ folded in.
     let count = |kind: &str| rows.iter().filter(|r| r["kind"] == kind).count() as u64;
     assert!(count("conv int8") > 0);
-    assert_eq!(count("conv int8") + count("fake quantize"), int8);
+    assert_eq!(count("stem conv"), 1);
+    assert_eq!(
+        count("conv int8") + count("fake quantize") + count("stem conv"),
+        int8
+    );
 
     // An engine file: its header, and the ONNX inside it.
     let engine = dir.join("m.engine");

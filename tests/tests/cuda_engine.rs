@@ -537,10 +537,14 @@ fn gelan_c_int8_matches_onnxruntime() {
 /// model is numerically chaotic (every QuantizeLinear is a step function, and this small trained
 /// network amplifies a one-step flip), so onnxruntime itself, fed the same images times
 /// (1 + 1e-4·noise), moves output0 by about 2e-2 and keeps only about 90% of its detections
-/// (measured here as the floor and printed). Any implementation that is not bit-exact with
-/// onnxruntime's float32 simulation — FP16 between layers, cuDNN's SiLU, another summation order
-/// — lands at that floor. The engine must match within a few points of it; a real fault (a wrong
-/// scale, layout or epilogue) matches far less.
+/// (measured here as the floor and printed). FP16 and INT8 engines store the input in fp16, a
+/// larger change than that noise, so the floor is the lower of the two agreements: onnxruntime on
+/// the perturbed input, and on the input rounded to fp16. (The 1e-4 floor alone was 223 of 244
+/// detections on an H200 while both the INT8 engine and the FP16 simulation of the same Q/DQ graph
+/// matched 210 and 206, below it by more than the 5 points allowed.) Any implementation that is not
+/// bit-exact with onnxruntime's float32 simulation — FP16 between layers, cuDNN's SiLU, another
+/// summation order — lands near that floor. The engine must match within a few points of it; a
+/// real fault (a wrong scale, layout or epilogue) matches far less.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn trained_model_int8_detections_match_onnxruntime() {
@@ -619,6 +623,27 @@ fn trained_model_int8_detections_match_onnxruntime() {
     );
     let _ = floor_report;
     let noisy_ref = read_f32(&noisy_ref_path);
+    // onnxruntime on the input rounded to fp16, as FP16 and INT8 engines store it (their first
+    // step): a relative change of up to 2^-11, five times the noise above, that no engine of
+    // these precisions can avoid.
+    let rounded: Vec<f32> = input
+        .iter()
+        .map(|&v| kestrel_runtime::half::f16_bits_to_f32(kestrel_runtime::half::f32_to_f16_bits(v)))
+        .collect();
+    let (rounded_path, rounded_ref_path) = (dir.join("rounded.f32"), dir.join("ort-rounded.f32"));
+    write_f32(&rounded_path, &rounded);
+    run_python(
+        "ort_compare.py",
+        &[
+            path.to_str().unwrap(),
+            rounded_path.to_str().unwrap(),
+            &format!("{images},3,{size},{size}"),
+            ours_path.to_str().unwrap(),
+            &classes.to_string(),
+            rounded_ref_path.to_str().unwrap(),
+        ],
+    );
+    let rounded_ref = read_f32(&rounded_ref_path);
     let reference = read_f32(&ref_path);
     // The same Q/DQ graph in fp16 (quantization simulated), and the float model in fp16 against
     // the CPU backend: where a difference comes from.
@@ -679,25 +704,31 @@ fn trained_model_int8_detections_match_onnxruntime() {
     };
     let (matched, total, extra) = agreement(&reference, &got);
     let (matched_fake, _, _) = agreement(&reference, &got_fake);
-    let (floor, _, floor_extra) = agreement(&reference, &noisy_ref);
+    let (noisy_floor, _, floor_extra) = agreement(&reference, &noisy_ref);
+    let (rounded_floor, _, rounded_extra) = agreement(&reference, &rounded_ref);
+    let floor = noisy_floor.min(rounded_floor);
     let frac = |m: usize| m as f64 / total.max(1) as f64;
     println!(
         "demo model after NMS (conf 0.25, IoU 0.45; same class, IoU >= 0.9), {total} onnxruntime \
          detections: int8 engine matches {matched} ({:.1}%, {extra} unmatched of its own); fp16 \
-         Q/DQ engine {matched_fake} ({:.1}%); onnxruntime on 1e-4-perturbed input {floor} \
-         ({:.1}%, {floor_extra} unmatched), output0 moved {:.2e} rel L2",
+         Q/DQ engine {matched_fake} ({:.1}%); onnxruntime on 1e-4-perturbed input {noisy_floor} \
+         ({:.1}%, {floor_extra} unmatched), output0 moved {:.2e} rel L2; on the input rounded to \
+         fp16 {rounded_floor} ({:.1}%, {rounded_extra} unmatched), output0 moved {:.2e} rel L2",
         100.0 * frac(matched),
         100.0 * frac(matched_fake),
-        100.0 * frac(floor),
-        rel_l2(&noisy_ref, &reference)
+        100.0 * frac(noisy_floor),
+        rel_l2(&noisy_ref, &reference),
+        100.0 * frac(rounded_floor),
+        rel_l2(&rounded_ref, &reference)
     );
     assert!(total >= 100, "the held-out scenes give {total} detections");
     assert!(
         frac(matched) >= frac(floor) - 0.05,
         "int8 engine: {matched} of {total} matched, onnxruntime's own floor {floor}"
     );
+    let moved = rel_l2(&noisy_ref, &reference).max(rel_l2(&rounded_ref, &reference));
     assert!(
-        e < 2.5 * rel_l2(&noisy_ref, &reference).max(1e-2),
+        e < 2.5 * moved.max(1e-2),
         "int8 output0 vs onnxruntime rel L2 {e}: beyond what input noise does to the model"
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -847,12 +878,12 @@ fn engines_run_on_the_gpu_they_are_placed_on() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The one-pass stem kernel (`KESTREL_STEM_CONV=1`; off by default: no faster, see
-/// `bench/stem-conv.sh`) computes what the unfused stem does (layout pass, fake quantization, cuDNN
+/// The one-pass stem kernel (the default; `KESTREL_STEM_CONV=0` turns it off, `bench/stem-conv.sh`
+/// times both) computes what the unfused stem does (layout pass, fake quantization, cuDNN
 /// convolution, epilogue, quantization): gelan-s FP16 and a calibrated Q/DQ gelan-s INT8, on
 /// synthetic scenes at batches 1, 3 and 8, each engine with the stem kernel against the same
-/// engine without it. The kernel accumulates in float32 where cuDNN rounds the convolution to
-/// fp16 before the bias, so the two are close, not identical.
+/// engine without it. The kernel requantizes its float32 result where the unfused stem rounds it
+/// to fp16 first, so the two are close, not identical.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn the_stem_kernel_matches_the_unfused_stem() {

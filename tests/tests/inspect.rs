@@ -166,10 +166,21 @@ fn engine_layers_name_their_onnx_nodes_precisions_and_algorithms() {
     let rows = engine_layers(&q, Precision::Int8, &[1, 4], &serde_json::Value::Null).unwrap();
     let int8: Vec<_> = rows.iter().filter(|r| r.kind == "conv int8").collect();
     // The rest of the quantized convolutions run in fp16 after a fake quantization (the engine
-    // keeps some small deep layers float at 64 px).
+    // keeps some small deep layers float at 64 px), and the first one (3 input channels) as the
+    // stem kernel, with the input's layout pass and Q/DQ pair folded in.
     let fake = rows.iter().filter(|r| r.kind == "fake quantize").count();
+    let stem: Vec<_> = rows.iter().filter(|r| r.kind == "stem conv").collect();
+    assert_eq!(stem.len(), 1, "{rows:?}");
+    assert_eq!(stem[0].precision_out, "int8", "{:?}", stem[0]);
+    for op in ["(Conv)", "(DequantizeLinear)", "(QuantizeLinear)"] {
+        assert!(
+            stem[0].sources.iter().any(|s| s.ends_with(op)),
+            "{op}: {:?}",
+            stem[0]
+        );
+    }
     assert!(!int8.is_empty());
-    assert_eq!(int8.len() + fake, want_int8);
+    assert_eq!(int8.len() + fake + stem.len(), want_int8);
     for r in &int8 {
         assert_eq!(r.precision_in, "int8", "{r:?}");
         // int8 where the next layer reads it quantized (the quantization fused in), else fp16.
@@ -190,7 +201,6 @@ fn engine_layers_name_their_onnx_nodes_precisions_and_algorithms() {
     );
     let inserted: Vec<_> = rows.iter().filter(|r| r.sources.is_empty()).collect();
     assert!(inserted.iter().any(|r| r.kind == "quantize"));
-    assert!(inserted.iter().any(|r| r.kind == "input to NHWC"));
     assert!(
         inserted
             .iter()
@@ -209,7 +219,8 @@ fn engine_layers_name_their_onnx_nodes_precisions_and_algorithms() {
         .sum();
     assert_eq!(carried, convs);
 
-    // Recorded choices (as a cuda engine file holds them) map onto the convolutions in order.
+    // Recorded choices (as a cuda engine file holds them) map onto the convolutions in order,
+    // for the steps of the engine that recorded them (here with the stem kernel, as above).
     let float_convs: Vec<usize> = rows
         .iter()
         .filter(|r| r.kind.starts_with("conv") && r.kind != "conv int8")
@@ -217,6 +228,7 @@ fn engine_layers_name_their_onnx_nodes_precisions_and_algorithms() {
         .collect();
     let fused_step = int8[1].index;
     let choices = serde_json::json!({
+        "stem_conv": true,
         "conv_algorithms": {"1": (0..float_convs.len()).collect::<Vec<_>>()},
         "int8_tiles": {"1": vec!["64x64"; int8.len()]},
         "fused_convolutions": {"1": {fused_step.to_string(): "CUDNN_HEUR_MODE_A #3"}},

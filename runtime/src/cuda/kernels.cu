@@ -459,91 +459,6 @@ __device__ void fake_quant(const T* in, T* out, i64 total, float scale) {
 extern "C" __global__ void fake_quant_f16(const half_t* in, half_t* out, i64 total, float scale) { fake_quant(in, out, total, scale); }
 extern "C" __global__ void fake_quant_f32(const float* in, float* out, i64 total, float scale) { fake_quant(in, out, total, scale); }
 
-// ---- the stem: a direct convolution over the 3-channel input -----------------------------------
-// The first convolution reads the engine input (NCHW float32, 3 channels). Through cuDNN it takes
-// a layout pass, then a convolution far below the memory rate (gelan-c, batch 8, H200: 0.17 ms at
-// 15 TFLOP/s), and in INT8 engines a fake quantization before it and a quantization after it.
-// This kernel does all of that in one pass over 3x3 filters of 3 input channels (YOLO's stem):
-// one thread per output pixel loads its 27 taps once (fake-quantized with in_scale > 0, as the
-// Q/DQ pair in front of the layer says) and keeps them in registers, then produces every output
-// channel, 8 at a time: float32 accumulation, bias, activation, stored as fp16 NHWC, or as int8
-// NHWC quantized with out_scale (INT8_OUT). The filter, float32 [27][k] (tap-major, so the 8
-// channels of a step are adjacent), and the bias are staged in shared memory once per block; the
-// grid is capped and each block loops over the pixels.
-// Measured (gelan-c, batch 8, H200, bench/stem-conv.sh): about as fast as the unfused stem (0.18
-// to 0.21 ms), so it is off by default. Two versions that were slower: 8 threads per pixel, each
-// reloading and re-quantizing the 27 taps; and the filter in constant memory with k fixed at
-// compile time (every filter operand a constant-bank operand, but 0.39 ms in FP16 and 0.59 ms in
-// INT8, most likely from the fully unrolled 27 x 64 FMAs overflowing the instruction cache). The
-// shared-memory loads (one 16-byte load per 4 FMAs) are the likely limit here: computing several
-// pixels per thread would share each load among them (not tried yet).
-#define STEM_MAX_FILTER 8192
-#define STEM_TAPS 27
-template <bool INT8_OUT>
-__device__ void stem_conv3x3(const float* x, const float* filter, const float* bias, void* y, int n,
-                             int h, int w, int k, int oh, int ow, int sh, int sw, int ph, int pw,
-                             int act, float in_scale, float out_scale) {
-    __shared__ __align__(16) float f[STEM_MAX_FILTER];
-    __shared__ __align__(16) float bs[STEM_MAX_FILTER / STEM_TAPS];
-    for (int t = threadIdx.x; t < STEM_TAPS * k && t < STEM_MAX_FILTER; t += blockDim.x) f[t] = filter[t];
-    for (int t = threadIdx.x; t < k && t < STEM_MAX_FILTER / STEM_TAPS; t += blockDim.x) bs[t] = bias ? bias[t] : 0.0f;
-    __syncthreads();
-    unsigned pixels = (unsigned)n * oh * ow;
-    for (unsigned p = blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += blockDim.x * gridDim.x) {
-        unsigned ox = p % ow, q = p / ow;
-        unsigned oy = q % oh, b = q / oh;
-        float v[STEM_TAPS];
-#pragma unroll
-        for (int c = 0; c < 3; ++c) {
-            const float* plane = x + ((i64)b * 3 + c) * h * w;
-#pragma unroll
-            for (int r = 0; r < 3; ++r) {
-                int iy = (int)oy * sh - ph + r;
-#pragma unroll
-                for (int s = 0; s < 3; ++s) {
-                    int ix = (int)ox * sw - pw + s;
-                    float val = (iy >= 0 && iy < h && ix >= 0 && ix < w) ? plane[(i64)iy * w + ix] : 0.0f;
-                    if (in_scale > 0.0f) val = (float)quantize(val, in_scale) * in_scale;
-                    v[(c * 3 + r) * 3 + s] = val;
-                }
-            }
-        }
-        i64 base = (i64)p * k;
-        for (int g = 0; g < k; g += 8) {
-            float acc[8];
-            float4 b0 = *(const float4*)&bs[g], b1 = *(const float4*)&bs[g + 4];
-            acc[0] = b0.x; acc[1] = b0.y; acc[2] = b0.z; acc[3] = b0.w;
-            acc[4] = b1.x; acc[5] = b1.y; acc[6] = b1.z; acc[7] = b1.w;
-#pragma unroll
-            for (int t = 0; t < STEM_TAPS; ++t) {
-                float4 w0 = *(const float4*)&f[t * k + g], w1 = *(const float4*)&f[t * k + g + 4];
-                acc[0] = fmaf(v[t], w0.x, acc[0]); acc[1] = fmaf(v[t], w0.y, acc[1]);
-                acc[2] = fmaf(v[t], w0.z, acc[2]); acc[3] = fmaf(v[t], w0.w, acc[3]);
-                acc[4] = fmaf(v[t], w1.x, acc[4]); acc[5] = fmaf(v[t], w1.y, acc[5]);
-                acc[6] = fmaf(v[t], w1.z, acc[6]); acc[7] = fmaf(v[t], w1.w, acc[7]);
-            }
-            if (INT8_OUT) {
-                unsigned long long packed = 0;
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    packed |= (unsigned long long)(quantize(activate(acc[j], act), out_scale) & 0xff) << (8 * j);
-                ((unsigned long long*)y)[(base + g) / 8] = packed;
-            } else {
-                unsigned words[4] = {0, 0, 0, 0};
-#pragma unroll
-                for (int j = 0; j < 8; ++j) words[j >> 1] |= (unsigned)f2h(activate(acc[j], act)) << ((j & 1) * 16);
-                vec16 o;
-                o.a = words[0]; o.b = words[1]; o.c = words[2]; o.d = words[3];
-                ((vec16*)y)[(base + g) / 8] = o;
-            }
-        }
-    }
-}
-#define STEM_ARGS const float* x, const float* filter, const float* bias, void* y, int n, int h, int w, int k, \
-    int oh, int ow, int sh, int sw, int ph, int pw, int act, float in_scale, float out_scale
-#define STEM_PASS x, filter, bias, y, n, h, w, k, oh, ow, sh, sw, ph, pw, act, in_scale, out_scale
-extern "C" __global__ void stem_conv_f16(STEM_ARGS) { stem_conv3x3<false>(STEM_PASS); }
-extern "C" __global__ void stem_conv_i8(STEM_ARGS) { stem_conv3x3<true>(STEM_PASS); }
 
 // ---- INT8 convolution ---------------------------------------------------------------------------
 // Implicit GEMM on tensor cores. GEMM rows are output pixels (n, oh, ow), columns output channels,
@@ -781,3 +696,151 @@ extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n128(CON
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n64(CONV_INT8_ARGS) { conv_int8<128, 64, 4, 2, I8_STAGES>(CONV_INT8_PASS); }
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n128(CONV_INT8_ARGS) { conv_int8<64, 128, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_INT8_ARGS) { conv_int8<64, 64, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
+
+// ---- the stem: the first convolution, on tensor cores --------------------------------------------
+// The first convolution reads the engine input (NCHW float32, 3 channels). Through cuDNN it takes
+// a layout pass, then a convolution far below the memory rate (gelan-c, batch 8, H200: 0.17 ms at
+// 15 TFLOP/s), and in INT8 engines a fake quantization before it and a quantization after it.
+// This kernel does all of that in one pass over 3x3 filters of 3 input channels (YOLO's stem), as
+// a GEMM of the 27 taps (padded to 32) on tensor cores: a block of 8 warps takes 128 consecutive
+// output pixels, gathers their taps from the image into shared memory as fp16 (fake-quantized
+// with in_scale > 0, as the Q/DQ pair in front of the layer says), multiplies them with the
+// filter (fp16 [k][32], OIHW rows padded with zeros; mma.sync m16n8k16, float32 accumulation),
+// adds the bias, applies the activation and stores fp16 NHWC, or int8 NHWC quantized with
+// out_scale (INT8_OUT). The output tile is staged in shared memory: NHWC rows of consecutive
+// pixels are one contiguous run, stored with 8-byte writes. k % 8 == 0, k <= STEM_MAX_CHANNELS.
+// Measured (gelan-c, batch 8, H200, bench/stem-conv.sh): 0.115 ms in FP16 and 0.137 ms in INT8,
+// where the unfused stem takes 0.27-0.30 ms; still far from the memory rate (0.09 GB in, 0.05-0.1
+// GB out), so gathering and storing, not the tensor cores, are what is left to speed up. Before
+// it, a thread per pixel computed the 27 x k products with float32 FMAs from a filter in shared
+// memory: about as fast as the unfused stem, limited by the FMAs and the loads feeding them.
+#define STEM_MAX_CHANNELS 64
+#define STEM_TAPS 27
+#define STEM_PIXELS 128
+// Halves per shared-memory row of taps: 32 + 8 of padding keep the ldmatrix rows conflict free.
+#define STEM_LDS 40
+__device__ __forceinline__ void mma_f16(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <bool INT8_OUT>
+__device__ void stem_conv3x3(const float* __restrict__ x, const half_t* __restrict__ filter,
+                             const float* __restrict__ bias, void* __restrict__ y, int n, int h, int w,
+                             int k, int oh, int ow, int sh, int sw, int ph, int pw, int act,
+                             float in_scale, float out_scale) {
+    constexpr int NI = STEM_MAX_CHANNELS / 8;
+    constexpr int OUT_BYTES = INT8_OUT ? 1 : 2;
+    __shared__ __align__(16) half_t taps[STEM_PIXELS * STEM_LDS];
+    __shared__ __align__(16) half_t wts[STEM_MAX_CHANNELS * STEM_LDS];
+    // Output rows padded by 16 bytes, so the epilogue's stores (8 pixels x 4 channel pairs per
+    // warp instruction) spread over the banks instead of hitting 4 of them.
+    __shared__ __align__(16) unsigned char out_tile[STEM_PIXELS * (STEM_MAX_CHANNELS * OUT_BYTES + 16)];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nt = k / 8;
+    const int row_bytes = k * OUT_BYTES, tile_row = row_bytes + 16;
+    // 32-bit pixel indices (the host checks that they fit): 64-bit division costs far more.
+    const unsigned pixels = (unsigned)n * oh * ow;
+    const unsigned p0 = blockIdx.x * STEM_PIXELS;
+
+    // The filter: k rows of 32 halves (taps 27..31 are zero on the host).
+    for (int i = tid; i < k * 4; i += blockDim.x) {
+        const int row = i >> 2, part = i & 3;
+        *(vec16*)&wts[row * STEM_LDS + part * 8] = ((const vec16*)filter)[row * 4 + part];
+    }
+    // Gather: two threads per pixel, taps 0..13 and 14..27 (27 is the zero padding; 28..31 are
+    // zeroed here too), written as pairs of halves.
+    {
+        const int pix = tid & (STEM_PIXELS - 1), part = tid / STEM_PIXELS;
+        const unsigned p = p0 + pix;
+        half_t* row = &taps[pix * STEM_LDS];
+        if (part == 1) *(unsigned long long*)&row[28] = 0ull;
+        const bool live = p < pixels;
+        const unsigned q = live ? p / (unsigned)ow : 0;
+        const int ox = live ? (int)(p - q * ow) : 0;
+        const int oy = (int)(q % (unsigned)oh), b = (int)(q / (unsigned)oh);
+#pragma unroll
+        for (int j = 0; j < 14; j += 2) {
+            unsigned pair = 0;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int t = part * 14 + j + e;
+                float v = 0.0f;
+                if (live && t < STEM_TAPS) {
+                    const int c = t / 9, r = (t / 3) % 3, s = t % 3;
+                    const int iy = oy * sh - ph + r, ix = ox * sw - pw + s;
+                    if (iy >= 0 && iy < h && ix >= 0 && ix < w) {
+                        // fp16 first, as the unfused path's layout pass stores the image.
+                        v = h2f(f2h(x[(((long long)b * 3 + c) * h + iy) * w + ix]));
+                        if (in_scale > 0.0f) v = (float)quantize(v, in_scale) * in_scale;
+                    }
+                }
+                pair |= (unsigned)f2h(v) << (16 * e);
+            }
+            *(unsigned*)&row[part * 14 + j] = pair;
+        }
+    }
+    __syncthreads();
+
+    // Warp `warp` multiplies pixels 16 * warp .. + 16 with every channel: two k16 steps.
+    const int lj = lane >> 3, lr = lane & 7, g = lane >> 2, t = lane & 3;
+    float acc[NI][4];
+#pragma unroll
+    for (int j = 0; j < NI; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    const unsigned as = smem_addr(taps), bs = smem_addr(wts);
+#pragma unroll
+    for (int kk = 0; kk < 64; kk += 32) {  // bytes: 16 halves per step
+        unsigned af[4];
+        ldmatrix_x4(af, as + ((warp * 16 + (lj & 1) * 8 + lr) * STEM_LDS) * 2 + kk + (lj >> 1) * 16);
+#pragma unroll
+        for (int j = 0; j < NI; j += 2) {
+            if (j >= nt) break;
+            unsigned b4[4];
+            // Rows past k (an odd number of 8-channel groups) read the next rows of the buffer;
+            // their products are never stored.
+            ldmatrix_x4(b4, bs + ((j * 8 + (lj >> 1) * 8 + lr) * STEM_LDS) * 2 + kk + (lj & 1) * 16);
+            mma_f16(acc[j], af, b4);
+            if (j + 1 < nt) mma_f16(acc[j + 1], af, b4 + 2);
+        }
+    }
+
+    // Epilogue into the staged tile: accumulator (j, e) is pixel g (+8 for e >= 2), channel
+    // 8j + 2t (+1 for odd e).
+    const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
+#pragma unroll
+    for (int j = 0; j < NI; ++j) {
+        if (j >= nt) break;
+        const int ch = j * 8 + t * 2;
+        const float b0 = bias ? bias[ch] : 0.0f, b1 = bias ? bias[ch + 1] : 0.0f;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int pix = warp * 16 + g + half * 8;
+            const float v0 = activate_fast(acc[j][half * 2] + b0, act);
+            const float v1 = activate_fast(acc[j][half * 2 + 1] + b1, act);
+            if (INT8_OUT) {
+                const int q0 = quantize_fast(v0, inv_out_scale), q1 = quantize_fast(v1, inv_out_scale);
+                *(unsigned short*)&out_tile[pix * tile_row + ch] = (unsigned short)((q0 & 0xff) | ((q1 & 0xff) << 8));
+            } else {
+                *(unsigned*)&out_tile[pix * tile_row + ch * 2] = (unsigned)f2h(v0) | ((unsigned)f2h(v1) << 16);
+            }
+        }
+    }
+    __syncthreads();
+    // The tile's pixels are consecutive, so their NHWC rows are one run of bytes (whole 8-byte
+    // words: k % 8 == 0).
+    const unsigned live = pixels - p0 < STEM_PIXELS ? pixels - p0 : STEM_PIXELS;
+    const int row_words = row_bytes / 8, words = (int)live * row_words;
+    unsigned long long* dst = (unsigned long long*)((unsigned char*)y + (i64)p0 * row_bytes);
+    for (int i = tid; i < words; i += blockDim.x) {
+        const int pix = i / row_words;
+        dst[i] = *(const unsigned long long*)&out_tile[pix * tile_row + (i - pix * row_words) * 8];
+    }
+}
+#define STEM_ARGS const float* x, const half_t* filter, const float* bias, void* y, int n, int h, int w, int k, \
+    int oh, int ow, int sh, int sw, int ph, int pw, int act, float in_scale, float out_scale
+#define STEM_PASS x, filter, bias, y, n, h, w, k, oh, ow, sh, sw, ph, pw, act, in_scale, out_scale
+extern "C" __global__ void stem_conv_f16(STEM_ARGS) { stem_conv3x3<false>(STEM_PASS); }
+extern "C" __global__ void stem_conv_i8(STEM_ARGS) { stem_conv3x3<true>(STEM_PASS); }

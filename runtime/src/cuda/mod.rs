@@ -282,17 +282,18 @@ fn forced_int8_tile() -> Option<(&'static str, usize, usize)> {
     INT8_TILES.iter().find(|t| t.0 == name).copied()
 }
 
-/// `$KESTREL_STEM_CONV=1` runs the first convolution with Kestrel's one-pass stem kernel
-/// ([`plan::EnginePlan::fuse_stem`]) in FP16 and INT8 engines. Checked on an H200 against the
-/// unfused stem by `the_stem_kernel_matches_the_unfused_stem`. Off by default: timed by
-/// `bench/stem-conv.sh` (gelan-c, H200) it is about as fast as the unfused stem (batch 8: +0.6 %
-/// images/s in FP16, +1.1 % in INT8; batch 1 INT8: -3 %). Not cache-keyed (use `--no-cache`),
-/// like the other knobs.
+/// Whether FP16 and INT8 engines run the first convolution with Kestrel's one-pass stem kernel
+/// on tensor cores ([`plan::EnginePlan::fuse_stem`]): yes unless `$KESTREL_STEM_CONV=0`. Checked
+/// on an H200 against the unfused stem by `the_stem_kernel_matches_the_unfused_stem`; timed by
+/// `bench/stem-conv.sh` (gelan-c, H200, batch 8): +3.2 % images/s in FP16, +5.0 % in INT8
+/// (batch 1: +1.3 %, +0.8 %). Not cache-keyed (use `--no-cache`), like the other knobs.
 pub(crate) fn stem_conv_enabled() -> bool {
     match STEM_CONV.load(std::sync::atomic::Ordering::Relaxed) {
         1 => true,
         2 => false,
-        _ => std::env::var("KESTREL_STEM_CONV").is_ok_and(|v| v == "1"),
+        _ => std::env::var("KESTREL_STEM_CONV")
+            .ok()
+            .is_none_or(|v| v != "0"),
     }
 }
 
@@ -348,13 +349,19 @@ fn reorder_oihw<T: Copy + Default>(
     out
 }
 
-/// OIHW filter to [cin][kh][kw][k]: the layout of the `stem_conv_*` kernels, where the output
-/// channels a thread computes are adjacent.
-fn oihw_to_ihwo(values: &[f32], dims: &[usize]) -> Vec<f32> {
-    let [k, r, sdim] = [dims[0], dims[2], dims[3]];
-    reorder_oihw(values, dims, |ko, ci, y, x| {
-        ((ci * r + y) * sdim + x) * k + ko
-    })
+/// A stem filter (OIHW, 3 input channels, 3x3) as the `stem_conv_*` kernels read it: per output
+/// channel its 27 taps in OIHW order (the GEMM's reduction) and 5 zeros, as fp16 bits.
+fn stem_filter_rows(values: &[f32], dims: &[usize]) -> Vec<u16> {
+    const TAPS: usize = 27;
+    const ROW: usize = 32;
+    let k = dims[0];
+    let mut rows = vec![0u16; k * ROW];
+    for (ko, taps) in values.chunks_exact(TAPS).take(k).enumerate() {
+        for (t, &v) in taps.iter().enumerate() {
+            rows[ko * ROW + t] = f32_to_f16_bits(v);
+        }
+    }
+    rows
 }
 
 /// OIHW (ONNX) filters to KRSC (channels-last filters).
@@ -493,7 +500,7 @@ impl CudaEngine {
                 let c = &plan.constants[*weight];
                 weights.insert(
                     i,
-                    DeviceBuffer::from_slice(&oihw_to_ihwo(&c.values, &c.dims))?,
+                    DeviceBuffer::from_slice(&stem_filter_rows(&c.values, &c.dims))?,
                 );
                 continue;
             }
@@ -1331,8 +1338,8 @@ impl CudaEngine {
                 } else {
                     "stem_conv_f16"
                 };
-                // One thread per output pixel (32-bit indices in the kernel); a capped grid, so
-                // each block stages the filter in shared memory once.
+                // A block of 256 threads per 128 output pixels (`STEM_PIXELS` in kernels.cu),
+                // which it indexes in 32 bits.
                 let pixels = dy[0] * dy[2] * dy[3];
                 if u32::try_from(pixels).is_err() {
                     return Err(cuda_error(
@@ -1340,12 +1347,12 @@ impl CudaEngine {
                         format!("stem over {pixels} output pixels, more than 32-bit indices hold"),
                     ));
                 }
-                let blocks = pixels.div_ceil(256).min(self.sm_count * 4).max(1);
+                let blocks = pixels.div_ceil(128).max(1) as u32;
                 let i32s = |v: usize| Arg::I32(v as i32);
                 launch_grid(
                     self.f(name)?,
                     s,
-                    (blocks as u32, 1, 1),
+                    (blocks, 1, 1),
                     256,
                     0,
                     &[
@@ -2554,20 +2561,18 @@ mod tests {
     }
 
     #[test]
-    fn stem_filters_put_output_channels_last() {
-        // k = 2, cin = 3, 1 x 2 filter: OIHW value = 100 k + 10 c + x.
-        let dims = [2, 3, 1, 2];
+    fn stem_filters_are_rows_of_32_taps() {
+        // k = 2: OIHW value = 100 k + tap (exact in fp16).
+        let dims = [2, 3, 3, 3];
         let oihw: Vec<f32> = (0..2)
-            .flat_map(|k| {
-                (0..3).flat_map(move |c| (0..2).map(move |x| (100 * k + 10 * c + x) as f32))
-            })
+            .flat_map(|k| (0..27).map(move |t| (100 * k + t) as f32))
             .collect();
-        let ihwo = oihw_to_ihwo(&oihw, &dims);
-        for c in 0..3 {
-            for x in 0..2 {
-                for k in 0..2 {
-                    assert_eq!(ihwo[(c * 2 + x) * 2 + k], (100 * k + 10 * c + x) as f32);
-                }
+        let rows = stem_filter_rows(&oihw, &dims);
+        assert_eq!(rows.len(), 64);
+        for k in 0..2 {
+            for t in 0..32 {
+                let want = if t < 27 { (100 * k + t) as f32 } else { 0.0 };
+                assert_eq!(rows[k * 32 + t], f32_to_f16_bits(want), "k {k} tap {t}");
             }
         }
     }

@@ -383,14 +383,14 @@ impl EnginePlan {
             && !self.values.iter().any(|w| w.alias_of == Some(v))
     }
 
-    /// Largest stem filter (`27 * k` floats) the `stem_conv_*` kernels stage in shared memory
-    /// (`STEM_MAX_FILTER` in kernels.cu).
-    pub const STEM_MAX_FILTER: usize = 8192;
+    /// Most output channels the `stem_conv_*` kernels produce (`STEM_MAX_CHANNELS` in
+    /// kernels.cu: one warp's accumulators hold 16 pixels of them). YOLO stems have 16 to 64.
+    pub const STEM_MAX_CHANNELS: usize = 64;
 
     /// Fold the first convolution and what surrounds it into one [`Step::StemConv`]: the engine
     /// input's layout pass, its fake quantization (a Q/DQ model's input pair), a 3x3 NHWC
     /// convolution of 3 input channels, YOLO's stem (no residual, one group, no dilation, output
-    /// channels in whole groups of 8, filter within [`Self::STEM_MAX_FILTER`]) and, where a
+    /// channels in whole groups of 8, at most [`Self::STEM_MAX_CHANNELS`]) and, where a
     /// quantization is the only reader of its output, that quantization. Each intermediate must
     /// have no other reader. For FP16 and INT8 engines (the kernel stores fp16 or int8). Returns
     /// whether it applied.
@@ -441,7 +441,7 @@ impl EnginePlan {
             return false;
         };
         let fits = match self.constants[weight].dims[..] {
-            [k, 3, 3, 3] => k % 8 == 0 && k * 27 <= Self::STEM_MAX_FILTER,
+            [k, 3, 3, 3] => k % 8 == 0 && k <= Self::STEM_MAX_CHANNELS,
             _ => false,
         };
         if x != conv_in || geometry.group != 1 || geometry.dilation != [1, 1] || !fits {
