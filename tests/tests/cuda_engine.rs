@@ -581,24 +581,28 @@ fn trained_model_int8_detections_match_onnxruntime() {
     for chunk in input.chunks(batch * per) {
         got.extend_from_slice(int8.run(chunk, chunk.len() / per).unwrap());
     }
-    let (input_path, ours_path, ref_path) = (
-        dir.join("input.f32"),
-        dir.join("int8.f32"),
-        dir.join("ort.f32"),
-    );
-    write_f32(&input_path, &input);
+    let ours_path = dir.join("int8.f32");
     write_f32(&ours_path, &got);
-    let report = run_python(
-        "ort_compare.py",
-        &[
-            path.to_str().unwrap(),
-            input_path.to_str().unwrap(),
-            &format!("{images},3,{size},{size}"),
-            ours_path.to_str().unwrap(),
-            &classes.to_string(),
-            ref_path.to_str().unwrap(),
-        ],
-    );
+    // onnxruntime on `values` (written as NAME.f32): its comparison report against the engine's
+    // output, and its own output0.
+    let onnxruntime_on = |name: &str, values: &[f32]| {
+        let input_path = dir.join(format!("{name}.f32"));
+        let ref_path = dir.join(format!("ort-{name}.f32"));
+        write_f32(&input_path, values);
+        let report = run_python(
+            "ort_compare.py",
+            &[
+                path.to_str().unwrap(),
+                input_path.to_str().unwrap(),
+                &format!("{images},3,{size},{size}"),
+                ours_path.to_str().unwrap(),
+                &classes.to_string(),
+                ref_path.to_str().unwrap(),
+            ],
+        );
+        (report, read_f32(&ref_path))
+    };
+    let (report, reference) = onnxruntime_on("input", &input);
     println!("demo model int8 vs onnxruntime (same Q/DQ model, {images} images): {report}");
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     let e = report["rel_l2"].as_f64().unwrap();
@@ -608,21 +612,7 @@ fn trained_model_int8_detections_match_onnxruntime() {
         .iter()
         .map(|v| v * (1.0 + 1e-4 * noise.uniform(1.0)))
         .collect();
-    let (noisy_path, noisy_ref_path) = (dir.join("noisy.f32"), dir.join("ort-noisy.f32"));
-    write_f32(&noisy_path, &noisy);
-    let floor_report = run_python(
-        "ort_compare.py",
-        &[
-            path.to_str().unwrap(),
-            noisy_path.to_str().unwrap(),
-            &format!("{images},3,{size},{size}"),
-            ours_path.to_str().unwrap(),
-            &classes.to_string(),
-            noisy_ref_path.to_str().unwrap(),
-        ],
-    );
-    let _ = floor_report;
-    let noisy_ref = read_f32(&noisy_ref_path);
+    let (_, noisy_ref) = onnxruntime_on("noisy", &noisy);
     // onnxruntime on the input rounded to fp16, as FP16 and INT8 engines store it (their first
     // step): a relative change of up to 2^-11, five times the noise above, that no engine of
     // these precisions can avoid.
@@ -630,21 +620,7 @@ fn trained_model_int8_detections_match_onnxruntime() {
         .iter()
         .map(|&v| kestrel_runtime::half::f16_bits_to_f32(kestrel_runtime::half::f32_to_f16_bits(v)))
         .collect();
-    let (rounded_path, rounded_ref_path) = (dir.join("rounded.f32"), dir.join("ort-rounded.f32"));
-    write_f32(&rounded_path, &rounded);
-    run_python(
-        "ort_compare.py",
-        &[
-            path.to_str().unwrap(),
-            rounded_path.to_str().unwrap(),
-            &format!("{images},3,{size},{size}"),
-            ours_path.to_str().unwrap(),
-            &classes.to_string(),
-            rounded_ref_path.to_str().unwrap(),
-        ],
-    );
-    let rounded_ref = read_f32(&rounded_ref_path);
-    let reference = read_f32(&ref_path);
+    let (_, rounded_ref) = onnxruntime_on("rounded", &rounded);
     // The same Q/DQ graph in fp16 (quantization simulated), and the float model in fp16 against
     // the CPU backend: where a difference comes from.
     let mut fake = build_engine(&path, &options(Backend::Cuda, Precision::Fp16)).unwrap();
