@@ -710,7 +710,7 @@ extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_
 // out_scale (INT8_OUT). The output tile is staged in shared memory: NHWC rows of consecutive
 // pixels are one contiguous run, stored with 8-byte writes. k % 8 == 0, k <= STEM_MAX_CHANNELS.
 // Measured (gelan-c, batch 8, H200, bench/stem-conv.sh): 0.115 ms in FP16 and 0.137 ms in INT8,
-// where the unfused stem takes 0.27-0.30 ms; still far from the memory rate (0.04 GB in, 0.05-0.1
+// where the unfused stem takes 0.23 and 0.30 ms; still far from the memory rate (0.04 GB in, 0.05-0.1
 // GB out), so gathering and storing, not the tensor cores, are what is left to speed up. Before
 // it, a thread per pixel computed the 27 x k products with float32 FMAs from a filter in shared
 // memory: about as fast as the unfused stem, limited by the FMAs and the loads feeding them.
