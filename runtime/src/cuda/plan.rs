@@ -1918,6 +1918,28 @@ mod tests {
         assert_eq!(readers.iter().filter(|&&v| v == plan.input).count(), 1);
     }
 
+    /// The stem kernel holds at most `STEM_MAX_CHANNELS` output channels, in whole groups of 8;
+    /// a first convolution outside that keeps the unfused path.
+    #[test]
+    fn stems_the_kernel_cannot_hold_stay_unfused() {
+        for k in [EnginePlan::STEM_MAX_CHANNELS + 8, 12] {
+            let mut plan = plan_for("gelan-t");
+            let weight = plan
+                .steps
+                .iter()
+                .find_map(|s| match s {
+                    Step::Conv { weight, .. } => Some(*weight),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(plan.constants[weight].dims, vec![16, 3, 3, 3]);
+            plan.constants[weight].dims[0] = k;
+            let before = plan.steps.len();
+            assert!(!plan.fuse_stem(), "{k} output channels");
+            assert_eq!(plan.steps.len(), before);
+        }
+    }
+
     #[test]
     fn int8_layers_feeding_only_int8_layers_store_int8() {
         let cfg = ModelConfig::new("gelan-t", 80, 640).unwrap();
