@@ -4,10 +4,8 @@
 # Writes $OUT/gpu-<model>.json with both sides and the ratios (copy it to bench/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source .gpu/env.sh
 OUT=${OUT:-out/gpu-bench}
 mkdir -p "$OUT"
-K=.gpu/bin/kestrel
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}
 source bench/models.sh
 for m in ${MODELS:-gelan-c}; do

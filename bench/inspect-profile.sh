@@ -8,10 +8,7 @@
 #   tar xJf .gpux/bundle.tar.xz; OUT=$OUT bash bench/inspect-profile.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-source .gpu/env.sh
 OUT=${OUT:?set OUT}
-K=.gpu/bin/kestrel
-PY=${KESTREL_PYTHON:-/opt/torch/.venv/bin/python}
 source bench/models.sh
 gelan_models gelan-c
 m=/tmp/gelan-c

@@ -13,12 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 variants=("$@")
-# env.sh runs its arguments: source it with none.
-set --
-source .gpu/env.sh
 OUT=${OUT:?set OUT}
-K=.gpu/bin/kestrel
-PY=${KESTREL_PYTHON:-/opt/torch/.venv/bin/python}
 source bench/models.sh
 gelan_models gelan-c
 m=/tmp/gelan-c
