@@ -133,6 +133,9 @@ struct Int8Case {
     hw: usize,
     residual: bool,
     groups: usize,
+    /// A Q/DQ pair after the convolution (its output requantized to int8), as between GELAN's
+    /// layers; else the float output goes straight to the graph output.
+    quantized_output: bool,
 }
 
 fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
@@ -144,6 +147,7 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         hw,
         residual,
         groups,
+        quantized_output,
     } = *case;
     let mut rng = SplitMix64::new(seed);
     let mut normal = |n: usize, scale: f32| -> Vec<f32> {
@@ -224,6 +228,17 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
     if residual {
         y = b.node1("Add", "b.add", &[&a, &y], vec![]).unwrap();
     }
+    if quantized_output {
+        // SiLU of values within about 5, plus the residual: amax 8.
+        let s = b.const_f32("out.scale", &[], &[8.0 / 127.0]);
+        let z = b.const_i8("out.zero", &[], &[0]);
+        let q = b
+            .node1("QuantizeLinear", "out.q", &[&y, &s, &z], vec![])
+            .unwrap();
+        y = b
+            .node1("DequantizeLinear", "out.dq", &[&q, &s, &z], vec![])
+            .unwrap();
+    }
     let shape = b.const_i64("flatten.shape", &[0, cout as i64, -1]);
     let out = b
         .node1("Reshape", "flatten", &[&y, &shape], vec![])
@@ -247,6 +262,7 @@ fn int8_convolution_matches_cpu() {
             hw: 20,
             residual: true,
             groups: 1,
+            quantized_output: false,
         },
         Int8Case {
             cin: 32,
@@ -256,6 +272,7 @@ fn int8_convolution_matches_cpu() {
             hw: 17,
             residual: false,
             groups: 1,
+            quantized_output: false,
         },
         Int8Case {
             cin: 64,
@@ -265,6 +282,7 @@ fn int8_convolution_matches_cpu() {
             hw: 33,
             residual: false,
             groups: 1,
+            quantized_output: false,
         },
         Int8Case {
             cin: 64,
@@ -274,6 +292,7 @@ fn int8_convolution_matches_cpu() {
             hw: 24,
             residual: true,
             groups: 1,
+            quantized_output: false,
         },
         Int8Case {
             cin: 48,
@@ -283,6 +302,7 @@ fn int8_convolution_matches_cpu() {
             hw: 40,
             residual: false,
             groups: 1,
+            quantized_output: false,
         },
         Int8Case {
             cin: 256,
@@ -292,6 +312,7 @@ fn int8_convolution_matches_cpu() {
             hw: 20,
             residual: true,
             groups: 1,
+            quantized_output: false,
         },
         // DDetect's box branch: 4 groups of 16 channels.
         Int8Case {
@@ -302,6 +323,7 @@ fn int8_convolution_matches_cpu() {
             hw: 24,
             residual: false,
             groups: 4,
+            quantized_output: false,
         },
     ];
     let dir = scratch_dir("cuda-int8-conv");
@@ -354,6 +376,98 @@ fn int8_convolution_matches_cpu() {
             "case {i}: batch 1 differs from batch 3: {e_single}"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The thin 3x3 INT8 kernel against the implicit GEMM it replaces, with cuDNN's fused graphs off
+/// so that each engine runs the kernel it is given: the same bits, since both accumulate exactly
+/// and share the epilogue's arithmetic term for term. Tiles that do not fill the image (13, 20,
+/// 37 pixels against 8 x 16 tiles), the residual, the fp16 output here, and in gelan-t (33 such
+/// layers) the int8 output (requantized for the next layer) and concat views (thin layers
+/// writing into and reading from channel slices); against the CPU backend too.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_thin_int8_kernel_matches_the_implicit_gemm() {
+    let case = |cin, cout, hw, residual| Int8Case {
+        cin,
+        cout,
+        kernel: 3,
+        stride: 1,
+        hw,
+        residual,
+        groups: 1,
+        quantized_output: false,
+    };
+    let cases = [
+        case(32, 32, 20, true),
+        case(64, 64, 37, true),
+        case(32, 64, 13, false),
+        case(64, 32, 16, false),
+    ];
+    let dir = scratch_dir("cuda-thin-int8");
+    let mut models: Vec<(String, PathBuf, usize)> = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.onnx"));
+        onnx::write_model(&int8_conv_model(c, 90 + i as u64), &path).unwrap();
+        let name = format!(
+            "{}->{} at {}x{}, residual {}",
+            c.cin, c.cout, c.hw, c.hw, c.residual
+        );
+        models.push((name, path, 3));
+    }
+    let (_, gelan_t) = float_and_qdq("gelan-t", &dir);
+    models.push(("gelan-t".into(), gelan_t, 3));
+    let opts = |backend, precision| BuildOptions {
+        backend,
+        precision,
+        profile: BatchProfile {
+            min: 1,
+            opt: 4,
+            max: 4,
+        },
+        device: 0,
+    };
+    kestrel_runtime::cuda::set_fused_conv(Some(false));
+    for (name, path, batch) in &models {
+        kestrel_runtime::cuda::set_thin_conv(Some(false));
+        let gemm = build_engine(path, &opts(Backend::Cuda, Precision::Int8));
+        kestrel_runtime::cuda::set_thin_conv(Some(true));
+        let thin = build_engine(path, &opts(Backend::Cuda, Precision::Int8));
+        kestrel_runtime::cuda::set_thin_conv(None);
+        let (mut gemm, mut thin) = (gemm.unwrap(), thin.unwrap());
+        let mut cpu = build_engine(path, &opts(Backend::Cpu, Precision::Fp32)).unwrap();
+        let per = cpu.info().input_len();
+        let mut rng = SplitMix64::new(11);
+        let input: Vec<f32> = (0..batch * per).map(|_| rng.next_f32()).collect();
+        for b in [1, *batch] {
+            let x = &input[..b * per];
+            let want = gemm.run(x, b).unwrap().to_vec();
+            let got = thin.run(x, b).unwrap().to_vec();
+            let differing = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            let e_cpu = rel_l2(&got, &cpu.run(x, b).unwrap().to_vec());
+            println!(
+                "{name} batch {b}: thin kernel vs implicit GEMM: {differing} of {} outputs differ; vs cpu rel L2 {e_cpu:.2e}",
+                got.len()
+            );
+            assert_eq!(
+                differing, 0,
+                "{name} batch {b}: the thin kernel differs from the implicit GEMM"
+            );
+            // The small cases are one layer (the INT8 convolution test's bound); gelan-t is the
+            // whole network, checked against onnxruntime by its own test.
+            if !name.starts_with("gelan") {
+                assert!(
+                    e_cpu < 5e-3,
+                    "{name} batch {b}: {e_cpu:.2e} against the cpu backend"
+                );
+            }
+        }
+    }
+    kestrel_runtime::cuda::set_fused_conv(None);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -2,6 +2,7 @@
 //! layers: device and pinned buffers, a stream, the compiled kernel module, kernel launches.
 //! Every call's status is checked; nothing here panics on a CUDA error.
 
+use std::collections::HashMap;
 use std::ffi::{CString, c_void};
 use std::sync::Arc;
 
@@ -378,8 +379,17 @@ pub fn int8_stages() -> usize {
 }
 
 /// Compile the kernel source to PTX with NVRTC, the INT8 convolution with `int8_stages` reduction
-/// tiles in flight (no GPU needed; CI uses this to check the source).
+/// tiles in flight (no GPU needed; CI uses this to check the source). Compiled once per process
+/// for each architecture and depth: it takes seconds (the INT8 kernels' unrolled loops), and a
+/// server or test run builds many engines.
 pub fn compile_kernels(arch: Option<&'static str>, int8_stages: usize) -> Result<String> {
+    type PtxCache = std::sync::Mutex<HashMap<(Option<&'static str>, usize), String>>;
+    static COMPILED: std::sync::OnceLock<PtxCache> = std::sync::OnceLock::new();
+    let cache = COMPILED.get_or_init(Default::default);
+    let key = (arch, int8_stages);
+    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(ptx);
+    }
     let opts = cudarc::nvrtc::CompileOptions {
         arch,
         use_fast_math: Some(false),
@@ -387,7 +397,11 @@ pub fn compile_kernels(arch: Option<&'static str>, int8_stages: usize) -> Result
         name: Some("kestrel_kernels.cu".into()),
         ..Default::default()
     };
-    compile(KERNEL_SOURCE, "kernels.cu", opts)
+    let ptx = compile(KERNEL_SOURCE, "kernels.cu", opts)?;
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, ptx.clone());
+    }
+    Ok(ptx)
 }
 
 /// Compile a kernel source (`file` names it in errors) to PTX without fused multiply-add, so

@@ -844,3 +844,190 @@ __device__ void stem_conv3x3(const float* __restrict__ x, const half_t* __restri
 #define STEM_PASS x, filter, bias, y, n, h, w, k, oh, ow, sh, sw, ph, pw, act, in_scale, out_scale
 extern "C" __global__ void stem_conv_f16(STEM_ARGS) { stem_conv3x3<false>(STEM_PASS); }
 extern "C" __global__ void stem_conv_i8(STEM_ARGS) { stem_conv3x3<true>(STEM_PASS); }
+
+// ---- thin 3x3 INT8 convolutions -----------------------------------------------------------------
+// cuDNN's INT8 engines run GELAN's 3x3 layers of 32 channels (the first bottlenecks, at 160x160)
+// far below the memory rate: 0.4 TB/s on an H200 at gelan-c batch 8, 0.034 ms each
+// (bench/results/gpu-int8-variants-h200-20261128T1630), no faster than FP16. The implicit GEMM
+// above fares worse on them (0.055-0.062 ms): it gathers each input pixel nine times and wastes
+// half a 64-channel tile on 32 channels. This kernel computes TH x 16 output pixels with every
+// output channel directly: the input tile with its 1-pixel halo and the whole filter (KRSC) sit in
+// shared memory, and each of the 9 taps is a GEMM step whose A rows are the tile's pixels shifted
+// by the tap (ldmatrix takes one row address per lane, so nothing is copied per tap). Blocks are
+// persistent: each loads the filter once, then walks tiles, loading the next tile's halo while it
+// computes this one. The epilogue is the implicit GEMM's, term for term (so both give the same
+// bits), staged in shared memory so that each output pixel leaves as whole 16-byte stores. Input
+// and output may be channel slices of wider tensors (concat views): pixel strides x_stride and
+// y_stride, in elements, with 16-byte aligned slices.
+// Measured on an H200, gelan-c batch 8 (bench/results/gpu-thin-int8-h200-20261128T1930): 0.021-
+// 0.025 ms on the four 32-channel bottleneck layers, against cuDNN's 0.033-0.035. It loses to cuDNN
+// on 64 channels (0.024 against 0.012 ms at 80x80, 0.060 against 0.035 at 160x160): a tile of 128
+// pixels leaves only one or two tiles per block there, so nothing hides the loads. A 1x1 form of
+// it lost everywhere (0.018-0.068 ms against 0.013-0.051) and is not kept. The engine times it
+// against cuDNN's fused graph per layer, like any other tactic.
+#define THIN_TW 16
+#define THIN_THREADS 128
+template <int CIN, int COUT, int TH, bool INT8_OUT>
+__device__ void conv3x3_thin(const signed char* __restrict__ x, const signed char* __restrict__ w,
+                             const float* __restrict__ scale, const float* __restrict__ bias,
+                             const half_t* __restrict__ res, void* __restrict__ y, int n_img, int h,
+                             int wd, int act, float out_scale, int x_stride, int y_stride) {
+    constexpr int MI = TH / 4;  // output rows per warp, one m16 tile (16 pixels) each
+    constexpr int NI = COUT / 8;
+    constexpr int HALO_W = THIN_TW + 2;
+    constexpr int HALO_PIXELS = (TH + 2) * HALO_W;
+    // Row strides in shared memory, 16 bytes past a multiple of 32 so that 8 consecutive rows
+    // (one ldmatrix matrix) hit 8 different 16-byte bank groups.
+    constexpr int XS = CIN + 16;
+    constexpr int KG = 9 * CIN;
+    constexpr int WS = KG + 16;
+    constexpr int OUT_BYTES = INT8_OUT ? 1 : 2;
+    constexpr int OS = COUT * OUT_BYTES + 16;
+    constexpr int HALO_BYTES = HALO_PIXELS * XS;
+    constexpr int STAGE_BYTES = TH * THIN_TW * OS;
+    // Two tile buffers: one tile's halo is read, then its staged output written, while the next
+    // tile's halo lands in the other.
+    constexpr int A_BYTES = HALO_BYTES > STAGE_BYTES ? HALO_BYTES : STAGE_BYTES;
+    extern __shared__ __align__(128) signed char thin_smem[];
+    signed char* wt = thin_smem + 2 * A_BYTES;
+
+    const int tiles_w = (wd + THIN_TW - 1) / THIN_TW, tiles_h = (h + TH - 1) / TH;
+    const int tiles = n_img * tiles_w * tiles_h;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    constexpr int W_CHUNKS = COUT * KG / 16;
+    for (int i = tid; i < W_CHUNKS; i += THIN_THREADS) {
+        const int row = i / (KG / 16), part = i - row * (KG / 16);
+        cp_async16(smem_addr(wt + row * WS + part * 16), w + (i64)i * 16, 16);
+    }
+    auto load_halo = [&](int tile, signed char* halo) {
+        const int tx = tile % tiles_w, ty = (tile / tiles_w) % tiles_h, img = tile / (tiles_w * tiles_h);
+        const int oy0 = ty * TH, ox0 = tx * THIN_TW;
+        constexpr int X_CHUNKS = HALO_PIXELS * (CIN / 16);
+        for (int i = tid; i < X_CHUNKS; i += THIN_THREADS) {
+            const int p = i / (CIN / 16), part = i - p * (CIN / 16);
+            const int hy = p / HALO_W, hx = p - hy * HALO_W;
+            const int iy = oy0 - 1 + hy, ix = ox0 - 1 + hx;
+            const bool ok = iy >= 0 && iy < h && ix >= 0 && ix < wd;
+            const signed char* src = ok ? x + (((i64)img * h + iy) * wd + ix) * x_stride + part * 16 : x;
+            cp_async16(smem_addr(halo + p * XS + part * 16), src, ok ? 16 : 0);
+        }
+    };
+    if (blockIdx.x < tiles) load_halo(blockIdx.x, thin_smem);
+    asm volatile("cp.async.commit_group;\n" ::);
+
+    const int lj = lane >> 3, lr = lane & 7, g = lane >> 2, t = lane & 3;
+    const unsigned bs = smem_addr(wt);
+    const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++it) {
+        signed char* halo = thin_smem + (it & 1) * A_BYTES;
+        if (tile + gridDim.x < tiles) load_halo(tile + gridDim.x, thin_smem + ((it + 1) & 1) * A_BYTES);
+        // One group per tile (empty past the end): waiting for all but the newest leaves this
+        // tile's halo (and, the first time, the filter) landed.
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads();
+
+        int acc[MI][NI][4];
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+        // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3); A matrices 0-3
+        // are pixels 0-7 / 8-15 of a row x bytes 0-15 / 16-31 of the k step, B the same for
+        // channels.
+        const unsigned hs = smem_addr(halo);
+#pragma unroll
+        for (int r = 0; r < 3; ++r) {
+#pragma unroll
+            for (int s = 0; s < 3; ++s) {
+#pragma unroll
+                for (int kc = 0; kc < CIN; kc += 32) {
+                    unsigned af[MI][4], bf[NI][2];
+#pragma unroll
+                    for (int i = 0; i < MI; ++i) {
+                        const int hp = (warp * MI + i + r) * HALO_W + (lj & 1) * 8 + lr + s;
+                        ldmatrix_x4(af[i], hs + hp * XS + kc + (lj >> 1) * 16);
+                    }
+#pragma unroll
+                    for (int j = 0; j < NI; j += 2) {
+                        unsigned b4[4];
+                        ldmatrix_x4(b4, bs + (j * 8 + (lj >> 1) * 8 + lr) * WS + (r * 3 + s) * CIN + kc + (lj & 1) * 16);
+                        bf[j][0] = b4[0];
+                        bf[j][1] = b4[1];
+                        bf[j + 1][0] = b4[2];
+                        bf[j + 1][1] = b4[3];
+                    }
+#pragma unroll
+                    for (int i = 0; i < MI; ++i)
+#pragma unroll
+                        for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
+                }
+            }
+        }
+        // Every warp is done with the halo: its buffer takes the staged output.
+        __syncthreads();
+
+        const int tx = tile % tiles_w, ty = (tile / tiles_w) % tiles_h, img = tile / (tiles_w * tiles_h);
+        const int oy0 = ty * TH, ox0 = tx * THIN_TW;
+        unsigned char* stage = (unsigned char*)halo;
+        // Accumulator (i, j, e) is pixel g (+8 for e >= 2) of tile row warp * MI + i, channel
+        // 8j + 2t (+1 for odd e).
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+            const int oy = oy0 + warp * MI + i;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int pc = g + half * 8, ox = ox0 + pc;
+                const bool live = oy < h && ox < wd;
+                const i64 m = ((i64)img * h + oy) * wd + ox;
+                const int pix = (warp * MI + i) * THIN_TW + pc;
+#pragma unroll
+                for (int j = 0; j < NI; ++j) {
+                    const int n = j * 8 + t * 2;
+                    float v[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        float z = (float)acc[i][j][half * 2 + e] * scale[n + e] + (bias ? bias[n + e] : 0.0f);
+                        z = activate_fast(z, act);
+                        if (res && live) z += h2f(res[m * COUT + n + e]);
+                        v[e] = z;
+                    }
+                    if (INT8_OUT) {
+                        const int q0 = quantize_fast(v[0], inv_out_scale), q1 = quantize_fast(v[1], inv_out_scale);
+                        *(unsigned short*)&stage[pix * OS + n] = (unsigned short)((q0 & 0xff) | ((q1 & 0xff) << 8));
+                    } else {
+                        *(unsigned*)&stage[pix * OS + n * 2] = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        // Each output pixel's channels leave as whole 16-byte chunks.
+        constexpr int ROW_CHUNKS = COUT * OUT_BYTES / 16;
+        for (int i = tid; i < TH * THIN_TW * ROW_CHUNKS; i += THIN_THREADS) {
+            const int pix = i / ROW_CHUNKS, part = i - pix * ROW_CHUNKS;
+            const int oy = oy0 + pix / THIN_TW, ox = ox0 + pix % THIN_TW;
+            if (oy >= h || ox >= wd) continue;
+            const i64 m = ((i64)img * h + oy) * wd + ox;
+            *(uint4*)((unsigned char*)y + m * y_stride * OUT_BYTES + part * 16) = *(const uint4*)&stage[pix * OS + part * 16];
+        }
+        // The buffer is refilled two tiles on, by the prefetch of the next iteration.
+        __syncthreads();
+    }
+}
+#define THIN_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, \
+    void* y, int n_img, int h, int wd, int act, float out_scale, int x_stride, int y_stride
+#define THIN_PASS x, w, scale, bias, res, y, n_img, h, wd, act, out_scale, x_stride, y_stride
+// Shared memory: ThinKernel::shared_bytes in mod.rs mirrors 2 * A_BYTES + COUT * WS above;
+// THIN_KERNELS there lists these.
+#define THIN(CIN, COUT) \
+    extern "C" __global__ void __launch_bounds__(THIN_THREADS) conv3x3_thin_c##CIN##_k##COUT##_i8(THIN_ARGS) { conv3x3_thin<CIN, COUT, 8, true>(THIN_PASS); } \
+    extern "C" __global__ void __launch_bounds__(THIN_THREADS) conv3x3_thin_c##CIN##_k##COUT##_f16(THIN_ARGS) { conv3x3_thin<CIN, COUT, 8, false>(THIN_PASS); }
+THIN(32, 32)
+THIN(32, 64)
+THIN(64, 32)
+THIN(64, 64)

@@ -42,7 +42,7 @@ use device::{
 };
 use fused::{FusedConvGraph, FusedConvPlan, FusedConvPointers, FusedConvSpec, Storage};
 use masks::{GpuMaskDecoder, MaskBatch, MaskCoefficients};
-use plan::{EnginePlan, Int8Conv, Layout, Step, ValueId};
+use plan::{ConvGeometry, EnginePlan, Int8Conv, Layout, Step, ValueId};
 use post::GpuPostprocessor;
 use pre::GpuLetterboxer;
 
@@ -155,6 +155,12 @@ pub struct CudaEngine {
     stem_fused: bool,
     /// `$KESTREL_INT8_TILE`, read once.
     forced_int8_tile: Option<(&'static str, usize, usize)>,
+    /// Whether 3x3 INT8 convolutions of 32 and 64 channels run the thin kernel
+    /// ([`thin_conv_enabled`], read once).
+    thin_conv: bool,
+    /// Blocks of each thin kernel that fit on one multiprocessor at once (its persistent grid
+    /// is this times the multiprocessors).
+    thin_blocks_per_sm: HashMap<&'static str, usize>,
     /// INT8 pipeline depth the kernels were compiled with (sizes their shared memory).
     int8_stages: usize,
     /// The fused-convolution choices of the engine file this engine is loaded from, (step,
@@ -182,7 +188,7 @@ struct EndToEndState {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 37] = [
+const KERNEL_NAMES: [&str; 45] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -220,6 +226,14 @@ const KERNEL_NAMES: [&str; 37] = [
     "conv_int8_m128_n64",
     "conv_int8_m64_n128",
     "conv_int8_m64_n64",
+    "conv3x3_thin_c32_k32_i8",
+    "conv3x3_thin_c32_k32_f16",
+    "conv3x3_thin_c64_k64_i8",
+    "conv3x3_thin_c64_k64_f16",
+    "conv3x3_thin_c32_k64_i8",
+    "conv3x3_thin_c32_k64_f16",
+    "conv3x3_thin_c64_k32_i8",
+    "conv3x3_thin_c64_k32_f16",
 ];
 
 fn prod(v: &[usize]) -> usize {
@@ -329,6 +343,123 @@ const INT8_TILES: [(&str, usize, usize); 4] = [
     ("conv_int8_m64_n64", 64, 64),
 ];
 
+/// One of Kestrel's thin 3x3 INT8 convolution kernels (`conv3x3_thin` in `kernels.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ThinKernel {
+    name: &'static str,
+    input_channels: usize,
+    output_channels: usize,
+    /// int8 output (requantized), else fp16.
+    int8_out: bool,
+}
+
+const fn thin(
+    name: &'static str,
+    input_channels: usize,
+    output_channels: usize,
+    int8_out: bool,
+) -> ThinKernel {
+    ThinKernel {
+        name,
+        input_channels,
+        output_channels,
+        int8_out,
+    }
+}
+
+/// The `THIN(...)` instances at the end of `kernels.cu`.
+const THIN_KERNELS: [ThinKernel; 8] = [
+    thin("conv3x3_thin_c32_k32_i8", 32, 32, true),
+    thin("conv3x3_thin_c32_k32_f16", 32, 32, false),
+    thin("conv3x3_thin_c32_k64_i8", 32, 64, true),
+    thin("conv3x3_thin_c32_k64_f16", 32, 64, false),
+    thin("conv3x3_thin_c64_k32_i8", 64, 32, true),
+    thin("conv3x3_thin_c64_k32_f16", 64, 32, false),
+    thin("conv3x3_thin_c64_k64_i8", 64, 64, true),
+    thin("conv3x3_thin_c64_k64_f16", 64, 64, false),
+];
+/// Output rows and columns of a thin-kernel block's tile (`TH`, `THIN_TW` in `kernels.cu`); its
+/// blocks have 128 threads.
+const THIN_TILE: (usize, usize) = (8, 16);
+
+impl ThinKernel {
+    /// Dynamic shared memory, in bytes: two tile buffers (each the input tile with its halo, or
+    /// the staged output, whichever is larger) and the filter, rows padded by 16 bytes (`2 *
+    /// A_BYTES + COUT * WS` in `kernels.cu`).
+    fn shared_bytes(&self) -> usize {
+        let (rows, columns) = THIN_TILE;
+        let halo = (rows + 2) * (columns + 2) * (self.input_channels + 16);
+        let out_bytes = if self.int8_out { 1 } else { 2 };
+        let staged = rows * columns * (self.output_channels * out_bytes + 16);
+        2 * halo.max(staged) + self.output_channels * (9 * self.input_channels + 16)
+    }
+}
+
+/// The thin kernel for an INT8 convolution of `geometry` from `cin` to `cout` channels, if one
+/// fits it: 3x3, padding 1, stride 1, no dilation or groups, 32 or 64 channels in and out.
+fn thin_kernel(
+    geometry: &ConvGeometry,
+    cin: usize,
+    cout: usize,
+    int8_out: bool,
+) -> Option<ThinKernel> {
+    let g = geometry;
+    if g.kernel != [3, 3]
+        || g.pads != [1; 4]
+        || g.stride != [1, 1]
+        || g.dilation != [1, 1]
+        || g.group != 1
+    {
+        return None;
+    }
+    THIN_KERNELS
+        .iter()
+        .copied()
+        .find(|t| t.input_channels == cin && t.output_channels == cout && t.int8_out == int8_out)
+}
+
+/// Whether INT8 engines run the 3x3 convolutions of 32 and 64 channels with Kestrel's thin
+/// kernel where it times faster than cuDNN's fused graph: yes unless `$KESTREL_THIN_CONV=0`.
+pub(crate) fn thin_conv_enabled() -> bool {
+    match THIN_CONV.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("KESTREL_THIN_CONV")
+            .ok()
+            .is_none_or(|v| v != "0"),
+    }
+}
+
+/// 0: `$KESTREL_FUSED_CONV` decides; 1: auto; 2: off.
+static FUSED_CONV: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Override `$KESTREL_FUSED_CONV` for the engines this process builds from now on: `Some(false)`
+/// keeps every convolution on its unfused path (Kestrel's INT8 kernels, or cuDNN's convolution
+/// plus the epilogue), `Some(true)` times the fused graphs against it, `None` lets the variable
+/// decide again. For tests that must run a particular kernel.
+pub fn set_fused_conv(enabled: Option<bool>) {
+    let code = match enabled {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    FUSED_CONV.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// 0: `$KESTREL_THIN_CONV` decides; 1: on; 2: off.
+static THIN_CONV: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Override `$KESTREL_THIN_CONV` for the engines this process builds from now on (`None`: the
+/// variable decides again). For tests and benchmarks that compare the kernels.
+pub fn set_thin_conv(enabled: Option<bool>) {
+    let code = match enabled {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    THIN_CONV.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// An OIHW (ONNX) filter with every value moved to `to(o, i, y, x)`.
 fn reorder_oihw<T: Copy + Default>(
     values: &[T],
@@ -425,8 +556,12 @@ impl CudaEngine {
         for name in KERNEL_NAMES {
             functions.insert(name, kernels.function(name)?);
         }
-        for (name, bm, bn) in INT8_TILES {
-            let bytes = int8_shared_bytes(int8_stages, bm, bn) as i32;
+        let thin = THIN_KERNELS.iter().map(|t| (t.name, t.shared_bytes()));
+        let tiles = INT8_TILES
+            .iter()
+            .map(|&(name, bm, bn)| (name, int8_shared_bytes(int8_stages, bm, bn)));
+        for (name, bytes) in tiles.chain(thin) {
+            let bytes = bytes as i32;
             // SAFETY: a function of the loaded module; the attribute only raises its limit.
             unsafe {
                 drv::function::set_function_attribute(
@@ -436,6 +571,19 @@ impl CudaEngine {
                 )
             }
             .map_err(|e| cuda_error(&format!("shared memory of {name} ({bytes} bytes)"), e))?;
+        }
+        let mut thin_blocks_per_sm = HashMap::new();
+        for t in THIN_KERNELS {
+            // SAFETY: a function of the loaded module, with its shared memory limit raised above.
+            let blocks = unsafe {
+                drv::occupancy::max_active_block_per_multiprocessor(
+                    functions[t.name],
+                    128,
+                    t.shared_bytes(),
+                )
+            }
+            .map_err(|e| cuda_error(&format!("occupancy of {}", t.name), e))?;
+            thin_blocks_per_sm.insert(t.name, blocks.max(1) as usize);
         }
         let mut plan = plan::lower(model, int8)?;
         let stem_fused = half && stem_wanted(recorded) && plan.fuse_stem();
@@ -561,6 +709,8 @@ impl CudaEngine {
             sm_count,
             stem_fused,
             forced_int8_tile: forced_int8_tile(),
+            thin_conv: thin_conv_enabled(),
+            thin_blocks_per_sm,
             int8_stages,
             recorded_fused: recorded.and_then(|r| recorded_fused_choices(r, &buckets)),
             fused_selection: "timed".into(),
@@ -747,7 +897,11 @@ impl CudaEngine {
     /// and keep the faster. `$KESTREL_FUSED_CONV`: `auto` (default), `off`, or `force` (use a
     /// fused graph wherever one exists, for testing it).
     fn choose_fused_convolutions(&mut self) -> Result<()> {
-        let mode = std::env::var("KESTREL_FUSED_CONV").unwrap_or_else(|_| "auto".into());
+        let mode = match FUSED_CONV.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => "auto".into(),
+            2 => "off".into(),
+            _ => std::env::var("KESTREL_FUSED_CONV").unwrap_or_else(|_| "auto".into()),
+        };
         let force = match mode.as_str() {
             "off" | "0" => return Ok(()),
             "force" => true,
@@ -1006,17 +1160,25 @@ impl CudaEngine {
     }
 
     /// Concatenation without copies: where a concat input is written by a fused convolution
-    /// and read only by the concat and by fused convolutions (as their input), that convolution
-    /// writes straight into its channel slice of the concat's buffer, its readers read the slice
-    /// in place (cuDNN tensors with the concat's channel stride), and the copy is dropped.
-    /// `$KESTREL_CONCAT_VIEWS=0` keeps every copy.
+    /// (or the thin INT8 kernel) and read only by the concat and by such convolutions (as their
+    /// input), that convolution writes straight into its channel slice of the concat's buffer,
+    /// its readers read the slice in place (cuDNN tensors, or the thin kernel's pixel strides,
+    /// with the concat's channel stride), and the copy is dropped. `$KESTREL_CONCAT_VIEWS=0`
+    /// keeps every copy.
     fn eliminate_concat_copies(&mut self) -> Result<()> {
-        if self.fused.is_empty() || std::env::var("KESTREL_CONCAT_VIEWS").is_ok_and(|v| v == "0") {
+        if std::env::var("KESTREL_CONCAT_VIEWS").is_ok_and(|v| v == "0") {
             return Ok(());
         }
         let buckets = self.buckets.clone();
         let fused_everywhere =
             |e: &Self, i: usize| buckets.iter().all(|b| e.fused.contains_key(&(i, *b)));
+        // The thin INT8 kernel takes channel strides too.
+        let strided_everywhere = |e: &Self, i: usize| {
+            fused_everywhere(e, i)
+                || buckets
+                    .iter()
+                    .all(|b| !e.fused.contains_key(&(i, *b)) && e.thin_kernel_of(i, *b).is_some())
+        };
         let aliased: std::collections::HashSet<ValueId> =
             self.plan.values.iter().filter_map(|v| v.alias_of).collect();
         let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
@@ -1074,11 +1236,11 @@ impl CudaEngine {
             let conv_reads_input = |i: usize| {
                 matches!(&self.plan.steps[i], Step::Conv { x, residual, .. }
                     if *x == v && *residual != Some(v))
-                    && fused_everywhere(self, i)
+                    && strided_everywhere(self, i)
             };
             let producer_ok = matches!(&self.plan.steps[producer], Step::Conv { y, residual, .. }
                 if *y == v && *residual != Some(v))
-                && fused_everywhere(self, producer);
+                && strided_everywhere(self, producer);
             let others: Vec<usize> = readers
                 .get(&v)
                 .map(|r| r.iter().copied().filter(|&r| r != c).collect())
@@ -1098,6 +1260,9 @@ impl CudaEngine {
             let mut rebuilt = Vec::new();
             let mut failed = false;
             'layers: for &s in std::iter::once(&producer).chain(others.iter()) {
+                if !fused_everywhere(self, s) {
+                    continue;
+                }
                 for &b in &buckets {
                     match self.build_fused(s, b, &mut plans_by_spec) {
                         Ok(p) => rebuilt.push(((s, b), p)),
@@ -1200,6 +1365,30 @@ impl CudaEngine {
         v.map_or(Ok(0), |v| self.ptr(v))
     }
 
+    /// The thin kernel INT8 convolution step `i` runs at bucket `b` when not fused; `None` where
+    /// it takes the implicit GEMM (see [`thin_kernel`]).
+    fn thin_kernel_of(&self, i: usize, b: usize) -> Option<ThinKernel> {
+        let Step::Conv {
+            x,
+            y,
+            residual,
+            geometry,
+            int8: Some(q),
+            ..
+        } = &self.plan.steps[i]
+        else {
+            return None;
+        };
+        if !self.thin_conv || self.forced_int8_tile.is_some() {
+            return None;
+        }
+        let (dx, dy) = (self.shape(*x, b), self.shape(*y, b));
+        if dx[2..] != dy[2..] || residual.is_some_and(|r| self.shape(r, b) != dy) {
+            return None;
+        }
+        thin_kernel(geometry, dx[1], dy[1], q.output_scale.is_some())
+    }
+
     fn f(&self, name: &str) -> Result<dsys::CUfunction> {
         self.functions
             .get(name)
@@ -1275,6 +1464,37 @@ impl CudaEngine {
                     .get(&i)
                     .ok_or_else(|| cuda_error("executor", "missing int8 scales"))?;
                 let (k, m) = (dy[1], dy[0] * dy[2] * dy[3]);
+                if let Some(t) = self.thin_kernel_of(i, b) {
+                    let (rows, columns) = THIN_TILE;
+                    let tiles = dy[0] * dy[2].div_ceil(rows) * dy[3].div_ceil(columns);
+                    // Persistent blocks: as many as fit on the GPU at once.
+                    let resident =
+                        self.sm_count * self.thin_blocks_per_sm.get(t.name).copied().unwrap_or(1);
+                    let stride =
+                        |v: ValueId, c: usize| self.views.get(&v).map_or(c, |w| w.channel_stride);
+                    return launch_grid(
+                        self.f(t.name)?,
+                        s,
+                        (tiles.min(resident) as u32, 1, 1),
+                        128,
+                        t.shared_bytes() as u32,
+                        &[
+                            Arg::Ptr(self.ptr(*x)?),
+                            Arg::Ptr(w.ptr),
+                            Arg::Ptr(scale.ptr),
+                            Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
+                            Arg::Ptr(self.ptr_or_null(*residual)?),
+                            Arg::Ptr(self.ptr(*y)?),
+                            Arg::I32(dy[0] as i32),
+                            Arg::I32(dy[2] as i32),
+                            Arg::I32(dy[3] as i32),
+                            Arg::I32(*act as i32),
+                            Arg::F32(q.output_scale.unwrap_or(0.0)),
+                            Arg::I32(stride(*x, dx[1]) as i32),
+                            Arg::I32(stride(*y, k) as i32),
+                        ],
+                    );
+                }
                 let groups = geometry.group.max(1);
                 let (name, bm, bn) = self
                     .forced_int8_tile
@@ -1771,6 +1991,7 @@ impl CudaEngine {
                     Step::Conv { int8: Some(_), .. } => "conv int8 (cuDNN fused)",
                     _ => "conv fp16 (cuDNN fused)",
                 },
+                _ if self.thin_kernel_of(i, b).is_some() => "conv int8 (thin 3x3)",
                 _ => step.kind(),
             };
             let y = step.output();
@@ -2397,10 +2618,14 @@ impl Engine for CudaEngine {
                 .plan
                 .steps
                 .iter()
-                .filter_map(|s| match s {
+                .enumerate()
+                .filter_map(|(i, s)| match s {
                     Step::Conv {
                         y, int8: Some(_), ..
                     } => {
+                        if let Some(t) = self.thin_kernel_of(i, b) {
+                            return Some(t.name);
+                        }
                         let d = self.shape(*y, b);
                         let tile = self
                             .forced_int8_tile
@@ -2528,6 +2753,75 @@ mod tests {
         // Every tile named exists among the kernels.
         for t in INT8_TILES {
             assert!(KERNEL_NAMES.contains(&t.0));
+        }
+    }
+
+    #[test]
+    fn thin_kernels_take_3x3_layers_of_32_and_64_channels_only() {
+        let g3 = ConvGeometry {
+            kernel: [3, 3],
+            stride: [1, 1],
+            pads: [1; 4],
+            dilation: [1, 1],
+            group: 1,
+        };
+        let name = |cin, cout, int8_out| thin_kernel(&g3, cin, cout, int8_out).map(|t| t.name);
+        assert_eq!(name(32, 32, true), Some("conv3x3_thin_c32_k32_i8"));
+        assert_eq!(name(64, 32, false), Some("conv3x3_thin_c64_k32_f16"));
+        assert_eq!(name(32, 64, true), Some("conv3x3_thin_c32_k64_i8"));
+        for (cin, cout) in [(16, 32), (32, 48), (128, 128), (64, 128)] {
+            assert!(
+                thin_kernel(&g3, cin, cout, true).is_none(),
+                "{cin} -> {cout}"
+            );
+        }
+        let others = [
+            ConvGeometry {
+                kernel: [1, 1],
+                pads: [0; 4],
+                ..g3
+            },
+            ConvGeometry {
+                stride: [2, 2],
+                ..g3
+            },
+            ConvGeometry { pads: [0; 4], ..g3 },
+            ConvGeometry {
+                kernel: [3, 1],
+                ..g3
+            },
+            ConvGeometry {
+                dilation: [2, 2],
+                pads: [2; 4],
+                ..g3
+            },
+            ConvGeometry { group: 2, ..g3 },
+        ];
+        for g in others {
+            assert!(thin_kernel(&g, 32, 32, true).is_none(), "{g:?}");
+        }
+        // Shared memory (kernels.cu): 32 -> 32 int8: two halos of 10 x 18 x 48 + the filter, 32
+        // x 304; 64 -> 64 fp16: the staged output (128 x 144) outgrows the halo (180 x 80), +
+        // 64 x 592.
+        let bytes = |cin, cout, int8_out| {
+            thin_kernel(&g3, cin, cout, int8_out)
+                .unwrap()
+                .shared_bytes()
+        };
+        assert_eq!(bytes(32, 32, true), 2 * 8640 + 9728);
+        assert_eq!(bytes(64, 64, false), 2 * 18432 + 37888);
+        for t in THIN_KERNELS {
+            assert!(KERNEL_NAMES.contains(&t.name), "{}", t.name);
+            // The name says what the kernel is.
+            let want = format!(
+                "conv3x3_thin_c{}_k{}_{}",
+                t.input_channels,
+                t.output_channels,
+                if t.int8_out { "i8" } else { "f16" }
+            );
+            assert_eq!(t.name, want);
+            // Within an H100's or H200's 227 KiB of shared memory per block.
+            assert!(t.shared_bytes() <= 227 << 10);
         }
     }
 
