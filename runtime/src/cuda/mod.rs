@@ -1309,9 +1309,10 @@ impl CudaEngine {
     }
 
     /// Device time of `enqueue` after one warm-up, in milliseconds: the mean of a few
-    /// back-to-back runs, the lowest of three such rounds. One round misjudged layers of a few
-    /// microseconds: on an H200 a build kept Kestrel's kernel on ten 20x20 layers of gelan-c
-    /// where cuDNN's fused graph, chosen by the next build, was 30 % faster.
+    /// back-to-back runs, the lowest of three such rounds. Builds still choose differently on
+    /// layers of a few microseconds: on an H200 one gelan-c build kept Kestrel's kernel on four
+    /// 20x20 layers where cuDNN's fused graph, chosen by the next build, was 25 % faster
+    /// (bench/results/gpu-thin-int8-h200-20261128T1930, int8-variants-final.json).
     fn time_ms(&self, enqueue: impl Fn() -> Result<()>) -> Result<f64> {
         const REPEATS: usize = 5;
         enqueue()?;
