@@ -248,6 +248,20 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
     b.finish_model("int8-conv")
 }
 
+/// Build options for the single-layer models: batches 1 to 4 on GPU 0.
+fn small_batches(backend: Backend, precision: Precision) -> BuildOptions {
+    BuildOptions {
+        backend,
+        precision,
+        profile: BatchProfile {
+            min: 1,
+            opt: 4,
+            max: 4,
+        },
+        device: 0,
+    }
+}
+
 /// The INT8 convolution kernel against the CPU backend running the same Q/DQ graph, over the
 /// geometries GELAN uses plus ragged tiles (pixels and channels that do not fill a tile).
 #[test]
@@ -330,19 +344,9 @@ fn int8_convolution_matches_cpu() {
     for (i, case) in cases.iter().enumerate() {
         let path = dir.join(format!("case{i}.onnx"));
         onnx::write_model(&int8_conv_model(case, 40 + i as u64), &path).unwrap();
-        let opts = |backend, precision| BuildOptions {
-            backend,
-            precision,
-            profile: BatchProfile {
-                min: 1,
-                opt: 4,
-                max: 4,
-            },
-            device: 0,
-        };
-        let mut cpu = build_engine(&path, &opts(Backend::Cpu, Precision::Fp32)).unwrap();
-        let mut int8 = build_engine(&path, &opts(Backend::Cuda, Precision::Int8)).unwrap();
-        let mut fake = build_engine(&path, &opts(Backend::Cuda, Precision::Fp16)).unwrap();
+        let mut cpu = build_engine(&path, &small_batches(Backend::Cpu, Precision::Fp32)).unwrap();
+        let mut int8 = build_engine(&path, &small_batches(Backend::Cuda, Precision::Int8)).unwrap();
+        let mut fake = build_engine(&path, &small_batches(Backend::Cuda, Precision::Fp16)).unwrap();
         let per = cpu.info().input_len();
         let mut rng = SplitMix64::new(7 + i as u64);
         let input: Vec<f32> = (0..3 * per).map(|_| rng.next_f32()).collect();
@@ -417,25 +421,15 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
     }
     let (_, gelan_t) = float_and_qdq("gelan-t", &dir);
     models.push(("gelan-t".into(), gelan_t, 3));
-    let opts = |backend, precision| BuildOptions {
-        backend,
-        precision,
-        profile: BatchProfile {
-            min: 1,
-            opt: 4,
-            max: 4,
-        },
-        device: 0,
-    };
     kestrel_runtime::cuda::set_fused_conv(Some(false));
     for (name, path, batch) in &models {
         kestrel_runtime::cuda::set_thin_conv(Some(false));
-        let gemm = build_engine(path, &opts(Backend::Cuda, Precision::Int8));
+        let gemm = build_engine(path, &small_batches(Backend::Cuda, Precision::Int8));
         kestrel_runtime::cuda::set_thin_conv(Some(true));
-        let thin = build_engine(path, &opts(Backend::Cuda, Precision::Int8));
+        let thin = build_engine(path, &small_batches(Backend::Cuda, Precision::Int8));
         kestrel_runtime::cuda::set_thin_conv(None);
         let (mut gemm, mut thin) = (gemm.unwrap(), thin.unwrap());
-        let mut cpu = build_engine(path, &opts(Backend::Cpu, Precision::Fp32)).unwrap();
+        let mut cpu = build_engine(path, &small_batches(Backend::Cpu, Precision::Fp32)).unwrap();
         let per = cpu.info().input_len();
         let mut rng = SplitMix64::new(11);
         let input: Vec<f32> = (0..batch * per).map(|_| rng.next_f32()).collect();

@@ -501,6 +501,27 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned* r, unsigned addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// One k32 step of a warp's MI x NI tile of m16n8 products: the B fragments of NI n8 tiles from
+// shared memory (`b_lane`: this lane's ldmatrix row address for tile 0, `ld`: bytes per row; tile
+// j sits 8j rows on), multiplied with the A fragments `af` into `acc`.
+template <int MI, int NI>
+__device__ __forceinline__ void mma_s8_step(int (&acc)[MI][NI][4], const unsigned (&af)[MI][4], unsigned b_lane, int ld) {
+    unsigned bf[NI][2];
+#pragma unroll
+    for (int j = 0; j < NI; j += 2) {
+        unsigned b4[4];
+        ldmatrix_x4(b4, b_lane + j * 8 * ld);
+        bf[j][0] = b4[0];
+        bf[j][1] = b4[1];
+        bf[j + 1][0] = b4[2];
+        bf[j + 1][1] = b4[3];
+    }
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
+}
+
 // A BM x BN output tile per block of 8 warps arranged WARPS_M x WARPS_N; STAGES tiles of the
 // reduction in flight (dynamic shared memory: STAGES * (BM + BN) * I8_LDS bytes).
 // `out_scale` > 0 stores int8 (quantized for the next INT8 layer) instead of fp16.
@@ -590,13 +611,7 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
         }
     };
 
-    int acc[MI][NI][4];
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-        for (int j = 0; j < NI; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+    int acc[MI][NI][4] = {};
 
     // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3).
     const int lj = lane >> 3, lr = lane & 7;
@@ -620,23 +635,11 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
         const unsigned bs = smem_addr(b_tiles + stage * BN * I8_LDS);
 #pragma unroll
         for (int kk = 0; kk < I8_BK; kk += 32) {
-            unsigned af[MI][4], bf[NI][2];
+            unsigned af[MI][4];
 #pragma unroll
             for (int i = 0; i < MI; ++i)
                 ldmatrix_x4(af[i], as + (wm + i * 16 + (lj & 1) * 8 + lr) * I8_LDS + kk + (lj >> 1) * 16);
-#pragma unroll
-            for (int j = 0; j < NI; j += 2) {
-                unsigned b4[4];
-                ldmatrix_x4(b4, bs + (wn + j * 8 + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16);
-                bf[j][0] = b4[0];
-                bf[j][1] = b4[1];
-                bf[j + 1][0] = b4[2];
-                bf[j + 1][1] = b4[3];
-            }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
+            mma_s8_step<MI, NI>(acc, af, bs + (wn + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16, I8_LDS);
         }
     }
 
@@ -929,13 +932,7 @@ __device__ void conv3x3_thin(const signed char* __restrict__ x, const signed cha
         asm volatile("cp.async.wait_group 1;\n" ::);
         __syncthreads();
 
-        int acc[MI][NI][4];
-#pragma unroll
-        for (int i = 0; i < MI; ++i)
-#pragma unroll
-            for (int j = 0; j < NI; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+        int acc[MI][NI][4] = {};
         // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3); A matrices 0-3
         // are pixels 0-7 / 8-15 of a row x bytes 0-15 / 16-31 of the k step, B the same for
         // channels.
@@ -946,25 +943,13 @@ __device__ void conv3x3_thin(const signed char* __restrict__ x, const signed cha
             for (int s = 0; s < 3; ++s) {
 #pragma unroll
                 for (int kc = 0; kc < CIN; kc += 32) {
-                    unsigned af[MI][4], bf[NI][2];
+                    unsigned af[MI][4];
 #pragma unroll
                     for (int i = 0; i < MI; ++i) {
                         const int hp = (warp * MI + i + r) * HALO_W + (lj & 1) * 8 + lr + s;
                         ldmatrix_x4(af[i], hs + hp * XS + kc + (lj >> 1) * 16);
                     }
-#pragma unroll
-                    for (int j = 0; j < NI; j += 2) {
-                        unsigned b4[4];
-                        ldmatrix_x4(b4, bs + (j * 8 + (lj >> 1) * 8 + lr) * WS + (r * 3 + s) * CIN + kc + (lj & 1) * 16);
-                        bf[j][0] = b4[0];
-                        bf[j][1] = b4[1];
-                        bf[j + 1][0] = b4[2];
-                        bf[j + 1][1] = b4[3];
-                    }
-#pragma unroll
-                    for (int i = 0; i < MI; ++i)
-#pragma unroll
-                        for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
+                    mma_s8_step<MI, NI>(acc, af, bs + ((lj >> 1) * 8 + lr) * WS + (r * 3 + s) * CIN + kc + (lj & 1) * 16, WS);
                 }
             }
         }

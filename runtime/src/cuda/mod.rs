@@ -1462,6 +1462,16 @@ impl CudaEngine {
                     .get(&i)
                     .ok_or_else(|| cuda_error("executor", "missing int8 scales"))?;
                 let (k, m) = (dy[1], dy[0] * dy[2] * dy[3]);
+                // Both kernels take these first: input, filter, scales, bias, residual, output.
+                let [px, pw, ps, pb, pr, py] = [
+                    self.ptr(*x)?,
+                    w.ptr,
+                    scale.ptr,
+                    bias.map_or(0, |c| self.constants[c].ptr),
+                    self.ptr_or_null(*residual)?,
+                    self.ptr(*y)?,
+                ]
+                .map(Arg::Ptr);
                 if let Some(t) = self.thin_kernel_of(i, b) {
                     let (rows, columns) = THIN_TILE;
                     let tiles = dy[0] * dy[2].div_ceil(rows) * dy[3].div_ceil(columns);
@@ -1477,12 +1487,12 @@ impl CudaEngine {
                         128,
                         t.shared_bytes() as u32,
                         &[
-                            Arg::Ptr(self.ptr(*x)?),
-                            Arg::Ptr(w.ptr),
-                            Arg::Ptr(scale.ptr),
-                            Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
-                            Arg::Ptr(self.ptr_or_null(*residual)?),
-                            Arg::Ptr(self.ptr(*y)?),
+                            px,
+                            pw,
+                            ps,
+                            pb,
+                            pr,
+                            py,
                             Arg::I32(dy[0] as i32),
                             Arg::I32(dy[2] as i32),
                             Arg::I32(dy[3] as i32),
@@ -1507,12 +1517,12 @@ impl CudaEngine {
                     256,
                     int8_shared_bytes(self.int8_stages, bm, bn) as u32,
                     &[
-                        Arg::Ptr(self.ptr(*x)?),
-                        Arg::Ptr(w.ptr),
-                        Arg::Ptr(scale.ptr),
-                        Arg::Ptr(bias.map_or(0, |c| self.constants[c].ptr)),
-                        Arg::Ptr(self.ptr_or_null(*residual)?),
-                        Arg::Ptr(self.ptr(*y)?),
+                        px,
+                        pw,
+                        ps,
+                        pb,
+                        pr,
+                        py,
                         i32s(dx[0]),
                         i32s(dx[2]),
                         i32s(dx[3]),
