@@ -864,8 +864,9 @@ extern "C" __global__ void stem_conv_i8(STEM_ARGS) { stem_conv3x3<true>(STEM_PAS
 // y_stride, in elements, with 16-byte aligned slices.
 // Measured on an H200, gelan-c batch 8 (bench/results/gpu-thin-int8-h200-20261128T1930): 0.021-
 // 0.025 ms on the four 32-channel bottleneck layers, against cuDNN's 0.033-0.035. It loses to cuDNN
-// on 64 channels (0.024 against 0.012 ms at 80x80, 0.060 against 0.035 at 160x160): a tile of 128
-// pixels leaves only one or two tiles per block there, so nothing hides the loads. A 1x1 form of
+// on 64 channels (0.024 against 0.012 ms at 80x80, 0.060 against 0.035 at 160x160), not profiled
+// yet; at 80x80 a tile of 128 pixels leaves about one tile per block, so probably nothing hides
+// the loads of the 37 KB filter and the halo. A 1x1 form of
 // it lost everywhere (0.018-0.068 ms against 0.013-0.051) and is not kept. The engine times it
 // against cuDNN's fused graph per layer, like any other tactic.
 #define THIN_TW 16
