@@ -133,9 +133,6 @@ struct Int8Case {
     hw: usize,
     residual: bool,
     groups: usize,
-    /// A Q/DQ pair after the convolution (its output requantized to int8), as between GELAN's
-    /// layers; else the float output goes straight to the graph output.
-    quantized_output: bool,
 }
 
 fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
@@ -147,7 +144,6 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         hw,
         residual,
         groups,
-        quantized_output,
     } = *case;
     let mut rng = SplitMix64::new(seed);
     let mut normal = |n: usize, scale: f32| -> Vec<f32> {
@@ -228,17 +224,6 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
     if residual {
         y = b.node1("Add", "b.add", &[&a, &y], vec![]).unwrap();
     }
-    if quantized_output {
-        // SiLU of values within about 5, plus the residual: amax 8.
-        let s = b.const_f32("out.scale", &[], &[8.0 / 127.0]);
-        let z = b.const_i8("out.zero", &[], &[0]);
-        let q = b
-            .node1("QuantizeLinear", "out.q", &[&y, &s, &z], vec![])
-            .unwrap();
-        y = b
-            .node1("DequantizeLinear", "out.dq", &[&q, &s, &z], vec![])
-            .unwrap();
-    }
     let shape = b.const_i64("flatten.shape", &[0, cout as i64, -1]);
     let out = b
         .node1("Reshape", "flatten", &[&y, &shape], vec![])
@@ -276,7 +261,6 @@ fn int8_convolution_matches_cpu() {
             hw: 20,
             residual: true,
             groups: 1,
-            quantized_output: false,
         },
         Int8Case {
             cin: 32,
@@ -286,7 +270,6 @@ fn int8_convolution_matches_cpu() {
             hw: 17,
             residual: false,
             groups: 1,
-            quantized_output: false,
         },
         Int8Case {
             cin: 64,
@@ -296,7 +279,6 @@ fn int8_convolution_matches_cpu() {
             hw: 33,
             residual: false,
             groups: 1,
-            quantized_output: false,
         },
         Int8Case {
             cin: 64,
@@ -306,7 +288,6 @@ fn int8_convolution_matches_cpu() {
             hw: 24,
             residual: true,
             groups: 1,
-            quantized_output: false,
         },
         Int8Case {
             cin: 48,
@@ -316,7 +297,6 @@ fn int8_convolution_matches_cpu() {
             hw: 40,
             residual: false,
             groups: 1,
-            quantized_output: false,
         },
         Int8Case {
             cin: 256,
@@ -326,7 +306,6 @@ fn int8_convolution_matches_cpu() {
             hw: 20,
             residual: true,
             groups: 1,
-            quantized_output: false,
         },
         // DDetect's box branch: 4 groups of 16 channels.
         Int8Case {
@@ -337,7 +316,6 @@ fn int8_convolution_matches_cpu() {
             hw: 24,
             residual: false,
             groups: 4,
-            quantized_output: false,
         },
     ];
     let dir = scratch_dir("cuda-int8-conv");
@@ -400,7 +378,6 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
         hw,
         residual,
         groups: 1,
-        quantized_output: false,
     };
     let cases = [
         case(32, 32, 20, true),
@@ -409,7 +386,7 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
         case(64, 32, 16, false),
     ];
     let dir = scratch_dir("cuda-thin-int8");
-    let mut models: Vec<(String, PathBuf, usize)> = Vec::new();
+    let mut models: Vec<(String, PathBuf)> = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let path = dir.join(format!("case{i}.onnx"));
         onnx::write_model(&int8_conv_model(c, 90 + i as u64), &path).unwrap();
@@ -417,12 +394,13 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
             "{}->{} at {}x{}, residual {}",
             c.cin, c.cout, c.hw, c.hw, c.residual
         );
-        models.push((name, path, 3));
+        models.push((name, path));
     }
     let (_, gelan_t) = float_and_qdq("gelan-t", &dir);
-    models.push(("gelan-t".into(), gelan_t, 3));
+    models.push(("gelan-t".into(), gelan_t));
     kestrel_runtime::cuda::set_fused_conv(Some(false));
-    for (name, path, batch) in &models {
+    let batch = 3;
+    for (name, path) in &models {
         kestrel_runtime::cuda::set_thin_conv(Some(false));
         let gemm = build_engine(path, &small_batches(Backend::Cuda, Precision::Int8));
         kestrel_runtime::cuda::set_thin_conv(Some(true));
@@ -433,7 +411,7 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
         let per = cpu.info().input_len();
         let mut rng = SplitMix64::new(11);
         let input: Vec<f32> = (0..batch * per).map(|_| rng.next_f32()).collect();
-        for b in [1, *batch] {
+        for b in [1, batch] {
             let x = &input[..b * per];
             let want = gemm.run(x, b).unwrap().to_vec();
             let got = thin.run(x, b).unwrap().to_vec();
