@@ -107,3 +107,20 @@ pub fn mask_box(m: &kestrel_runtime::Bitmap) -> kestrel_runtime::BoxXyxy {
     }
     kestrel_runtime::BoxXyxy::new(x1 as f32, y1 as f32, x2 as f32, y2 as f32)
 }
+
+/// Build options for small test models: batches 1 to 4 (optimised for 4) on GPU 0.
+pub fn small_batches(
+    backend: kestrel_runtime::engine::Backend,
+    precision: kestrel_runtime::engine::Precision,
+) -> kestrel_runtime::engine::BuildOptions {
+    kestrel_runtime::engine::BuildOptions {
+        backend,
+        precision,
+        profile: kestrel_runtime::engine::BatchProfile {
+            min: 1,
+            opt: 4,
+            max: 4,
+        },
+        device: 0,
+    }
+}

@@ -13,7 +13,7 @@ use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, bu
 use kestrel_runtime::letterbox::{LetterboxParams, Letterboxer};
 use kestrel_runtime::nms::{NmsConfig, Postprocessor};
 use kestrel_runtime::{Detection, synth};
-use kestrel_tests::{run_python, scratch_dir};
+use kestrel_tests::{run_python, scratch_dir, small_batches};
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -231,20 +231,6 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
     b.rename_last_output(&out, "output0");
     b.output("output0", pb::data_type::FLOAT, "");
     b.finish_model("int8-conv")
-}
-
-/// Build options for the single-layer models: batches 1 to 4 on GPU 0.
-fn small_batches(backend: Backend, precision: Precision) -> BuildOptions {
-    BuildOptions {
-        backend,
-        precision,
-        profile: BatchProfile {
-            min: 1,
-            opt: 4,
-            max: 4,
-        },
-        device: 0,
-    }
 }
 
 /// The INT8 convolution kernel against the CPU backend running the same Q/DQ graph, over the

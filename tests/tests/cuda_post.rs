@@ -389,19 +389,10 @@ fn gpu_nms_against_the_torchvision_peer_at_batch_8_640_80_classes() {
 #[ignore = "needs a CUDA GPU"]
 fn end_to_end_detector_on_the_demo_model_matches_the_cpu() {
     use kestrel_runtime::Detector;
-    use kestrel_runtime::engine::{Backend, BatchProfile, BuildOptions, Precision, build_engine};
+    use kestrel_runtime::engine::{Backend, Precision, build_engine};
     use kestrel_runtime::synth::{image_seed, render_scene_with};
+    use kestrel_tests::small_batches as options;
     let model = kestrel_tests::workspace_root().join("models/gelan-t-shapes.onnx");
-    let options = |backend, precision| BuildOptions {
-        backend,
-        precision,
-        profile: BatchProfile {
-            min: 1,
-            opt: 4,
-            max: 4,
-        },
-        device: 0,
-    };
     // One engine for both post-processing paths, so they see the same output.
     let mut gpu = Detector::new(
         build_engine(&model, &options(Backend::Cuda, Precision::Fp32)).expect("cuda"),
