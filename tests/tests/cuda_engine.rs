@@ -429,6 +429,277 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// One pooling layer that the INT8 engine runs on int8 values: images -> conv_a (3 -> c, 1x1,
+/// weights -1, 0, 1) -> pool -> Q/DQ (1/16) -> conv_b (int8 identity, scale 1) -> output0
+/// [B, c, P*Q]. With `parts` of 24 and 8 channels, conv_a is two convolutions, each pooled on its
+/// own and concatenated before the Q/DQ: pools of whole 8-channel vectors that are not 16-channel
+/// ones (the INT8 convolution needs multiples of 16). Inputs that are multiples of 1/32 make every value exact up to the quantization
+/// (half of them exactly between two steps of 1/16, which QuantizeLinear rounds to even), and
+/// conv_b passes the pool's int8 output through exactly, so the engine can be held to the
+/// quantization's and the int8 pool's definitions bit for bit (`int8_pool_reference`).
+struct PoolCase {
+    parts: &'static [usize],
+    hw: usize,
+    max: bool,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    count_include_pad: bool,
+}
+
+impl PoolCase {
+    fn channels(&self) -> usize {
+        self.parts.iter().sum()
+    }
+
+    fn out_hw(&self) -> usize {
+        (self.hw + 2 * self.pad - self.kernel) / self.stride + 1
+    }
+}
+
+/// conv_a's filter: channel `o` adds, subtracts or skips each of the 3 input channels.
+fn pool_case_filter(channels: usize) -> Vec<i8> {
+    (0..channels * 3)
+        .map(|i| [-1, 0, 1][(i * 7 + i / 3) % 3])
+        .collect()
+}
+
+fn int8_pool_model(case: &PoolCase) -> pb::ModelProto {
+    let c = case.channels() as i64;
+    let mut b = GraphBuilder::new();
+    let hw = Dim::Fixed(case.hw as i64);
+    let x = b.input(
+        "images",
+        vec![Dim::Symbol("batch".into()), Dim::Fixed(3), hw.clone(), hw],
+    );
+    let filter: Vec<f32> = pool_case_filter(case.channels())
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let (k, st, p) = (case.kernel as i64, case.stride as i64, case.pad as i64);
+    let mut attrs = vec![
+        pb::AttributeProto::ints("kernel_shape", &[k, k]),
+        pb::AttributeProto::ints("strides", &[st, st]),
+        pb::AttributeProto::ints("pads", &[p, p, p, p]),
+    ];
+    if !case.max {
+        attrs.push(pb::AttributeProto::int(
+            "count_include_pad",
+            case.count_include_pad as i64,
+        ));
+    }
+    let op = if case.max { "MaxPool" } else { "AveragePool" };
+    let mut pools = Vec::new();
+    let mut first = 0;
+    for (i, &part) in case.parts.iter().enumerate() {
+        let rows = &filter[3 * first..3 * (first + part)];
+        let w = b.const_f32(&format!("a{i}.weight"), &[part as i64, 3, 1, 1], rows);
+        let one = vec![pb::AttributeProto::ints("kernel_shape", &[1, 1])];
+        let a = b.node1("Conv", &format!("a{i}"), &[&x, &w], one).unwrap();
+        pools.push(
+            b.node1(op, &format!("pool{i}"), &[&a], attrs.clone())
+                .unwrap(),
+        );
+        first += part;
+    }
+    let pooled = if let [single] = &pools[..] {
+        single.clone()
+    } else {
+        let refs: Vec<&str> = pools.iter().map(String::as_str).collect();
+        let axis = vec![pb::AttributeProto::int("axis", 1)];
+        b.node1("Concat", "cat", &refs, axis).unwrap()
+    };
+    let s = b.const_f32("q.scale", &[], &[1.0 / 16.0]);
+    let z = b.const_i8("q.zero", &[], &[0]);
+    let q = b
+        .node1("QuantizeLinear", "q", &[&pooled, &s, &z], vec![])
+        .unwrap();
+    let dq = b
+        .node1("DequantizeLinear", "dq", &[&q, &s, &z], vec![])
+        .unwrap();
+    let n = case.channels();
+    let identity: Vec<i8> = (0..n * n).map(|i| (i % (n + 1) == 0) as i8).collect();
+    let wq = b.const_i8("b.weight_quantized", &[c, c, 1, 1], &identity);
+    let ws = b.const_f32("b.weight_scale", &[c], &vec![1.0; n]);
+    let wz = b.const_i8("b.weight_zero", &[c], &vec![0; n]);
+    let w = b
+        .node1(
+            "DequantizeLinear",
+            "b.weight_dq",
+            &[&wq, &ws, &wz],
+            vec![pb::AttributeProto::int("axis", 0)],
+        )
+        .unwrap();
+    let conv = b
+        .node1(
+            "Conv",
+            "b",
+            &[&dq, &w],
+            vec![pb::AttributeProto::ints("kernel_shape", &[1, 1])],
+        )
+        .unwrap();
+    let shape = b.const_i64("flatten.shape", &[0, c, -1]);
+    let out = b
+        .node1("Reshape", "flatten", &[&conv, &shape], vec![])
+        .unwrap();
+    b.rename_last_output(&out, "output0");
+    b.output("output0", pb::data_type::FLOAT, "");
+    b.finish_model("int8-pool")
+}
+
+/// The INT8 pool's definition on the quantized input: the maximum, or the sum over the window's
+/// taps inside the image divided by their count (by the whole window with `count_include_pad`),
+/// rounded to nearest even. `input` holds multiples of 1/32; output [B, c, P*Q] as integers, and
+/// how many averages fell exactly between two steps.
+fn int8_pool_reference(case: &PoolCase, input: &[f32], batch: usize) -> (Vec<i32>, usize) {
+    let (c, hw, ohw) = (case.channels(), case.hw, case.out_hw());
+    let filter = pool_case_filter(c);
+    let plane = hw * hw;
+    let q_in = |b: usize, ch: usize, y: usize, x: usize| -> i32 {
+        let sum: f32 = (0..3)
+            .map(|i| filter[ch * 3 + i] as f32 * input[(b * 3 + i) * plane + y * hw + x])
+            .sum();
+        ((sum * 16.0).round_ties_even() as i32).clamp(-128, 127)
+    };
+    let mut out = Vec::with_capacity(batch * c * ohw * ohw);
+    let mut ties = 0;
+    for b in 0..batch {
+        for ch in 0..c {
+            for oy in 0..ohw {
+                for ox in 0..ohw {
+                    let (mut acc, mut count) = (if case.max { -128 } else { 0 }, 0);
+                    for dy in 0..case.kernel {
+                        for dx in 0..case.kernel {
+                            let y = (oy * case.stride + dy) as isize - case.pad as isize;
+                            let x = (ox * case.stride + dx) as isize - case.pad as isize;
+                            if y < 0 || x < 0 || y >= hw as isize || x >= hw as isize {
+                                continue;
+                            }
+                            let v = q_in(b, ch, y as usize, x as usize);
+                            acc = if case.max { acc.max(v) } else { acc + v };
+                            count += 1;
+                        }
+                    }
+                    out.push(if case.max {
+                        acc
+                    } else {
+                        let div = if case.count_include_pad {
+                            (case.kernel * case.kernel) as i32
+                        } else {
+                            count
+                        };
+                        let q = acc.div_euclid(div);
+                        let rem2 = 2 * acc.rem_euclid(div);
+                        ties += usize::from(rem2 == div);
+                        q + i32::from(rem2 > div || (rem2 == div && q % 2 != 0))
+                    });
+                }
+            }
+        }
+    }
+    (out, ties)
+}
+
+/// ADown's 2x2 average and 3x3 max, SPPELAN's 5x5 max, and averages whose divisor is not a power
+/// of two (padding not counted: 4, 6 or 9 taps; 9 with padding counted); 16-channel vectors (32
+/// and 16 channels) and 8-channel ones (24 + 8).
+fn pool_cases() -> [PoolCase; 6] {
+    let case = |parts, hw, max, kernel, stride, pad, count_include_pad| PoolCase {
+        parts,
+        hw,
+        max,
+        kernel,
+        stride,
+        pad,
+        count_include_pad,
+    };
+    [
+        case(&[32], 21, false, 2, 1, 0, false),
+        case(&[24, 8], 19, true, 3, 2, 1, false),
+        case(&[32], 13, true, 5, 1, 2, false),
+        case(&[32], 11, false, 3, 1, 1, false),
+        case(&[24, 8], 12, false, 3, 2, 1, true),
+        case(&[16], 16, false, 2, 2, 0, false),
+    ]
+}
+
+/// Every pool of the INT8 pooling test's models runs on int8 (no GPU needed: the plan alone).
+#[test]
+fn the_int8_pooling_test_models_pool_int8() {
+    for (i, c) in pool_cases().iter().enumerate() {
+        let rows = kestrel_runtime::cuda::layers::engine_layers(
+            &int8_pool_model(c),
+            Precision::Int8,
+            &[1],
+            &serde_json::Value::Null,
+        )
+        .unwrap();
+        let pools: Vec<_> = rows.iter().filter(|r| r.kind == "pool").collect();
+        assert_eq!(pools.len(), c.parts.len(), "case {i}");
+        for r in pools {
+            assert_eq!(
+                (r.precision_in, r.precision_out),
+                ("int8", "int8"),
+                "case {i}: {r:?}"
+            );
+        }
+    }
+}
+
+/// The quantization and INT8 pooling kernels against their definitions, bit for bit, over
+/// `pool_cases`: averages exactly between two steps must round to the even one, as must inputs
+/// exactly between two quantization steps; some inputs saturate.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn quantization_and_int8_pooling_match_their_definitions() {
+    let cases = pool_cases();
+    let dir = scratch_dir("cuda-int8-pool");
+    let batch = 3;
+    for (i, c) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.onnx"));
+        onnx::write_model(&int8_pool_model(c), &path).unwrap();
+        let mut engine =
+            build_engine(&path, &small_batches(Backend::Cuda, Precision::Int8)).unwrap();
+        let per = engine.info().input_len();
+        let mut rng = SplitMix64::new(70 + i as u64);
+        // Multiples of 1/32 up to 87/32: three of them reach past the int8 range (saturation).
+        let input: Vec<f32> = (0..batch * per)
+            .map(|_| ((rng.next_f32() * 175.0).floor() - 87.0) / 32.0)
+            .collect();
+        let (want, ties) = int8_pool_reference(c, &input, batch);
+        let got = engine.run(&input, batch).unwrap().to_vec();
+        assert_eq!(got.len(), want.len(), "case {i}: output size");
+        let differing = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| **g * 16.0 != **w as f32)
+            .count();
+        println!(
+            "int8 pool case {i} ({} {}x{} s{} p{} include_pad {}, {} channels, {}x{}): {differing} of {} outputs differ ({ties} ties)",
+            if c.max { "max" } else { "average" },
+            c.kernel,
+            c.kernel,
+            c.stride,
+            c.pad,
+            c.count_include_pad,
+            c.channels(),
+            c.hw,
+            c.hw,
+            got.len()
+        );
+        assert_eq!(
+            differing, 0,
+            "case {i}: the int8 pool differs from its definition"
+        );
+        // Even divisors see exact ties on these inputs: the rounding rule is exercised.
+        assert!(
+            c.max || c.count_include_pad || ties > 0,
+            "case {i}: no ties to round"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Synthetic scenes letterboxed to 640 x 640, as inference feeds them: `count` images of NCHW
 /// float32.
 fn scenes(seed: u64, count: usize) -> Vec<f32> {

@@ -210,16 +210,36 @@ __device__ void pool_v8_i(const vec16* in, vec16* out, int n, int h, int w, int 
         out[i] = r;
     }
 }
-// INT8 pooling with V = 8 or 16 channels per thread (uint2 or uint4: 8- or 16-byte loads); needs
-// c % V == 0. The input and output share one scale: max is exact, the average rounds to nearest
-// even (as QuantizeLinear). 16-byte vectors halve the threads and the index arithmetic per byte:
-// with 8 (gelan-c, batch 8, H200) INT8 pools ran at about 0.9 TB/s, slower than the FP16 pools
-// moving twice the bytes.
-template <typename I, typename V>
-__device__ void pool_i8_i(const V* in, V* out, int n, int h, int w, int c, int oh, int ow,
-                          int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
-    const int K = (int)sizeof(V);
-    int cv = c / K;
+// INT8 pooling with 4 W channels per thread (W words: 8- or 16-byte loads); needs c % (4 W) == 0.
+// The input and output share one scale: max is exact, the average rounds to nearest even (as
+// QuantizeLinear). The average works on whole 32-bit words: each word's bytes, biased to 0..255,
+// are summed in two pairs of 16-bit lanes (bytes 0 and 2, bytes 1 and 3; up to 257 taps cannot
+// carry across lanes; the planner keeps larger windows in FP16), and each sum is divided by a
+// multiplication with the reciprocal, rounded by adding 1.5 * 2^23 (round to nearest even on the
+// float add): exact where the divisor is a power of two; for other divisors an exact tie
+// (sum / count = m + 1/2) may round either way from the product, so it is settled on integers.
+// With a byte at a time (16 extractions, conversions and divisions per vector) ADown's 2x2 average
+// over 256 x 160 x 160 (batch 8, H200) took 0.083 ms, bound by instructions: now 0.065 ms. The
+// maximum stays a byte at a time: `vmax4` (four bytes in one instruction on paper) is emulated on
+// that card and made ADown's max pool twice as slow.
+// round_half_even(sum / count) for |sum| < 2^22, with inv = 1 / count.
+__device__ __forceinline__ int divide_rne(int sum, int count, float inv, bool pow2) {
+    const float f = __int_as_float(0x4B400000 + sum) - 12582912.0f;  // exact int -> float
+    int r = __float_as_int(fmaf(f, inv, 12582912.0f)) - 0x4B400000;
+    if (!pow2) {
+        const int e2 = 2 * (sum - r * count);  // 2 (sum / count - r) * count
+        if ((e2 == count || e2 == -count) && (r & 1)) r += e2 > 0 ? 1 : -1;
+    }
+    return r;
+}
+template <int W> struct Words;
+template <> struct Words<2> { typedef uint2 T; };
+template <> struct Words<4> { typedef uint4 T; };
+template <typename I, int W, bool MAX>
+__device__ void pool_i8_i(const unsigned* __restrict__ in, unsigned* __restrict__ out, int n, int h, int w, int c,
+                          int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw,
+                          int count_include_pad) {
+    const int cv = c / (4 * W);
     i64 total = (i64)n * oh * ow * cv;
     INDEX_LOOP(I, i, total) {
         int g = (int)(i % (I)cv);
@@ -228,9 +248,13 @@ __device__ void pool_i8_i(const V* in, V* out, int n, int h, int w, int c, int o
         int oy = (int)((pix / (I)ow) % (I)oh);
         int b = (int)(pix / ((I)ow * oh));
         int y0 = oy * sh - ph, x0 = ox * sw - pw;
-        int acc[sizeof(V)];
+        // max: one int per channel; average: biased bytes 0, 2 (lo) and 1, 3 (hi) in 16-bit lanes.
+        int best[MAX ? 4 * W : 1];
+        unsigned lo[W], hi[W];
 #pragma unroll
-        for (int k = 0; k < K; ++k) acc[k] = kind == 0 ? -128 : 0;
+        for (int k = 0; k < (MAX ? 4 * W : 1); ++k) best[k] = -128;
+#pragma unroll
+        for (int k = 0; k < W; ++k) lo[k] = 0u, hi[k] = 0u;
         int count = 0;
         for (int dy = 0; dy < kh; ++dy) {
             int y = y0 + dy;
@@ -238,31 +262,63 @@ __device__ void pool_i8_i(const V* in, V* out, int n, int h, int w, int c, int o
             for (int dx = 0; dx < kw; ++dx) {
                 int x = x0 + dx;
                 if (x < 0 || x >= w) continue;
-                V v = in[(((I)b * h + y) * w + x) * cv + g];
-                const signed char* q = (const signed char*)&v;
+                const typename Words<W>::T v =
+                    *(const typename Words<W>::T*)(in + ((((I)b * h + y) * w + x) * cv + g) * W);
+                const unsigned* words = (const unsigned*)&v;
+                if (MAX) {
+                    const signed char* q = (const signed char*)&v;
 #pragma unroll
-                for (int k = 0; k < K; ++k) acc[k] = kind == 0 ? max(acc[k], (int)q[k]) : acc[k] + q[k];
+                    for (int k = 0; k < (MAX ? 4 * W : 1); ++k) best[k] = max(best[k], (int)q[k]);
+                } else {
+#pragma unroll
+                    for (int k = 0; k < W; ++k) {
+                        lo[k] += (words[k] & 0x00FF00FFu) ^ 0x00800080u;
+                        hi[k] += ((words[k] >> 8) & 0x00FF00FFu) ^ 0x00800080u;
+                    }
+                }
                 ++count;
             }
         }
-        float div = kind == 1 ? (float)(count_include_pad ? kh * kw : (count > 0 ? count : 1)) : 1.0f;
-        V r;
-        signed char* qr = (signed char*)&r;
+        typename Words<W>::T rv;
+        unsigned* r = (unsigned*)&rv;
+        if (MAX) {
+            signed char* qr = (signed char*)&rv;
 #pragma unroll
-        for (int k = 0; k < K; ++k) qr[k] = (signed char)(kind == 0 ? acc[k] : __float2int_rn((float)acc[k] / div));
-        out[i] = r;
+            for (int k = 0; k < (MAX ? 4 * W : 1); ++k) qr[k] = (signed char)best[k];
+        } else {
+            const int div = count_include_pad ? kh * kw : (count > 0 ? count : 1);
+            const float inv = 1.0f / (float)div;
+            const bool pow2 = (div & (div - 1)) == 0;
+            const int bias = 128 * count;
+#pragma unroll
+            for (int k = 0; k < W; ++k) {
+                const int q0 = divide_rne((int)(lo[k] & 0xFFFFu) - bias, div, inv, pow2);
+                const int q2 = divide_rne((int)(lo[k] >> 16) - bias, div, inv, pow2);
+                const int q1 = divide_rne((int)(hi[k] & 0xFFFFu) - bias, div, inv, pow2);
+                const int q3 = divide_rne((int)(hi[k] >> 16) - bias, div, inv, pow2);
+                r[k] = (unsigned)(q0 & 0xFF) | ((unsigned)(q1 & 0xFF) << 8) | ((unsigned)(q2 & 0xFF) << 16) |
+                       ((unsigned)q3 << 24);
+            }
+        }
+        *(typename Words<W>::T*)(out + (i64)i * W) = rv;
     }
 }
 #define POOL_ARGS int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip
 #define POOL_PASS n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip
-extern "C" __global__ void pool_v8_i8(const uint2* in, uint2* out, POOL_ARGS) {
-    if (FITS_32((i64)n * h * w * c)) pool_i8_i<unsigned int>(in, out, POOL_PASS);
-    else pool_i8_i<i64>(in, out, POOL_PASS);
+#define POOL_I8_PASS n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, cip
+template <int W>
+__device__ void pool_i8(const unsigned* in, unsigned* out, POOL_ARGS) {
+    const bool small = FITS_32((i64)n * h * w * c);
+    if (kind == 0) {
+        if (small) pool_i8_i<unsigned int, W, true>(in, out, POOL_I8_PASS);
+        else pool_i8_i<i64, W, true>(in, out, POOL_I8_PASS);
+    } else {
+        if (small) pool_i8_i<unsigned int, W, false>(in, out, POOL_I8_PASS);
+        else pool_i8_i<i64, W, false>(in, out, POOL_I8_PASS);
+    }
 }
-extern "C" __global__ void pool_v16_i8(const uint4* in, uint4* out, POOL_ARGS) {
-    if (FITS_32((i64)n * h * w * c)) pool_i8_i<unsigned int>(in, out, POOL_PASS);
-    else pool_i8_i<i64>(in, out, POOL_PASS);
-}
+extern "C" __global__ void pool_v8_i8(const unsigned* in, unsigned* out, POOL_ARGS) { pool_i8<2>(in, out, POOL_PASS); }
+extern "C" __global__ void pool_v16_i8(const unsigned* in, unsigned* out, POOL_ARGS) { pool_i8<4>(in, out, POOL_PASS); }
 extern "C" __global__ void pool_v8_f16(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
     if (FITS_32((i64)n * h * w * c)) pool_v8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
     else pool_v8_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);

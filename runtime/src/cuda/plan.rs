@@ -611,10 +611,15 @@ impl EnginePlan {
             // float average by one step). So does the nearest resize (it only copies; exact),
             // on whole 16-channel vectors. The pool's or resize's input is then quantized
             // instead, and where that input is quantized already the first rewrite shares it.
+            // The INT8 average sums biased bytes in 16-bit lanes: at most 257 taps.
             let channels = |v: ValueId| self.values[v].dims.get(1).and_then(|d| d.fixed());
             let int8_source = match ws[..] {
                 [pi] => match self.steps[pi] {
-                    Step::Pool { x: src, .. } if channels(src).is_some_and(|c| c % 8 == 0) => {
+                    Step::Pool {
+                        x: src,
+                        kernel: [kh, kw],
+                        ..
+                    } if channels(src).is_some_and(|c| c % 8 == 0) && kh * kw <= 257 => {
                         Some((pi, src))
                     }
                     Step::ResizeNearest { x: src, .. }
@@ -2028,6 +2033,59 @@ mod tests {
                 assert!(seen.insert((*x, scale.to_bits())), "{s:?}");
             }
         }
+    }
+
+    /// images [B, 3, 17, 17] -> conv (3 -> 16, float) -> AveragePool (k x k, stride 1) -> Q/DQ
+    /// -> conv (16 -> 16, int8 filter) -> output0.
+    fn pool_before_int8_conv(k: i64) -> pb::ModelProto {
+        use kestrel_exporter::builder::GraphBuilder;
+        let mut b = GraphBuilder::new();
+        let hw = Dim::Fixed(17);
+        let x = b.input(
+            "images",
+            vec![Dim::Symbol("batch".into()), Dim::Fixed(3), hw.clone(), hw],
+        );
+        let wa = b.const_f32("wa", &[16, 3, 1, 1], &[0.5; 48]);
+        let one = vec![pb::AttributeProto::ints("kernel_shape", &[1, 1])];
+        let a = b.node1("Conv", "a", &[&x, &wa], one.clone()).unwrap();
+        let pool = vec![pb::AttributeProto::ints("kernel_shape", &[k, k])];
+        let p = b.node1("AveragePool", "pool", &[&a], pool).unwrap();
+        let s = b.const_f32("s", &[], &[0.02]);
+        let z = b.const_i8("z", &[], &[0]);
+        let q = b.node1("QuantizeLinear", "q", &[&p, &s, &z], vec![]);
+        let dq = b.node1("DequantizeLinear", "dq", &[&q.unwrap(), &s, &z], vec![]);
+        let wq = b.const_i8("wq", &[16, 16, 1, 1], &[1; 256]);
+        let ws = b.const_f32("ws", &[16], &[0.01; 16]);
+        let wz = b.const_i8("wz", &[16], &[0; 16]);
+        let axis = vec![pb::AttributeProto::int("axis", 0)];
+        let w = b.node1("DequantizeLinear", "wdq", &[&wq, &ws, &wz], axis);
+        let conv = b.node1("Conv", "b", &[&dq.unwrap(), &w.unwrap()], one);
+        let shape = b.const_i64("shape", &[0, 16, -1]);
+        let out = b.node1("Reshape", "flatten", &[&conv.unwrap(), &shape], vec![]);
+        b.rename_last_output(&out.unwrap(), "output0");
+        b.output("output0", pb::data_type::FLOAT, "");
+        b.finish_model("pool-qdq")
+    }
+
+    #[test]
+    fn int8_pools_hold_at_most_257_taps() {
+        let pool_input_layout = |k| {
+            let plan = lower(&pool_before_int8_conv(k), true).unwrap();
+            let pools: Vec<Layout> = plan
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Pool { x, .. } => Some(plan.values[*x].layout),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(pools.len(), 1, "{:?}", plan.steps);
+            pools[0]
+        };
+        // The kernel sums biased bytes in 16-bit lanes: 257 x 255 fits, 289 x 255 would not.
+        assert_eq!(pool_input_layout(2), Layout::NhwcInt8);
+        assert_eq!(pool_input_layout(16), Layout::NhwcInt8);
+        assert_eq!(pool_input_layout(17), Layout::Nhwc);
     }
 
     #[test]
