@@ -135,6 +135,33 @@ struct Int8Case {
     groups: usize,
 }
 
+/// `x` through QuantizeLinear and DequantizeLinear with `scale` and a zero point of 0: the
+/// dequantized tensor's name.
+fn qdq(b: &mut GraphBuilder, x: &str, scale: f32) -> String {
+    let s = b.const_f32("q.scale", &[], &[scale]);
+    let z = b.const_i8("q.zero", &[], &[0]);
+    let q = b
+        .node1("QuantizeLinear", "q", &[x, &s, &z], vec![])
+        .unwrap();
+    b.node1("DequantizeLinear", "dq", &[&q, &s, &z], vec![])
+        .unwrap()
+}
+
+/// Conv `b`'s int8 filter `values` (`dims`, OIHW) dequantized with per-output-channel `scales`.
+fn int8_filter(b: &mut GraphBuilder, dims: &[i64], values: &[i8], scales: &[f32]) -> String {
+    let wq = b.const_i8("b.weight_quantized", dims, values);
+    let n = scales.len();
+    let ws = b.const_f32("b.weight_scale", &[n as i64], scales);
+    let wz = b.const_i8("b.weight_zero", &[n as i64], &vec![0; n]);
+    b.node1(
+        "DequantizeLinear",
+        "b.weight_dq",
+        &[&wq, &ws, &wz],
+        vec![pb::AttributeProto::int("axis", 0)],
+    )
+    .unwrap()
+}
+
 fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
     let Int8Case {
         cin,
@@ -172,14 +199,7 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         )
         .unwrap();
     // conv_a's outputs stay within about 2.2 in magnitude: amax 2.5.
-    let s = b.const_f32("q.scale", &[], &[2.5 / 127.0]);
-    let z = b.const_i8("q.zero", &[], &[0]);
-    let q = b
-        .node1("QuantizeLinear", "q", &[&a, &s, &z], vec![])
-        .unwrap();
-    let dq = b
-        .node1("DequantizeLinear", "dq", &[&q, &s, &z], vec![])
-        .unwrap();
+    let dq = qdq(&mut b, &a, 2.5 / 127.0);
     let taps = cin / groups * kernel * kernel;
     let wq: Vec<i8> = normal(cout * taps, 127.0)
         .iter()
@@ -189,21 +209,8 @@ fn int8_conv_model(case: &Int8Case, seed: u64) -> pb::ModelProto {
         .map(|c| (0.5 + (c % 7) as f32 * 0.25) / (127.0 * (taps as f32).sqrt()))
         .collect();
     let k = kernel as i64;
-    let wq = b.const_i8(
-        "b.weight_quantized",
-        &[cout as i64, (cin / groups) as i64, k, k],
-        &wq,
-    );
-    let ws = b.const_f32("b.weight_scale", &[cout as i64], &wscale);
-    let wz = b.const_i8("b.weight_zero", &[cout as i64], &vec![0; cout]);
-    let w = b
-        .node1(
-            "DequantizeLinear",
-            "b.weight_dq",
-            &[&wq, &ws, &wz],
-            vec![pb::AttributeProto::int("axis", 0)],
-        )
-        .unwrap();
+    let dims = [cout as i64, (cin / groups) as i64, k, k];
+    let w = int8_filter(&mut b, &dims, &wq, &wscale);
     let bias = b.const_f32("b.bias", &[cout as i64], &normal(cout, 0.5));
     let pad = (kernel / 2) as i64;
     let conv = b
@@ -509,27 +516,10 @@ fn int8_pool_model(case: &PoolCase) -> pb::ModelProto {
         let axis = vec![pb::AttributeProto::int("axis", 1)];
         b.node1("Concat", "cat", &refs, axis).unwrap()
     };
-    let s = b.const_f32("q.scale", &[], &[1.0 / 16.0]);
-    let z = b.const_i8("q.zero", &[], &[0]);
-    let q = b
-        .node1("QuantizeLinear", "q", &[&pooled, &s, &z], vec![])
-        .unwrap();
-    let dq = b
-        .node1("DequantizeLinear", "dq", &[&q, &s, &z], vec![])
-        .unwrap();
+    let dq = qdq(&mut b, &pooled, 1.0 / 16.0);
     let n = case.channels();
     let identity: Vec<i8> = (0..n * n).map(|i| (i % (n + 1) == 0) as i8).collect();
-    let wq = b.const_i8("b.weight_quantized", &[c, c, 1, 1], &identity);
-    let ws = b.const_f32("b.weight_scale", &[c], &vec![1.0; n]);
-    let wz = b.const_i8("b.weight_zero", &[c], &vec![0; n]);
-    let w = b
-        .node1(
-            "DequantizeLinear",
-            "b.weight_dq",
-            &[&wq, &ws, &wz],
-            vec![pb::AttributeProto::int("axis", 0)],
-        )
-        .unwrap();
+    let w = int8_filter(&mut b, &[c, c, 1, 1], &identity, &vec![1.0; n]);
     let conv = b
         .node1(
             "Conv",
