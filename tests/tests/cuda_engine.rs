@@ -440,10 +440,11 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
 /// weights -1, 0, 1) -> pool -> Q/DQ (1/16) -> conv_b (int8 identity, scale 1) -> output0
 /// [B, c, P*Q]. With `parts` of 24 and 8 channels, conv_a is two convolutions, each pooled on its
 /// own and concatenated before the Q/DQ: pools of whole 8-channel vectors that are not 16-channel
-/// ones (the INT8 convolution needs multiples of 16). Inputs that are multiples of 1/32 make every value exact up to the quantization
-/// (half of them exactly between two steps of 1/16, which QuantizeLinear rounds to even), and
-/// conv_b passes the pool's int8 output through exactly, so the engine can be held to the
-/// quantization's and the int8 pool's definitions bit for bit (`int8_pool_reference`).
+/// ones (the INT8 convolution needs multiples of 16). Inputs that are multiples of 1/32 make every
+/// value exact up to the quantization (half of them exactly between two steps of 1/16, which
+/// QuantizeLinear rounds to even), and conv_b passes the pool's int8 output through exactly, so the
+/// engine can be held to the quantization's and the int8 pool's definitions bit for bit
+/// (`int8_pool_reference`).
 struct PoolCase {
     parts: &'static [usize],
     hw: usize,
