@@ -378,11 +378,60 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
         case(32, 64, 13, false),
         case(64, 32, 16, false),
     ];
-    let dir = scratch_dir("cuda-thin-int8");
+    kernel_matches_the_implicit_gemm(
+        "thin kernel",
+        &cases,
+        90,
+        kestrel_runtime::cuda::set_thin_conv,
+    );
+}
+
+/// The 1x1 INT8 kernel against the implicit GEMM it replaces, as the thin kernel above: pixel
+/// counts that do not fill a tile (3 x 13 x 13 against 64 and 128 pixels), channel counts that
+/// do not fill one (80 and 48 against 64, 32 against the 128 x 32 tile), the residual, the fp16
+/// output here, and in gelan-t its 1x1 layers with int8 outputs and concat views.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_1x1_int8_kernel_matches_the_implicit_gemm() {
+    let case = |cin, cout, hw, residual| Int8Case {
+        cin,
+        cout,
+        kernel: 1,
+        stride: 1,
+        hw,
+        residual,
+        groups: 1,
+    };
+    let cases = [
+        case(64, 64, 37, true),
+        case(48, 48, 9, true),
+        case(32, 128, 20, false),
+        case(128, 32, 13, false),
+        case(256, 80, 16, false),
+    ];
+    kernel_matches_the_implicit_gemm(
+        "1x1 kernel",
+        &cases,
+        120,
+        kestrel_runtime::cuda::set_pointwise_conv,
+    );
+}
+
+/// Each of `cases` (one INT8 convolution; model seeds from `seed`) and gelan-t, built in INT8
+/// with cuDNN's fused graphs off, once with `set_knob(Some(false))` (the implicit GEMM) and once
+/// with `set_knob(Some(true))` (`kernel`): every output the same bits at batches 1 and 3, and the
+/// single layers within 5e-3 relative L2 of the CPU backend.
+fn kernel_matches_the_implicit_gemm(
+    kernel: &str,
+    cases: &[Int8Case],
+    seed: u64,
+    set_knob: fn(Option<bool>),
+) {
+    let dir = scratch_dir(&format!("cuda-{}", kernel.replace(' ', "-")));
     let mut models: Vec<(String, PathBuf)> = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let path = dir.join(format!("case{i}.onnx"));
-        onnx::write_model(&int8_conv_model(c, 90 + i as u64), &path).unwrap();
+        onnx::write_model(&int8_conv_model(c, seed + i as u64), &path).unwrap();
         let name = format!(
             "{}->{} at {}x{}, residual {}",
             c.cin, c.cout, c.hw, c.hw, c.residual
@@ -394,12 +443,12 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
     kestrel_runtime::cuda::set_fused_conv(Some(false));
     let batch = 3;
     for (name, path) in &models {
-        kestrel_runtime::cuda::set_thin_conv(Some(false));
+        set_knob(Some(false));
         let gemm = build_engine(path, &small_batches(Backend::Cuda, Precision::Int8));
-        kestrel_runtime::cuda::set_thin_conv(Some(true));
-        let thin = build_engine(path, &small_batches(Backend::Cuda, Precision::Int8));
-        kestrel_runtime::cuda::set_thin_conv(None);
-        let (mut gemm, mut thin) = (gemm.unwrap(), thin.unwrap());
+        set_knob(Some(true));
+        let tested = build_engine(path, &small_batches(Backend::Cuda, Precision::Int8));
+        set_knob(None);
+        let (mut gemm, mut tested) = (gemm.unwrap(), tested.unwrap());
         let mut cpu = build_engine(path, &small_batches(Backend::Cpu, Precision::Fp32)).unwrap();
         let per = cpu.info().input_len();
         let mut rng = SplitMix64::new(11);
@@ -407,7 +456,7 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
         for b in [1, batch] {
             let x = &input[..b * per];
             let want = gemm.run(x, b).unwrap().to_vec();
-            let got = thin.run(x, b).unwrap().to_vec();
+            let got = tested.run(x, b).unwrap().to_vec();
             let differing = got
                 .iter()
                 .zip(&want)
@@ -415,12 +464,12 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
                 .count();
             let e_cpu = rel_l2(&got, &cpu.run(x, b).unwrap().to_vec());
             println!(
-                "{name} batch {b}: thin kernel vs implicit GEMM: {differing} of {} outputs differ; vs cpu rel L2 {e_cpu:.2e}",
+                "{name} batch {b}: {kernel} vs implicit GEMM: {differing} of {} outputs differ; vs cpu rel L2 {e_cpu:.2e}",
                 got.len()
             );
             assert_eq!(
                 differing, 0,
-                "{name} batch {b}: the thin kernel differs from the implicit GEMM"
+                "{name} batch {b}: the {kernel} differs from the implicit GEMM"
             );
             // The small cases are one layer (the INT8 convolution test's bound); gelan-t is the
             // whole network, checked against onnxruntime by its own test.

@@ -474,22 +474,42 @@ __device__ __forceinline__ int quantize(float x, float scale) {
 }
 
 // The INT8 convolution's epilogue runs once per output for as few reduction steps as 16 (1x1
-// layers), so it uses the fast forms: approximate division (2 ulp) in the activation, and a
-// multiplication by the reciprocal scale when requantizing (it can differ from x / scale in the
-// last bit, so a value within an ulp of a rounding boundary may land one step away).
+// layers), and on memory-bound layers its instructions, not the tensor cores, set the pace. The
+// conversions (int to float, float to int) and the special functions (exp, reciprocal, tanh) share
+// one unit that runs at a quarter of the float rate, so the fast forms spend as few of them as they
+// can: SiLU is x/2 + x/2 tanh(x/2) (one tanh.approx, max relative error 2^-11, instead of an exp
+// and a reciprocal; gelan-c's 1x1 layers at batch 8 on an H200 ran 3-13 % faster), and
+// requantizing rounds in the float adder (below) instead of converting. The requantization
+// multiplies by the reciprocal scale (it can differ from x / scale in the last bit, so a value
+// within an ulp of a rounding boundary may land one step away).
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ float activate_fast(float x, int act) {
+    const float h = 0.5f * x;
     switch (act) {
-        case 1: return __fdividef(x, 1.0f + __expf(-x));
+        case 1: return __fmaf_rn(h, tanh_approx(h), h);
         case 2: return x > 0.0f ? x : 0.0f;
-        case 3: return __fdividef(1.0f, 1.0f + __expf(-x));
+        case 3: return __fmaf_rn(0.5f, tanh_approx(h), 0.5f);
         default: return x;
     }
 }
+// Clamped to the int8 range first, then rounded to nearest even by adding 1.5 * 2^23 (the sum's
+// low mantissa bits are the integer): the same result as cvt.rni and a clamp (NaN aside: it lands
+// on -128 instead of 0), without the conversion unit.
 __device__ __forceinline__ int quantize_fast(float x, float inv_scale) {
-    int q;
-    asm("cvt.rni.s32.f32 %0, %1;" : "=r"(q) : "f"(x * inv_scale));
-    return q < -128 ? -128 : (q > 127 ? 127 : q);
+    const float v = fminf(fmaxf(x * inv_scale, -128.0f), 127.0f);
+    return __float_as_int(v + 12582912.0f) - 0x4B400000;
 }
+// An INT8 accumulator (converted to float exactly) dequantized with its per-channel scale plus the
+// bias, as one rounding: every INT8 kernel writes it the same way, so that they give the same bits.
+__device__ __forceinline__ float dequantize_acc(float acc, float scale, float bias) { return __fmaf_rn(acc, scale, bias); }
+// An accumulator of magnitude at most 2^22 (a reduction over at most 256 int8 products: 256 x 128
+// x 128) as a float, exactly as cvt gives it, in the integer and float adders (1.5 * 2^23 as the
+// float's exponent and leading bits) instead of the conversion unit.
+__device__ __forceinline__ float small_acc_to_float(int acc) { return __int_as_float(acc + 0x4B400000) - 12582912.0f; }
 
 // fp16 NHWC -> int8 NHWC, 8 values per thread (the planner quantizes whole 8-channel groups only).
 extern "C" __global__ void quantize_v8_f16_i8(const vec16* in, unsigned long long* out, i64 vectors, float scale) {
@@ -716,7 +736,7 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int nn = k_off + (n + e < kgrp ? n + e : kgrp - 1);
-                    float z = (float)acc[i][j][half * 2 + e] * scale[nn] + (bias ? bias[nn] : 0.0f);
+                    float z = dequantize_acc((float)acc[i][j][half * 2 + e], scale[nn], bias ? bias[nn] : 0.0f);
                     z = activate_fast(z, act);
                     if (res) z += h2f(res[(i64)m * k + nn]);
                     v[e] = z;
@@ -755,6 +775,182 @@ extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n128(CON
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m128_n64(CONV_INT8_ARGS) { conv_int8<128, 64, 4, 2, I8_STAGES>(CONV_INT8_PASS); }
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n128(CONV_INT8_ARGS) { conv_int8<64, 128, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
 extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_INT8_ARGS) { conv_int8<64, 64, 2, 4, I8_STAGES>(CONV_INT8_PASS); }
+
+// ---- 1x1 INT8 convolutions ------------------------------------------------------------------------
+// GELAN's 1x1 layers are GEMMs whose reduction is short (64 to 1024 channels) and whose rows are
+// many (up to 204800 pixels at batch 8), so they move more bytes than they multiply: gelan-c's
+// take 0.90 ms in cuDNN's INT8 engines at batch 8 on an H200, where the memory rate (3.5 TB/s)
+// and the INT8 tensor rate would allow about 0.32. This is the implicit GEMM above without the
+// filter-tap gathering (each 16-byte chunk of a reduction tile is a contiguous run of one pixel's
+// channels), with its output staged in shared memory so that rows leave as whole 16-byte stores:
+// the implicit GEMM's 2-byte stores kept its L2 62 % busy on a quarter of the bytes (Nsight
+// Compute, bench/results/gpu-conv1x1-int8-h200-20261128T2333). The epilogue's arithmetic is the
+// implicit GEMM's, term for term, so both give the same bits. Measured there (bench/conv1x1-int8.sh,
+// every 1x1 shape of gelan-c at batch 8): 0.47-0.85x the implicit GEMM's time (0.55x at 160x160);
+// against cuDNN it wins where the reduction is short (64-128 channels: 160x160 layers 0.019 ms
+// against 0.025, 80x80 ones 0.013 against 0.016) and loses where it is long (1024 -> 256 at 80x80:
+// 0.077 against 0.031), because mma.sync runs at a fraction of the Hopper tensor cores' rate. The
+// engine times it against cuDNN's fused graph per layer, like any other tactic. Input and output
+// may be channel slices of wider tensors (concat views): pixel strides x_stride and y_stride, in
+// elements. c % 16 == 0; k % 16 == 0 (int8 out) or k % 8 == 0 (fp16 out). The residual, when
+// present, is fp16 [m][k].
+
+// The 1x1 kernel's epilogue into the staging tile: accumulator (i, j, e) is tile row wm + 16i + g
+// (+8 for e >= 2), column wn + 8j + 2t (+1 for odd e). SMALL_K: the reduction has at most 256
+// terms (small_acc_to_float is exact); SILU: the activation is SiLU, whatever `act` says.
+template <int MI, int NI, int OS, bool INT8_OUT, bool SMALL_K, bool SILU>
+__device__ __forceinline__ void conv1x1_epilogue(const int (&acc)[MI][NI][4], unsigned char* stage, int wm, int wn,
+                                                 int g, int t, int m0, int n0, int m_total, int k,
+                                                 const float* __restrict__ scale, const float* __restrict__ bias,
+                                                 const half_t* __restrict__ res, int act, float inv_out_scale) {
+#pragma unroll
+    for (int j = 0; j < NI; ++j) {
+        const int n = wn + j * 8 + t * 2;
+        float sc[2], bi[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int nn = n0 + n + e < k ? n0 + n + e : k - 1;
+            sc[e] = scale[nn];
+            bi[e] = bias ? bias[nn] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = wm + i * 16 + g + half * 8;
+                const i64 m = m0 + row;
+                float v[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int a = acc[i][j][half * 2 + e];
+                    float z = dequantize_acc(SMALL_K ? small_acc_to_float(a) : (float)a, sc[e], bi[e]);
+                    z = activate_fast(z, SILU ? 1 : act);
+                    if (res && m < m_total && n0 + n + e < k) z += h2f(res[m * k + n0 + n + e]);
+                    v[e] = z;
+                }
+                if (INT8_OUT) {
+                    const int q0 = quantize_fast(v[0], inv_out_scale), q1 = quantize_fast(v[1], inv_out_scale);
+                    *(unsigned short*)&stage[row * OS + n] = (unsigned short)((q0 & 0xff) | ((q1 & 0xff) << 8));
+                } else {
+                    *(unsigned*)&stage[row * OS + n * 2] = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
+                }
+            }
+        }
+    }
+}
+
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool INT8_OUT>
+__device__ void conv1x1_int8(const signed char* __restrict__ x, const signed char* __restrict__ w,
+                             const float* __restrict__ scale, const float* __restrict__ bias,
+                             const half_t* __restrict__ res, void* __restrict__ y, int m_total, int c,
+                             int k, int act, float out_scale, int x_stride, int y_stride) {
+    constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+    constexpr int MI = WM / 16, NI = WN / 8;
+    constexpr int OUT_BYTES = INT8_OUT ? 1 : 2;
+    // Staged output rows, 16 bytes past a multiple of 32 (as the tiles' rows).
+    constexpr int OS = BN * OUT_BYTES + 16;
+    static_assert(BM * OS <= STAGES * (BM + BN) * I8_LDS, "the staged output fits in the tiles");
+    extern __shared__ __align__(128) signed char pw_smem[];
+    signed char* a_tiles = pw_smem;
+    signed char* b_tiles = pw_smem + STAGES * BM * I8_LDS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+    const int g = lane >> 2, t = lane & 3;
+    // Channel tiles of one pixel tile are consecutive blocks: they read its input from L2 once.
+    const int n_tiles = (k + BN - 1) / BN;
+    const int m0 = (blockIdx.x / n_tiles) * BM, n0 = (blockIdx.x % n_tiles) * BN;
+    const int ktiles = (c + I8_BK - 1) / I8_BK;
+    auto load = [&](int kt, int stage) {
+        const int k0 = kt * I8_BK;
+#pragma unroll
+        for (int it = 0; it < (BM * 4 + THREADS - 1) / THREADS; ++it) {
+            const int i = tid + it * THREADS;
+            if (BM * 4 % THREADS != 0 && i >= BM * 4) break;
+            const int row = i >> 2, kk = k0 + (i & 3) * 16;
+            const bool ok = m0 + row < m_total && kk < c;
+            const signed char* src = ok ? x + (i64)(m0 + row) * x_stride + kk : x;
+            cp_async16(smem_addr(a_tiles + (stage * BM + row) * I8_LDS + (i & 3) * 16), src, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int it = 0; it < (BN * 4 + THREADS - 1) / THREADS; ++it) {
+            const int i = tid + it * THREADS;
+            if (BN * 4 % THREADS != 0 && i >= BN * 4) break;
+            const int row = i >> 2, kk = k0 + (i & 3) * 16;
+            const bool ok = n0 + row < k && kk < c;
+            const signed char* src = ok ? w + (i64)(n0 + row) * c + kk : w;
+            cp_async16(smem_addr(b_tiles + (stage * BN + row) * I8_LDS + (i & 3) * 16), src, ok ? 16 : 0);
+        }
+    };
+
+    int acc[MI][NI][4] = {};
+    const int lj = lane >> 3, lr = lane & 7;
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ktiles) load(st, st);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int stage = kt % STAGES;
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        __syncthreads();
+        if (kt + STAGES - 1 < ktiles) load(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        asm volatile("cp.async.commit_group;\n" ::);
+        const unsigned as = smem_addr(a_tiles + stage * BM * I8_LDS);
+        const unsigned bs = smem_addr(b_tiles + stage * BN * I8_LDS);
+#pragma unroll
+        for (int kk = 0; kk < I8_BK; kk += 32) {
+            unsigned af[MI][4];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+                ldmatrix_x4(af[i], as + (wm + i * 16 + (lj & 1) * 8 + lr) * I8_LDS + kk + (lj >> 1) * 16);
+            mma_s8_step<MI, NI>(acc, af, bs + (wn + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16, I8_LDS);
+        }
+    }
+    // Every warp is done with the tiles (and no copy is in flight): they take the staged output.
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+
+    unsigned char* stage = (unsigned char*)pw_smem;
+    const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
+    // The epilogue's instructions set the pace on memory-bound layers: it is compiled for SiLU
+    // and for reductions short enough to convert accumulators without the conversion unit (both
+    // decided once per block), as well as for the general case.
+#define CONV1X1_EPILOGUE(SMALL_K, SILU) conv1x1_epilogue<MI, NI, OS, INT8_OUT, SMALL_K, SILU>(acc, stage, wm, wn, g, t, m0, n0, m_total, k, scale, bias, res, act, inv_out_scale)
+    if (c <= 256) {
+        if (act == 1) CONV1X1_EPILOGUE(true, true);
+        else CONV1X1_EPILOGUE(true, false);
+    } else {
+        if (act == 1) CONV1X1_EPILOGUE(false, true);
+        else CONV1X1_EPILOGUE(false, false);
+    }
+#undef CONV1X1_EPILOGUE
+    __syncthreads();
+    // Each output pixel's channels of this tile leave as whole 16-byte chunks.
+    constexpr int ROW_CHUNKS = BN * OUT_BYTES / 16;
+#pragma unroll
+    for (int it = 0; it < (BM * ROW_CHUNKS + THREADS - 1) / THREADS; ++it) {
+        const int i = tid + it * THREADS;
+        if (BM * ROW_CHUNKS % THREADS != 0 && i >= BM * ROW_CHUNKS) break;
+        const int row = i / ROW_CHUNKS, part = i - row * ROW_CHUNKS;
+        const int n = n0 + part * (16 / OUT_BYTES);
+        if (m0 + row >= m_total || n >= k) continue;
+        *(uint4*)((unsigned char*)y + ((i64)(m0 + row) * y_stride + n) * OUT_BYTES) = *(const uint4*)&stage[row * OS + part * 16];
+    }
+}
+#define CONV1X1_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, \
+    void* y, int m_total, int c, int k, int act, float out_scale, int x_stride, int y_stride
+#define CONV1X1_PASS x, w, scale, bias, res, y, m_total, c, k, act, out_scale, x_stride, y_stride
+// PointwiseKernel and POINTWISE_KERNELS in mod.rs mirror these: tiles of 128 x 64 pixels x channels
+// (8 warps, 3 stages), 64 x 64 (4 warps, 4 stages: layers too small to give every multiprocessor
+// two 128-pixel blocks) and 128 x 32 (4 warps: 32 channels or fewer).
+#define CONV1X1(NAME, BM, BN, WARPS_M, WARPS_N, STAGES) \
+    extern "C" __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) NAME##_i8(CONV1X1_ARGS) { conv1x1_int8<BM, BN, WARPS_M, WARPS_N, STAGES, true>(CONV1X1_PASS); } \
+    extern "C" __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) NAME##_f16(CONV1X1_ARGS) { conv1x1_int8<BM, BN, WARPS_M, WARPS_N, STAGES, false>(CONV1X1_PASS); }
+CONV1X1(conv1x1_int8_m128_n64, 128, 64, 4, 2, 3)
+CONV1X1(conv1x1_int8_m64_n64, 64, 64, 2, 2, 4)
+CONV1X1(conv1x1_int8_m128_n32, 128, 32, 4, 1, 3)
 
 // ---- the stem: the first convolution, on tensor cores --------------------------------------------
 // The first convolution reads the engine input (NCHW float32, 3 channels). Through cuDNN it takes
@@ -1033,7 +1229,7 @@ __device__ void conv3x3_thin(const signed char* __restrict__ x, const signed cha
                     float v[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        float z = (float)acc[i][j][half * 2 + e] * scale[n + e] + (bias ? bias[n + e] : 0.0f);
+                        float z = dequantize_acc((float)acc[i][j][half * 2 + e], scale[n + e], bias ? bias[n + e] : 0.0f);
                         z = activate_fast(z, act);
                         if (res && live) z += h2f(res[m * COUT + n + e]);
                         v[e] = z;

@@ -161,6 +161,9 @@ pub struct CudaEngine {
     /// Blocks of each thin kernel that fit on one multiprocessor at once (its persistent grid
     /// is this times the multiprocessors).
     thin_blocks_per_sm: HashMap<&'static str, usize>,
+    /// Whether 1x1 INT8 convolutions run Kestrel's 1x1 kernel ([`pointwise_conv_enabled`], read
+    /// once).
+    pointwise_conv: bool,
     /// INT8 pipeline depth the kernels were compiled with (sizes their shared memory).
     int8_stages: usize,
     /// The fused-convolution choices of the engine file this engine is loaded from, (step,
@@ -188,7 +191,7 @@ struct EndToEndState {
 // calling thread.
 unsafe impl Send for CudaEngine {}
 
-const KERNEL_NAMES: [&str; 45] = [
+const KERNEL_NAMES: [&str; 51] = [
     "nchw_f32_to_nhwc_f16",
     "nchw_f32_to_nhwc_f32",
     "nhwc_f16_to_nchw_f32",
@@ -234,6 +237,12 @@ const KERNEL_NAMES: [&str; 45] = [
     "conv3x3_thin_c32_k64_f16",
     "conv3x3_thin_c64_k32_i8",
     "conv3x3_thin_c64_k32_f16",
+    "conv1x1_int8_m128_n64_i8",
+    "conv1x1_int8_m128_n64_f16",
+    "conv1x1_int8_m64_n64_i8",
+    "conv1x1_int8_m64_n64_f16",
+    "conv1x1_int8_m128_n32_i8",
+    "conv1x1_int8_m128_n32_f16",
 ];
 
 fn prod(v: &[usize]) -> usize {
@@ -321,6 +330,7 @@ thread_local! {
     // 0: the environment variable decides; 1: on; 2: off.
     static STEM_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static THIN_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    static POINTWISE_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static FUSED_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
@@ -431,6 +441,95 @@ fn thin_kernel(
         .find(|t| t.input_channels == cin && t.output_channels == cout && t.int8_out == int8_out)
 }
 
+/// One of Kestrel's 1x1 INT8 convolution kernels (`conv1x1_int8` in `kernels.cu`): the implicit
+/// GEMM without filter taps, its output staged for 16-byte stores. On an H200 at gelan-c batch 8
+/// (bench/conv1x1-int8.sh) it takes 0.47-0.85x the implicit GEMM's time on every 1x1 shape, with
+/// the same bits, and beats cuDNN's fused graph on the layers with short reductions; the engine
+/// times the two per layer (bench/results/gpu-conv1x1-int8-h200-20261128T2333).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PointwiseKernel {
+    name: &'static str,
+    /// Output pixels and channels of a block's tile.
+    tile: (usize, usize),
+    /// Threads per block.
+    threads: u32,
+    /// Reduction tiles of 64 channels in flight.
+    stages: usize,
+    /// int8 output (requantized), else fp16.
+    int8_out: bool,
+}
+
+impl PointwiseKernel {
+    /// Dynamic shared memory, in bytes (the staged output reuses the reduction tiles).
+    fn shared_bytes(&self) -> usize {
+        int8_shared_bytes(self.stages, self.tile.0, self.tile.1)
+    }
+}
+
+const fn pointwise(
+    name: &'static str,
+    tile: (usize, usize),
+    threads: u32,
+    stages: usize,
+    int8_out: bool,
+) -> PointwiseKernel {
+    PointwiseKernel {
+        name,
+        tile,
+        threads,
+        stages,
+        int8_out,
+    }
+}
+
+/// The `CONV1X1(...)` instances in `kernels.cu`.
+const POINTWISE_KERNELS: [PointwiseKernel; 6] = [
+    pointwise("conv1x1_int8_m128_n64_i8", (128, 64), 256, 3, true),
+    pointwise("conv1x1_int8_m128_n64_f16", (128, 64), 256, 3, false),
+    pointwise("conv1x1_int8_m64_n64_i8", (64, 64), 128, 4, true),
+    pointwise("conv1x1_int8_m64_n64_f16", (64, 64), 128, 4, false),
+    pointwise("conv1x1_int8_m128_n32_i8", (128, 32), 128, 3, true),
+    pointwise("conv1x1_int8_m128_n32_f16", (128, 32), 128, 3, false),
+];
+
+/// The 1x1 kernel for an INT8 convolution of `geometry` over `pixels` output pixels from `cin` to
+/// `cout` channels, if one fits it: 1x1, stride 1, no padding, dilation or groups; `cin` a
+/// multiple of 16, `cout` of 16 (int8 output) or 8 (fp16), so that every load and store is whole
+/// 16-byte chunks. The tile, from the sweep on an H200 (bench/conv1x1-int8.sh): 128 x 32 for
+/// 32 channels or fewer; 128 x 64 where that gives every multiprocessor two blocks; else 64 x 64.
+fn pointwise_kernel(
+    geometry: &ConvGeometry,
+    pixels: usize,
+    cin: usize,
+    cout: usize,
+    int8_out: bool,
+    sms: usize,
+) -> Option<PointwiseKernel> {
+    let g = geometry;
+    if g.kernel != [1, 1]
+        || g.pads != [0; 4]
+        || g.stride != [1, 1]
+        || g.dilation != [1, 1]
+        || g.group != 1
+        || !cin.is_multiple_of(16)
+        || !cout.is_multiple_of(if int8_out { 16 } else { 8 })
+        || pixels == 0
+    {
+        return None;
+    }
+    let tile = if cout <= 32 {
+        (128, 32)
+    } else if pixels.div_ceil(128) * cout.div_ceil(64) >= 2 * sms {
+        (128, 64)
+    } else {
+        (64, 64)
+    };
+    POINTWISE_KERNELS
+        .iter()
+        .copied()
+        .find(|k| k.tile == tile && k.int8_out == int8_out)
+}
+
 /// Whether INT8 engines run the 3x3 convolutions of 32 and 64 channels with Kestrel's thin
 /// kernel where it times faster than cuDNN's fused graph: yes unless `$KESTREL_THIN_CONV=0`.
 pub(crate) fn thin_conv_enabled() -> bool {
@@ -449,6 +548,19 @@ pub fn set_fused_conv(enabled: Option<bool>) {
 /// the variable decides again). For tests and benchmarks that compare the kernels.
 pub fn set_thin_conv(enabled: Option<bool>) {
     set_knob(&THIN_CONV, enabled);
+}
+
+/// Whether INT8 engines run 1x1 convolutions with Kestrel's 1x1 kernel ([`PointwiseKernel`])
+/// rather than the implicit GEMM, where cuDNN's fused graph does not time faster: yes unless
+/// `$KESTREL_POINTWISE_CONV=0`.
+pub(crate) fn pointwise_conv_enabled() -> bool {
+    knob_on(&POINTWISE_CONV, "KESTREL_POINTWISE_CONV")
+}
+
+/// Override `$KESTREL_POINTWISE_CONV` for the engines the calling thread builds from now on
+/// (`None`: the variable decides again). For tests and benchmarks that compare the kernels.
+pub fn set_pointwise_conv(enabled: Option<bool>) {
+    set_knob(&POINTWISE_CONV, enabled);
 }
 
 /// An OIHW (ONNX) filter with every value moved to `to(o, i, y, x)`.
@@ -551,7 +663,8 @@ impl CudaEngine {
         let tiles = INT8_TILES
             .iter()
             .map(|&(name, bm, bn)| (name, int8_shared_bytes(int8_stages, bm, bn)));
-        for (name, bytes) in tiles.chain(thin) {
+        let pointwise = POINTWISE_KERNELS.iter().map(|k| (k.name, k.shared_bytes()));
+        for (name, bytes) in tiles.chain(thin).chain(pointwise) {
             let bytes = bytes as i32;
             // SAFETY: a function of the loaded module; the attribute only raises its limit.
             unsafe {
@@ -702,6 +815,7 @@ impl CudaEngine {
             forced_int8_tile: forced_int8_tile(),
             thin_conv: thin_conv_enabled(),
             thin_blocks_per_sm,
+            pointwise_conv: pointwise_conv_enabled(),
             int8_stages,
             recorded_fused: recorded.and_then(|r| recorded_fused_choices(r, &buckets)),
             fused_selection: "timed".into(),
@@ -1163,12 +1277,14 @@ impl CudaEngine {
         let buckets = self.buckets.clone();
         let fused_everywhere =
             |e: &Self, i: usize| buckets.iter().all(|b| e.fused.contains_key(&(i, *b)));
-        // The thin INT8 kernel takes channel strides too.
+        // The thin and 1x1 INT8 kernels take channel strides too.
         let strided_everywhere = |e: &Self, i: usize| {
             fused_everywhere(e, i)
-                || buckets
-                    .iter()
-                    .all(|b| !e.fused.contains_key(&(i, *b)) && e.thin_kernel_of(i, *b).is_some())
+                || buckets.iter().all(|b| {
+                    !e.fused.contains_key(&(i, *b))
+                        && (e.thin_kernel_of(i, *b).is_some()
+                            || e.pointwise_kernel_of(i, *b).is_some())
+                })
         };
         let aliased: std::collections::HashSet<ValueId> =
             self.plan.values.iter().filter_map(|v| v.alias_of).collect();
@@ -1387,6 +1503,37 @@ impl CudaEngine {
         thin_kernel(geometry, dx[1], dy[1], q.output_scale.is_some())
     }
 
+    /// The 1x1 kernel INT8 convolution step `i` runs at bucket `b` when not fused; `None` where
+    /// it takes the implicit GEMM (see [`pointwise_kernel`]).
+    fn pointwise_kernel_of(&self, i: usize, b: usize) -> Option<PointwiseKernel> {
+        let Step::Conv {
+            x,
+            y,
+            residual,
+            geometry,
+            int8: Some(q),
+            ..
+        } = &self.plan.steps[i]
+        else {
+            return None;
+        };
+        if !self.pointwise_conv || self.forced_int8_tile.is_some() {
+            return None;
+        }
+        let (dx, dy) = (self.shape(*x, b), self.shape(*y, b));
+        if dx[2..] != dy[2..] || residual.is_some_and(|r| self.shape(r, b) != dy) {
+            return None;
+        }
+        pointwise_kernel(
+            geometry,
+            dy[0] * dy[2] * dy[3],
+            dx[1],
+            dy[1],
+            q.output_scale.is_some(),
+            self.sm_count,
+        )
+    }
+
     fn f(&self, name: &str) -> Result<dsys::CUfunction> {
         self.functions
             .get(name)
@@ -1496,6 +1643,33 @@ impl CudaEngine {
                             Arg::I32(dy[0] as i32),
                             Arg::I32(dy[2] as i32),
                             Arg::I32(dy[3] as i32),
+                            Arg::I32(*act as i32),
+                            Arg::F32(q.output_scale.unwrap_or(0.0)),
+                            Arg::I32(stride(*x, dx[1]) as i32),
+                            Arg::I32(stride(*y, k) as i32),
+                        ],
+                    );
+                }
+                if let Some(t) = self.pointwise_kernel_of(i, b) {
+                    let stride =
+                        |v: ValueId, c: usize| self.views.get(&v).map_or(c, |w| w.channel_stride);
+                    let blocks = m.div_ceil(t.tile.0) * k.div_ceil(t.tile.1);
+                    return launch_grid(
+                        self.f(t.name)?,
+                        s,
+                        (blocks as u32, 1, 1),
+                        t.threads,
+                        t.shared_bytes() as u32,
+                        &[
+                            px,
+                            pw,
+                            ps,
+                            pb,
+                            pr,
+                            py,
+                            Arg::I32(m as i32),
+                            Arg::I32(dx[1] as i32),
+                            Arg::I32(k as i32),
                             Arg::I32(*act as i32),
                             Arg::F32(q.output_scale.unwrap_or(0.0)),
                             Arg::I32(stride(*x, dx[1]) as i32),
@@ -2000,6 +2174,7 @@ impl CudaEngine {
                     _ => "conv fp16 (cuDNN fused)",
                 },
                 _ if self.thin_kernel_of(i, b).is_some() => "conv int8 (thin 3x3)",
+                _ if self.pointwise_kernel_of(i, b).is_some() => "conv int8 (1x1)",
                 _ => step.kind(),
             };
             let y = step.output();
@@ -2634,6 +2809,9 @@ impl Engine for CudaEngine {
                         if let Some(t) = self.thin_kernel_of(i, b) {
                             return Some(t.name);
                         }
+                        if let Some(t) = self.pointwise_kernel_of(i, b) {
+                            return Some(t.name);
+                        }
                         let d = self.shape(*y, b);
                         let tile = self
                             .forced_int8_tile
@@ -2830,6 +3008,90 @@ mod tests {
             assert_eq!(t.name, want);
             // Within an H100's or H200's 227 KiB of shared memory per block.
             assert!(t.shared_bytes() <= 227 << 10);
+        }
+    }
+
+    #[test]
+    fn pointwise_kernels_take_aligned_1x1_layers_and_size_their_tiles() {
+        let g1 = ConvGeometry {
+            kernel: [1, 1],
+            stride: [1, 1],
+            pads: [0; 4],
+            dilation: [1, 1],
+            group: 1,
+        };
+        let sms = 132;
+        let name = |pixels, cin, cout, int8_out| {
+            pointwise_kernel(&g1, pixels, cin, cout, int8_out, sms).map(|k| k.name)
+        };
+        // gelan-c at batch 8: 160 x 160 and 80 x 80 layers fill the card with 128-pixel tiles,
+        // 20 x 20 ones do not; 32 output channels take the narrow tile.
+        assert_eq!(
+            name(204800, 256, 256, true),
+            Some("conv1x1_int8_m128_n64_i8")
+        );
+        assert_eq!(
+            name(51200, 128, 64, false),
+            Some("conv1x1_int8_m128_n64_f16")
+        );
+        assert_eq!(name(3200, 256, 128, true), Some("conv1x1_int8_m64_n64_i8"));
+        assert_eq!(name(204800, 64, 32, true), Some("conv1x1_int8_m128_n32_i8"));
+        assert_eq!(
+            name(12800, 16, 32, false),
+            Some("conv1x1_int8_m128_n32_f16")
+        );
+        // 2 x 64-channel tiles of 128 pixels, against 2 x 132 blocks wanted.
+        assert_eq!(
+            name(132 * 128, 64, 128, true),
+            Some("conv1x1_int8_m128_n64_i8")
+        );
+        assert_eq!(
+            name(132 * 128 - 1, 64, 64, true),
+            Some("conv1x1_int8_m64_n64_i8")
+        );
+        // Channels that would split a 16-byte chunk: the implicit GEMM takes them.
+        assert_eq!(name(12800, 24, 64, true), None);
+        assert_eq!(name(12800, 64, 8, true), None);
+        assert_eq!(name(12800, 64, 1, false), None);
+        assert_eq!(name(12800, 64, 8, false), Some("conv1x1_int8_m128_n32_f16"));
+        assert_eq!(name(0, 64, 64, true), None);
+        let others = [
+            ConvGeometry {
+                kernel: [3, 3],
+                pads: [1; 4],
+                ..g1
+            },
+            ConvGeometry {
+                stride: [2, 2],
+                ..g1
+            },
+            ConvGeometry { pads: [1; 4], ..g1 },
+            ConvGeometry {
+                dilation: [2, 2],
+                ..g1
+            },
+            ConvGeometry { group: 2, ..g1 },
+        ];
+        for g in others {
+            assert!(
+                pointwise_kernel(&g, 12800, 64, 64, true, sms).is_none(),
+                "{g:?}"
+            );
+        }
+        for k in POINTWISE_KERNELS {
+            assert!(KERNEL_NAMES.contains(&k.name), "{}", k.name);
+            let want = format!(
+                "conv1x1_int8_m{}_n{}_{}",
+                k.tile.0,
+                k.tile.1,
+                if k.int8_out { "i8" } else { "f16" }
+            );
+            assert_eq!(k.name, want);
+            // The staged output fits where the reduction tiles were (the kernel's static_assert).
+            let out_row = k.tile.1 * if k.int8_out { 1 } else { 2 } + 16;
+            assert!(k.tile.0 * out_row <= k.shared_bytes(), "{}", k.name);
+            // Without the opt-in above 48 KiB.
+            assert!(k.shared_bytes() <= 48 << 10, "{}", k.name);
         }
     }
 
