@@ -598,6 +598,43 @@ __device__ __forceinline__ void mma_s8_step(int (&acc)[MI][NI][4], const unsigne
         for (int j = 0; j < NI; ++j) mma_s8(acc[i][j], af[i], bf[j]);
 }
 
+// The pipelined reduction of the INT8 GEMM kernels: `ktiles` tiles of I8_BK channels, STAGES - 1
+// in flight while one is multiplied. `load(kt, stage)` issues the copies of tile kt into `stage` (in
+// order of kt); A tiles are BM rows and B tiles BN rows of I8_LDS bytes. Accumulates the warp's
+// MI x NI tile of m16n8 products at rows wm, columns wn.
+template <int MI, int NI, int BM, int BN, int STAGES, typename Load>
+__device__ __forceinline__ void int8_gemm_mainloop(int (&acc)[MI][NI][4], const signed char* a_tiles, const signed char* b_tiles,
+                                                   int ktiles, int wm, int wn, int lane, Load load) {
+    // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3).
+    const int lj = lane >> 3, lr = lane & 7;
+    // Prologue: STAGES - 1 tiles in flight. One commit group per tile (empty past the end) keeps
+    // the wait count simple.
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ktiles) load(st, st);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        const int stage = kt % STAGES;
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        // Tile kt has landed for every thread, and every warp is done with tile kt - 1, whose
+        // stage the prefetch below overwrites.
+        __syncthreads();
+        if (kt + STAGES - 1 < ktiles) load(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        asm volatile("cp.async.commit_group;\n" ::);
+        const unsigned as = smem_addr(a_tiles + stage * BM * I8_LDS);
+        const unsigned bs = smem_addr(b_tiles + stage * BN * I8_LDS);
+#pragma unroll
+        for (int kk = 0; kk < I8_BK; kk += 32) {
+            unsigned af[MI][4];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+                ldmatrix_x4(af[i], as + (wm + i * 16 + (lj & 1) * 8 + lr) * I8_LDS + kk + (lj >> 1) * 16);
+            mma_s8_step<MI, NI>(acc, af, bs + (wn + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16, I8_LDS);
+        }
+    }
+}
+
 // A BM x BN output tile per block of 8 warps arranged WARPS_M x WARPS_N; STAGES tiles of the
 // reduction in flight (dynamic shared memory: STAGES * (BM + BN) * I8_LDS bytes).
 // `out_scale` > 0 stores int8 (quantized for the next INT8 layer) instead of fp16.
@@ -688,36 +725,9 @@ __device__ void conv_int8(const signed char* __restrict__ x, const signed char* 
     };
 
     int acc[MI][NI][4] = {};
-
-    // ldmatrix row addresses: lane l feeds row (l & 7) of matrix (l >> 3).
-    const int lj = lane >> 3, lr = lane & 7;
-    const int ktiles = (kg + I8_BK - 1) / I8_BK;
-    // Prologue: STAGES - 1 tiles in flight. One commit group per tile (empty past the end) keeps
-    // the wait count simple.
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ktiles) load(st);
-        asm volatile("cp.async.commit_group;\n" ::);
-    }
-    for (int kt = 0; kt < ktiles; ++kt) {
-        const int stage = kt % STAGES;
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-        // Tile kt has landed for every thread, and every warp is done with tile kt - 1, whose
-        // stage the prefetch below overwrites.
-        __syncthreads();
-        if (kt + STAGES - 1 < ktiles) load((kt + STAGES - 1) % STAGES);
-        asm volatile("cp.async.commit_group;\n" ::);
-        const unsigned as = smem_addr(a_tiles + stage * BM * I8_LDS);
-        const unsigned bs = smem_addr(b_tiles + stage * BN * I8_LDS);
-#pragma unroll
-        for (int kk = 0; kk < I8_BK; kk += 32) {
-            unsigned af[MI][4];
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-                ldmatrix_x4(af[i], as + (wm + i * 16 + (lj & 1) * 8 + lr) * I8_LDS + kk + (lj >> 1) * 16);
-            mma_s8_step<MI, NI>(acc, af, bs + (wn + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16, I8_LDS);
-        }
-    }
+    // Tiles load in order, so `load` can ignore which one it is.
+    int8_gemm_mainloop<MI, NI, BM, BN, STAGES>(acc, a_tiles, b_tiles, (kg + I8_BK - 1) / I8_BK, wm, wn, lane,
+                                               [&](int, int stage) { load(stage); });
 
     // Epilogue: accumulator (i, j, e) holds row g (+8 for e >= 2), column 2t (+1 for odd e).
     const bool pairs = ((y_stride | y_offset | kgrp) & 1) == 0;
@@ -862,6 +872,8 @@ __device__ void conv1x1_int8(const signed char* __restrict__ x, const signed cha
     const int n_tiles = (k + BN - 1) / BN;
     const int m0 = (blockIdx.x / n_tiles) * BM, n0 = (blockIdx.x % n_tiles) * BN;
     const int ktiles = (c + I8_BK - 1) / I8_BK;
+    // The A (input) and B (filter) copies look alike but are kept apart: folding them into one
+    // helper changed the generated code of these measured kernels.
     auto load = [&](int kt, int stage) {
         const int k0 = kt * I8_BK;
 #pragma unroll
@@ -885,29 +897,7 @@ __device__ void conv1x1_int8(const signed char* __restrict__ x, const signed cha
     };
 
     int acc[MI][NI][4] = {};
-    const int lj = lane >> 3, lr = lane & 7;
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ktiles) load(st, st);
-        asm volatile("cp.async.commit_group;\n" ::);
-    }
-    for (int kt = 0; kt < ktiles; ++kt) {
-        const int stage = kt % STAGES;
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-        __syncthreads();
-        if (kt + STAGES - 1 < ktiles) load(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
-        asm volatile("cp.async.commit_group;\n" ::);
-        const unsigned as = smem_addr(a_tiles + stage * BM * I8_LDS);
-        const unsigned bs = smem_addr(b_tiles + stage * BN * I8_LDS);
-#pragma unroll
-        for (int kk = 0; kk < I8_BK; kk += 32) {
-            unsigned af[MI][4];
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-                ldmatrix_x4(af[i], as + (wm + i * 16 + (lj & 1) * 8 + lr) * I8_LDS + kk + (lj >> 1) * 16);
-            mma_s8_step<MI, NI>(acc, af, bs + (wn + (lj >> 1) * 8 + lr) * I8_LDS + kk + (lj & 1) * 16, I8_LDS);
-        }
-    }
+    int8_gemm_mainloop<MI, NI, BM, BN, STAGES>(acc, a_tiles, b_tiles, ktiles, wm, wn, lane, load);
     // Every warp is done with the tiles (and no copy is in flight): they take the staged output.
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();

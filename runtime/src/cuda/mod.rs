@@ -418,6 +418,16 @@ impl ThinKernel {
     }
 }
 
+/// Whether `g` is a `k` x `k` convolution that keeps its input's size: padding (k - 1) / 2 on
+/// every side, stride 1, no dilation, one group.
+fn keeps_size(g: &ConvGeometry, k: usize) -> bool {
+    g.kernel == [k, k]
+        && g.pads == [(k - 1) / 2; 4]
+        && g.stride == [1, 1]
+        && g.dilation == [1, 1]
+        && g.group == 1
+}
+
 /// The thin kernel for an INT8 convolution of `geometry` from `cin` to `cout` channels, if one
 /// fits it: 3x3, padding 1, stride 1, no dilation or groups, 32 or 64 channels in and out.
 fn thin_kernel(
@@ -426,13 +436,7 @@ fn thin_kernel(
     cout: usize,
     int8_out: bool,
 ) -> Option<ThinKernel> {
-    let g = geometry;
-    if g.kernel != [3, 3]
-        || g.pads != [1; 4]
-        || g.stride != [1, 1]
-        || g.dilation != [1, 1]
-        || g.group != 1
-    {
+    if !keeps_size(geometry, 3) {
         return None;
     }
     THIN_KERNELS
@@ -505,12 +509,7 @@ fn pointwise_kernel(
     int8_out: bool,
     sms: usize,
 ) -> Option<PointwiseKernel> {
-    let g = geometry;
-    if g.kernel != [1, 1]
-        || g.pads != [0; 4]
-        || g.stride != [1, 1]
-        || g.dilation != [1, 1]
-        || g.group != 1
+    if !keeps_size(geometry, 1)
         || !cin.is_multiple_of(16)
         || !cout.is_multiple_of(if int8_out { 16 } else { 8 })
         || pixels == 0
@@ -1479,9 +1478,14 @@ impl CudaEngine {
         v.map_or(Ok(0), |v| self.ptr(v))
     }
 
-    /// The thin kernel INT8 convolution step `i` runs at bucket `b` when not fused; `None` where
-    /// it takes the implicit GEMM (see [`thin_kernel`]).
-    fn thin_kernel_of(&self, i: usize, b: usize) -> Option<ThinKernel> {
+    /// Step `i` at bucket `b` if it is an INT8 convolution that keeps its input's size (and its
+    /// residual's), as Kestrel's thin and 1x1 kernels need, and no tile is forced on every layer:
+    /// its geometry, input and output shapes, and whether it stores int8.
+    fn same_size_int8_conv(
+        &self,
+        i: usize,
+        b: usize,
+    ) -> Option<(&ConvGeometry, Vec<usize>, Vec<usize>, bool)> {
         let Step::Conv {
             x,
             y,
@@ -1493,45 +1497,35 @@ impl CudaEngine {
         else {
             return None;
         };
-        if !self.thin_conv || self.forced_int8_tile.is_some() {
+        if self.forced_int8_tile.is_some() {
             return None;
         }
         let (dx, dy) = (self.shape(*x, b), self.shape(*y, b));
         if dx[2..] != dy[2..] || residual.is_some_and(|r| self.shape(r, b) != dy) {
             return None;
         }
-        thin_kernel(geometry, dx[1], dy[1], q.output_scale.is_some())
+        Some((geometry, dx, dy, q.output_scale.is_some()))
+    }
+
+    /// The thin kernel INT8 convolution step `i` runs at bucket `b` when not fused; `None` where
+    /// it takes another kernel (see [`thin_kernel`]).
+    fn thin_kernel_of(&self, i: usize, b: usize) -> Option<ThinKernel> {
+        if !self.thin_conv {
+            return None;
+        }
+        let (geometry, dx, dy, int8_out) = self.same_size_int8_conv(i, b)?;
+        thin_kernel(geometry, dx[1], dy[1], int8_out)
     }
 
     /// The 1x1 kernel INT8 convolution step `i` runs at bucket `b` when not fused; `None` where
-    /// it takes the implicit GEMM (see [`pointwise_kernel`]).
+    /// it takes another kernel (see [`pointwise_kernel`]).
     fn pointwise_kernel_of(&self, i: usize, b: usize) -> Option<PointwiseKernel> {
-        let Step::Conv {
-            x,
-            y,
-            residual,
-            geometry,
-            int8: Some(q),
-            ..
-        } = &self.plan.steps[i]
-        else {
-            return None;
-        };
-        if !self.pointwise_conv || self.forced_int8_tile.is_some() {
+        if !self.pointwise_conv {
             return None;
         }
-        let (dx, dy) = (self.shape(*x, b), self.shape(*y, b));
-        if dx[2..] != dy[2..] || residual.is_some_and(|r| self.shape(r, b) != dy) {
-            return None;
-        }
-        pointwise_kernel(
-            geometry,
-            dy[0] * dy[2] * dy[3],
-            dx[1],
-            dy[1],
-            q.output_scale.is_some(),
-            self.sm_count,
-        )
+        let (geometry, dx, dy, int8_out) = self.same_size_int8_conv(i, b)?;
+        let pixels = dy[0] * dy[2] * dy[3];
+        pointwise_kernel(geometry, pixels, dx[1], dy[1], int8_out, self.sm_count)
     }
 
     fn f(&self, name: &str) -> Result<dsys::CUfunction> {
@@ -1609,7 +1603,7 @@ impl CudaEngine {
                     .get(&i)
                     .ok_or_else(|| cuda_error("executor", "missing int8 scales"))?;
                 let (k, m) = (dy[1], dy[0] * dy[2] * dy[3]);
-                // Both kernels take these first: input, filter, scales, bias, residual, output.
+                // Every INT8 kernel takes these first: input, filter, scales, bias, residual, output.
                 let [px, pw, ps, pb, pr, py] = [
                     self.ptr(*x)?,
                     w.ptr,
@@ -1619,47 +1613,33 @@ impl CudaEngine {
                     self.ptr(*y)?,
                 ]
                 .map(Arg::Ptr);
-                if let Some(t) = self.thin_kernel_of(i, b) {
+                // The thin and 1x1 kernels: name, blocks, threads, shared bytes and the three
+                // sizes they take (images, rows, columns; or pixels, input and output channels).
+                let special = if let Some(t) = self.thin_kernel_of(i, b) {
                     let (rows, columns) = THIN_TILE;
                     let tiles = dy[0] * dy[2].div_ceil(rows) * dy[3].div_ceil(columns);
                     // Persistent blocks: as many as fit on the GPU at once.
                     let resident =
                         self.sm_count * self.thin_blocks_per_sm.get(t.name).copied().unwrap_or(1);
+                    let sizes = [dy[0], dy[2], dy[3]];
+                    Some((t.name, tiles.min(resident), 128, t.shared_bytes(), sizes))
+                } else {
+                    self.pointwise_kernel_of(i, b).map(|t| {
+                        let blocks = m.div_ceil(t.tile.0) * k.div_ceil(t.tile.1);
+                        (t.name, blocks, t.threads, t.shared_bytes(), [m, dx[1], k])
+                    })
+                };
+                if let Some((name, blocks, threads, shared, sizes)) = special {
+                    // Both read and write channel slices of concat buffers (pixel strides).
                     let stride =
                         |v: ValueId, c: usize| self.views.get(&v).map_or(c, |w| w.channel_stride);
+                    let [s0, s1, s2] = sizes.map(|v| Arg::I32(v as i32));
                     return launch_grid(
-                        self.f(t.name)?,
-                        s,
-                        (tiles.min(resident) as u32, 1, 1),
-                        128,
-                        t.shared_bytes() as u32,
-                        &[
-                            px,
-                            pw,
-                            ps,
-                            pb,
-                            pr,
-                            py,
-                            Arg::I32(dy[0] as i32),
-                            Arg::I32(dy[2] as i32),
-                            Arg::I32(dy[3] as i32),
-                            Arg::I32(*act as i32),
-                            Arg::F32(q.output_scale.unwrap_or(0.0)),
-                            Arg::I32(stride(*x, dx[1]) as i32),
-                            Arg::I32(stride(*y, k) as i32),
-                        ],
-                    );
-                }
-                if let Some(t) = self.pointwise_kernel_of(i, b) {
-                    let stride =
-                        |v: ValueId, c: usize| self.views.get(&v).map_or(c, |w| w.channel_stride);
-                    let blocks = m.div_ceil(t.tile.0) * k.div_ceil(t.tile.1);
-                    return launch_grid(
-                        self.f(t.name)?,
+                        self.f(name)?,
                         s,
                         (blocks as u32, 1, 1),
-                        t.threads,
-                        t.shared_bytes() as u32,
+                        threads,
+                        shared as u32,
                         &[
                             px,
                             pw,
@@ -1667,9 +1647,9 @@ impl CudaEngine {
                             pb,
                             pr,
                             py,
-                            Arg::I32(m as i32),
-                            Arg::I32(dx[1] as i32),
-                            Arg::I32(k as i32),
+                            s0,
+                            s1,
+                            s2,
                             Arg::I32(*act as i32),
                             Arg::F32(q.output_scale.unwrap_or(0.0)),
                             Arg::I32(stride(*x, dx[1]) as i32),
@@ -2942,6 +2922,29 @@ mod tests {
         }
     }
 
+    /// `base` with one thing changed at a time: the kernel (with `pads`), the stride, the padding
+    /// (`pads`), the dilation (padding scaled with it) and the group count.
+    fn departures(base: ConvGeometry, kernel: [usize; 2], pads: [usize; 4]) -> Vec<ConvGeometry> {
+        vec![
+            ConvGeometry {
+                kernel,
+                pads,
+                ..base
+            },
+            ConvGeometry {
+                stride: [2, 2],
+                ..base
+            },
+            ConvGeometry { pads, ..base },
+            ConvGeometry {
+                dilation: [2, 2],
+                pads: base.pads.map(|p| 2 * p),
+                ..base
+            },
+            ConvGeometry { group: 2, ..base },
+        ]
+    }
+
     #[test]
     fn thin_kernels_take_3x3_layers_of_32_and_64_channels_only() {
         let g3 = ConvGeometry {
@@ -2961,28 +2964,11 @@ mod tests {
                 "{cin} -> {cout}"
             );
         }
-        let others = [
-            ConvGeometry {
-                kernel: [1, 1],
-                pads: [0; 4],
-                ..g3
-            },
-            ConvGeometry {
-                stride: [2, 2],
-                ..g3
-            },
-            ConvGeometry { pads: [0; 4], ..g3 },
-            ConvGeometry {
-                kernel: [3, 1],
-                ..g3
-            },
-            ConvGeometry {
-                dilation: [2, 2],
-                pads: [2; 4],
-                ..g3
-            },
-            ConvGeometry { group: 2, ..g3 },
-        ];
+        let mut others = departures(g3, [1, 1], [0; 4]);
+        others.push(ConvGeometry {
+            kernel: [3, 1],
+            ..g3
+        });
         for g in others {
             assert!(thin_kernel(&g, 32, 32, true).is_none(), "{g:?}");
         }
@@ -3055,24 +3041,7 @@ mod tests {
         assert_eq!(name(12800, 64, 1, false), None);
         assert_eq!(name(12800, 64, 8, false), Some("conv1x1_int8_m128_n32_f16"));
         assert_eq!(name(0, 64, 64, true), None);
-        let others = [
-            ConvGeometry {
-                kernel: [3, 3],
-                pads: [1; 4],
-                ..g1
-            },
-            ConvGeometry {
-                stride: [2, 2],
-                ..g1
-            },
-            ConvGeometry { pads: [1; 4], ..g1 },
-            ConvGeometry {
-                dilation: [2, 2],
-                ..g1
-            },
-            ConvGeometry { group: 2, ..g1 },
-        ];
-        for g in others {
+        for g in departures(g1, [3, 3], [1; 4]) {
             assert!(
                 pointwise_kernel(&g, 12800, 64, 64, true, sms).is_none(),
                 "{g:?}"
