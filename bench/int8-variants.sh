@@ -40,9 +40,11 @@ for v in "${variants[@]}"; do
     2>> "$OUT/build-$name.txt"
   echo "$name ($envs): $(( $(date +%s) - start )) s"
 done
-"$PY" - "$OUT" "${names[@]}" <<'PY'
+# The JSON's command names each variant with its environment (NAME=ENV), as it was given.
+"$PY" - "$OUT" "${variants[@]}" <<'PY'
 import datetime, json, re, subprocess, sys
-out, names = sys.argv[1], sys.argv[2:]
+out, specs = sys.argv[1], sys.argv[2:]
+names = [v.split("=", 1)[0] for v in specs]
 card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                       capture_output=True, text=True).stdout.strip().splitlines()[0]
 per = {}
@@ -76,7 +78,7 @@ for k in keys:
                    "kinds": {n: per[n][k]["kinds"] for n in names if k in per[n]}})
 layers.sort(key=lambda r: -max(r["ms"].values()))
 report = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-          "command": "OUT=$OUT bash bench/int8-variants.sh " + " ".join(sys.argv[2:]),
+          "command": "OUT=$OUT bash bench/int8-variants.sh " + " ".join(f"'{v}'" for v in specs),
           "model": "gelan-c 640 INT8 (max calibration), random weights, batch 8",
           "timing": "kestrel inspect --profile: eager launches, CUDA events per step",
           "measured_ms": measured,
