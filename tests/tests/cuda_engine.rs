@@ -135,6 +135,21 @@ struct Int8Case {
     groups: usize,
 }
 
+impl Int8Case {
+    /// A `kernel` x `kernel` convolution that keeps the image's size: stride 1, one group.
+    fn same_size(kernel: usize, cin: usize, cout: usize, hw: usize, residual: bool) -> Self {
+        Int8Case {
+            cin,
+            cout,
+            kernel,
+            stride: 1,
+            hw,
+            residual,
+            groups: 1,
+        }
+    }
+}
+
 /// `x` through QuantizeLinear and DequantizeLinear with `scale` and a zero point of 0: the
 /// dequantized tensor's name.
 fn qdq(b: &mut GraphBuilder, x: &str, scale: f32) -> String {
@@ -363,15 +378,7 @@ fn int8_convolution_matches_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn the_thin_int8_kernel_matches_the_implicit_gemm() {
-    let case = |cin, cout, hw, residual| Int8Case {
-        cin,
-        cout,
-        kernel: 3,
-        stride: 1,
-        hw,
-        residual,
-        groups: 1,
-    };
+    let case = |cin, cout, hw, residual| Int8Case::same_size(3, cin, cout, hw, residual);
     let cases = [
         case(32, 32, 20, true),
         case(64, 64, 37, true),
@@ -393,15 +400,7 @@ fn the_thin_int8_kernel_matches_the_implicit_gemm() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn the_1x1_int8_kernel_matches_the_implicit_gemm() {
-    let case = |cin, cout, hw, residual| Int8Case {
-        cin,
-        cout,
-        kernel: 1,
-        stride: 1,
-        hw,
-        residual,
-        groups: 1,
-    };
+    let case = |cin, cout, hw, residual| Int8Case::same_size(1, cin, cout, hw, residual);
     let cases = [
         case(64, 64, 37, true),
         case(48, 48, 9, true),
