@@ -807,8 +807,9 @@ extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_
 
 // The 1x1 kernel's epilogue into the staging tile: accumulator (i, j, e) is tile row wm + 16i + g
 // (+8 for e >= 2), column wn + 8j + 2t (+1 for odd e). SMALL_K: the reduction has at most 256
-// terms (small_acc_to_float is exact); SILU: the activation is SiLU, whatever `act` says.
-template <int MI, int NI, int OS, bool INT8_OUT, bool SMALL_K, bool SILU>
+// terms (small_acc_to_float is exact); SILU: the activation is SiLU, whatever `act` says; RES: a
+// residual is added (else `res` is not read, and no bounds are checked per value).
+template <int MI, int NI, int OS, bool INT8_OUT, bool SMALL_K, bool SILU, bool RES>
 __device__ __forceinline__ void conv1x1_epilogue(const int (&acc)[MI][NI][4], unsigned char* stage, int wm, int wn,
                                                  int g, int t, int m0, int n0, int m_total, int k,
                                                  const float* __restrict__ scale, const float* __restrict__ bias,
@@ -835,7 +836,7 @@ __device__ __forceinline__ void conv1x1_epilogue(const int (&acc)[MI][NI][4], un
                     const int a = acc[i][j][half * 2 + e];
                     float z = dequantize_acc(SMALL_K ? small_acc_to_float(a) : (float)a, sc[e], bi[e]);
                     z = activate_fast(z, SILU ? 1 : act);
-                    if (res && m < m_total && n0 + n + e < k) z += h2f(res[m * k + n0 + n + e]);
+                    if (RES && m < m_total && n0 + n + e < k) z += h2f(res[m * k + n0 + n + e]);
                     v[e] = z;
                 }
                 if (INT8_OUT) {
@@ -846,6 +847,46 @@ __device__ __forceinline__ void conv1x1_epilogue(const int (&acc)[MI][NI][4], un
                 }
             }
         }
+    }
+}
+
+// The 1x1 kernels' output: the epilogue into the staging tile `stage` (shared memory every warp is
+// done with), then each output pixel's channels of the tile leave as whole 16-byte chunks.
+template <int BM, int BN, int THREADS, bool INT8_OUT, int MI, int NI>
+__device__ __forceinline__ void conv1x1_store(const int (&acc)[MI][NI][4], unsigned char* stage, int wm, int wn, int g,
+                                              int t, int m0, int n0, int m_total, int c, int k,
+                                              const float* __restrict__ scale, const float* __restrict__ bias,
+                                              const half_t* __restrict__ res, void* __restrict__ y, int act,
+                                              float out_scale, int y_stride) {
+    constexpr int OUT_BYTES = INT8_OUT ? 1 : 2;
+    // Staged output rows, 16 bytes past a multiple of 32 (as the tiles' rows).
+    constexpr int OS = BN * OUT_BYTES + 16;
+    const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
+    // The epilogue's instructions set the pace on memory-bound layers: it is compiled for SiLU,
+    // for reductions short enough to convert accumulators without the conversion unit and for
+    // layers without a residual (each decided once per block), as well as for the general case.
+#define CONV1X1_EPILOGUE(SMALL_K, SILU, RES) conv1x1_epilogue<MI, NI, OS, INT8_OUT, SMALL_K, SILU, RES>(acc, stage, wm, wn, g, t, m0, n0, m_total, k, scale, bias, res, act, inv_out_scale)
+    if (res) {
+        // GELAN's residual layers (the bottlenecks' second convolutions) are 3x3: one general form.
+        CONV1X1_EPILOGUE(false, false, true);
+    } else if (c <= 256) {
+        if (act == 1) CONV1X1_EPILOGUE(true, true, false);
+        else CONV1X1_EPILOGUE(true, false, false);
+    } else {
+        if (act == 1) CONV1X1_EPILOGUE(false, true, false);
+        else CONV1X1_EPILOGUE(false, false, false);
+    }
+#undef CONV1X1_EPILOGUE
+    __syncthreads();
+    constexpr int ROW_CHUNKS = BN * OUT_BYTES / 16;
+#pragma unroll
+    for (int it = 0; it < (BM * ROW_CHUNKS + THREADS - 1) / THREADS; ++it) {
+        const int i = (int)threadIdx.x + it * THREADS;
+        if (BM * ROW_CHUNKS % THREADS != 0 && i >= BM * ROW_CHUNKS) break;
+        const int row = i / ROW_CHUNKS, part = i - row * ROW_CHUNKS;
+        const int n = n0 + part * (16 / OUT_BYTES);
+        if (m0 + row >= m_total || n >= k) continue;
+        *(uint4*)((unsigned char*)y + ((i64)(m0 + row) * y_stride + n) * OUT_BYTES) = *(const uint4*)&stage[row * OS + part * 16];
     }
 }
 
@@ -902,32 +943,8 @@ __device__ void conv1x1_int8(const signed char* __restrict__ x, const signed cha
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
 
-    unsigned char* stage = (unsigned char*)pw_smem;
-    const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
-    // The epilogue's instructions set the pace on memory-bound layers: it is compiled for SiLU
-    // and for reductions short enough to convert accumulators without the conversion unit (both
-    // decided once per block), as well as for the general case.
-#define CONV1X1_EPILOGUE(SMALL_K, SILU) conv1x1_epilogue<MI, NI, OS, INT8_OUT, SMALL_K, SILU>(acc, stage, wm, wn, g, t, m0, n0, m_total, k, scale, bias, res, act, inv_out_scale)
-    if (c <= 256) {
-        if (act == 1) CONV1X1_EPILOGUE(true, true);
-        else CONV1X1_EPILOGUE(true, false);
-    } else {
-        if (act == 1) CONV1X1_EPILOGUE(false, true);
-        else CONV1X1_EPILOGUE(false, false);
-    }
-#undef CONV1X1_EPILOGUE
-    __syncthreads();
-    // Each output pixel's channels of this tile leave as whole 16-byte chunks.
-    constexpr int ROW_CHUNKS = BN * OUT_BYTES / 16;
-#pragma unroll
-    for (int it = 0; it < (BM * ROW_CHUNKS + THREADS - 1) / THREADS; ++it) {
-        const int i = tid + it * THREADS;
-        if (BM * ROW_CHUNKS % THREADS != 0 && i >= BM * ROW_CHUNKS) break;
-        const int row = i / ROW_CHUNKS, part = i - row * ROW_CHUNKS;
-        const int n = n0 + part * (16 / OUT_BYTES);
-        if (m0 + row >= m_total || n >= k) continue;
-        *(uint4*)((unsigned char*)y + ((i64)(m0 + row) * y_stride + n) * OUT_BYTES) = *(const uint4*)&stage[row * OS + part * 16];
-    }
+    conv1x1_store<BM, BN, THREADS, INT8_OUT, MI, NI>(acc, (unsigned char*)pw_smem, wm, wn, g, t, m0, n0, m_total, c, k, scale,
+                                                   bias, res, y, act, out_scale, y_stride);
 }
 #define CONV1X1_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, \
     void* y, int m_total, int c, int k, int act, float out_scale, int x_stride, int y_stride
