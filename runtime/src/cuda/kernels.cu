@@ -803,7 +803,9 @@ extern "C" __global__ void __launch_bounds__(I8_THREADS) conv_int8_m64_n64(CONV_
 // engine times it against cuDNN's fused graph per layer, like any other tactic. Input and output
 // may be channel slices of wider tensors (concat views): pixel strides x_stride and y_stride, in
 // elements. c % 16 == 0; k % 16 == 0 (int8 out) or k % 8 == 0 (fp16 out). The residual, when
-// present, is fp16 [m][k].
+// present, is fp16 [m][k]. Writing an int8 copy of an fp16 output from this epilogue, in place of
+// the quantize step after it (GELAN's bottleneck inputs), was tried: the same bytes, but gelan-c's
+// whole INT8 pass got 0.04 ms slower (bench/results/gpu-quantized-copy-h200-20261129T0240).
 
 // The 1x1 kernel's epilogue into the staging tile: accumulator (i, j, e) is tile row wm + 16i + g
 // (+8 for e >= 2), column wn + 8j + 2t (+1 for odd e). SMALL_K: the reduction has at most 256
