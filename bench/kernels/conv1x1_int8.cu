@@ -1,9 +1,10 @@
 // Kernel-level benchmark of the 1x1 INT8 convolution (`conv1x1_int8` in runtime/src/cuda/kernels.cu,
-// and on Hopper the warpgroup-MMA experiment `conv1x1_int8_wgmma` below) against Kestrel's implicit GEMM (`conv_int8`, the reference: both must give the same bytes) and a
-// device-to-device copy of the layer's input (the memory rate), on the 1x1 layer shapes of gelan-c
-// at 640, batch 8. Built and run by bench/conv1x1-int8.sh on the GPU machine (nvcc); prints one JSON
-// object per layer and kernel. Random int8 data; times are CUDA-event means over repeated launches
-// on the same buffers (like the engine's per-layer profile, so inputs may sit in L2).
+// and on Hopper the warpgroup-MMA experiment `conv1x1_int8_wgmma` below) against Kestrel's implicit
+// GEMM (`conv_int8`, the reference: both must give the same bytes) and a device-to-device copy of
+// the layer's input (the memory rate), on the 1x1 layer shapes of gelan-c at 640, batch 8. Built
+// and run by bench/conv1x1-int8.sh on the GPU machine (nvcc); prints one JSON object per layer and
+// kernel. Random int8 data; times are CUDA-event means over repeated launches on the same buffers
+// (like the engine's per-layer profile, so inputs may sit in L2).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
