@@ -100,7 +100,6 @@ __device__ void conv1x1_int8_wgmma(const signed char* __restrict__ x, const sign
 #ifdef KESTREL_WGMMA
     constexpr int BM = 128, THREADS = 256, NI = BN / 8;
     constexpr int A_BYTES = BM * WG_BK, STAGE_BYTES = (BM + BN) * WG_BK;
-    static_assert(BM * (BN * (INT8_OUT ? 1 : 2) + 16) <= STAGES * STAGE_BYTES, "the staged output fits in the tiles");
     extern __shared__ __align__(128) unsigned char wg_smem[];
     // Swizzle atoms start on 1024-byte boundaries (of the shared window's addresses).
     const unsigned raw = smem_addr(wg_smem);
@@ -165,7 +164,7 @@ __device__ void conv1x1_int8_wgmma(const signed char* __restrict__ x, const sign
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
     // Warp `warp` holds tile rows 16 warp .. 16 warp + 15, every column, in m16n8 fragments.
-    conv1x1_store<BM, BN, THREADS, INT8_OUT, 1, NI>(acc, (unsigned char*)wg_smem + (base - raw), warp * 16, 0, g, t, m0, n0,
+    conv1x1_store<BM, BN, THREADS, INT8_OUT, STAGES * STAGE_BYTES>(acc, (unsigned char*)wg_smem + (base - raw), warp * 16, 0, g, t, m0, n0,
                                                   m_total, c, k, scale, bias, res, y, act, out_scale, y_stride);
 #endif
 }

@@ -852,9 +852,10 @@ __device__ __forceinline__ void conv1x1_epilogue(const int (&acc)[MI][NI][4], un
     }
 }
 
-// The 1x1 kernels' output: the epilogue into the staging tile `stage` (shared memory every warp is
-// done with), then each output pixel's channels of the tile leave as whole 16-byte chunks.
-template <int BM, int BN, int THREADS, bool INT8_OUT, int MI, int NI>
+// The 1x1 kernels' output: the epilogue into the staging tile `stage` (STAGE_BYTES of shared memory
+// every warp is done with), then each output pixel's channels of the tile leave as whole 16-byte
+// chunks.
+template <int BM, int BN, int THREADS, bool INT8_OUT, int STAGE_BYTES, int MI, int NI>
 __device__ __forceinline__ void conv1x1_store(const int (&acc)[MI][NI][4], unsigned char* stage, int wm, int wn, int g,
                                               int t, int m0, int n0, int m_total, int c, int k,
                                               const float* __restrict__ scale, const float* __restrict__ bias,
@@ -863,6 +864,7 @@ __device__ __forceinline__ void conv1x1_store(const int (&acc)[MI][NI][4], unsig
     constexpr int OUT_BYTES = INT8_OUT ? 1 : 2;
     // Staged output rows, 16 bytes past a multiple of 32 (as the tiles' rows).
     constexpr int OS = BN * OUT_BYTES + 16;
+    static_assert(BM * OS <= STAGE_BYTES, "the staged output fits in the shared memory given");
     const float inv_out_scale = out_scale > 0.0f ? 1.0f / out_scale : 0.0f;
     // The epilogue's instructions set the pace on memory-bound layers: it is compiled for SiLU,
     // for reductions short enough to convert accumulators without the conversion unit and for
@@ -900,10 +902,6 @@ __device__ void conv1x1_int8(const signed char* __restrict__ x, const signed cha
     constexpr int THREADS = WARPS_M * WARPS_N * 32;
     constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
     constexpr int MI = WM / 16, NI = WN / 8;
-    constexpr int OUT_BYTES = INT8_OUT ? 1 : 2;
-    // Staged output rows, 16 bytes past a multiple of 32 (as the tiles' rows).
-    constexpr int OS = BN * OUT_BYTES + 16;
-    static_assert(BM * OS <= STAGES * (BM + BN) * I8_LDS, "the staged output fits in the tiles");
     extern __shared__ __align__(128) signed char pw_smem[];
     signed char* a_tiles = pw_smem;
     signed char* b_tiles = pw_smem + STAGES * BM * I8_LDS;
@@ -945,7 +943,7 @@ __device__ void conv1x1_int8(const signed char* __restrict__ x, const signed cha
     asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
 
-    conv1x1_store<BM, BN, THREADS, INT8_OUT, MI, NI>(acc, (unsigned char*)pw_smem, wm, wn, g, t, m0, n0, m_total, c, k, scale,
+    conv1x1_store<BM, BN, THREADS, INT8_OUT, STAGES * (BM + BN) * I8_LDS>(acc, (unsigned char*)pw_smem, wm, wn, g, t, m0, n0, m_total, c, k, scale,
                                                    bias, res, y, act, out_scale, y_stride);
 }
 #define CONV1X1_ARGS const signed char* x, const signed char* w, const float* scale, const float* bias, const half_t* res, \
