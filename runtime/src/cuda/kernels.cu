@@ -169,59 +169,12 @@ __device__ void pool_nhwc(const T* in, T* out, int n, int h, int w, int c, int o
 extern "C" __global__ void pool_nhwc_f16(const half_t* in, half_t* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) { pool_nhwc(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip); }
 extern "C" __global__ void pool_nhwc_f32(const float* in, float* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) { pool_nhwc(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip); }
 
-// FP16 pooling with 8 channels per thread (16-byte loads); needs c % 8 == 0.
-template <typename I>
-__device__ void pool_v8_i(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow,
-                          int kh, int kw, int sh, int sw, int ph, int pw, int kind, int count_include_pad) {
-    int cv = c / 8;
-    i64 total = (i64)n * oh * ow * cv;
-    INDEX_LOOP(I, i, total) {
-        int g = (int)(i % (I)cv);
-        I pix = i / (I)cv;
-        int ox = (int)(pix % (I)ow);
-        int oy = (int)((pix / (I)ow) % (I)oh);
-        int b = (int)(pix / ((I)ow * oh));
-        int y0 = oy * sh - ph, x0 = ox * sw - pw;
-        float acc[8];
-        #pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = kind == 0 ? -3.402823466e38f : 0.0f;
-        int count = 0;
-        for (int dy = 0; dy < kh; ++dy) {
-            int y = y0 + dy;
-            if (y < 0 || y >= h) continue;
-            for (int dx = 0; dx < kw; ++dx) {
-                int x = x0 + dx;
-                if (x < 0 || x >= w) continue;
-                vec16 v = in[(((I)b * h + y) * w + x) * cv + g];
-                const half_t* hv = (const half_t*)&v;
-                #pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    float f = h2f(hv[k]);
-                    acc[k] = kind == 0 ? fmaxf(acc[k], f) : acc[k] + f;
-                }
-                ++count;
-            }
-        }
-        float div = kind == 1 ? (float)(count_include_pad ? kh * kw : (count > 0 ? count : 1)) : 1.0f;
-        vec16 r;
-        half_t* hr = (half_t*)&r;
-        #pragma unroll
-        for (int k = 0; k < 8; ++k) hr[k] = f2h(acc[k] / div);
-        out[i] = r;
-    }
-}
-// INT8 pooling with 4 W channels per thread (W words: 8- or 16-byte loads); needs c % (4 W) == 0.
-// The input and output share one scale: max is exact, the average rounds to nearest even (as
-// QuantizeLinear). The average works on whole 32-bit words: each word's bytes, biased to 0..255,
-// are summed in two pairs of 16-bit lanes (bytes 0 and 2, bytes 1 and 3; up to 257 taps cannot
-// carry across lanes; the planner keeps larger windows in FP16), and each sum is divided by a
-// multiplication with the reciprocal, rounded by adding 1.5 * 2^23 (round to nearest even on the
-// float add): exact where the divisor is a power of two; for other divisors an exact tie
-// (sum / count = m + 1/2) may round either way from the product, so it is settled on integers.
-// With a byte at a time (16 extractions, conversions and divisions per vector) ADown's 2x2 average
-// over 256 x 160 x 160 (batch 8, H200) took 0.083 ms, bound by instructions: now 0.065 ms. The
-// maximum stays a byte at a time: `vmax4` (four bytes in one instruction on paper) is emulated on
-// that card and made ADown's max pool twice as slow.
+// INT8 average pooling divides integer sums. (A byte at a time, with 16 extractions, conversions
+// and divisions per vector, ADown's 2x2 average over 256 x 160 x 160 at batch 8 took 0.083 ms on an
+// H200, bound by instructions; on the word lanes of PoolI8 below, 0.065 ms.) Each sum is divided by a multiplication with the reciprocal, rounded by adding
+// 1.5 * 2^23 (round to nearest even on the float add): exact where the divisor is a power of two;
+// for other divisors an exact tie (sum / count = m + 1/2) may round either way from the product,
+// so it is settled on integers.
 // round_half_even(sum / count) for |sum| < 2^22, with inv = 1 / count.
 __device__ __forceinline__ int divide_rne(int sum, int count, float inv, bool pow2) {
     const float f = __int_as_float(0x4B400000 + sum) - 12582912.0f;  // exact int -> float
@@ -235,61 +188,92 @@ __device__ __forceinline__ int divide_rne(int sum, int count, float inv, bool po
 template <int W> struct Words;
 template <> struct Words<2> { typedef uint2 T; };
 template <> struct Words<4> { typedef uint4 T; };
-template <typename I, int W, bool MAX>
-__device__ void pool_i8_i(const unsigned* __restrict__ in, unsigned* __restrict__ out, int n, int h, int w, int c,
-                          int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw,
-                          int count_include_pad) {
-    const int cv = c / (4 * W);
-    i64 total = (i64)n * oh * ow * cv;
-    INDEX_LOOP(I, i, total) {
-        int g = (int)(i % (I)cv);
-        I pix = i / (I)cv;
-        int ox = (int)(pix % (I)ow);
-        int oy = (int)((pix / (I)ow) % (I)oh);
-        int b = (int)(pix / ((I)ow * oh));
-        int y0 = oy * sh - ph, x0 = ox * sw - pw;
-        // max: one int per channel; average: biased bytes 0, 2 (lo) and 1, 3 (hi) in 16-bit lanes.
-        int best[MAX ? 4 * W : 1];
-        unsigned lo[W], hi[W];
+// Pooling over whole channel vectors (16 or 8 bytes): the accumulators of one output vector
+// (PoolF16, PoolI8), run one output per thread (pool_vectors), or, for the 2 x kw stride-1 averages
+// without padding that smooth ADown's and AConv's inputs, a strip of POOL_ROWS output rows of one
+// column per thread (pool_smooth: each input row's taps are added once for the two output rows
+// that use them, and the pixel indices are worked out once per strip; ADown's average over
+// 256 x 160 x 160 int8 at batch 8 on an H200: 0.065 -> 0.044 ms). The strips lost on the other
+// pools (max 3x3 and 5x5: fewer threads, each doing serial rows), which stay one output per thread.
+#define POOL_ROWS 4
+// The accumulators take each vector by value: one 16- or 8-byte load, then its lanes in registers.
+// (Taken by reference, `add(in[i])` read the lanes from global memory one by one: gelan-c's INT8
+// 3x3 max pool at batch 8 went 0.035 ms, from under 0.025.)
+// FP16, 8 channels per 16-byte vector, accumulated in float.
+template <bool MAX>
+struct PoolF16 {
+    typedef vec16 V;
+    float a[8];
+    __device__ __forceinline__ void init() {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a[k] = MAX ? -3.402823466e38f : 0.0f;
+    }
+    __device__ __forceinline__ void add(const V v) {
+        const half_t* hv = (const half_t*)&v;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const float f = h2f(hv[k]);
+            a[k] = MAX ? fmaxf(a[k], f) : a[k] + f;
+        }
+    }
+    __device__ __forceinline__ void merge(const PoolF16& o) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a[k] += o.a[k];
+    }
+    __device__ __forceinline__ V finish(int div, int) const {
+        V r;
+        half_t* hr = (half_t*)&r;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) hr[k] = f2h(MAX ? a[k] : a[k] / (float)div);
+        return r;
+    }
+};
+// INT8, 4 W channels per vector of W words; input and output share one scale. The maximum is
+// exact and taken a byte at a time (`vmax4` is emulated on Hopper and made ADown's max pool twice
+// as slow). The average sums each word's bytes, biased to 0..255, in two pairs of 16-bit lanes
+// (bytes 0 and 2, bytes 1 and 3; up to 257 taps cannot carry across lanes; the planner keeps
+// larger windows in FP16) and divides with divide_rne (round half to even, as QuantizeLinear).
+template <int W, bool MAX>
+struct PoolI8 {
+    typedef typename Words<W>::T V;
+    int best[MAX ? 4 * W : 1];
+    unsigned lo[W], hi[W];
+    __device__ __forceinline__ void init() {
 #pragma unroll
         for (int k = 0; k < (MAX ? 4 * W : 1); ++k) best[k] = -128;
 #pragma unroll
         for (int k = 0; k < W; ++k) lo[k] = 0u, hi[k] = 0u;
-        int count = 0;
-        for (int dy = 0; dy < kh; ++dy) {
-            int y = y0 + dy;
-            if (y < 0 || y >= h) continue;
-            for (int dx = 0; dx < kw; ++dx) {
-                int x = x0 + dx;
-                if (x < 0 || x >= w) continue;
-                const typename Words<W>::T v =
-                    *(const typename Words<W>::T*)(in + ((((I)b * h + y) * w + x) * cv + g) * W);
-                const unsigned* words = (const unsigned*)&v;
-                if (MAX) {
-                    const signed char* q = (const signed char*)&v;
+    }
+    __device__ __forceinline__ void add(const V v) {
+        if (MAX) {
+            const signed char* q = (const signed char*)&v;
 #pragma unroll
-                    for (int k = 0; k < (MAX ? 4 * W : 1); ++k) best[k] = max(best[k], (int)q[k]);
-                } else {
+            for (int k = 0; k < (MAX ? 4 * W : 1); ++k) best[k] = max(best[k], (int)q[k]);
+        } else {
+            const unsigned* words = (const unsigned*)&v;
 #pragma unroll
-                    for (int k = 0; k < W; ++k) {
-                        lo[k] += (words[k] & 0x00FF00FFu) ^ 0x00800080u;
-                        hi[k] += ((words[k] >> 8) & 0x00FF00FFu) ^ 0x00800080u;
-                    }
-                }
-                ++count;
+            for (int k = 0; k < W; ++k) {
+                lo[k] += (words[k] & 0x00FF00FFu) ^ 0x00800080u;
+                hi[k] += ((words[k] >> 8) & 0x00FF00FFu) ^ 0x00800080u;
             }
         }
-        typename Words<W>::T rv;
-        unsigned* r = (unsigned*)&rv;
+    }
+    __device__ __forceinline__ void merge(const PoolI8& o) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) lo[k] += o.lo[k], hi[k] += o.hi[k];
+    }
+    // `div`: the divisor; `taps`: the values summed (the bias to take off).
+    __device__ __forceinline__ V finish(int div, int taps) const {
+        V rv;
         if (MAX) {
             signed char* qr = (signed char*)&rv;
 #pragma unroll
             for (int k = 0; k < (MAX ? 4 * W : 1); ++k) qr[k] = (signed char)best[k];
         } else {
-            const int div = count_include_pad ? kh * kw : (count > 0 ? count : 1);
+            unsigned* r = (unsigned*)&rv;
             const float inv = 1.0f / (float)div;
             const bool pow2 = (div & (div - 1)) == 0;
-            const int bias = 128 * count;
+            const int bias = 128 * taps;
 #pragma unroll
             for (int k = 0; k < W; ++k) {
                 const int q0 = divide_rne((int)(lo[k] & 0xFFFFu) - bias, div, inv, pow2);
@@ -300,28 +284,100 @@ __device__ void pool_i8_i(const unsigned* __restrict__ in, unsigned* __restrict_
                        ((unsigned)q3 << 24);
             }
         }
-        *(typename Words<W>::T*)(out + (i64)i * W) = rv;
+        return rv;
+    }
+};
+
+// One output vector per thread; `in`, `out`: vectors of `cv` per pixel, NHWC.
+template <typename I, typename P>
+__device__ void pool_vectors(const typename P::V* __restrict__ in, typename P::V* __restrict__ out, int n, int h,
+                             int w, int cv, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw,
+                             int count_include_pad) {
+    const i64 total = (i64)n * oh * ow * cv;
+    INDEX_LOOP(I, i, total) {
+        const int g = (int)(i % (I)cv);
+        const I pix = i / (I)cv;
+        const int ox = (int)(pix % (I)ow);
+        const int oy = (int)((pix / (I)ow) % (I)oh);
+        const int b = (int)(pix / ((I)ow * oh));
+        const int y0 = oy * sh - ph, x0 = ox * sw - pw;
+        P acc;
+        acc.init();
+        int count = 0;
+        for (int dy = 0; dy < kh; ++dy) {
+            const int y = y0 + dy;
+            if (y < 0 || y >= h) continue;
+            for (int dx = 0; dx < kw; ++dx) {
+                const int x = x0 + dx;
+                if (x < 0 || x >= w) continue;
+                acc.add(in[(((I)b * h + y) * w + x) * cv + g]);
+                ++count;
+            }
+        }
+        const int div = count_include_pad ? kh * kw : (count > 0 ? count : 1);
+        out[i] = acc.finish(div, count);
     }
 }
-#define POOL_ARGS int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip
-#define POOL_PASS n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip
-#define POOL_I8_PASS n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, cip
-template <int W>
-__device__ void pool_i8(const unsigned* in, unsigned* out, POOL_ARGS) {
-    const bool small = FITS_32((i64)n * h * w * c);
-    if (kind == 0) {
-        if (small) pool_i8_i<unsigned int, W, true>(in, out, POOL_I8_PASS);
-        else pool_i8_i<i64, W, true>(in, out, POOL_I8_PASS);
+// The average over 2 x kw taps, stride 1 down the rows, no padding (every tap inside), POOL_ROWS
+// output rows of one column per thread. Grid: x over an output row's columns x channel vectors,
+// y over the images' strips.
+template <typename P>
+__device__ void pool_smooth(const typename P::V* __restrict__ in, typename P::V* __restrict__ out, int n, int h,
+                            int w, int cv, int oh, int ow, int kw, int sw) {
+    typedef typename P::V V;
+    const int strips = (oh + POOL_ROWS - 1) / POOL_ROWS;
+    const int row_items = ow * cv;
+    for (int s = blockIdx.y; s < n * strips; s += gridDim.y) {
+        const int b = s / strips, oy0 = (s - b * strips) * POOL_ROWS;
+        const int rows = min(POOL_ROWS, oh - oy0);
+        V* dst = out + ((i64)b * oh + oy0) * row_items;
+        for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < row_items; j += blockDim.x * gridDim.x) {
+            const int ox = j / cv, g = j - ox * cv;
+            const V* row = in + (((i64)b * h + oy0) * w + ox * sw) * cv + g;
+            P above;
+            above.init();
+            for (int dx = 0; dx < kw; ++dx) above.add(row[dx * cv]);
+            for (int r = 0; r < rows; ++r) {
+                row += (i64)w * cv;
+                P below;
+                below.init();
+                for (int dx = 0; dx < kw; ++dx) below.add(row[dx * cv]);
+                P sum = above;
+                sum.merge(below);
+                dst[(i64)r * row_items + j] = sum.finish(2 * kw, 2 * kw);
+                above = below;
+            }
+        }
+    }
+}
+// kind 0: max, 1: average. `smooth` (pool_smooth's case, launched on its grid; the host makes the
+// same test, pool_smooths in mod.rs): 2 x kw average, stride 1 down, no padding, every tap inside.
+template <typename PMax, typename PAvg>
+__device__ void pool_vector_kernel(const typename PMax::V* in, typename PMax::V* out, int n, int h, int w, int cv,
+                                   int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind,
+                                   int cip) {
+    const bool smooth = kind == 1 && kh == 2 && sh == 1 && ph == 0 && pw == 0 && oh == h - 1 && ow > 0 &&
+                        (ow - 1) * sw + kw <= w;
+    if (smooth) {
+        pool_smooth<PAvg>(in, out, n, h, w, cv, oh, ow, kw, sw);
+    } else if (FITS_32((i64)n * h * w * cv)) {
+        if (kind == 0) pool_vectors<unsigned int, PMax>(in, out, n, h, w, cv, oh, ow, kh, kw, sh, sw, ph, pw, cip);
+        else pool_vectors<unsigned int, PAvg>(in, out, n, h, w, cv, oh, ow, kh, kw, sh, sw, ph, pw, cip);
     } else {
-        if (small) pool_i8_i<unsigned int, W, false>(in, out, POOL_I8_PASS);
-        else pool_i8_i<i64, W, false>(in, out, POOL_I8_PASS);
+        if (kind == 0) pool_vectors<i64, PMax>(in, out, n, h, w, cv, oh, ow, kh, kw, sh, sw, ph, pw, cip);
+        else pool_vectors<i64, PAvg>(in, out, n, h, w, cv, oh, ow, kh, kw, sh, sw, ph, pw, cip);
     }
 }
-extern "C" __global__ void pool_v8_i8(const unsigned* in, unsigned* out, POOL_ARGS) { pool_i8<2>(in, out, POOL_PASS); }
-extern "C" __global__ void pool_v16_i8(const unsigned* in, unsigned* out, POOL_ARGS) { pool_i8<4>(in, out, POOL_PASS); }
-extern "C" __global__ void pool_v8_f16(const vec16* in, vec16* out, int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip) {
-    if (FITS_32((i64)n * h * w * c)) pool_v8_i<unsigned int>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
-    else pool_v8_i<i64>(in, out, n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, kind, cip);
+#define POOL_VECTOR_ARGS int n, int h, int w, int c, int oh, int ow, int kh, int kw, int sh, int sw, int ph, int pw, int kind, int cip
+#define POOL_VECTOR_PASS(CV) n, h, w, (CV), oh, ow, kh, kw, sh, sw, ph, pw, kind, cip
+extern "C" __global__ void pool_v8_f16(const vec16* in, vec16* out, POOL_VECTOR_ARGS) {
+    pool_vector_kernel<PoolF16<true>, PoolF16<false>>(in, out, POOL_VECTOR_PASS(c / 8));
+}
+extern "C" __global__ void pool_v8_i8(const uint2* in, uint2* out, POOL_VECTOR_ARGS) {
+    pool_vector_kernel<PoolI8<2, true>, PoolI8<2, false>>(in, out, POOL_VECTOR_PASS(c / 8));
+}
+extern "C" __global__ void pool_v16_i8(const uint4* in, uint4* out, POOL_VECTOR_ARGS) {
+    pool_vector_kernel<PoolI8<4, true>, PoolI8<4, false>>(in, out, POOL_VECTOR_PASS(c / 16));
 }
 
 // Nearest resize, ONNX 'asymmetric' + 'floor' (PyTorch's nn.Upsample nearest), integer sizes.

@@ -125,6 +125,9 @@ pub struct CudaEngine {
     views: HashMap<ValueId, ConcatView>,
     /// Steps with nothing to do: concat copies whose source is a view into the destination.
     skipped: std::collections::HashSet<usize>,
+    /// How many of the `skipped` copies were split copies or the concat copies of split pieces
+    /// ([`Self::eliminate_split_copies`]).
+    split_copies_dropped: usize,
     meta: HashMap<(usize, usize), DeviceBuffer>,
     weights: HashMap<usize, DeviceBuffer>,
     /// Per-channel epilogue scale (input scale x filter scale) of each INT8 convolution step.
@@ -284,6 +287,41 @@ fn int8_shared_bytes(stages: usize, bm: usize, bn: usize) -> usize {
     stages * (bm + bn) * INT8_ROW_BYTES
 }
 
+/// Output rows per thread of the smoothing pool kernel (`POOL_ROWS` in `kernels.cu`).
+const POOL_ROWS: usize = 4;
+
+/// Whether a vector pooling kernel runs this pool as `pool_smooth` (`kernels.cu`), on the grid of
+/// [`pool_smooth_grid`]: an average over 2 rows, stride 1 down the rows, with every tap inside the
+/// NCHW input `dx` for the output `dy` (ADown's and AConv's smoothing). The kernel makes the same
+/// test.
+fn pool_smooths(
+    max: bool,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+    dx: &[usize],
+    dy: &[usize],
+) -> bool {
+    !max && kernel[0] == 2
+        && stride[0] == 1
+        && pads[0] == 0
+        && pads[1] == 0
+        && dy[2] + 1 == dx[2]
+        && dy[3] > 0
+        && (dy[3] - 1) * stride[1] + kernel[1] <= dx[3]
+}
+
+/// The grid of `pool_smooth` (`kernels.cu`) with 256-thread blocks for NCHW output dims `dy`,
+/// `per_vector` channels a vector: x covers an output row's columns and channel vectors, y the
+/// images' strips of [`POOL_ROWS`] rows. Both stay within the launch limit of 65535 (the kernel
+/// loops over what they leave).
+fn pool_smooth_grid(dy: &[usize], per_vector: usize) -> (u32, u32) {
+    let row_vectors = dy[3] * dy[1] / per_vector;
+    let strips = dy[0] * dy[2].div_ceil(POOL_ROWS);
+    let cap = |n: usize| n.clamp(1, 65_535) as u32;
+    (cap(row_vectors.div_ceil(256)), cap(strips))
+}
+
 /// The INT8 convolution kernel for `m` output pixels and `k` output channels, and its tile
 /// (pixels, channels): 128 x 64 where that still gives each of `sms` multiprocessors two blocks,
 /// else 64 x 64. On an H200 at gelan-c batch 8, forcing one tile on every layer gave 7.51 ms
@@ -332,6 +370,7 @@ thread_local! {
     static THIN_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static POINTWISE_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
     static FUSED_CONV: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    static CONCAT_VIEWS: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
 /// Whether a build knob is on: this thread's override, else `$var` (on unless "0").
@@ -350,6 +389,18 @@ fn set_knob(over: &'static std::thread::LocalKey<std::cell::Cell<u8>>, enabled: 
         Some(false) => 2,
     };
     over.with(|c| c.set(code));
+}
+
+/// Whether engines write concat inputs and split pieces in place in the concat's buffer
+/// (`eliminate_concat_copies`): yes unless `$KESTREL_CONCAT_VIEWS=0`.
+pub(crate) fn concat_views_enabled() -> bool {
+    knob_on(&CONCAT_VIEWS, "KESTREL_CONCAT_VIEWS")
+}
+
+/// Override `$KESTREL_CONCAT_VIEWS` for the engines the calling thread builds from now on
+/// (`None`: the variable decides again). For tests that compare engines with and without copies.
+pub fn set_concat_views(enabled: Option<bool>) {
+    set_knob(&CONCAT_VIEWS, enabled);
 }
 
 /// Override `$KESTREL_STEM_CONV` for the engines the calling thread builds from now on (`None`:
@@ -788,6 +839,7 @@ impl CudaEngine {
             fused_workspace: DeviceBuffer::new(0)?,
             views: HashMap::new(),
             skipped: std::collections::HashSet::new(),
+            split_copies_dropped: 0,
             meta: HashMap::new(),
             weights,
             int8_scales,
@@ -1267,37 +1319,13 @@ impl CudaEngine {
     /// (or the thin INT8 kernel) and read only by the concat and by such convolutions (as their
     /// input), that convolution writes straight into its channel slice of the concat's buffer,
     /// its readers read the slice in place (cuDNN tensors, or the thin kernel's pixel strides,
-    /// with the concat's channel stride), and the copy is dropped. `$KESTREL_CONCAT_VIEWS=0`
-    /// keeps every copy.
+    /// with the concat's channel stride), and the copy is dropped. Then the same for splits
+    /// ([`Self::eliminate_split_copies`]). `$KESTREL_CONCAT_VIEWS=0` keeps every copy.
     fn eliminate_concat_copies(&mut self) -> Result<()> {
-        if std::env::var("KESTREL_CONCAT_VIEWS").is_ok_and(|v| v == "0") {
+        if !concat_views_enabled() {
             return Ok(());
         }
-        let buckets = self.buckets.clone();
-        let fused_everywhere =
-            |e: &Self, i: usize| buckets.iter().all(|b| e.fused.contains_key(&(i, *b)));
-        // The thin and 1x1 INT8 kernels take channel strides too.
-        let strided_everywhere = |e: &Self, i: usize| {
-            fused_everywhere(e, i)
-                || buckets.iter().all(|b| {
-                    !e.fused.contains_key(&(i, *b))
-                        && (e.thin_kernel_of(i, *b).is_some()
-                            || e.pointwise_kernel_of(i, *b).is_some())
-                })
-        };
-        let aliased: std::collections::HashSet<ValueId> =
-            self.plan.values.iter().filter_map(|v| v.alias_of).collect();
-        let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
-        let mut writers: HashMap<ValueId, Vec<usize>> = HashMap::new();
-        for (i, s) in self.plan.steps.iter().enumerate() {
-            for v in s.inputs() {
-                readers.entry(self.plan.storage_of(v)).or_default().push(i);
-            }
-            writers
-                .entry(self.plan.storage_of(s.output()))
-                .or_default()
-                .push(i);
-        }
+        let (readers, writers) = self.readers_and_writers();
         let mut plans_by_spec: HashMap<String, FusedConvPlan> = HashMap::new();
         let mut made = 0usize;
         for c in 0..self.plan.steps.len() {
@@ -1312,87 +1340,256 @@ impl CudaEngine {
             else {
                 continue;
             };
-            let values = &self.plan.values;
-            // Views are for the trunk's int8 and fp16 tensors only.
-            let elem = element_bytes(values[v].layout, self.half);
-            if elem == 4 {
-                continue;
-            }
-            let channels = |id: ValueId| values[id].dims.get(1).and_then(|d| d.fixed());
-            let (Some(cv), Some(ct)) = (channels(v), channels(cat)) else {
+            let Some(view) = self.concat_view(v, cat, out_offset, count) else {
                 continue;
             };
-            if values[cat].layout != values[v].layout
-                || count as i64 != cv
-                || !(out_offset * elem).is_multiple_of(16)
-                || !(ct as usize * elem).is_multiple_of(16)
-                || v == self.plan.output
-                || aliased.contains(&v)
-                || values[v].alias_of.is_some()
-                || values[v].constant.is_some()
-                || self.plan.storage_of(cat) != cat
-                || self.views.contains_key(&cat)
-                || self.views.contains_key(&v)
-            {
-                continue;
-            }
             let Some(&[producer]) = writers.get(&v).map(Vec::as_slice) else {
                 continue;
             };
-            let conv_reads_input = |i: usize| {
-                matches!(&self.plan.steps[i], Step::Conv { x, residual, .. }
-                    if *x == v && *residual != Some(v))
-                    && strided_everywhere(self, i)
-            };
-            let producer_ok = matches!(&self.plan.steps[producer], Step::Conv { y, residual, .. }
-                if *y == v && *residual != Some(v))
-                && strided_everywhere(self, producer);
             let others: Vec<usize> = readers
                 .get(&v)
                 .map(|r| r.iter().copied().filter(|&r| r != c).collect())
                 .unwrap_or_default();
-            if !producer_ok || !others.iter().all(|&r| conv_reads_input(r)) {
+            if !self.writes_strided(producer, v)
+                || !others.iter().all(|&r| self.reads_strided(r, v))
+            {
                 continue;
             }
-            self.views.insert(
-                v,
-                ConcatView {
-                    buffer: cat,
-                    channel_offset: out_offset,
-                    channel_stride: ct as usize,
-                },
+            let layers: Vec<usize> = std::iter::once(producer).chain(others).collect();
+            if self.place_views(&[(v, view)], &layers, &mut plans_by_spec) {
+                self.skipped.insert(c);
+                made += 1;
+            }
+        }
+        self.split_copies_dropped =
+            self.eliminate_split_copies(&readers, &writers, &mut plans_by_spec);
+        if std::env::var_os("KESTREL_FUSED_CONV_LOG").is_some() {
+            eprintln!(
+                "concat copies written in place: {made}; split and concat copies of split pieces: {}",
+                self.split_copies_dropped
             );
-            // Rebuild every affected layer's plans with the strided tensors; undo on failure.
-            let mut rebuilt = Vec::new();
-            let mut failed = false;
-            'layers: for &s in std::iter::once(&producer).chain(others.iter()) {
-                if !fused_everywhere(self, s) {
-                    continue;
+        }
+        Ok(())
+    }
+
+    /// Splits without copies. GELAN's RepNCSPELAN4 splits its first convolution's output into
+    /// channel halves and concatenates both halves, with later outputs, into one tensor: two
+    /// split copies and two concat copies of the same bytes. Where a convolution's output is read
+    /// only by split copies, and each piece only by one copy into the same concat (at the piece's
+    /// offset from a common base) and by convolutions as their input, the convolution writes
+    /// straight into the concat's buffer, the pieces are views of it, and all those copies are
+    /// dropped. Returns the number of copies dropped.
+    fn eliminate_split_copies(
+        &mut self,
+        readers: &HashMap<ValueId, Vec<usize>>,
+        writers: &HashMap<ValueId, Vec<usize>>,
+        plans_by_spec: &mut HashMap<String, FusedConvPlan>,
+    ) -> usize {
+        let mut dropped = 0;
+        // In step order, so that builds decide alike.
+        let mut sources: Vec<(&ValueId, &Vec<usize>)> = readers.iter().collect();
+        sources.sort_by_key(|(_, r)| r.first().copied());
+        for (&v, splits) in sources {
+            let Some(&[producer]) = writers.get(&v).map(Vec::as_slice) else {
+                continue;
+            };
+            if !self.writes_strided(producer, v) {
+                continue;
+            }
+            // Every reader of `v` is a split copy: (step, piece, offset in `v`, channels).
+            let pieces: Option<Vec<(usize, ValueId, usize, usize)>> = splits
+                .iter()
+                .map(|&s| match self.plan.steps[s] {
+                    Step::CopyAxis {
+                        x,
+                        y,
+                        axis: 1,
+                        in_offset,
+                        out_offset: 0,
+                        count,
+                    } if x == v && self.plan.values[y].alias_of.is_none() => {
+                        Some((s, y, in_offset, count))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let Some(pieces) = pieces.filter(|p| !p.is_empty()) else {
+                continue;
+            };
+            let channels = self.plan.values[v].dims.get(1).and_then(|d| d.fixed());
+            let covered: usize = pieces.iter().map(|p| p.3).sum();
+            if channels != Some(covered as i64) {
+                continue;
+            }
+            // Each piece: one writer (its split), one concat copy into the common buffer, and
+            // convolutions that read it as their input.
+            let mut base: Option<(ValueId, usize)> = None;
+            let mut views = Vec::new();
+            let mut layers = vec![producer];
+            let mut copies = Vec::new();
+            let fits = pieces.iter().all(|&(split, piece, offset, count)| {
+                if writers.get(&piece).map(Vec::as_slice) != Some(&[split][..]) {
+                    return false;
                 }
-                for &b in &buckets {
-                    match self.build_fused(s, b, &mut plans_by_spec) {
-                        Ok(p) => rebuilt.push(((s, b), p)),
-                        Err(_) => {
-                            failed = true;
-                            break 'layers;
+                let mut concat = None;
+                for &r in readers.get(&piece).map(Vec::as_slice).unwrap_or(&[]) {
+                    match self.plan.steps[r] {
+                        Step::CopyAxis {
+                            x,
+                            y: cat,
+                            axis: 1,
+                            in_offset: 0,
+                            out_offset,
+                            count: n,
+                        } if x == piece && concat.is_none() && n == count => {
+                            concat = Some((r, cat, out_offset));
                         }
+                        _ if self.reads_strided(r, piece) => layers.push(r),
+                        _ => return false,
+                    }
+                }
+                let Some((copy, cat, out_offset)) = concat else {
+                    return false;
+                };
+                let Some(start) = out_offset.checked_sub(offset) else {
+                    return false;
+                };
+                if *base.get_or_insert((cat, start)) != (cat, start) {
+                    return false;
+                }
+                let Some(view) = self.concat_view(piece, cat, out_offset, count) else {
+                    return false;
+                };
+                views.push((piece, view));
+                copies.extend([split, copy]);
+                true
+            });
+            let Some((cat, start)) = base.filter(|_| fits) else {
+                continue;
+            };
+            let Some(view) = self.concat_view(v, cat, start, covered) else {
+                continue;
+            };
+            views.push((v, view));
+            if self.place_views(&views, &layers, plans_by_spec) {
+                dropped += copies.len();
+                self.skipped.extend(copies);
+            }
+        }
+        dropped
+    }
+
+    /// The steps that read and write each stored value, by storage.
+    fn readers_and_writers(&self) -> (HashMap<ValueId, Vec<usize>>, HashMap<ValueId, Vec<usize>>) {
+        let mut readers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+        let mut writers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+        for (i, s) in self.plan.steps.iter().enumerate() {
+            for v in s.inputs() {
+                readers.entry(self.plan.storage_of(v)).or_default().push(i);
+            }
+            writers
+                .entry(self.plan.storage_of(s.output()))
+                .or_default()
+                .push(i);
+        }
+        (readers, writers)
+    }
+
+    /// Whether step `i` runs as a fused cuDNN graph at every bucket, or on Kestrel's thin or 1x1
+    /// INT8 kernels at every bucket: the implementations that take channel strides.
+    fn strided_everywhere(&self, i: usize) -> bool {
+        let fused = |b: &usize| self.fused.contains_key(&(i, *b));
+        self.buckets.iter().all(fused)
+            || self.buckets.iter().all(|b| {
+                !fused(b)
+                    && (self.thin_kernel_of(i, *b).is_some()
+                        || self.pointwise_kernel_of(i, *b).is_some())
+            })
+    }
+
+    /// Whether step `i` is a convolution that writes `v` and can write it with a channel stride.
+    fn writes_strided(&self, i: usize, v: ValueId) -> bool {
+        matches!(&self.plan.steps[i], Step::Conv { y, residual, .. }
+            if *y == v && *residual != Some(v))
+            && self.strided_everywhere(i)
+    }
+
+    /// Whether step `i` is a convolution that reads `v` only as its input, with a channel stride.
+    fn reads_strided(&self, i: usize, v: ValueId) -> bool {
+        matches!(&self.plan.steps[i], Step::Conv { x, residual, .. }
+            if *x == v && *residual != Some(v))
+            && self.strided_everywhere(i)
+    }
+
+    /// `v` (`count` channels) as channels `offset..` of `cat`'s buffer, if both are trunk tensors
+    /// (int8 or fp16 NHWC) of one layout whose slices start and end on 16-byte boundaries, and
+    /// neither is already a view, an alias, a constant or the plan's output.
+    fn concat_view(
+        &self,
+        v: ValueId,
+        cat: ValueId,
+        offset: usize,
+        count: usize,
+    ) -> Option<ConcatView> {
+        let values = &self.plan.values;
+        let elem = element_bytes(values[v].layout, self.half);
+        let channels = |id: ValueId| values[id].dims.get(1).and_then(|d| d.fixed());
+        let (cv, ct) = (channels(v)?, channels(cat)?);
+        let aliased = |id: ValueId| values.iter().any(|w| w.alias_of == Some(id));
+        let fits = elem != 4
+            && values[cat].layout == values[v].layout
+            && count as i64 == cv
+            && offset as i64 + cv <= ct
+            && (offset * elem).is_multiple_of(16)
+            && (ct as usize * elem).is_multiple_of(16)
+            && v != self.plan.output
+            && !aliased(v)
+            && values[v].alias_of.is_none()
+            && values[v].constant.is_none()
+            && self.plan.storage_of(cat) == cat
+            && !self.views.contains_key(&cat)
+            && !self.views.contains_key(&v);
+        fits.then_some(ConcatView {
+            buffer: cat,
+            channel_offset: offset,
+            channel_stride: ct as usize,
+        })
+    }
+
+    /// Puts `views` in place and rebuilds the fused plans of `layers` (the views' writers and
+    /// readers) with the strided tensors, at every bucket; on any failure undoes it all and
+    /// returns false.
+    fn place_views(
+        &mut self,
+        views: &[(ValueId, ConcatView)],
+        layers: &[usize],
+        plans_by_spec: &mut HashMap<String, FusedConvPlan>,
+    ) -> bool {
+        for &(v, view) in views {
+            self.views.insert(v, view);
+        }
+        let buckets = self.buckets.clone();
+        let mut rebuilt = Vec::new();
+        for &s in layers {
+            if !buckets.iter().all(|b| self.fused.contains_key(&(s, *b))) {
+                continue;
+            }
+            for &b in &buckets {
+                match self.build_fused(s, b, plans_by_spec) {
+                    Ok(p) => rebuilt.push(((s, b), p)),
+                    Err(_) => {
+                        for (v, _) in views {
+                            self.views.remove(v);
+                        }
+                        return false;
                     }
                 }
             }
-            if failed {
-                self.views.remove(&v);
-                continue;
-            }
-            for (key, p) in rebuilt {
-                self.fused.insert(key, p);
-            }
-            self.skipped.insert(c);
-            made += 1;
         }
-        if std::env::var_os("KESTREL_FUSED_CONV_LOG").is_some() {
-            eprintln!("concat copies written in place: {made}");
+        for (key, p) in rebuilt {
+            self.fused.insert(key, p);
         }
-        Ok(())
+        true
     }
 
     /// The first fused plan cuDNN offers for step `i` at bucket `b` (shared by identical specs),
@@ -1884,9 +2081,10 @@ impl CudaEngine {
             } => {
                 let dx = self.shape(*x, b);
                 let dy = self.shape(*y, b);
-                // FP16 with whole 8-channel groups: one thread per 8 channels.
-                let v8 = self.half && dx[1].is_multiple_of(8);
-                let (f, threads) = if self.plan.values[*x].layout == Layout::NhwcInt8 {
+                // Whole channel vectors (16 or 8 int8 channels, 8 fp16 ones) a thread, or strips
+                // of rows for the smoothing averages; the rest (fp32, fp16 channels not in
+                // eights) one value a thread.
+                let vector = if self.plan.values[*x].layout == Layout::NhwcInt8 {
                     // The planner quantizes only tensors of whole 8-channel groups.
                     if !dx[1].is_multiple_of(8) {
                         return Err(cuda_error(
@@ -1894,43 +2092,50 @@ impl CudaEngine {
                             format!("int8 pooling over {} channels, not a multiple of 8", dx[1]),
                         ));
                     }
-                    if dx[1].is_multiple_of(16) {
-                        (self.f("pool_v16_i8")?, prod(&dy) / 16)
+                    Some(if dx[1].is_multiple_of(16) {
+                        ("pool_v16_i8", 16)
                     } else {
-                        (self.f("pool_v8_i8")?, prod(&dy) / 8)
-                    }
-                } else if v8 {
-                    (self.f("pool_v8_f16")?, prod(&dy) / 8)
+                        ("pool_v8_i8", 8)
+                    })
+                } else if self.half && dx[1].is_multiple_of(8) {
+                    Some(("pool_v8_f16", 8))
                 } else {
-                    (
-                        self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?,
-                        prod(&dy),
-                    )
+                    None
                 };
                 let i32s = |v: usize| Arg::I32(v as i32);
-                launch(
-                    f,
-                    s,
-                    threads,
-                    &[
-                        Arg::Ptr(self.ptr(*x)?),
-                        Arg::Ptr(self.ptr(*y)?),
-                        i32s(dx[0]),
-                        i32s(dx[2]),
-                        i32s(dx[3]),
-                        i32s(dx[1]),
-                        i32s(dy[2]),
-                        i32s(dy[3]),
-                        i32s(kernel[0]),
-                        i32s(kernel[1]),
-                        i32s(stride[0]),
-                        i32s(stride[1]),
-                        i32s(pads[0]),
-                        i32s(pads[1]),
-                        Arg::I32(if *max { 0 } else { 1 }),
-                        Arg::I32(i32::from(*count_include_pad)),
-                    ],
-                )?;
+                let args = [
+                    Arg::Ptr(self.ptr(*x)?),
+                    Arg::Ptr(self.ptr(*y)?),
+                    i32s(dx[0]),
+                    i32s(dx[2]),
+                    i32s(dx[3]),
+                    i32s(dx[1]),
+                    i32s(dy[2]),
+                    i32s(dy[3]),
+                    i32s(kernel[0]),
+                    i32s(kernel[1]),
+                    i32s(stride[0]),
+                    i32s(stride[1]),
+                    i32s(pads[0]),
+                    i32s(pads[1]),
+                    Arg::I32(if *max { 0 } else { 1 }),
+                    Arg::I32(i32::from(*count_include_pad)),
+                ];
+                match vector {
+                    Some((name, per_vector))
+                        if pool_smooths(*max, *kernel, *stride, *pads, &dx, &dy) =>
+                    {
+                        let (x_blocks, y_blocks) = pool_smooth_grid(&dy, per_vector);
+                        launch_grid(self.f(name)?, s, (x_blocks, y_blocks, 1), 256, 0, &args)?;
+                    }
+                    Some((name, per_vector)) => {
+                        launch(self.f(name)?, s, prod(&dy) / per_vector, &args)?;
+                    }
+                    None => {
+                        let f = self.f(&format!("pool_nhwc_{}", self.dt(Layout::Nhwc)))?;
+                        launch(f, s, prod(&dy), &args)?;
+                    }
+                }
             }
             Step::ResizeNearest { x, y } => {
                 let dx = self.shape(*x, b);
@@ -2148,7 +2353,7 @@ impl CudaEngine {
                 ),
             };
             let kind = match step {
-                _ if self.skipped.contains(&i) => "concat (written in place)",
+                _ if self.skipped.contains(&i) => "concat/split (written in place)",
                 _ if self.fused.contains_key(&(i, b)) => match step {
                     Step::Conv { int8: Some(_), .. } => "conv int8 (cuDNN fused)",
                     _ => "conv fp16 (cuDNN fused)",
@@ -2820,6 +3025,7 @@ impl Engine for CudaEngine {
             "fused_convolutions": fused,
             "fused_selection": self.fused_selection,
             "concat_copies_written_in_place": self.skipped.len(),
+            "split_copies_dropped": self.split_copies_dropped,
             "stem_conv": self.stem_fused,
         })
     }
@@ -2892,6 +3098,77 @@ mod tests {
         // A record where no layer was fused replays as "none fused".
         let none = serde_json::json!({"fused_convolutions": {"1": {}}});
         assert!(recorded_fused_choices(&none, &[1]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_two_row_stride_one_averages_inside_the_input_smooth() {
+        // ADown's 2x2 stride-1 average of 160 x 160 into 159 x 159.
+        let (dx, dy) = ([8, 256, 160, 160], [8, 256, 159, 159]);
+        assert!(pool_smooths(false, [2, 2], [1, 1], [0; 4], &dx, &dy));
+        // A max pool, a 3-row window, stride 2 down, padding, or a bottom pad (one more row out).
+        assert!(!pool_smooths(true, [2, 2], [1, 1], [0; 4], &dx, &dy));
+        assert!(!pool_smooths(
+            false,
+            [3, 3],
+            [1, 1],
+            [0; 4],
+            &dx,
+            &[8, 256, 158, 158]
+        ));
+        assert!(!pool_smooths(
+            false,
+            [2, 2],
+            [2, 2],
+            [0; 4],
+            &dx,
+            &[8, 256, 80, 80]
+        ));
+        assert!(!pool_smooths(
+            false,
+            [2, 2],
+            [1, 1],
+            [1, 1, 1, 1],
+            &dx,
+            &[8, 256, 161, 161]
+        ));
+        assert!(!pool_smooths(
+            false,
+            [2, 2],
+            [1, 1],
+            [0, 0, 1, 1],
+            &dx,
+            &[8, 256, 160, 160]
+        ));
+        // Columns may stride (2 rows x 2 columns, stride 1 x 2), not read past the edge.
+        assert!(pool_smooths(
+            false,
+            [2, 2],
+            [1, 2],
+            [0; 4],
+            &dx,
+            &[8, 256, 159, 80]
+        ));
+        assert!(!pool_smooths(
+            false,
+            [2, 2],
+            [1, 2],
+            [0; 4],
+            &dx,
+            &[8, 256, 159, 81]
+        ));
+    }
+
+    #[test]
+    fn pool_smooth_grids_cover_rows_and_strips_within_the_launch_limit() {
+        // ADown's average at gelan-c batch 8: 159 columns x 16 vectors of 16 int8 channels
+        // (2544 threads: 10 blocks) per row; 40 strips of 4 rows per image.
+        assert_eq!(pool_smooth_grid(&[8, 256, 159, 159], 16), (10, 320));
+        // A short last strip still gets its block row; fp16 vectors of 8 channels.
+        assert_eq!(pool_smooth_grid(&[1, 64, 5, 3], 8), (1, 2));
+        // Huge launches are capped (the kernel loops over the rest); empty ones get one block.
+        assert_eq!(pool_smooth_grid(&[512, 16, 1024, 16], 16).1, 65_535);
+        assert_eq!(pool_smooth_grid(&[1, 16, 4, 1 << 22], 16).0, 16_384);
+        assert_eq!(pool_smooth_grid(&[0, 16, 4, 4], 16), (1, 1));
     }
 
     #[test]
