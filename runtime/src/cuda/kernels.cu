@@ -171,10 +171,10 @@ extern "C" __global__ void pool_nhwc_f32(const float* in, float* out, int n, int
 
 // INT8 average pooling divides integer sums. (A byte at a time, with 16 extractions, conversions
 // and divisions per vector, ADown's 2x2 average over 256 x 160 x 160 at batch 8 took 0.083 ms on an
-// H200, bound by instructions; on the word lanes of PoolI8 below, 0.065 ms.) Each sum is divided by a multiplication with the reciprocal, rounded by adding
-// 1.5 * 2^23 (round to nearest even on the float add): exact where the divisor is a power of two;
-// for other divisors an exact tie (sum / count = m + 1/2) may round either way from the product,
-// so it is settled on integers.
+// H200, bound by instructions; on the word lanes of PoolI8 below, 0.065 ms.) Each sum is divided
+// by a multiplication with the reciprocal, rounded by adding 1.5 * 2^23 (round to nearest even on
+// the float add): exact where the divisor is a power of two; for other divisors an exact tie
+// (sum / count = m + 1/2) may round either way from the product, so it is settled on integers.
 // round_half_even(sum / count) for |sum| < 2^22, with inv = 1 / count.
 __device__ __forceinline__ int divide_rne(int sum, int count, float inv, bool pow2) {
     const float f = __int_as_float(0x4B400000 + sum) - 12582912.0f;  // exact int -> float

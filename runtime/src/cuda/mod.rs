@@ -123,7 +123,8 @@ pub struct CudaEngine {
     fused_workspace: DeviceBuffer,
     /// Concat inputs that live inside the concat's buffer (written there by their producer).
     views: HashMap<ValueId, ConcatView>,
-    /// Steps with nothing to do: concat copies whose source is a view into the destination.
+    /// Steps with nothing to do: concat copies whose source is a view into the destination, and
+    /// split copies whose pieces are views into the split tensor's buffer.
     skipped: std::collections::HashSet<usize>,
     /// How many of the `skipped` copies were split copies or the concat copies of split pieces
     /// ([`Self::eliminate_split_copies`]).
@@ -3102,60 +3103,24 @@ mod tests {
 
     #[test]
     fn only_two_row_stride_one_averages_inside_the_input_smooth() {
-        // ADown's 2x2 stride-1 average of 160 x 160 into 159 x 159.
-        let (dx, dy) = ([8, 256, 160, 160], [8, 256, 159, 159]);
-        assert!(pool_smooths(false, [2, 2], [1, 1], [0; 4], &dx, &dy));
-        // A max pool, a 3-row window, stride 2 down, padding, or a bottom pad (one more row out).
-        assert!(!pool_smooths(true, [2, 2], [1, 1], [0; 4], &dx, &dy));
-        assert!(!pool_smooths(
-            false,
-            [3, 3],
-            [1, 1],
-            [0; 4],
-            &dx,
-            &[8, 256, 158, 158]
-        ));
-        assert!(!pool_smooths(
-            false,
-            [2, 2],
-            [2, 2],
-            [0; 4],
-            &dx,
-            &[8, 256, 80, 80]
-        ));
-        assert!(!pool_smooths(
-            false,
-            [2, 2],
-            [1, 1],
-            [1, 1, 1, 1],
-            &dx,
-            &[8, 256, 161, 161]
-        ));
-        assert!(!pool_smooths(
-            false,
-            [2, 2],
-            [1, 1],
-            [0, 0, 1, 1],
-            &dx,
-            &[8, 256, 160, 160]
-        ));
+        // Averages of 160 x 160 input: (rows, columns) of the window, of the stride, the pads,
+        // and the output's rows and columns.
+        let dx = [8, 256, 160, 160];
+        let average = |kernel, stride, pads, (oh, ow)| {
+            pool_smooths(false, kernel, stride, pads, &dx, &[8, 256, oh, ow])
+        };
+        // ADown's 2x2 stride-1 average into 159 x 159.
+        assert!(average([2, 2], [1, 1], [0; 4], (159, 159)));
+        let ad_down = [8, 256, 159, 159];
+        assert!(!pool_smooths(true, [2, 2], [1, 1], [0; 4], &dx, &ad_down));
+        // A 3-row window, stride 2 down, padding, or a bottom pad (one more row out).
+        assert!(!average([3, 3], [1, 1], [0; 4], (158, 158)));
+        assert!(!average([2, 2], [2, 2], [0; 4], (80, 80)));
+        assert!(!average([2, 2], [1, 1], [1; 4], (161, 161)));
+        assert!(!average([2, 2], [1, 1], [0, 0, 1, 1], (160, 160)));
         // Columns may stride (2 rows x 2 columns, stride 1 x 2), not read past the edge.
-        assert!(pool_smooths(
-            false,
-            [2, 2],
-            [1, 2],
-            [0; 4],
-            &dx,
-            &[8, 256, 159, 80]
-        ));
-        assert!(!pool_smooths(
-            false,
-            [2, 2],
-            [1, 2],
-            [0; 4],
-            &dx,
-            &[8, 256, 159, 81]
-        ));
+        assert!(average([2, 2], [1, 2], [0; 4], (159, 80)));
+        assert!(!average([2, 2], [1, 2], [0; 4], (159, 81)));
     }
 
     #[test]
